@@ -1,0 +1,191 @@
+"""The one configuration model for a run.
+
+A run is: which data, which model, how stage 1 trains, how stage 2 adapts, how predictions are made, and the runtime
+knobs. YAML recipes and CLI flags are two ways to fill the same :class:`RunConfig`; the resolved config is written
+next to every checkpoint (``config.yaml``) so that a run folder alone is enough to resume or reproduce it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fgvc.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+Tune = Literal["all", "fc", "bn+fc", "bnstats+fc", "stage+bn+fc", "bnstats"]
+Augment = Literal["train", "test", "test2"]
+TTA = Literal["none", "flip", "tencrop"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from and how the validation split is made."""
+
+    dataset: str = "demo"
+    root: str | None = None  # None: $FGVC_DATA/<dataset> or datasets/<dataset>
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # hold-out of train where the dataset has no val split
+    train_on_all: bool = False  # train on train+val (the hold-out is still evaluated, but is no longer unseen)
+    workers: int = Field(default_factory=lambda: min(8, os.cpu_count() or 1), ge=0)
+    skip_corrupt: bool = False  # skip and count unreadable images instead of failing
+    crop_pct: float = Field(0.875, gt=0.0, le=1.0)  # test resize = floor(res / crop_pct)
+    decode: Literal["cpu", "gpu", "auto"] = "auto"  # where JPEGs are decoded (gpu: nvjpeg, only on CUDA)
+
+    def resolved_root(self) -> Path:
+        """The dataset folder: explicit root, else $FGVC_DATA/<dataset>, else ./datasets/<dataset>."""
+        if self.root:
+            return Path(self.root).expanduser()
+        base = os.environ.get("FGVC_DATA")
+        return Path(base).expanduser() / self.dataset if base else Path("datasets") / self.dataset
+
+
+class ModelConfig(_Section):
+    """Architecture and where its starting weights come from."""
+
+    arch: str = "resnet50"
+    weights: str | None = "imagenet"  # "imagenet" (local caches only), a file path, or None for random init
+
+
+class StageConfig(_Section):
+    """One training stage. Stage 1 and stage 2 are the same loop with different values."""
+
+    res: int = Field(448, gt=0)
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float | None = None  # None: lr_base * global batch / 256
+    lr_base: float = Field(0.04, gt=0.0)
+    opt: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    sched: Literal["cosine", "step", "constant"] = "cosine"
+    step_epochs: int = Field(30, gt=0)  # "step": divide the lr by 10 every step_epochs
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_accum: int = Field(1, gt=0)
+    augment: Augment = "train"
+    tune: Tune = "all"
+    val_every: int = Field(1, gt=0)
+
+    def resolved_lr(self, world_size: int = 1) -> float:
+        """The learning rate, scaled linearly with the global batch when not given explicitly."""
+        if self.lr is not None:
+            return self.lr
+        return self.lr_base * self.batch_size * self.grad_accum * world_size / 256
+
+
+def _stage2_default() -> StageConfig:
+    # Paper section 5.3 / appendix E: test-time DA, last BN + classifier, few epochs, small lr.
+    return StageConfig(res=672, epochs=2, lr_base=0.008, sched="cosine", augment="test", tune="bn+fc")
+
+
+class PredictConfig(_Section):
+    """How probabilities are computed at test time."""
+
+    tta: TTA = "tencrop"
+    batch_size: int = Field(32, gt=0)
+
+
+class RuntimeConfig(_Section):
+    """Speed and reproducibility knobs; none of them changes what is computed beyond float rounding."""
+
+    amp: bool = True  # bf16 where supported, fp16 + grad scaler on older GPUs, fp32 on CPU
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    device: str | None = None  # None: cuda if available, else cpu
+
+
+class RunConfig(_Section):
+    """Everything a run needs. Saved as ``config.yaml`` in the run folder."""
+
+    name: str | None = None  # run folder name; None: <dataset>-<arch>-<res>
+    out: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    stage1: StageConfig = Field(default_factory=StageConfig)
+    stage2: StageConfig = Field(default_factory=_stage2_default)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        arch = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.model.arch)
+        return f"{self.data.dataset}-{arch}-{self.stage1.res}"
+
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.run_name()
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'; see `fgvc config --help-keys` or fgvc/config.py for the valid keys"
+    return f"{source}: invalid value for '{key}': {first['msg']}"
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build a validated RunConfig; an unknown key or a bad value is a one-line ConfigError naming ``source``."""
+    try:
+        return RunConfig.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe/config file; check the path")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return values
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load a RunConfig from a YAML file (a recipe or a run folder's ``config.yaml``)."""
+    return config_from_dict(read_yaml(path), source=str(path))
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base``; keys may be dotted (``stage1.lr``)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in overrides.items():
+        if "." in key:
+            head, rest = key.split(".", 1)
+            out[head] = merge(out.get(head) or {}, {rest: value})
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- recipe file <- CLI overrides (None values are ignored, so unset flags keep the recipe's value)."""
+    values: dict[str, Any] = read_yaml(recipe) if recipe else {}
+    flat = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return config_from_dict(merge(values, flat), source=str(recipe) if recipe else "command line")
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from fgvc.fileio import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,125 @@
+"""The common index every dataset reader produces.
+
+Readers parse an official on-disk format into :class:`OfficialSplits` (the splits the benchmark defines, with the
+labels already mapped to 0..C-1). :func:`make_index` then derives the requested split, drawing a deterministic
+stratified hold-out from train where the benchmark has no validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from fgvc.errors import ConfigError, DataError
+
+SPLITS = ("train", "val", "test")
+COLUMNS = ("path", "label", "image_id")
+
+
+@dataclass
+class DatasetIndex:
+    """One split of one dataset.
+
+    Attributes:
+        frame: one row per image: ``path`` (absolute str), ``label`` (0..C-1, -1 where unknown), ``image_id`` (the id
+            a Kaggle submission uses), plus optional reader-specific columns (e.g. ``bbox``).
+        class_names: index -> human-readable class name.
+        category_ids: index -> the dataset's original category id (what submissions report).
+        name: dataset name; split: "train", "val" or "test".
+        notes: things the reader noticed and the user should hear about (e.g. "312 listed images not downloaded").
+    """
+
+    frame: pd.DataFrame
+    class_names: list[str]
+    category_ids: list[Any]
+    name: str
+    split: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+
+@dataclass
+class OfficialSplits:
+    """What a reader returns: the benchmark's own splits (``val`` None where there is none)."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    class_names: list[str]
+    category_ids: list[Any]
+    val: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+Reader = Callable[[Path], OfficialSplits]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registry entry: the reader plus what `fgvc datasets list` and layout errors show."""
+
+    name: str
+    reader: Reader
+    title: str
+    layout: str  # the expected tree under the root, shown when the layout is not recognised
+    classes: int | None  # official counts (None where not fixed)
+    counts: dict[str, int | None]  # official image counts per split
+
+
+def frame(paths: list[str], labels: list[int], image_ids: list[Any], **extra: Any) -> pd.DataFrame:
+    """Build an index frame with the common columns in the common order."""
+    df = pd.DataFrame({"path": paths, "label": labels, "image_id": image_ids, **extra})
+    df["label"] = df["label"].astype("int64")
+    return df
+
+
+def stratified_holdout(train: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split train into (train, val) deterministically, stratified by label where every class can give one image."""
+    if fraction <= 0 or len(train) < 2:
+        return train, train.iloc[:0]
+    counts = train["label"].value_counts()
+    n_val = max(1, round(len(train) * fraction))
+    stratify = train["label"] if counts.min() >= 2 and n_val >= counts.size else None
+    tr, va = train_test_split(train, test_size=n_val, random_state=seed, stratify=stratify, shuffle=True)
+    return tr.sort_index(), va.sort_index()
+
+
+def make_index(
+    spec: DatasetSpec,
+    root: Path,
+    split: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    train_on_all: bool = False,
+) -> DatasetIndex:
+    """Read ``root`` with ``spec.reader`` and return the requested split."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: dataset root not found; put the {spec.title} files there or pass --data-root")
+    official = spec.reader(root)
+    train, val = official.train, official.val
+    if val is None:
+        train, val = stratified_holdout(train, val_fraction, seed)
+    if train_on_all:
+        train = pd.concat([train, val]).sort_index() if official.val is None else pd.concat([train, val])
+    chosen = {"train": train, "val": val, "test": official.test}[split]
+    return DatasetIndex(
+        frame=chosen.reset_index(drop=True),
+        class_names=list(official.class_names),
+        category_ids=list(official.category_ids),
+        name=spec.name,
+        split=split,
+        notes=list(official.notes),
+    )

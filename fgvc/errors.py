@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+Every problem a user can fix (a wrong path, a malformed metadata file, a bad recipe key, weights that are not on
+disk) is raised as an :class:`FgvcError` whose message is one line naming the file and the fix. The CLI prints the
+message and exits with code 2; library callers can catch the class.
+"""
+
+from __future__ import annotations
+
+
+class FgvcError(Exception):
+    """A problem in the user's input, reported as one line; the CLI exits with code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(FgvcError):
+    """A recipe or CLI value that does not fit the configuration model."""
+
+
+class DataError(FgvcError):
+    """A dataset root, metadata file or image that cannot be read as the official format."""
+
+
+class LayoutError(DataError):
+    """The dataset root does not have the expected on-disk layout."""
+
+
+class CorruptImageError(DataError):
+    """An image file that no decoder can read."""
+
+
+class WeightsError(FgvcError):
+    """Pretrained weights missing, or a checkpoint that does not fit the architecture."""
+
+
+class RunExistsError(FgvcError):
+    """A finished result would be overwritten; pass --force to replace it."""
