@@ -82,7 +82,9 @@ class Probabilities:
         except FileNotFoundError:
             raise DataError(f"{path}: probability file not found; run `fgvc predict` first") from None
         except (OSError, KeyError, ValueError) as err:
-            raise DataError(f"{path}: not an fgvc probability file ({err}); delete it and rerun `fgvc predict`") from None
+            raise DataError(
+                f"{path}: not an fgvc probability file ({err}); delete it and rerun `fgvc predict`"
+            ) from None
 
 
 def _as_plain_array(values: Any) -> np.ndarray:

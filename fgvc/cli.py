@@ -1,0 +1,327 @@
+"""The `fgvc` command line: parse, call one library function, map errors to exit codes.
+
+User-fixable problems raise :class:`fgvc.errors.FgvcError`; they are printed as one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+
+from fgvc.errors import FgvcError
+
+app = typer.Typer(
+    name="fgvc",
+    help="Fine-grained classification with FixRes: stage1 -> stage2 -> predict -> ensemble -> Kaggle CSV.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+datasets_app = typer.Typer(help="Dataset readers: list them, check a local copy.", no_args_is_help=True)
+models_app = typer.Typer(help="Model registry.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(models_app, name="models")
+
+
+def _echo_table(frame: Any) -> None:
+    typer.echo(frame.to_string(index=False))
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise FgvcError(f"expected comma-separated integers, got '{text}' (e.g. 384,448,512)") from None
+
+
+def _maybe_torchrun(gpus: int | None) -> None:
+    from fgvc.engine.launch import already_distributed, launch_torchrun
+
+    if gpus and gpus > 1 and not already_distributed():
+        raise typer.Exit(launch_torchrun(gpus, sys.argv[1:]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# datasets / models
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """Dataset names, official class and image counts, and expected layouts."""
+    from fgvc.datasets import list_datasets
+
+    _echo_table(list_datasets())
+
+
+@datasets_app.command("check")
+def datasets_check(
+    name: str = typer.Argument(..., help="Dataset name (see `fgvc datasets list`)."),
+    root: Path | None = typer.Option(None, "--root", help="Dataset folder (default: $FGVC_DATA/NAME, datasets/NAME)."),
+    decode: bool = typer.Option(False, "--decode", help="Decode every image and list the unreadable ones."),
+    workers: int = typer.Option(4, "--workers", help="Parallel decoders for --decode."),
+) -> None:
+    """Counts per split, missing files, unreadable images. Exit 0 clean, 1 problems, 2 layout not recognised."""
+    from fgvc.datasets.check import check_dataset
+
+    report = check_dataset(name, root=root, decode=decode, workers=workers)
+    typer.echo(report.render())
+    raise typer.Exit(report.exit_code)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered architectures with parameter counts, native resolution, mean/std and local weights."""
+    from fgvc.models import list_models
+
+    _echo_table(list_models())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training
+
+
+@app.command()
+def stage1(
+    dataset: str | None = typer.Option(None, help="Dataset name (see `fgvc datasets list`)."),
+    res: int | None = typer.Option(None, help="Train resolution (paper: 448 for SENet-154)."),
+    arch: str | None = typer.Option(None, help="Architecture: a registry name or timm:<name>."),
+    weights: str | None = typer.Option(None, help="imagenet (local caches only), a checkpoint PATH, or none."),
+    epochs: int | None = typer.Option(None),
+    batch_size: int | None = typer.Option(None, help="Per-process batch size."),
+    lr: float | None = typer.Option(None, help="Learning rate (default: lr_base x global batch / 256)."),
+    opt: str | None = typer.Option(None, help="sgd (momentum 0.9, the paper) or adamw."),
+    sched: str | None = typer.Option(None, help="cosine, step or constant."),
+    warmup_epochs: float | None = typer.Option(None),
+    label_smoothing: float | None = typer.Option(None),
+    grad_accum: int | None = typer.Option(None, help="Micro-batches per optimiser step."),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16/fp16 autocast on GPU (default on)."),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    workers: int | None = typer.Option(None, help="Data-loading processes."),
+    val_every: int | None = typer.Option(None, help="Validate every N epochs (and after the last)."),
+    val_fraction: float | None = typer.Option(None, help="Hold-out fraction of train where there is no val split."),
+    train_on_all: bool | None = typer.Option(None, "--train-on-all/--no-train-on-all", help="Train on train+val."),
+    data_root: str | None = typer.Option(None, help="Dataset folder (default: $FGVC_DATA/NAME or datasets/NAME)."),
+    recipe: Path | None = typer.Option(None, help="YAML config; flags given here override it."),
+    out: str | None = typer.Option(None, help="Folder of runs (default runs/)."),
+    name: str | None = typer.Option(None, help="Run folder name (default <dataset>-<arch>-<res>)."),
+    seed: int | None = typer.Option(None),
+    deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic"),
+    skip_corrupt: bool | None = typer.Option(None, "--skip-corrupt/--no-skip-corrupt"),
+    device: str | None = typer.Option(None, help="cuda, cuda:1 or cpu (default: cuda when available)."),
+    gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
+    force: bool = typer.Option(False, "--force", help="Retrain a finished run from scratch."),
+) -> None:
+    """Stage 1: fine-tune the whole pretrained network at the train resolution (RandomResizedCrop)."""
+    _maybe_torchrun(gpus)
+    from fgvc.engine.stage import run_stage1
+    from fgvc.recipe import resolve_run_config
+
+    overrides = {
+        "data.dataset": dataset, "data.root": data_root, "data.workers": workers, "data.val_fraction": val_fraction,
+        "data.train_on_all": train_on_all, "data.skip_corrupt": skip_corrupt,
+        "model.arch": arch, "model.weights": weights,
+        "stage1.res": res, "stage1.epochs": epochs, "stage1.batch_size": batch_size, "stage1.lr": lr,
+        "stage1.opt": opt, "stage1.sched": sched, "stage1.warmup_epochs": warmup_epochs,
+        "stage1.label_smoothing": label_smoothing, "stage1.grad_accum": grad_accum, "stage1.val_every": val_every,
+        "runtime.amp": amp, "runtime.compile": compile, "runtime.seed": seed, "runtime.deterministic": deterministic,
+        "runtime.device": device, "out": out, "name": name,
+    }  # fmt: skip
+    if weights is not None and weights.lower() == "none":
+        overrides["model.weights"] = None
+    cfg = resolve_run_config(recipe, overrides)
+    if weights is not None and weights.lower() == "none":
+        cfg.model.weights = None
+    result = run_stage1(cfg, force=force)
+    if result.interrupted_by:
+        raise typer.Exit(128 + result.interrupted_by)
+
+
+@app.command()
+def stage2(
+    test_res: int = typer.Option(..., help="Test resolution to adapt to (see `fgvc suggest-res`)."),
+    run: Path | None = typer.Option(None, help="Run folder (default: the most recent stage-1 run under runs/)."),
+    tune: str | None = typer.Option(None, help="fc, bn+fc (default), bnstats+fc, stage+bn+fc or bnstats."),
+    da: str | None = typer.Option(None, help="Augmentation: test (default) or test2."),
+    epochs: int | None = typer.Option(None),
+    lr: float | None = typer.Option(None),
+    batch_size: int | None = typer.Option(None),
+    workers: int | None = typer.Option(None),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp"),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile"),
+    device: str | None = typer.Option(None),
+    deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic"),
+    gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
+    force: bool = typer.Option(False, "--force", help="Redo a finished stage 2 at this resolution."),
+) -> None:
+    """Stage 2: freeze all but the tuned parts, fine-tune at the test resolution with the test augmentation."""
+    _maybe_torchrun(gpus)
+    from fgvc.engine.stage import latest_run, run_stage2
+
+    run_dir = run or latest_run()
+    overrides = {
+        "stage2.res": test_res, "stage2.tune": tune, "stage2.augment": da, "stage2.epochs": epochs, "stage2.lr": lr,
+        "stage2.batch_size": batch_size, "data.workers": workers, "runtime.amp": amp, "runtime.compile": compile,
+        "runtime.device": device, "runtime.deterministic": deterministic,
+    }  # fmt: skip
+    result = run_stage2(run_dir, overrides, force=force)
+    if result.interrupted_by:
+        raise typer.Exit(128 + result.interrupted_by)
+    if result.before and result.final:
+        typer.echo(
+            f"{run_dir.name} @ {test_res}px: top-1 {result.before['top1']:.2f} before -> "
+            f"{result.final['top1']:.2f} after adaptation"
+        )
+
+
+@app.command()
+def sweep(
+    run: Path | None = typer.Option(None, help="Run folder (default: the most recent)."),
+    res: str = typer.Option(..., help="Comma-separated test resolutions, e.g. 384,448,512,576,640,704."),
+    split: str = typer.Option("val", help="Labelled split to score."),
+    batch_size: int | None = typer.Option(None),
+    workers: int | None = typer.Option(None),
+) -> None:
+    """Top-1 of the stage-1 (and stage-2) models at each test resolution: CSV table + PNG plot."""
+    from fgvc.engine.stage import latest_run
+    from fgvc.engine.sweep import sweep as run_sweep
+
+    result = run_sweep(run or latest_run(), _ints(res) or [], split, batch_size, workers)
+    _echo_table(result.table)
+    typer.echo(
+        f"best: {result.best_model} at {result.best_res}px, top-1 {result.best_top1:.2f} "
+        f"({result.csv_path}, {result.png_path})"
+    )
+
+
+@app.command("suggest-res")
+def suggest_res(
+    train_res: int = typer.Option(..., help="Stage-1 train resolution."),
+    crop_pct: float = typer.Option(0.875, help="Test resize = res / crop_pct."),
+    scale_min: float = typer.Option(0.08, help="RandomResizedCrop minimum area fraction."),
+) -> None:
+    """Test resolution that equalises apparent object size (paper eq. 5), rounded to a multiple of 32."""
+    from fgvc.engine.sweep import apparent_size_factor, suggest_test_res
+
+    exact, rounded = suggest_test_res(train_res, crop_pct, (scale_min, 1.0))
+    factor = apparent_size_factor((scale_min, 1.0))
+    typer.echo(f"{rounded}")
+    typer.echo(
+        f"(E[sigma] = {factor:.4f}; test res = crop_pct x train res / E[sigma] = {crop_pct} x {train_res} / "
+        f"{factor:.4f} = {exact:.1f} -> {rounded})",
+        err=True,
+    )
+
+
+@app.command()
+def predict(
+    run: Path | None = typer.Option(None, help="Run folder (default: the most recent)."),
+    stage: int | None = typer.Option(None, help="1 or 2 (default: 2 when a stage-2 model exists)."),
+    split: str = typer.Option("test", help="test or val."),
+    res: int | None = typer.Option(None, help="Resolution (default: the stage's own)."),
+    tta: str = typer.Option("tencrop", help="none, flip or tencrop."),
+    multi_res: str | None = typer.Option(None, help="Average several resolutions, e.g. 672,640."),
+    batch_size: int | None = typer.Option(None),
+    workers: int | None = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help="Recompute even when the probability file exists."),
+) -> None:
+    """Per-image class probabilities (a .npz probability file); prints accuracy when the split has labels."""
+    from fgvc.engine.stage import latest_run
+    from fgvc.predict import predict as run_predict
+
+    result = run_predict(run or latest_run(), split, stage, res, tta, _ints(multi_res), batch_size, workers, force)
+    note = " (cached)" if result.cached else ""
+    typer.echo(f"wrote {result.path}{note}")
+    if result.metrics:
+        m = result.metrics
+        typer.echo(f"top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  mean per class {m['mean_per_class']:.2f}")
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (recipes/*.yaml)."),
+    force: bool = typer.Option(False, "--force", help="Retrain finished stages too."),
+) -> None:
+    """Stage 1 and stage 2 for every member of a recipe, skipping finished stages."""
+    from fgvc.pipeline import train_recipe
+
+    outcomes = train_recipe(recipe, force=force)
+    for outcome in outcomes:
+        typer.echo(f"{outcome.member:40s} {outcome.stage:7s} {outcome.status}")
+    interrupted = [o for o in outcomes if o.interrupted_by]
+    if interrupted:
+        raise typer.Exit(128 + (interrupted[0].interrupted_by or 0))
+
+
+@app.command()
+def ensemble(
+    recipe: Path = typer.Argument(..., help="Recipe YAML naming the competition and the members."),
+    out: Path = typer.Option(Path("submissions"), help="Folder for the CSV."),
+    sample: Path | None = typer.Option(None, help="Kaggle sample_submission.csv to check header and ids against."),
+) -> None:
+    """Combine the members' (10-crop) probabilities and write a validated Kaggle CSV."""
+    from fgvc.pipeline import ensemble_recipe
+
+    outcome = ensemble_recipe(recipe, out, sample)
+    _echo_table(outcome.table)
+    typer.echo(f"wrote {outcome.submission} (validated)")
+
+
+@app.command("validate-submission")
+def validate_submission(
+    file: Path = typer.Argument(..., help="The CSV to check."),
+    competition: str = typer.Option(..., help="inat2017/2018/2019/2021, herbarium2019/2020/2021/2022 or generic."),
+    sample: Path | None = typer.Option(None, help="Kaggle sample_submission.csv: header and ids are the reference."),
+    dataset: str | None = typer.Option(None, help="Check ids and categories against this dataset's test split."),
+    data_root: Path | None = typer.Option(None, help="Dataset folder for --dataset."),
+) -> None:
+    """Header, one row per test image, unique known ids, predictions per row, valid categories. Exit 1 if invalid."""
+    from fgvc.datasets import load_index
+    from fgvc.submission import collect_problems, competition_spec
+
+    test_ids = categories = None
+    if dataset:
+        index = load_index(dataset, "test", root=data_root)
+        test_ids = index.frame["image_id"].tolist()
+        named = competition_spec(competition).predictions == "name"
+        categories = index.class_names if named else index.category_ids
+    problems = collect_problems(file, competition, test_ids, categories, sample)
+    if problems:
+        for problem in problems[:20]:
+            typer.echo(f"{file}: {problem}")
+        more = " (first 20 shown)" if len(problems) > 20 else ""
+        typer.echo(f"{file}: INVALID, {len(problems)} problems{more}")
+        raise typer.Exit(1)
+    typer.echo(f"{file}: valid {competition} submission")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _one_line(err: Exception) -> str:
+    """The message alone, also when a DataLoader worker re-raised it with the worker's traceback attached."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def main() -> None:
+    """Console entry point: FgvcError -> one line on stderr, exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except FgvcError as err:
+        typer.echo(f"fgvc: error: {_one_line(err)}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo("fgvc: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,1 @@
+"""Training engine: one loop for both FixRes stages, checkpoints, distributed setup, resolution sweep."""

@@ -1,0 +1,84 @@
+"""Checkpoints: a plain dict with the model, the optimiser state, the position in training and the config.
+
+Written atomically (temp file + rename), so a crash while writing leaves the previous checkpoint intact. Loaded with
+``weights_only=True``: the file holds only tensors and plain Python values.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fgvc.errors import DataError, WeightsError
+from fgvc.fileio import atomic_write
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the loop draws from (augmentations are seeded per sample and need none of these)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found; run the stage that writes it first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which and what to do
+        raise WeightsError(
+            f"{path}: cannot read checkpoint ({type(err).__name__}); delete it to restart, or pass --force"
+        ) from None
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:
+    """Load an fgvc checkpoint's weights, with a one-line error when it was written for another model."""
+    try:
+        result = unwrap(model).load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
+        raise WeightsError(f"{source}: checkpoint does not fit this model ({first}); check --arch") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            f"{source}: checkpoint does not fit this model ({len(result.missing_keys)} missing keys, e.g. "
+            f"{result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]})"
+            "; check --arch or use the run folder that wrote it"
+        )

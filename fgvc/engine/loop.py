@@ -1,0 +1,197 @@
+"""The training and inference loops shared by stage 1, stage 2, sweep and predict.
+
+Batches arrive as uint8 tensors and are normalised on the device; the loop never sees the config or the CLI, only the
+objects it works on.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from fgvc.data import normalize_on_device
+from fgvc.engine.runtime import Runtime, gather_objects
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop stops at the next optimiser step so that a checkpoint can be written."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """Turn SIGINT/SIGTERM into a flag for the duration of training (a second signal aborts at once)."""
+    flag = StopFlag()
+    previous = {}
+
+    def handler(signum: int, _frame: object) -> None:
+        if flag:  # second signal: the user insists
+            raise KeyboardInterrupt
+        flag.signum = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with suppress(ValueError):  # not in the main thread: leave signals alone
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+    lr: float
+    skipped: int
+    micro_steps: int  # micro-batches consumed in this epoch (including those before a resume)
+    interrupted: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    scaler: torch.amp.GradScaler | None,
+    rt: Runtime,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    criterion: nn.Module,
+    grad_accum: int = 1,
+    stop: StopFlag | None = None,
+    start_micro_step: int = 0,
+    batch_size: int | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> EpochStats:
+    """One pass over ``loader``; with ``optimizer=None`` only forward passes run (BN statistics re-estimation).
+
+    Stops early, at an optimiser-step boundary, when ``stop`` is set; ``micro_steps`` then says where to resume.
+    """
+    total_loss, seen, skipped, micro = 0.0, 0, 0, start_micro_step
+    started = time.perf_counter()
+    bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
+    steps_in_loader = len(loader)
+    for i, (images, labels, _idx) in enumerate(bar):
+        if batch_size is not None:
+            skipped += batch_size - len(labels)
+        if len(labels) == 0:
+            micro += 1
+            continue
+        x = normalize_on_device(images, mean, std, rt.device, channels_last=rt.channels_last)
+        y = labels.to(rt.device, non_blocking=True)
+        boundary = (i + 1) % grad_accum == 0 or i + 1 == steps_in_loader
+        if optimizer is None:
+            with torch.no_grad(), rt.autocast():
+                loss = criterion(model(x), y)
+        else:
+            sync = model.no_sync() if (rt.distributed and not boundary and hasattr(model, "no_sync")) else _null()
+            with sync:
+                with rt.autocast():
+                    loss = criterion(model(x), y)
+                scaled = loss / grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            if boundary:
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
+        micro += 1
+        batch_loss = loss.item()
+        if not math.isfinite(batch_loss):
+            raise FloatingPointError(f"loss is {batch_loss} at step {micro}; lower --lr or disable --amp")
+        total_loss += batch_loss * len(labels)
+        seen += len(labels)
+        elapsed = time.perf_counter() - started
+        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
+        bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{seen * rt.world_size / elapsed:.0f}")
+        if stop and boundary:
+            return EpochStats(total_loss / max(seen, 1), seen, elapsed, lr, skipped, micro, interrupted=True)
+    lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
+    return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro)
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def _views_probs(model: nn.Module, x: torch.Tensor, tta: str, channels_last: bool) -> torch.Tensor:
+    """Softmax probabilities averaged over the TTA views of each image; ``x`` is (B,3,H,W) or (B,V,3,H,W)."""
+    if x.dim() == 5:  # pre-made views (ten-crop): one batched forward over all of them
+        b, v = x.shape[:2]
+        flat = x.flatten(0, 1)
+        if channels_last:
+            flat = flat.contiguous(memory_format=torch.channels_last)
+        probs = F.softmax(model(flat).float(), dim=1)
+        return probs.view(b, v, -1).mean(1)
+    if tta == "flip":
+        probs = F.softmax(model(torch.cat([x, x.flip(3)])).float(), dim=1)
+        return probs.view(2, x.shape[0], -1).mean(0)
+    return F.softmax(model(x).float(), dim=1)
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    loader: DataLoader,
+    rt: Runtime,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    tta: str = "none",
+    desc: str = "eval",
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities for every image of the loader's dataset, gathered across ranks.
+
+    Returns ``(probs (N, C) float32, dataset indices (N,))`` sorted by dataset index; images dropped as corrupt are
+    absent from the indices.
+    """
+    model.eval()
+    chunks: list[np.ndarray] = []
+    indices: list[np.ndarray] = []
+    bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
+    for images, _labels, idx in bar:
+        if len(idx) == 0:
+            continue
+        x = normalize_on_device(images, mean, std, rt.device, channels_last=rt.channels_last and images.dim() == 4)
+        with rt.autocast():
+            probs = _views_probs(model, x, tta, rt.channels_last)
+        chunks.append(probs.cpu().numpy())
+        indices.append(idx.numpy())
+    local = (
+        np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32),
+        np.concatenate(indices) if indices else np.zeros(0, np.int64),
+    )
+    parts = gather_objects(rt, local)
+    probs_all = np.concatenate([p for p, _ in parts if len(p)]) if any(len(p) for p, _ in parts) else local[0]
+    idx_all = np.concatenate([i for _, i in parts])
+    order = np.argsort(idx_all, kind="stable")
+    return probs_all[order], idx_all[order]

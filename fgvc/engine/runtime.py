@@ -1,0 +1,131 @@
+"""Where the computation runs: device, precision, distributed process group, determinism.
+
+Everything the loop needs to know about the hardware is resolved once into a :class:`Runtime`, so the engine never
+looks at environment variables or CLI flags itself.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fgvc.config import RuntimeConfig
+
+
+@dataclass
+class Runtime:
+    """Resolved hardware and precision settings for one process."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full fp32
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.amp_dtype == torch.float16
+
+    def autocast(self) -> AbstractContextManager:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def describe(self) -> str:
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{name} x{self.world_size}, {precision}, {layout}"
+
+
+def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    if not amp or device.type != "cuda":
+        return None  # AMP on CPU is slower than fp32 for convnets and changes the numerics; keep fp32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_runtime(cfg: RuntimeConfig) -> Runtime:
+    """Initialise the process group when launched by torchrun, pick the device and precision, set seeds.
+
+    Under torchrun (WORLD_SIZE > 1) each process binds to GPU ``LOCAL_RANK`` and joins an NCCL group (gloo on CPU).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device:
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+    seed_everything(cfg.seed + rank)
+    return Runtime(
+        device=device,
+        amp_dtype=_amp_dtype(device, cfg.amp),
+        channels_last=cfg.channels_last,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+    )
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(rt: Runtime, values: list[float]) -> list[float]:
+    """Sum scalars across ranks (identity in a single process)."""
+    if not rt.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(rt: Runtime, obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order (a one-element list in a single process)."""
+    if not rt.distributed:
+        return [obj]
+    out: list[object] = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,470 @@
+"""Stage 1 and stage 2 of the FixRes recipe: one training routine, two configurations.
+
+Stage 1 fine-tunes the whole ImageNet-pretrained network at the train resolution with RandomResizedCrop. Stage 2 loads
+the stage-1 weights, freezes all but the tuned parts (``tune`` policy from the model registry) and fine-tunes at the
+test resolution with the test-time augmentation. Both resume from ``last.pt`` after an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fgvc.config import CONFIG_FILE, RunConfig, StageConfig, load_config, save_config
+from fgvc.data import ImageDataset, build_loader
+from fgvc.datasets import load_index
+from fgvc.datasets.base import DatasetIndex
+from fgvc.engine.checkpoint import (
+    BEST,
+    LAST,
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
+from fgvc.engine.loop import StopFlag, predict_probs, stop_on_signals, train_one_epoch
+from fgvc.engine.runtime import Runtime, barrier, setup_runtime
+from fgvc.engine.sampling import EpochSampler
+from fgvc.errors import ConfigError, DataError, RunExistsError
+from fgvc.fileio import atomic_write_text
+from fgvc.metrics import summarize
+from fgvc.models import create_model, get_meta, set_train_mode, set_trainable
+from fgvc.plots import plot_training_curves
+from fgvc.transforms import build_transform
+
+log = logging.getLogger("fgvc")
+STAGE1 = "stage1"
+FINISHED = "finished.json"  # written last: a cheap "this stage is done" marker with its final metrics
+
+
+def stage2_dirname(res: int) -> str:
+    return f"stage2-{res}"
+
+
+@dataclass
+class StageResult:
+    """What a stage run produced."""
+
+    stage_dir: Path
+    history: pd.DataFrame
+    before: dict[str, float] | None = None  # stage 2: the stage-1 model at the test resolution
+    final: dict[str, float] | None = None  # validation metrics of the last epoch
+    interrupted_by: int | None = None  # signal number when stopped by SIGINT/SIGTERM
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers shared with predict and sweep
+
+
+def setup_logging(path: Path | None, rt: Runtime) -> None:
+    """Console plus a log file in the stage folder (rank 0 only)."""
+    log.setLevel(logging.INFO)
+    for handler in list(log.handlers):
+        if getattr(handler, "_fgvc", False):
+            log.removeHandler(handler)
+            handler.close()
+    if not rt.is_main:
+        return
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    handlers: list[logging.Handler] = [console]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(path)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        handlers.append(file_handler)
+    for handler in handlers:
+        handler._fgvc = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.propagate = False
+
+
+def load_split(cfg: RunConfig, split: str) -> DatasetIndex:
+    data = cfg.data
+    return load_index(
+        data.dataset,
+        split,
+        root=data.resolved_root(),
+        val_fraction=data.val_fraction,
+        seed=cfg.runtime.seed,
+        train_on_all=data.train_on_all,
+    )
+
+
+def make_loader(
+    cfg: RunConfig,
+    rt: Runtime,
+    index: DatasetIndex,
+    kind: str,
+    res: int,
+    batch_size: int,
+    shuffle: bool,
+    interpolation: str,
+) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    """Dataset + seeded sampler + loader for one split at one resolution."""
+    transform = build_transform(kind, res, crop_pct=cfg.data.crop_pct, interpolation=interpolation)
+    dataset = ImageDataset(index.frame, transform, skip_corrupt=cfg.data.skip_corrupt)
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size)
+    drop_last = shuffle and len(dataset) // rt.world_size > batch_size
+    loader = build_loader(
+        dataset, batch_size=batch_size, workers=cfg.data.workers, sampler=sampler, drop_last=drop_last
+    )
+    return loader, sampler
+
+
+def evaluate(
+    model: nn.Module, cfg: RunConfig, rt: Runtime, index: DatasetIndex, res: int, batch_size: int, progress: bool
+) -> dict[str, float]:
+    """Top-1 / top-5 / mean per-class accuracy on ``index`` with the test augmentation at ``res``."""
+    meta = get_meta(model)
+    loader, _ = make_loader(cfg, rt, index, "test", res, batch_size, shuffle=False, interpolation=meta.interpolation)
+    probs, idx = predict_probs(model, loader, rt, meta.mean, meta.std, desc=f"val@{res}", progress=progress)
+    labels = index.frame["label"].to_numpy()[idx]
+    return summarize(probs, labels)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, stage: StageConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: linear warmup, then cosine / step (/10 every ``step_epochs``) / constant."""
+    total = max(1, stage.epochs * steps_per_epoch)
+    warmup = int(stage.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if stage.sched == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if stage.sched == "step":
+            return 0.1 ** ((step // steps_per_epoch) // stage.step_epochs)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(model: nn.Module, stage: StageConfig, lr: float) -> torch.optim.Optimizer | None:
+    """SGD with momentum (the paper) or AdamW over the trainable parameters; no weight decay on biases and norms."""
+    if not any(p.requires_grad for p in model.parameters()):
+        return None
+    import timm.optim
+
+    name = "momentum" if stage.opt == "sgd" else "adamw"  # timm's "sgd" is Nesterov; the paper uses plain momentum
+    kwargs: dict[str, Any] = {"momentum": stage.momentum} if stage.opt == "sgd" else {}
+    return timm.optim.create_optimizer_v2(model, opt=name, lr=lr, weight_decay=stage.weight_decay, **kwargs)
+
+
+def class_info(index: DatasetIndex) -> dict[str, list]:
+    def plain(v: Any) -> Any:
+        return v.item() if hasattr(v, "item") else v
+
+    return {"names": list(index.class_names), "category_ids": [plain(c) for c in index.category_ids]}
+
+
+def find_stage_checkpoint(stage_dir: Path) -> Path:
+    """best.pt when validation picked one, else last.pt."""
+    for name in (BEST, LAST):
+        if (stage_dir / name).is_file():
+            return stage_dir / name
+    raise DataError(f"{stage_dir}: no checkpoint (best.pt / last.pt); run the stage first")
+
+
+def load_stage_model(stage_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a finished stage from its folder alone (architecture and classes come from the file)."""
+    path = find_stage_checkpoint(stage_dir)
+    ckpt = load_checkpoint(path)
+    model = create_model(ckpt["arch"], ckpt["num_classes"], None)
+    load_model_state(model, ckpt["model"], path)
+    return model, ckpt
+
+
+def latest_run(out: str | Path = "runs") -> Path:
+    """The run folder whose stage-1 checkpoint was written last."""
+    candidates = sorted(Path(out).glob(f"*/{STAGE1}/{LAST}"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise DataError(f"{out}: no stage-1 run found; run `fgvc stage1` first or pass --run DIR")
+    return candidates[-1].parent.parent
+
+
+def _conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[str]:
+    """Settings that differ between the checkpoint's config and this command (resuming would mix two runs)."""
+    current = cfg.model_dump(mode="json")
+    section = "stage1" if stage == STAGE1 else "stage2"
+    out = []
+    checks = [("data", "dataset"), ("data", "val_fraction"), ("data", "train_on_all"), ("data", "crop_pct")]
+    checks += [("model", "arch")] + [(section, key) for key in current[section] if key != "val_every"]
+    for sec, key in checks:
+        old, new = saved.get(sec, {}).get(key), current[sec][key]
+        if old != new:
+            out.append(f"{sec}.{key}: {old} -> {new}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stage runner
+
+
+def train_stage(cfg: RunConfig, stage: str, force: bool = False, progress: bool = True) -> StageResult:
+    """Train stage 1 (``stage="stage1"``) or stage 2 (``"stage2"``) as configured; resume when possible.
+
+    SIGINT/SIGTERM are caught from the start: training stops at the next optimiser step and saves ``last.pt``.
+    """
+    with stop_on_signals() as stop:
+        return _train_stage(cfg, stage, force, progress, stop)
+
+
+def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: StopFlag) -> StageResult:
+    stage_cfg = cfg.stage1 if stage == STAGE1 else cfg.stage2
+    run_dir = cfg.run_dir()
+    stage_dir = run_dir / (STAGE1 if stage == STAGE1 else stage2_dirname(stage_cfg.res))
+    rt = setup_runtime(cfg.runtime)
+    setup_logging(stage_dir / "train.log", rt)
+
+    state: dict[str, Any] | None = None
+    if is_finished(stage_dir) and not force:
+        raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose another --name)")
+    if force and rt.is_main:  # the old result stops being "the" result as soon as retraining starts
+        (stage_dir / FINISHED).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "predictions" / stage_dir.name, ignore_errors=True)
+    if (stage_dir / LAST).is_file() and not force:
+        state = load_checkpoint(stage_dir / LAST)
+        conflicts = _conflicts(state["config"], cfg, stage)
+        if conflicts:
+            raise ConfigError(
+                f"{stage_dir}/{LAST} was written with other settings ({'; '.join(conflicts)}); "
+                "rerun with the original settings to resume, or pass --force to restart"
+            )
+
+    train_index, val_index = load_split(cfg, "train"), load_split(cfg, "val")
+    for note in train_index.notes:
+        log.info("note: %s", note)
+    num_classes = train_index.num_classes
+    if stage == STAGE1:
+        model = create_model(cfg.model.arch, num_classes, cfg.model.weights if state is None else None)
+        source = f"weights {cfg.model.weights}"
+    else:
+        model, ckpt1 = load_stage_model(run_dir / STAGE1)
+        if ckpt1["num_classes"] != num_classes:
+            raise DataError(f"{run_dir}: stage 1 has {ckpt1['num_classes']} classes, the dataset {num_classes}")
+        source = f"stage 1 epoch {ckpt1['epoch']}"
+    if state is not None:
+        load_model_state(model, state["model"], stage_dir / LAST)
+    meta = get_meta(model)
+    set_trainable(model, stage_cfg.tune)
+    model.to(rt.device, memory_format=rt.memory_format)
+
+    train_loader, train_sampler = make_loader(
+        cfg, rt, train_index, stage_cfg.augment, stage_cfg.res, stage_cfg.batch_size, True, meta.interpolation
+    )
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / stage_cfg.grad_accum))
+    lr = stage_cfg.resolved_lr(rt.world_size)
+    optimizer = build_optimizer(model, stage_cfg, lr)
+    scheduler = build_scheduler(optimizer, stage_cfg, steps_per_epoch) if optimizer else None
+    scaler = torch.amp.GradScaler("cuda") if rt.needs_grad_scaler and optimizer else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=stage_cfg.label_smoothing)
+
+    start_epoch, start_micro, best, history, before = 0, 0, -1.0, [], None
+    if state is not None:
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, start_micro, best = state["epoch"], state["micro_step"], state["best"]
+        history, before = state["history"], state.get("before")
+        set_rng_state(state["rng"])
+        log.info("resuming %s from epoch %d, step %d", stage_dir, start_epoch + 1, start_micro)
+    else:
+        if rt.is_main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, stage_dir / CONFIG_FILE)
+            if stage == STAGE1:
+                save_config(cfg, run_dir / CONFIG_FILE)
+        if stage != STAGE1 and len(val_index):
+            before = evaluate(model, cfg, rt, val_index, stage_cfg.res, stage_cfg.batch_size, progress)
+            log.info("stage-1 model at %d px before adaptation: %s", stage_cfg.res, _fmt(before))
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(
+        "%s %s: %s on %s | %d train / %d val images, %d classes | res %d, aug %s, tune %s (%.2fM trainable) | "
+        "lr %.3g, batch %d x%d x accum %d | from %s",
+        stage, cfg.run_name(), cfg.model.arch, rt.describe(), len(train_index), len(val_index), num_classes,
+        stage_cfg.res, stage_cfg.augment, stage_cfg.tune, trainable / 1e6, lr, stage_cfg.batch_size,
+        rt.world_size, stage_cfg.grad_accum, source,
+    )  # fmt: skip
+
+    net: nn.Module = model
+    if rt.distributed and optimizer is not None:
+        net = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.runtime.compile:
+        net = torch.compile(net)
+
+    def checkpoint(epoch: int, micro: int, finished: bool) -> dict[str, Any]:
+        return {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "scaler": scaler.state_dict() if scaler else None,
+            "epoch": epoch,
+            "micro_step": micro,
+            "best": best,
+            "history": history,
+            "before": before,
+            "finished": finished,
+            "rng": rng_state(),
+            "config": cfg.model_dump(mode="json"),
+            "arch": cfg.model.arch,
+            "num_classes": num_classes,
+            "classes": class_info(train_index),
+            "res": stage_cfg.res,
+            "stage": stage,
+        }
+
+    result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before)
+    for epoch in range(start_epoch, stage_cfg.epochs):
+        micro = start_micro if epoch == start_epoch else 0
+        train_sampler.set_epoch(epoch, start=micro * stage_cfg.batch_size)
+        set_train_mode(model, stage_cfg.tune)
+        bn_reset = _prepare_bnstats(model, stage_cfg.tune)
+        stats = train_one_epoch(
+            net, train_loader, optimizer, scheduler, scaler, rt, meta.mean, meta.std, criterion,
+            grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro,
+            batch_size=stage_cfg.batch_size, desc=f"{stage} {epoch + 1}/{stage_cfg.epochs}", progress=progress,
+        )  # fmt: skip
+        bn_reset()
+        if stats.interrupted:
+            if rt.is_main:
+                save_checkpoint(stage_dir / LAST, checkpoint(epoch, stats.micro_steps, False))
+            log.info("interrupted by signal %s: saved %s (epoch %d, step %d); rerun the same command to resume",
+                     stop.signum, stage_dir / LAST, epoch + 1, stats.micro_steps)  # fmt: skip
+            result.interrupted_by = stop.signum
+            return result
+        last_epoch = epoch + 1 == stage_cfg.epochs
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": round(stats.loss, 5),
+            "lr": stats.lr,
+            "img_per_s": round(stats.images_per_s * rt.world_size, 1),
+            "seconds": round(stats.seconds, 1),
+            "skipped": stats.skipped,
+        }
+        metrics = None
+        if len(val_index) and ((epoch + 1) % stage_cfg.val_every == 0 or last_epoch):
+            metrics = evaluate(model, cfg, rt, val_index, stage_cfg.res, stage_cfg.batch_size, progress)
+            row.update({f"val_{k}": round(v, 3) for k, v in metrics.items()})
+        history.append(row)
+        improved = metrics is not None and metrics["top1"] > best
+        if improved:
+            best = metrics["top1"]
+        result.final = metrics or result.final
+        log.info(_epoch_line(row, stage_cfg.epochs))
+        if rt.is_main:
+            state_now = checkpoint(epoch + 1, 0, last_epoch)
+            if improved or not len(val_index):
+                keep = ("model", "arch", "num_classes", "classes", "config", "epoch", "res", "stage", "best")
+                save_checkpoint(stage_dir / BEST, {k: state_now[k] for k in keep} | {"metrics": metrics})
+            save_checkpoint(stage_dir / LAST, state_now)
+            _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")
+        barrier(rt)
+        if stop:
+            log.info("interrupted by signal %s after epoch %d; rerun the same command to resume", stop.signum,
+                     epoch + 1)  # fmt: skip
+            result.interrupted_by = stop.signum
+            return result
+    if stage_cfg.epochs == 0 and rt.is_main:  # evaluation-only stage (e.g. a zero-epoch baseline)
+        save_checkpoint(stage_dir / LAST, checkpoint(0, 0, True))
+    result.history = pd.DataFrame(history)
+    if result.final is None and history:
+        last_row = history[-1]
+        result.final = {k[4:]: v for k, v in last_row.items() if k.startswith("val_")} or None
+    if rt.is_main:
+        summary = {"stage": stage, "epochs": stage_cfg.epochs, "res": stage_cfg.res, "best_top1": best,
+                   "final": result.final, "before": before}  # fmt: skip
+        atomic_write_text(stage_dir / FINISHED, json.dumps(summary, indent=2))
+    return result
+
+
+def is_finished(stage_dir: Path) -> bool:
+    return (stage_dir / FINISHED).is_file()
+
+
+def _prepare_bnstats(model: nn.Module, tune: str) -> Any:
+    """For ``bnstats``: restart the last BN's statistics as a cumulative average over this pass; returns an undo."""
+    if tune != "bnstats":
+        return lambda: None
+    bn = dict(model.named_modules())[get_meta(model).last_bn]
+    momentum = bn.momentum
+    bn.reset_running_stats()
+    bn.momentum = None
+
+    def restore() -> None:
+        bn.momentum = momentum
+
+    return restore
+
+
+def _fmt(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "n/a"
+    return f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  mean/class {metrics['mean_per_class']:.2f}"
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    val = ""
+    if "val_top1" in row:
+        val = " | val " + _fmt({k[4:]: v for k, v in row.items() if k.startswith("val_")})
+    return (
+        f"epoch {row['epoch']}/{epochs} | loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
+        f"{row['img_per_s']:.0f} img/s  {row['seconds']:.0f} s{val}"
+    )
+
+
+def _write_history(history: list[dict[str, Any]], stage_dir: Path, title: str) -> None:
+    table = pd.DataFrame(history)
+    atomic_write_text(stage_dir / "metrics.csv", table.to_csv(index=False))
+    plot_training_curves(table, stage_dir / "curves.png", title)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry points used by the CLI
+
+
+def run_stage1(cfg: RunConfig, force: bool = False, progress: bool = True) -> StageResult:
+    return train_stage(cfg, STAGE1, force=force, progress=progress)
+
+
+def stage2_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
+    """The run's saved config with the stage-2 section (and runtime knobs) overridden."""
+    cfg_path = run_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise DataError(f"{run_dir}: no {CONFIG_FILE}; pass --run with a folder written by `fgvc stage1`")
+    cfg = load_config(cfg_path)
+    values = cfg.model_dump(mode="json")
+    from fgvc.config import config_from_dict, merge
+
+    flat = {k: v for k, v in overrides.items() if v is not None}
+    cfg = config_from_dict(merge(values, flat), source="command line")
+    # The run folder is the one given, wherever it lives now.
+    return cfg.model_copy(update={"name": run_dir.name, "out": str(run_dir.parent)})
+
+
+def run_stage2(run_dir: Path, overrides: dict[str, Any], force: bool = False, progress: bool = True) -> StageResult:
+    cfg = stage2_config(run_dir, overrides)
+    if not (run_dir / STAGE1 / LAST).is_file():
+        raise DataError(f"{run_dir}: stage 1 has no checkpoint; run `fgvc stage1` first")
+    if not is_finished(run_dir / STAGE1):
+        raise DataError(f"{run_dir}: stage 1 is not finished; rerun `fgvc stage1` with the same settings to finish it")
+    return train_stage(cfg, "stage2", force=force, progress=progress)

@@ -1,0 +1,82 @@
+"""Resolution sweep (accuracy versus test resolution) and the paper's eq. 5 test-resolution suggestion."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fgvc.config import CONFIG_FILE, load_config
+from fgvc.errors import ConfigError, DataError
+from fgvc.fileio import atomic_write_text
+from fgvc.plots import plot_sweep
+
+
+def apparent_size_factor(scale: tuple[float, float] = (0.08, 1.0)) -> float:
+    """E[sigma] for RandomResizedCrop, whose area fraction sigma^2 is uniform in ``scale`` (paper eq. 5).
+
+    ``F = 2/3 * (s+^3 - s-^3) / (s+^2 - s-^2)`` with ``s- = sqrt(scale[0])``, ``s+ = sqrt(scale[1])``; ~0.716 for
+    the default (0.08, 1).
+    """
+    lo, hi = math.sqrt(scale[0]), math.sqrt(scale[1])
+    if hi <= lo:
+        raise ConfigError(f"RandomResizedCrop scale range {scale} must have min < max")
+    return 2.0 / 3.0 * (hi**3 - lo**3) / (hi**2 - lo**2)
+
+
+def suggest_test_res(
+    train_res: int, crop_pct: float = 0.875, scale: tuple[float, float] = (0.08, 1.0), multiple: int = 32
+) -> tuple[float, int]:
+    """Test crop size at which objects appear as large as in training (eq. 5 solved for E[r_test/r_train] = 1).
+
+    With the test resize ``K_img = K_test / crop_pct``: ``F * K_img / K_train = 1``, so
+    ``K_test = crop_pct * K_train / F``. Returns (exact value, value rounded to the nearest ``multiple``).
+    """
+    exact = crop_pct * train_res / apparent_size_factor(scale)
+    return exact, max(multiple, round(exact / multiple) * multiple)
+
+
+@dataclass
+class SweepResult:
+    table: pd.DataFrame  # one row per resolution, one column per model (top-1 %)
+    best_model: str
+    best_res: int
+    best_top1: float
+    csv_path: Path
+    png_path: Path
+
+
+def sweep(
+    run_dir: Path,
+    resolutions: list[int],
+    split: str = "val",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Top-1 of the stage-1 model and of every stage-2 model at each test resolution (test augmentation)."""
+    from fgvc.predict import predict_stage, stage_dirs
+
+    if not resolutions:
+        raise ConfigError("--res needs at least one resolution, e.g. --res 384,448,512")
+    dirs = stage_dirs(run_dir)
+    if not dirs:
+        raise DataError(f"{run_dir}: no trained stage; run `fgvc stage1` first")
+    table = pd.DataFrame({"res": sorted(resolutions)})
+    for stage_dir in dirs:
+        column = []
+        for res in table["res"]:
+            result = predict_stage(stage_dir, split, int(res), "none", batch_size, workers, progress=progress)
+            if result.metrics is None:
+                raise DataError(f"{run_dir}: the {split} split has no labels; sweep needs a labelled split")
+            column.append(round(result.metrics["top1"], 3))
+        table[stage_dir.name] = column
+    long = table.melt(id_vars="res", var_name="model", value_name="top1")
+    best = long.loc[long["top1"].idxmax()]
+    csv_path, png_path = run_dir / "sweep.csv", run_dir / "sweep.png"
+    atomic_write_text(csv_path, table.to_csv(index=False))
+    train_res = load_config(run_dir / CONFIG_FILE).stage1.res
+    plot_sweep(table, png_path, train_res, f"{run_dir.name}: top-1 on {split} vs test resolution")
+    return SweepResult(table, str(best["model"]), int(best["res"]), float(best["top1"]), csv_path, png_path)

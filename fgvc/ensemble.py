@@ -1,0 +1,281 @@
+"""Combine probability files of several models: alignment, weighted arithmetic / geometric means, weight search.
+
+Pure numpy on :class:`~fgvc.probs.Probabilities`; the recipe-driven ``fgvc ensemble`` command loads the files and
+calls these functions. Weight search is Caruana et al. (2004) ensemble selection: greedy forward selection with
+replacement on a labelled split, so weights are multiples of 1/(number of picks) and a model can be picked again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from fgvc.errors import ConfigError, DataError
+from fgvc.metrics import LOG_EPS, UNKNOWN_LABEL, log_loss, topk_accuracy
+from fgvc.probs import Probabilities
+
+Method = Literal["mean", "geometric"]
+WeightMode = Literal["equal", "given", "search"]
+METHODS: tuple[str, ...] = ("mean", "geometric")
+WEIGHT_MODES: tuple[str, ...] = ("equal", "given", "search")
+DEFAULT_SEARCH_STEPS = 50  # Caruana et al. plateau within a few dozen picks for a handful of members
+_SHOWN_IDS = 5  # how many offending ids an error message quotes
+
+
+# --------------------------------------------------------------------------------------------------- alignment
+def align(members: list[Probabilities]) -> list[Probabilities]:
+    """Reorder every member's rows to the first member's image-id order.
+
+    Raises DataError when a member has duplicate ids, a different id set, different ``category_ids`` or labels that
+    disagree with the first member: each means the files were predicted on different splits or datasets.
+    """
+    if not members:
+        raise ValueError("align needs at least one member")
+    reference = members[0]
+    _check_unique_ids(reference, 0)
+    aligned = [reference]
+    for position, member in enumerate(members[1:], start=1):
+        _check_same_classes(reference, member, position)
+        _check_unique_ids(member, position)
+        rows = _rows_in_reference_order(reference, member, position)
+        reordered = replace(
+            member,
+            probs=np.asarray(member.probs)[rows],
+            image_ids=np.asarray(member.image_ids)[rows],
+            labels=np.asarray(member.labels)[rows],
+            meta=dict(member.meta),
+        )
+        _check_same_labels(reference, reordered, position)
+        aligned.append(reordered)
+    return aligned
+
+
+def _describe(member: Probabilities, position: int) -> str:
+    """'member 2 (runs/a/probs.npz)': the member's position plus its file, or its provenance when no file is known."""
+    meta = member.meta
+    source = meta.get("path") or meta.get("source")
+    if not source:
+        source = ", ".join(f"{key}={meta[key]}" for key in ("run", "stage", "split", "res", "tta") if key in meta)
+    return f"member {position} ({source})" if source else f"member {position}"
+
+
+def _sample(values: np.ndarray) -> str:
+    return ", ".join(str(value) for value in values[:_SHOWN_IDS])
+
+
+def _check_unique_ids(member: Probabilities, position: int) -> None:
+    ids = pd.Index(member.image_ids)
+    if ids.has_duplicates:
+        duplicated = ids[ids.duplicated()].unique().to_numpy()
+        raise DataError(
+            f"ensemble {_describe(member, position)}: {len(duplicated)} image ids appear twice "
+            f"(e.g. {_sample(duplicated)}); regenerate the file with `fgvc predict`"
+        )
+
+
+def _check_same_classes(reference: Probabilities, member: Probabilities, position: int) -> None:
+    if not np.array_equal(np.asarray(reference.category_ids), np.asarray(member.category_ids)):
+        raise DataError(
+            f"ensemble {_describe(member, position)}: its {len(member.category_ids)} category ids differ from "
+            f"{_describe(reference, 0)}'s {len(reference.category_ids)}; ensemble only models trained on the same "
+            "dataset and class list"
+        )
+
+
+def _rows_in_reference_order(reference: Probabilities, member: Probabilities, position: int) -> np.ndarray:
+    member_ids = pd.Index(member.image_ids)
+    rows = member_ids.get_indexer(pd.Index(reference.image_ids))
+    missing = np.asarray(reference.image_ids)[rows < 0]
+    extra = member_ids.difference(pd.Index(reference.image_ids)).to_numpy()
+    if len(missing) or len(extra):
+        raise DataError(
+            f"ensemble {_describe(member, position)}: image ids differ from {_describe(reference, 0)} "
+            f"({len(missing)} missing, e.g. [{_sample(missing)}]; {len(extra)} extra, e.g. [{_sample(extra)}]); "
+            "predict every member on the same split"
+        )
+    return rows
+
+
+def _check_same_labels(reference: Probabilities, member: Probabilities, position: int) -> None:
+    reference_labels, member_labels = np.asarray(reference.labels), np.asarray(member.labels)
+    both_known = (reference_labels != UNKNOWN_LABEL) & (member_labels != UNKNOWN_LABEL)
+    disagree = both_known & (reference_labels != member_labels)
+    if disagree.any():
+        raise DataError(
+            f"ensemble {_describe(member, position)}: labels of {int(disagree.sum())} images disagree with "
+            f"{_describe(reference, 0)} (e.g. ids [{_sample(np.asarray(member.image_ids)[disagree])}]); "
+            "the files come from different dataset versions, predict them again"
+        )
+
+
+# --------------------------------------------------------------------------------------------------- combination
+def combine(
+    probs_list: Sequence[np.ndarray], weights: Sequence[float] | None = None, method: Method = "mean"
+) -> np.ndarray:
+    """Weighted combination of aligned (N, C) probability arrays; weights are normalised to sum to 1.
+
+    ``mean`` is the weighted arithmetic mean (FixRes averages softmaxes). ``geometric`` is
+    ``exp(sum_i w_i log(p_i + eps))`` renormalised per row: a model that rules a class out vetoes it.
+    """
+    arrays = _as_stack(probs_list)
+    normalised = normalise_weights(weights, len(arrays)) if weights is not None else equal_weights(len(arrays))
+    _check_method(method)
+    accumulated = np.zeros(arrays[0].shape, dtype=np.float32)
+    for array, weight in zip(arrays, normalised, strict=True):
+        if weight:
+            accumulated += np.float32(weight) * _to_method_space(array, method)
+    return _from_method_space(accumulated, method)
+
+
+def equal_weights(n_members: int) -> np.ndarray:
+    if n_members < 1:
+        raise ValueError("an ensemble needs at least one member")
+    return np.full(n_members, 1.0 / n_members)
+
+
+def normalise_weights(weights: Sequence[float], n_members: int) -> np.ndarray:
+    """Weights as a float array summing to 1; ConfigError (a recipe mistake) when they cannot be."""
+    values = np.asarray(list(weights), dtype=np.float64)
+    if values.shape != (n_members,):
+        raise ConfigError(f"ensemble weights: {values.size} given for {n_members} members; give one per member")
+    if not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
+        raise ConfigError(
+            f"ensemble weights {values.tolist()}: weights must be finite, >= 0 and not all zero; fix the recipe"
+        )
+    return values / values.sum()
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"ensemble method {method!r} is not one of {', '.join(METHODS)}")
+
+
+def _as_stack(probs_list: Sequence[np.ndarray]) -> list[np.ndarray]:
+    arrays = [np.asarray(array) for array in probs_list]
+    if not arrays:
+        raise ValueError("an ensemble needs at least one member")
+    shapes = {array.shape for array in arrays}
+    if len(shapes) != 1 or arrays[0].ndim != 2:
+        raise ValueError(f"members must be (N, C) arrays of one shape, got {sorted(shapes)}; align() them first")
+    return arrays
+
+
+def _to_method_space(probs: np.ndarray, method: str) -> np.ndarray:
+    """The space in which the method averages: probabilities for ``mean``, log-probabilities for ``geometric``."""
+    probs = probs.astype(np.float32, copy=False)
+    return np.log(probs + np.float32(LOG_EPS)) if method == "geometric" else probs
+
+
+def _from_method_space(averaged: np.ndarray, method: str) -> np.ndarray:
+    if method == "mean":
+        return averaged
+    shifted = np.exp(averaged - averaged.max(axis=1, keepdims=True))  # shift so the exp cannot underflow to 0/0
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------------- weight search
+def hill_climb(
+    val_probs: Sequence[np.ndarray],
+    labels: np.ndarray,
+    steps: int = DEFAULT_SEARCH_STEPS,
+    method: Method = "mean",
+    start: Literal["equal", "best"] = "equal",
+) -> np.ndarray:
+    """Ensemble-selection weights (sum 1) that maximise top-1 accuracy on a labelled split, log-loss breaking ties.
+
+    Starts from one pick of every member (``equal``) or from the best single member alone (``best``), then
+    ``steps`` times adds one more pick of whichever member helps most (lowest index on exact ties), and returns the
+    best ensemble seen. The result is compared with equal weights at the end and replaced by them unless at least as
+    good, so it is never worse than equal weights on this split. With ``equal`` no member falls below
+    1 / (steps + members); ``best`` lets a useless member keep weight 0. Rows labelled -1 are ignored.
+    """
+    arrays = _as_stack(val_probs)
+    _check_method(method)
+    if start not in ("equal", "best"):
+        raise ConfigError(f"hill-climb start {start!r} is not one of equal, best")
+    arrays, labels = _labelled_rows(arrays, labels)
+    in_method_space = [_to_method_space(array, method) for array in arrays]
+
+    def score_of(summed: np.ndarray, n_picks: int) -> tuple[float, float]:
+        return _score(_from_method_space(summed / np.float32(n_picks), method), labels)
+
+    picks = _starting_picks(arrays, labels, start)
+    summed = np.zeros(arrays[0].shape, dtype=np.float32)
+    for count, member in zip(picks, in_method_space, strict=True):
+        summed += np.float32(count) * member
+    best_picks, best_score = picks.copy(), score_of(summed, int(picks.sum()))
+    for _ in range(steps):
+        trial_scores = [score_of(summed + member, int(picks.sum()) + 1) for member in in_method_space]
+        chosen = max(range(len(trial_scores)), key=lambda index: (trial_scores[index], -index))
+        picks[chosen] += 1
+        summed = summed + in_method_space[chosen]
+        if trial_scores[chosen] > best_score:
+            best_picks, best_score = picks.copy(), trial_scores[chosen]
+    searched = best_picks / best_picks.sum()
+    equal = equal_weights(len(arrays))
+    if _score(combine(arrays, searched, method), labels) >= _score(combine(arrays, equal, method), labels):
+        return searched
+    return equal
+
+
+def _labelled_rows(arrays: list[np.ndarray], labels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    labels = np.asarray(labels)
+    if labels.shape != (arrays[0].shape[0],):
+        raise ValueError(f"{arrays[0].shape[0]} rows of probabilities but labels of shape {labels.shape}")
+    known = labels != UNKNOWN_LABEL
+    if not known.any():
+        raise DataError("ensemble weight search needs labelled validation probabilities; predict the val split")
+    if known.all():
+        return arrays, labels
+    return [array[known] for array in arrays], labels[known]
+
+
+def _starting_picks(arrays: list[np.ndarray], labels: np.ndarray, start: str) -> np.ndarray:
+    if start == "equal":
+        return np.ones(len(arrays), dtype=np.int64)
+    single_scores = [_score(array.astype(np.float32, copy=False), labels) for array in arrays]
+    best = max(range(len(arrays)), key=lambda index: (single_scores[index], -index))
+    picks = np.zeros(len(arrays), dtype=np.int64)
+    picks[best] = 1
+    return picks
+
+
+def _score(combined: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Higher is better: (top-1 accuracy, minus log-loss), compared lexicographically."""
+    return topk_accuracy(combined, labels, 1), -log_loss(combined, labels)
+
+
+def resolve_weights(
+    mode: WeightMode,
+    given: Sequence[float] | None = None,
+    val_probs: Sequence[np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
+    method: Method = "mean",
+    n_members: int | None = None,
+    steps: int = DEFAULT_SEARCH_STEPS,
+    start: Literal["equal", "best"] = "equal",
+) -> np.ndarray:
+    """Member weights (sum 1) for a recipe's weight mode.
+
+    ``equal`` needs the member count (``n_members`` or ``len(val_probs)``), ``given`` the recipe's weights and
+    ``search`` the members' aligned validation probabilities with their labels (see :func:`hill_climb`).
+    """
+    if mode == "equal":
+        count = n_members if n_members is not None else len(val_probs) if val_probs is not None else None
+        if count is None:
+            raise ValueError("equal weights need n_members or val_probs")
+        return equal_weights(count)
+    if mode == "given":
+        if given is None:
+            raise ConfigError("ensemble weights mode 'given' needs a list of weights in the recipe")
+        count = n_members if n_members is not None else len(val_probs) if val_probs is not None else len(given)
+        return normalise_weights(given, count)
+    if mode == "search":
+        if val_probs is None or labels is None:
+            raise ConfigError("ensemble weights mode 'search' needs labelled validation probabilities of every member")
+        return hill_climb(val_probs, labels, steps=steps, method=method, start=start)
+    raise ConfigError(f"ensemble weights mode {mode!r} is not one of {', '.join(WEIGHT_MODES)}")

@@ -1,0 +1,92 @@
+"""Image decoding: one function for train and test, so both see exactly the same pixels.
+
+OpenCV decodes first (fast, applies EXIF orientation, drops alpha, expands grayscale, maps 16-bit to 8-bit). Pillow is
+the fallback for what OpenCV cannot read (e.g. odd files named ``.jpg``) and the judge of truncated JPEGs.
+
+Truncation policy: a JPEG whose data does not end with the end-of-image marker, or that OpenCV refuses, is kept only if
+Pillow can load it completely (trailing bytes after a complete image are harmless); otherwise it is corrupt. Older
+OpenCV builds return a half-grey image for a truncated JPEG with only a warning, so the marker check keeps the policy
+the same whichever OpenCV is installed.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from fgvc.errors import CorruptImageError, DataError
+
+_JPEG_START = b"\xff\xd8"
+_JPEG_END = b"\xff\xd9"
+_PADDING = b"\x00\r\n\t "  # bytes some writers append after the end-of-image marker
+
+# Libjpeg/libpng warnings go through OpenCV's logger; a broken file is reported by our own exception instead.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+def disable_opencv_threads() -> None:
+    """Stop OpenCV from starting its own thread pool; DataLoader workers already use every core."""
+    cv2.setNumThreads(0)
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Read an image file as a contiguous ``(H, W, 3)`` uint8 RGB array, upright per its EXIF orientation.
+
+    Raises:
+        DataError: the file does not exist or cannot be read.
+        CorruptImageError: no decoder can read the whole image.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    image = _decode_with_opencv(data)
+    if image is not None and not _looks_truncated(data):
+        return image
+    fallback = _decode_with_pillow(data)
+    if fallback is None:
+        raise CorruptImageError(
+            f"{path}: image is corrupt or truncated; re-download it or run with --skip-corrupt to skip it"
+        )
+    # OpenCV's result is complete once Pillow has read all the data; prefer it so every file goes through one decoder.
+    return image if image is not None else fallback
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found; check the dataset root or re-download the dataset") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read image file ({err.strerror or err}); check its permissions") from None
+
+
+def _decode_with_opencv(data: bytes) -> np.ndarray | None:
+    """IMREAD_COLOR gives 8-bit BGR whatever the source depth or channels; None where OpenCV cannot decode."""
+    if not data:
+        return None
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+    if bgr is None:
+        return None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _looks_truncated(data: bytes) -> bool:
+    """A JPEG that does not end with the end-of-image marker lost its tail (or carries trailing bytes)."""
+    return data.startswith(_JPEG_START) and not data.rstrip(_PADDING).endswith(_JPEG_END)
+
+
+def _decode_with_pillow(data: bytes) -> np.ndarray | None:
+    """Fully load with Pillow (truncation raises); None where Pillow cannot read every byte of the image."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            upright = ImageOps.exif_transpose(opened)
+            return np.array(upright.convert("RGB"), dtype=np.uint8)
+    except Exception:  # Pillow's decoders raise many exception types on malformed input; all mean "unreadable"
+        return None

@@ -1,0 +1,128 @@
+"""Classification metrics on arrays: top-k, mean per-class accuracy, macro F1, log-loss. No I/O.
+
+Ranking ties are broken towards the lower label index everywhere (the same rule as ``np.argmax``), and
+:func:`topk_indices` is the single ranking used by the metrics and by the Kaggle writers, so the accuracy we report
+is the accuracy of the file we submit.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, f1_score
+
+UNKNOWN_LABEL = -1
+LOG_EPS = 1e-7  # probabilities are stored as float16 (smallest subnormal ~6e-8): treat anything below as this floor
+_ROWS_PER_CHUNK = 1024  # bounds the temporary (rows, C) arrays (~80 MB at C = 10,000) when ranking large test sets
+
+
+def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """(N, min(k, C)) label indices by decreasing score; equal scores keep the lower index first.
+
+    ``np.argpartition`` finds the candidates in O(C) per row; only rows where a tie straddles the k-th place are
+    re-ranked with a full stable sort, so the result equals ``np.argsort(-scores, kind="stable")[:, :k]``.
+    """
+    scores = _as_score_matrix(scores)
+    n_rows, n_classes = scores.shape
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, n_classes)
+    chunks = [
+        _topk_rows(scores[start : start + _ROWS_PER_CHUNK], k) for start in range(0, n_rows, _ROWS_PER_CHUNK)
+    ]
+    return np.concatenate(chunks) if chunks else np.empty((0, k), dtype=np.int64)
+
+
+def _topk_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    negated = -scores.astype(np.int64) if scores.dtype.kind in "ub" else -scores  # unsigned negation would wrap
+    if k == scores.shape[1]:
+        return np.argsort(negated, axis=1, kind="stable")
+    candidates = np.argpartition(negated, k - 1, axis=1)[:, :k]
+    candidate_scores = np.take_along_axis(negated, candidates, axis=1)
+    order = np.lexsort((candidates, candidate_scores), axis=1)  # by score, then by index
+    top = np.take_along_axis(candidates, order, axis=1)
+    kth_score = candidate_scores.max(axis=1, keepdims=True)
+    straddling = (negated <= kth_score).sum(axis=1) > k  # more classes tie for the last place than fit
+    if straddling.any():
+        top[straddling] = np.argsort(negated[straddling], axis=1, kind="stable")[:, :k]
+    return top.astype(np.int64, copy=False)
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction (0-1) of rows whose label is among the k best scores; k is clipped to the number of classes.
+
+    Not ``sklearn.metrics.top_k_accuracy_score``: it breaks ties towards the *higher* index (so its top-1 disagrees
+    with ``argmax``) and treats two-column scores as a binary problem.
+    """
+    scores = _as_score_matrix(scores)
+    labels = _as_labels(labels, scores.shape)
+    if not len(labels):
+        raise ValueError("no rows to score")
+    hits = (topk_indices(scores, k) == labels[:, None]).any(axis=1)
+    return float(hits.mean())
+
+
+def mean_per_class_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the classes present in ``labels`` of each class's recall (0-1), i.e. balanced accuracy."""
+    with warnings.catch_warnings():
+        # a predicted class absent from the labels has no recall to average; sklearn warns and skips it, as we want
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(np.asarray(labels), np.asarray(pred)))
+
+
+def macro_f1(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean F1 over every class that is labelled or predicted (0-1): the Herbarium 2020-22 metric."""
+    return float(f1_score(np.asarray(labels), np.asarray(pred), average="macro", zero_division=0))
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-probability of the true label, with probabilities floored at ``LOG_EPS``.
+
+    Hand-written because it only needs the N true-label entries; ``sklearn.metrics.log_loss`` one-hot encodes the
+    labels into another (N, C) array and rejects rows that float16 storage left a little off summing to one.
+    """
+    probs = _as_score_matrix(probs)
+    labels = _as_labels(labels, probs.shape)
+    if not len(labels):
+        raise ValueError("no rows to score")
+    true_probs = probs[np.arange(len(labels)), labels].astype(np.float64)
+    return float(-np.log(np.maximum(true_probs, LOG_EPS)).mean())
+
+
+def summarize(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``top1``, ``top5``, ``mean_per_class`` and ``macro_f1`` in percent over the labelled rows (label != -1)."""
+    scores = _as_score_matrix(scores)
+    labels = np.asarray(labels)
+    if labels.shape != (scores.shape[0],):
+        raise ValueError(f"{scores.shape[0]} score rows but labels of shape {labels.shape}")
+    known = labels != UNKNOWN_LABEL
+    if not known.any():
+        raise ValueError("no labelled rows: metrics need a split with known labels (not a test split)")
+    scores, labels = scores[known], labels[known]
+    pred = topk_indices(scores, 1)[:, 0]
+    return {
+        "top1": 100.0 * topk_accuracy(scores, labels, 1),
+        "top5": 100.0 * topk_accuracy(scores, labels, 5),
+        "mean_per_class": 100.0 * mean_per_class_accuracy(pred, labels),
+        "macro_f1": 100.0 * macro_f1(pred, labels),
+    }
+
+
+def _as_score_matrix(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores)
+    if scores.ndim != 2 or scores.shape[1] == 0:
+        raise ValueError(f"scores must be an (N, C) array with C >= 1, got shape {scores.shape}")
+    return scores
+
+
+def _as_labels(labels: np.ndarray, score_shape: tuple[int, ...]) -> np.ndarray:
+    labels = np.asarray(labels)
+    n_rows, n_classes = score_shape
+    if labels.shape != (n_rows,):
+        raise ValueError(f"{n_rows} score rows but labels of shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integer label indices, got dtype {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}); drop unknown (-1) rows first")
+    return labels.astype(np.int64, copy=False)

@@ -1,0 +1,158 @@
+"""Whole-competition workflows on top of the stages: train every recipe member, then ensemble them into a CSV.
+
+Members talk to the ensemble only through probability files (:mod:`fgvc.probs`), computed on demand and cached.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fgvc.engine.stage import STAGE1, is_finished, run_stage1, run_stage2, stage2_dirname
+from fgvc.ensemble import align, combine, resolve_weights
+from fgvc.errors import ConfigError, DataError
+from fgvc.metrics import summarize
+from fgvc.predict import predict_stage
+from fgvc.probs import Probabilities
+from fgvc.recipe import Member, Recipe, load_recipe, stage_commands
+from fgvc.submission import competition_spec, validate_submission, write_submission
+
+log = logging.getLogger("fgvc")
+
+
+def member_stage_dir(member: Member) -> Path:
+    run_dir = member.config.run_dir()
+    return run_dir / (STAGE1 if member.stage == 1 else stage2_dirname(member.config.stage2.res))
+
+
+@dataclass
+class TrainOutcome:
+    member: str
+    stage: str
+    status: str  # "trained", "skipped (finished)" or "interrupted"
+    interrupted_by: int | None = None
+
+
+def train_recipe(recipe: Recipe | str | Path, force: bool = False, progress: bool = True) -> list[TrainOutcome]:
+    """Stage 1 then stage 2 for every member, skipping the stages that are already finished."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    outcomes: list[TrainOutcome] = []
+    for member in recipe.members:
+        cfg, run_dir = member.config, member.config.run_dir()
+        steps = [(STAGE1, run_dir / STAGE1)]
+        if member.stage == 2:
+            steps.append(("stage2", run_dir / stage2_dirname(cfg.stage2.res)))
+        for stage, stage_dir in steps:
+            if is_finished(stage_dir) and not force:
+                outcomes.append(TrainOutcome(member.name, stage, "skipped (finished)"))
+                log.info("%s %s: finished earlier, skipped", member.name, stage)
+                continue
+            if stage == STAGE1:
+                result = run_stage1(cfg, force=force, progress=progress)
+            else:
+                overrides = {"stage2": cfg.stage2.model_dump(mode="json"), "runtime": cfg.runtime.model_dump()}
+                result = run_stage2(run_dir, overrides, force=force, progress=progress)
+            if result.interrupted_by:
+                outcomes.append(TrainOutcome(member.name, stage, "interrupted", result.interrupted_by))
+                return outcomes
+            outcomes.append(TrainOutcome(member.name, stage, "trained"))
+    return outcomes
+
+
+def member_probabilities(member: Member, split: str, progress: bool = True) -> Probabilities:
+    """The member's (cached) probabilities on ``split``: its TTA, at its resolution(s), averaged over resolutions."""
+    stage_dir = member_stage_dir(member)
+    if not is_finished(stage_dir):
+        commands = " && ".join(stage_commands(member))
+        raise DataError(f"member {member.name}: no finished checkpoint in {stage_dir}; produce it with: {commands}")
+    tta = member.config.predict.tta
+    resolutions = member.multi_res or [member.test_res]
+    parts = [predict_stage(stage_dir, split, r, tta, progress=progress).probs for r in resolutions]
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return Probabilities(
+        probs=np.mean([p.probs for p in parts], axis=0),
+        image_ids=first.image_ids,
+        labels=first.labels,
+        category_ids=first.category_ids,
+        class_names=first.class_names,
+        meta=first.meta | {"res": "+".join(map(str, resolutions))},
+    )
+
+
+@dataclass
+class EnsembleOutcome:
+    table: pd.DataFrame  # one row per member plus the ensemble: weight and validation accuracy
+    weights: np.ndarray
+    submission: Path
+    probabilities: Probabilities  # the ensemble's test probabilities
+
+
+def ensemble_recipe(
+    recipe: Recipe | str | Path,
+    out_dir: str | Path = "submissions",
+    sample: str | Path | None = None,
+    progress: bool = True,
+) -> EnsembleOutcome:
+    """Predict missing members, weight them on the validation split, write and validate the Kaggle CSV."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    spec = competition_spec(recipe.competition)
+    ens = recipe.ensemble
+    val = align([member_probabilities(m, ens.val_split, progress) for m in recipe.members])
+    test = align([member_probabilities(m, "test", progress) for m in recipe.members])
+    labels = val[0].labels
+    labelled = bool((labels >= 0).any())
+    if ens.weights == "search" and not labelled:
+        raise ConfigError(f"{recipe.source}: ensemble.weights 'search' needs a labelled {ens.val_split} split")
+    weights = resolve_weights(
+        ens.weights,
+        given=[m.weight for m in recipe.members],
+        val_probs=[p.probs for p in val],
+        labels=labels,
+        method=ens.method,
+        n_members=len(recipe.members),
+    )
+    rows = []
+    for member, probs, weight in zip(recipe.members, val, weights, strict=True):
+        row = {"member": member.name, "stage": member.stage, "res": probs.meta.get("res"), "tta": probs.meta.get("tta")}
+        rows.append(row | {"weight": round(float(weight), 3)} | _scores(probs.probs, labels, labelled))
+    val_combined = combine([p.probs for p in val], weights, ens.method)
+    rows.append({"member": f"ensemble ({ens.method})", "stage": "", "res": "", "tta": "", "weight": 1.0}
+                | _scores(val_combined, labels, labelled))  # fmt: skip
+    table = pd.DataFrame(rows)
+
+    first = test[0]
+    combined = Probabilities(
+        probs=combine([p.probs for p in test], weights, ens.method),
+        image_ids=first.image_ids,
+        labels=first.labels,
+        category_ids=first.category_ids,
+        class_names=first.class_names,
+        meta={"recipe": recipe.source, "members": [m.name for m in recipe.members], "weights": weights.tolist()},
+    )
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(out_dir) / f"{recipe.competition}-{stamp}.csv"
+    draft = path.with_name(f".{path.name}.draft")
+    try:  # the final name appears only once the file passed every check
+        write_submission(combined, spec.name, draft, k=ens.top_k)
+        categories = combined.class_names if spec.predictions == "name" else combined.category_ids
+        validate_submission(draft, spec.name, test_ids=combined.image_ids, valid_categories=categories, sample=sample)
+        combined.save(path.with_suffix(".npz"))
+        os.replace(draft, path)
+    finally:
+        draft.unlink(missing_ok=True)
+    return EnsembleOutcome(table, weights, path, combined)
+
+
+def _scores(probs: np.ndarray, labels: np.ndarray, labelled: bool) -> dict[str, float | None]:
+    if not labelled:
+        return {"val_top1": None, "val_top5": None}
+    m = summarize(probs, labels)
+    return {"val_top1": round(m["top1"], 2), "val_top5": round(m["top5"], 2)}

@@ -1,0 +1,166 @@
+"""Test-time prediction: a trained stage -> a probability file.
+
+Each image is decoded once; its TTA views (none, flip, or the ten crops) go through the network as one batch on the
+device and their softmax outputs are averaged. Results are cached as
+``<run>/predictions/<stage>/<split>-<res>-<tta>.npz`` and reused, so ensembles and sweeps never recompute what exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fgvc.config import CONFIG_FILE, load_config
+from fgvc.engine.runtime import setup_runtime
+from fgvc.engine.stage import STAGE1, load_split, load_stage_model, make_loader, setup_logging
+from fgvc.errors import ConfigError, DataError
+from fgvc.metrics import summarize
+from fgvc.models import get_meta
+from fgvc.probs import Probabilities
+
+log = logging.getLogger("fgvc")
+TTA_CHOICES = ("none", "flip", "tencrop")
+
+
+@dataclass
+class PredictResult:
+    path: Path
+    probs: Probabilities
+    metrics: dict[str, float] | None
+    cached: bool
+
+
+def stage_dirs(run_dir: Path) -> list[Path]:
+    """Stage folders with a checkpoint: stage1 first, then stage2-<res> by resolution."""
+    found = [d for d in run_dir.glob("stage*") if (d / "last.pt").is_file() or (d / "best.pt").is_file()]
+    return sorted(found, key=lambda d: (d.name != STAGE1, int(d.name.split("-")[-1]) if "-" in d.name else 0))
+
+
+def resolve_stage(run_dir: Path, stage: int | None, res: int | None) -> Path:
+    """The stage folder meant by ``--stage`` (default: stage 2 when present) and ``--res``."""
+    dirs = stage_dirs(run_dir)
+    if not dirs:
+        raise DataError(f"{run_dir}: no trained stage; run `fgvc stage1` (and `fgvc stage2`) first")
+    stage2 = [d for d in dirs if d.name != STAGE1]
+    if stage == 1 or (stage is None and not stage2):
+        if dirs[0].name != STAGE1:
+            raise DataError(f"{run_dir}: stage 1 has no checkpoint; run `fgvc stage1` first")
+        return dirs[0]
+    if not stage2:
+        raise DataError(f"{run_dir}: no stage-2 run; run `fgvc stage2 --run {run_dir} --test-res R` first")
+    if res is not None:
+        for d in stage2:
+            if d.name == f"stage2-{res}":
+                return d
+    return stage2[-1] if res is None else min(stage2, key=lambda d: abs(int(d.name.split("-")[-1]) - res))
+
+
+def prediction_path(run_dir: Path, stage_dir: Path, split: str, res: int | str, tta: str) -> Path:
+    return run_dir / "predictions" / stage_dir.name / f"{split}-{res}-{tta}.npz"
+
+
+def predict_stage(
+    stage_dir: Path,
+    split: str,
+    res: int,
+    tta: str,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> PredictResult:
+    """Probabilities of one stage's model on one split at one resolution (cached)."""
+    if tta not in TTA_CHOICES:
+        raise ConfigError(f"unknown --tta '{tta}'; choose one of {', '.join(TTA_CHOICES)}")
+    run_dir = stage_dir.parent
+    path = prediction_path(run_dir, stage_dir, split, res, tta)
+    if path.is_file() and not force:
+        probs = Probabilities.load(path)
+        return PredictResult(path, probs, summarize(probs.probs, probs.labels) if probs.has_labels else None, True)
+
+    cfg = load_config(stage_dir / CONFIG_FILE)
+    if workers is not None:
+        cfg.data.workers = workers
+    rt = setup_runtime(cfg.runtime)
+    setup_logging(None, rt)
+    index = load_split(cfg, split)
+    model, ckpt = load_stage_model(stage_dir)
+    if ckpt["num_classes"] != index.num_classes:
+        raise DataError(f"{stage_dir}: model has {ckpt['num_classes']} classes, {split} split {index.num_classes}")
+    model.to(rt.device, memory_format=rt.memory_format)
+    meta = get_meta(model)
+    batch = batch_size or cfg.predict.batch_size
+    if tta == "tencrop":
+        batch = max(1, batch // 10)  # ten views per image go through the network together
+    kind = "tencrop" if tta == "tencrop" else "test"
+    loader, _ = make_loader(cfg, rt, index, kind, res, batch, shuffle=False, interpolation=meta.interpolation)
+    from fgvc.engine.loop import predict_probs
+
+    scores, idx = predict_probs(model, loader, rt, meta.mean, meta.std, tta=tta, desc=f"{split}@{res}/{tta}",
+                                progress=progress)  # fmt: skip
+    n_images = len(index)
+    full = np.full((n_images, index.num_classes), 1.0 / index.num_classes, dtype=np.float32)
+    full[idx] = scores
+    if len(idx) < n_images:
+        log.warning("%d unreadable images got uniform probabilities so that every id has a row", n_images - len(idx))
+    frame = index.frame
+    probs = Probabilities(
+        probs=full,
+        image_ids=frame["image_id"].to_numpy(),
+        labels=frame["label"].to_numpy(),
+        category_ids=np.asarray(ckpt["classes"]["category_ids"]),
+        class_names=np.asarray(ckpt["classes"]["names"]),
+        meta={
+            "run": str(run_dir),
+            "stage": stage_dir.name,
+            "arch": ckpt["arch"],
+            "dataset": cfg.data.dataset,
+            "split": split,
+            "res": res,
+            "tta": tta,
+        },
+    )
+    if rt.is_main:
+        probs.save(path)
+    metrics = summarize(probs.probs, probs.labels) if probs.has_labels else None
+    return PredictResult(path, probs, metrics, False)
+
+
+def predict(
+    run_dir: Path,
+    split: str = "test",
+    stage: int | None = None,
+    res: int | None = None,
+    tta: str = "tencrop",
+    multi_res: list[int] | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> PredictResult:
+    """`fgvc predict`: one stage, one split, one or several resolutions (their softmax outputs averaged)."""
+    stage_dir = resolve_stage(run_dir, stage, res if not multi_res else multi_res[0])
+    default_res = int(stage_dir.name.split("-")[-1]) if stage_dir.name != STAGE1 else load_config(
+        stage_dir / CONFIG_FILE
+    ).stage1.res
+    resolutions = multi_res or [res or default_res]
+    parts = [predict_stage(stage_dir, split, r, tta, batch_size, workers, force, progress) for r in resolutions]
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0].probs
+    averaged = Probabilities(
+        probs=np.mean([p.probs.probs for p in parts], axis=0),
+        image_ids=first.image_ids,
+        labels=first.labels,
+        category_ids=first.category_ids,
+        class_names=first.class_names,
+        meta=first.meta | {"res": "+".join(str(r) for r in resolutions)},
+    )
+    tag = "+".join(str(r) for r in resolutions)
+    path = prediction_path(run_dir, stage_dir, split, tag, tta)
+    averaged.save(path)
+    metrics = summarize(averaged.probs, averaged.labels) if averaged.has_labels else None
+    return PredictResult(path, averaged, metrics, all(p.cached for p in parts))

@@ -1,0 +1,146 @@
+"""Recipes: several run configurations (ensemble members) plus how to combine them for one competition.
+
+A recipe YAML has the keys of a :class:`fgvc.config.RunConfig` as shared defaults, plus ``competition``,
+``ensemble`` and ``members``; each member is a partial RunConfig (merged over the defaults, one level deep) with an
+optional ``weight``, ``stage`` and ``multi_res``. A plain RunConfig file (no ``members``) is a one-member recipe, so
+`fgvc stage1 --recipe recipes/cub.yaml` and `fgvc train recipes/cub.yaml` read the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fgvc.config import RunConfig, config_from_dict, merge, read_yaml
+from fgvc.errors import ConfigError
+
+RECIPE_KEYS = ("competition", "ensemble", "members")
+MEMBER_KEYS = ("weight", "stage", "multi_res")
+
+
+class EnsembleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: Literal["equal", "given", "search"] = "equal"
+    method: Literal["mean", "geometric"] = "mean"
+    val_split: str = "val"  # where member weights are searched and accuracies reported
+    top_k: int | None = None  # predictions per row; None: the competition's default
+
+
+class Member(BaseModel):
+    """One ensemble member: a resolved run config and how its predictions enter the ensemble."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: RunConfig
+    weight: float = Field(1.0, gt=0)
+    stage: Literal[1, 2] = 2
+    multi_res: list[int] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.run_name()
+
+    @property
+    def test_res(self) -> int:
+        return self.config.stage2.res if self.stage == 2 else self.config.stage1.res
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    competition: str
+    ensemble: EnsembleConfig
+    members: list[Member]
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe; errors name the file, the member and the key."""
+    values = read_yaml(path)
+    source = str(path)
+    shared = {k: v for k, v in values.items() if k not in RECIPE_KEYS}
+    members_raw = values.get("members") or [{}]
+    if not isinstance(members_raw, list):
+        raise ConfigError(f"{source}: 'members' must be a list of member configs")
+    try:
+        ensemble = EnsembleConfig.model_validate(values.get("ensemble") or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{source}: ensemble.{key}: {first['msg']}") from None
+    members = []
+    for i, raw in enumerate(members_raw):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: members[{i}] must be a mapping of config keys")
+        extras = {k: raw[k] for k in MEMBER_KEYS if k in raw}
+        run_values = merge(shared, {k: v for k, v in raw.items() if k not in MEMBER_KEYS})
+        cfg = config_from_dict(run_values, source=f"{source}: members[{i}]")
+        try:
+            members.append(Member(config=cfg, **extras))
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ConfigError(f"{source}: members[{i}].{first['loc'][0]}: {first['msg']}") from None
+    names = [m.name for m in members]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{source}: several members write to the same run folder {duplicates}; give each a 'name'")
+    competition = values.get("competition") or "generic"
+    return Recipe(source=source, competition=competition, ensemble=ensemble, members=members)
+
+
+def _flag(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value}"
+
+
+def stage_commands(member: Member) -> list[str]:
+    """The exact `fgvc stage1` / `fgvc stage2` commands that produce this member's checkpoints."""
+    cfg, default = member.config, RunConfig()
+    s1 = cfg.stage1
+    parts = ["fgvc stage1", f"--dataset {cfg.data.dataset}", f"--arch {cfg.model.arch}", f"--res {s1.res}"]
+    if cfg.data.root:
+        parts.append(f"--data-root {cfg.data.root}")
+    if cfg.model.weights != default.model.weights:
+        parts.append(f"--weights {cfg.model.weights or 'none'}")
+    for key in ("epochs", "batch_size", "lr", "opt", "sched", "warmup_epochs", "label_smoothing", "grad_accum"):
+        value = getattr(s1, key)
+        if value != getattr(default.stage1, key):
+            parts.append(_flag(key.replace("_", "-"), value))
+    if cfg.name:
+        parts.append(f"--name {cfg.name}")
+    if cfg.out != default.out:
+        parts.append(f"--out {cfg.out}")
+    commands = [" ".join(parts)]
+    if member.stage == 2:
+        s2 = cfg.stage2
+        parts = ["fgvc stage2", f"--run {cfg.run_dir()}", f"--test-res {s2.res}", f"--tune {s2.tune}"]
+        parts.append(f"--da {s2.augment}")
+        for key in ("epochs", "lr", "batch_size"):
+            value = getattr(s2, key)
+            if value != getattr(default.stage2, key):
+                parts.append(_flag(key.replace("_", "-"), value))
+        commands.append(" ".join(parts))
+    return commands
+
+
+def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> RunConfig:
+    """Config for one run: a RunConfig file or a one-member recipe, with CLI overrides (unset flags are None)."""
+    values: dict[str, Any] = {}
+    if recipe:
+        raw = read_yaml(recipe)
+        if any(k in raw for k in RECIPE_KEYS):
+            members = load_recipe(recipe).members
+            if len(members) != 1:
+                raise ConfigError(
+                    f"{recipe} defines {len(members)} members; train them all with `fgvc train {recipe}`, or copy "
+                    "one member into its own file"
+                )
+            values = members[0].config.model_dump(mode="json")
+        else:
+            values = raw
+    flat = {k: v for k, v in overrides.items() if v is not None}
+    return config_from_dict(merge(values, flat), source=str(recipe) if recipe else "command line")

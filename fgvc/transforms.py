@@ -1,0 +1,183 @@
+"""Train and test augmentations (albumentations on RGB uint8 arrays), returning uint8 CHW tensors.
+
+Normalisation is left to the device (:func:`fgvc.data.normalize_on_device`): uint8 batches are 4x smaller to move and
+the mean/std depend on the model, not on the data.
+
+Kinds:
+    train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip + colour jitter 0.3 (the FixRes stage 1).
+    test: resize the shorter side to ``floor(res / crop_pct)``, centre crop ``res`` (FixRes "test DA").
+    test2: test + horizontal flip + colour jitter 0.05 + a random horizontal shift of the crop (FixRes "test DA2").
+    tencrop: test resize, then 4 corners + centre, each also flipped, stacked as ``(10, 3, res, res)``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.augmentations.crops.transforms import BaseCrop
+from albumentations.pytorch import ToTensorV2
+
+from fgvc.errors import ConfigError
+
+TRANSFORM_KINDS = ("train", "test", "test2", "tencrop")
+INTERPOLATIONS = {
+    "bicubic": cv2.INTER_CUBIC,
+    "bilinear": cv2.INTER_LINEAR,
+    "area": cv2.INTER_AREA,
+    "nearest": cv2.INTER_NEAREST,
+}
+TRAIN_JITTER = 0.3
+TEST2_JITTER = 0.05
+
+ImageTransformFn = Callable[[np.ndarray], torch.Tensor]
+
+
+def test_resize_size(res: int, crop_pct: float) -> int:
+    """Shorter side before the centre crop: ``floor(res / crop_pct)`` (256 for a 224 crop at 0.875), never below res."""
+    if not 0 < crop_pct <= 1:
+        raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}; fix crop_pct in the recipe")
+    return max(res, math.floor(res / crop_pct))
+
+
+class HorizontalShiftCrop(BaseCrop):
+    """Square crop of ``size`` centred vertically, at a uniformly random horizontal offset.
+
+    FixRes test DA2 shifts the test crop sideways only; ``A.RandomCrop`` would also shift it vertically.
+    """
+
+    def __init__(self, size: int, p: float = 1.0):
+        super().__init__(p=p)
+        self.size = size
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        if height < self.size or width < self.size:
+            raise ValueError(
+                f"HorizontalShiftCrop({self.size}) needs an image at least that large, got {height}x{width}"
+            )
+        y_min = (height - self.size) // 2  # the same centre as A.CenterCrop
+        x_min = self.py_random.randint(0, width - self.size)
+        return {"crop_coords": (x_min, y_min, x_min + self.size, y_min + self.size)}
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size",)
+
+
+class AlbumentationsTransform:
+    """An albumentations pipeline as a plain ``image -> tensor`` callable that DataLoader workers can pickle."""
+
+    def __init__(self, pipeline: A.Compose):
+        self.pipeline = pipeline
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.pipeline(image=image)["image"]
+
+    def reseed(self, seed: int) -> None:
+        """Give the pipeline a fresh random stream (forked DataLoader workers otherwise share one)."""
+        _reseed(self.pipeline, seed)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pipeline!r})"
+
+
+class TenCrop:
+    """Test resize, then the 4 corner and centre crops and their mirror images, as one ``(10, 3, res, res)`` tensor.
+
+    The order matches torchvision's ``TenCrop``: tl, tr, bl, br, centre, then the same five flipped. The centre is the
+    one ``test`` uses (``A.CenterCrop`` rounds the offset down), so the centre view equals the single-crop input.
+    """
+
+    def __init__(self, res: int, resize: A.Compose):
+        self.res = res
+        self.resize = resize
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        resized = self.resize(image=image)["image"]
+        height, width = resized.shape[:2]
+        r = self.res
+        top, left = (height - r) // 2, (width - r) // 2
+        corners = [(0, 0), (0, width - r), (height - r, 0), (height - r, width - r), (top, left)]
+        views = np.stack([resized[y : y + r, x : x + r] for y, x in corners])
+        views = np.concatenate([views, views[:, :, ::-1]])
+        return torch.from_numpy(np.ascontiguousarray(views.transpose(0, 3, 1, 2)))
+
+    def reseed(self, seed: int) -> None:
+        """Deterministic; present so every transform answers the same calls."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(res={self.res}, resize={self.resize!r})"
+
+
+def build_transform(
+    kind: str,
+    res: int,
+    crop_pct: float = 0.875,
+    interpolation: str = "bicubic",
+    seed: int | None = None,
+) -> ImageTransformFn:
+    """Build the ``kind`` transform at resolution ``res``: an RGB uint8 ``(H, W, 3)`` array -> uint8 tensor.
+
+    Args:
+        kind: one of :data:`TRANSFORM_KINDS`.
+        res: output side in pixels.
+        crop_pct: test crop side / resized shorter side (ignored by ``train``).
+        interpolation: one of :data:`INTERPOLATIONS`.
+        seed: seeds the random stream (None: a fresh one); DataLoader workers reseed it per worker anyway.
+
+    Returns:
+        A picklable callable giving ``(3, res, res)``, or ``(10, 3, res, res)`` for ``tencrop``.
+    """
+    if kind not in TRANSFORM_KINDS:
+        raise ConfigError(f"unknown transform '{kind}'; choose one of {', '.join(TRANSFORM_KINDS)}")
+    if res < 1:
+        raise ConfigError(f"resolution must be a positive number of pixels, got {res}; fix the recipe")
+    flag = _interpolation_flag(interpolation)
+    if kind == "train":
+        steps = _train_steps(res, flag)
+    else:
+        steps = [A.SmallestMaxSize(max_size=test_resize_size(res, crop_pct), interpolation=flag)]
+        if kind == "tencrop":
+            return TenCrop(res, A.Compose(steps))
+        steps += _test2_steps(res) if kind == "test2" else [A.CenterCrop(height=res, width=res)]
+    pipeline = A.Compose([*steps, ToTensorV2()])
+    if seed is not None:
+        _reseed(pipeline, seed)
+    return AlbumentationsTransform(pipeline)
+
+
+def _train_steps(res: int, flag: int) -> list[A.BasicTransform]:
+    return [
+        A.RandomResizedCrop(size=(res, res), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=flag),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=TRAIN_JITTER, contrast=TRAIN_JITTER, saturation=TRAIN_JITTER, hue=0.0, p=1.0),
+    ]
+
+
+def _test2_steps(res: int) -> list[A.BasicTransform]:
+    return [
+        HorizontalShiftCrop(res),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=TEST2_JITTER, contrast=TEST2_JITTER, saturation=TEST2_JITTER, hue=0.0, p=1.0),
+    ]
+
+
+def _interpolation_flag(name: str) -> int:
+    if name not in INTERPOLATIONS:
+        raise ConfigError(f"unknown interpolation '{name}'; choose one of {', '.join(INTERPOLATIONS)}")
+    return INTERPOLATIONS[name]
+
+
+def _reseed(pipeline: A.Compose, seed: int) -> None:
+    """One shared stream for the whole pipeline.
+
+    ``Compose.set_random_seed`` would give every step its own copy of the same seed, so e.g. the flip and the crop
+    would draw identical numbers; sharing one generator keeps the steps independent.
+    """
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))

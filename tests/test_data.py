@@ -1,0 +1,298 @@
+"""Dataset + loader over real JPEGs on disk, skipping corrupt files, and the on-device normalisation."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+from fgvc.data import ImageDataset, build_loader, collate_skip_none, normalize_on_device, set_epoch
+from fgvc.errors import ConfigError, CorruptImageError
+from fgvc.transforms import build_transform
+
+RES = 16
+COLOURS = [(200, 20, 20), (20, 200, 20), (20, 20, 200), (200, 200, 20), (20, 200, 200), (200, 20, 200), (90, 90, 90)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def image_frame(tmp_path: Path) -> pd.DataFrame:
+    """Seven flat-colour JPEGs (24x32); label = colour index % 3."""
+    paths = []
+    for i, colour in enumerate(COLOURS):
+        path = tmp_path / f"img_{i}.jpg"
+        Image.new("RGB", (32, 24), colour).save(path, "JPEG", quality=95)
+        paths.append(str(path))
+    return pd.DataFrame({"path": paths, "label": [i % 3 for i in range(len(paths))], "image_id": range(len(paths))})
+
+
+def with_corrupt_file(frame: pd.DataFrame, tmp_path: Path) -> tuple[pd.DataFrame, int]:
+    """Append a JPEG cut in half; return the frame and the corrupt row."""
+    data = Path(frame["path"][0]).read_bytes()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(data[: len(data) // 2])
+    row = len(frame)
+    extra = pd.DataFrame({"path": [str(broken)], "label": [1], "image_id": [row]})
+    return pd.concat([frame, extra], ignore_index=True), row
+
+
+def collect(loader) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
+    images, labels, rows = [], [], []
+    for batch_images, batch_labels, batch_rows in loader:
+        assert batch_images.dtype == torch.uint8
+        assert batch_labels.dtype == torch.int64 and batch_rows.dtype == torch.int64
+        images.append(batch_images)
+        labels.append(batch_labels.numpy())
+        rows.append(batch_rows.numpy())
+    return images, np.concatenate(labels), np.concatenate(rows)
+
+
+def test_item_is_image_label_row(image_frame: pd.DataFrame) -> None:
+    dataset = ImageDataset(image_frame, build_transform("test", RES))
+    image, label, row = dataset[4]
+    assert len(dataset) == 7
+    assert image.shape == (3, RES, RES) and image.dtype == torch.uint8
+    assert (label, row) == (1, 4)
+    assert isinstance(label, int)
+    assert np.abs(image[:, 8, 8].numpy().astype(int) - np.array(COLOURS[4])).max() <= 8
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_covers_every_row_once(image_frame: pd.DataFrame, workers: int) -> None:
+    loader = build_loader(ImageDataset(image_frame, build_transform("test", RES)), 3, shuffle=True, workers=workers)
+    images, labels, rows = collect(loader)
+    assert [tuple(batch.shape) for batch in images] == [(3, 3, RES, RES), (3, 3, RES, RES), (1, 3, RES, RES)]
+    assert sorted(rows) == list(range(7))
+    np.testing.assert_array_equal(labels, image_frame["label"].to_numpy()[rows])
+    centres = torch.cat(images)[:, :, 8, 8].numpy().astype(int)
+    assert np.abs(centres - np.array(COLOURS)[rows]).max() <= 8  # each image travels with its own row
+
+
+def test_tencrop_batches_are_5d(image_frame: pd.DataFrame) -> None:
+    loader = build_loader(ImageDataset(image_frame, build_transform("tencrop", RES)), 4, shuffle=False, workers=0)
+    images, _, rows = collect(loader)
+    assert [tuple(batch.shape) for batch in images] == [(4, 10, 3, RES, RES), (3, 10, 3, RES, RES)]
+    assert list(rows) == list(range(7))
+
+
+def test_drop_last_drops_the_short_batch(image_frame: pd.DataFrame) -> None:
+    dataset = ImageDataset(image_frame, build_transform("test", RES))
+    _, _, rows = collect(build_loader(dataset, 3, shuffle=False, workers=0, drop_last=True))
+    assert list(rows) == list(range(6))
+
+
+def test_shuffle_order_follows_the_seed(image_frame: pd.DataFrame) -> None:
+    dataset = ImageDataset(image_frame, build_transform("test", RES))
+
+    def order(seed: int) -> list[int]:
+        return list(collect(build_loader(dataset, 7, shuffle=True, workers=0, seed=seed))[2])
+
+    assert order(3) == order(3)
+    assert order(3) != order(4)
+    assert list(collect(build_loader(dataset, 7, shuffle=False, workers=0))[2]) == list(range(7))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_corrupt_drops_the_file_and_the_count_shows(
+    image_frame: pd.DataFrame, tmp_path: Path, workers: int
+) -> None:
+    frame, bad_row = with_corrupt_file(image_frame, tmp_path)
+    dataset = ImageDataset(frame, build_transform("test", RES), skip_corrupt=True)
+    assert dataset[bad_row] is None
+    _, _, rows = collect(build_loader(dataset, 4, shuffle=False, workers=workers))
+    assert len(dataset) - len(rows) == 1
+    assert sorted(rows) == list(range(7))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_file_error_names_it(image_frame: pd.DataFrame, tmp_path: Path, workers: int) -> None:
+    frame, _ = with_corrupt_file(image_frame, tmp_path)
+    loader = build_loader(ImageDataset(frame, build_transform("test", RES)), 4, shuffle=False, workers=workers)
+    try:
+        collect(loader)
+    except CorruptImageError as err:
+        message = str(err)
+        # torch re-raises a worker's error from a frame that the traceback keeps alive, so the loader would only be
+        # freed by the cyclic GC, whose shutdown waits 5 s per worker; dropping the traceback frees it at once.
+        err.__traceback__ = None
+    else:
+        pytest.fail("a corrupt image without skip_corrupt must raise")
+    assert "broken.jpg" in message
+
+
+def test_collate_of_only_unreadable_items_is_empty() -> None:
+    images, labels, rows = collate_skip_none([None, None])
+    assert images.numel() == labels.numel() == rows.numel() == 0
+    assert (images.dtype, labels.dtype, rows.dtype) == (torch.uint8, torch.int64, torch.int64)
+
+
+def test_collate_keeps_the_readable_items() -> None:
+    first = (torch.zeros(3, 2, 2, dtype=torch.uint8), 5, 0)
+    third = (torch.ones(3, 2, 2, dtype=torch.uint8), 7, 2)
+    images, labels, rows = collate_skip_none([first, None, third])
+    assert images.shape == (2, 3, 2, 2)
+    assert labels.tolist() == [5, 7] and rows.tolist() == [0, 2]
+
+
+def noise_frame(tmp_path: Path, rows: int) -> pd.DataFrame:
+    """One noisy JPEG repeated: every difference between items then comes from the augmentation."""
+    path = tmp_path / "noise.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    return pd.DataFrame({"path": [str(path)] * rows, "label": [0] * rows})
+
+
+def test_workers_augment_differently_and_reproducibly(tmp_path: Path) -> None:
+    """Forked workers inherit one albumentations state; without per-worker reseeding they would augment alike."""
+    dataset = ImageDataset(noise_frame(tmp_path, 4), build_transform("train", RES))
+
+    def run() -> torch.Tensor:
+        return torch.cat(collect(build_loader(dataset, 1, shuffle=False, workers=2, seed=11))[0])
+
+    first = run()
+    assert not torch.equal(first[0], first[1])  # rows 0 and 1 come from different workers
+    assert torch.equal(first, run())
+
+
+def test_sample_seed_key_fixes_the_augmentation(tmp_path: Path) -> None:
+    dataset = ImageDataset(noise_frame(tmp_path, 3), build_transform("train", RES))
+    image, _, row = dataset[(2, 42)]
+    assert row == 2
+    assert torch.equal(dataset[(2, 42)][0], image)
+    assert torch.equal(dataset[(0, 42)][0], image)  # the seed alone decides the augmentation
+    assert not torch.equal(dataset[(2, 43)][0], image)
+
+
+class PairSampler:
+    """A minimal seeded sampler: fixed ``(row, seed)`` pairs per epoch, recording the epochs it was told."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        return iter([(row, 1000 + 7 * row) for row in reversed(range(self.rows))])
+
+    def __len__(self) -> int:
+        return self.rows
+
+
+def test_seeded_sampler_batches_do_not_depend_on_workers(tmp_path: Path) -> None:
+    dataset = ImageDataset(noise_frame(tmp_path, 5), build_transform("train", RES))
+    runs = {}
+    for workers in (0, 2):
+        images, _, rows = collect(build_loader(dataset, 2, workers=workers, sampler=PairSampler(5)))
+        assert list(rows) == [4, 3, 2, 1, 0]
+        runs[workers] = torch.cat(images)
+    assert torch.equal(runs[0], runs[2])
+    assert not torch.equal(runs[0][0], runs[0][1])
+
+
+def test_set_epoch_reaches_a_callers_sampler(image_frame: pd.DataFrame) -> None:
+    sampler = PairSampler(len(image_frame))
+    loader = build_loader(ImageDataset(image_frame, build_transform("test", RES)), 2, sampler=sampler)
+    set_epoch(loader, 4)
+    assert sampler.epochs == [4]
+
+
+def test_callers_sampler_excludes_shuffle(image_frame: pd.DataFrame) -> None:
+    dataset = ImageDataset(image_frame, build_transform("test", RES))
+    with pytest.raises(ValueError, match="sampler"):
+        build_loader(dataset, 2, shuffle=True, sampler=PairSampler(len(image_frame)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def process_group() -> Iterator[None]:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_distributed_loader_uses_a_distributed_sampler(image_frame: pd.DataFrame, process_group: None) -> None:
+    dataset = ImageDataset(image_frame, build_transform("test", RES))
+    loader = build_loader(dataset, 7, shuffle=True, workers=0, distributed=True, seed=5)
+    assert isinstance(loader.sampler, DistributedSampler)
+    assert (loader.sampler.seed, loader.sampler.shuffle) == (5, True)
+    orders = []
+    for epoch in (0, 1, 0):
+        set_epoch(loader, epoch)
+        assert loader.sampler.epoch == epoch
+        rows = collect(loader)[2]
+        assert sorted(rows) == list(range(7))
+        orders.append(list(rows))
+    assert orders[0] == orders[2]
+    assert orders[0] != orders[1]
+
+
+def test_distributed_without_process_group_is_an_error(image_frame: pd.DataFrame) -> None:
+    dataset = ImageDataset(image_frame, build_transform("test", RES))
+    with pytest.raises(ConfigError, match="torchrun"):
+        build_loader(dataset, 2, shuffle=True, workers=0, distributed=True)
+
+
+def test_set_epoch_ignores_plain_loaders(image_frame: pd.DataFrame) -> None:
+    loader = build_loader(ImageDataset(image_frame, build_transform("test", RES)), 2, shuffle=True, workers=0)
+    set_epoch(loader, 3)
+    assert not isinstance(loader.sampler, DistributedSampler)
+
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def expected_normalised(images: torch.Tensor, mean=MEAN, std=STD) -> np.ndarray:
+    """The same formula in float64 numpy, channel axis third from the end."""
+    x = images.numpy().astype(np.float64) / 255.0
+    shape = (3, 1, 1)
+    return (x - np.array(mean).reshape(shape)) / np.array(std).reshape(shape)
+
+
+def test_normalize_4d_matches_numpy() -> None:
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    out = normalize_on_device(images, MEAN, STD, "cpu")
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(out.numpy(), expected_normalised(images), rtol=0, atol=1e-5)
+
+
+def test_normalize_5d_keeps_views_and_flattens_to_channels_last() -> None:
+    images = torch.randint(0, 256, (2, 10, 3, 4, 6), dtype=torch.uint8)
+    out = normalize_on_device(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "cpu")
+    assert out.shape == images.shape
+    assert out.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    expected = expected_normalised(images, (0.5,) * 3, (0.5,) * 3)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_normalize_without_channels_last_and_in_bfloat16() -> None:
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    out = normalize_on_device(images, MEAN, STD, torch.device("cpu"), channels_last=False, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous()
+    np.testing.assert_allclose(out.float().numpy(), expected_normalised(images), rtol=1e-2, atol=1e-2)
+
+
+def test_normalize_rejects_a_batch_without_three_channels() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        normalize_on_device(torch.zeros(2, 4, 3, 3, dtype=torch.uint8), MEAN, STD, "cpu")

@@ -1,0 +1,403 @@
+"""Dataset readers: every official layout in tests/dataset_fixtures.py reads back as the fixture's own ground truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+from dataset_fixtures import (
+    Truth,
+    write_birdsnap,
+    write_cars,
+    write_csv,
+    write_cub,
+    write_flowers,
+    write_folder,
+    write_herbarium2019,
+    write_herbarium2022,
+    write_herbarium_coco,
+    write_inat,
+    write_nabirds,
+    write_pets,
+)
+
+from fgvc.datasets import DATASETS, get_spec, list_datasets, load_index, resolve_root
+from fgvc.errors import ConfigError, DataError, LayoutError
+
+CASES = {
+    "cub": ("cub", write_cub),
+    "nabirds": ("nabirds", write_nabirds),
+    "cars-devkit": ("cars", write_cars),
+    "cars-devkit-inner": ("cars", partial(write_cars, variant="devkit_inner")),
+    "cars-no-test-labels": ("cars", partial(write_cars, variant="no_test_labels")),
+    "cars-kaggle": ("cars", partial(write_cars, variant="kaggle")),
+    "cars-all-in-one": ("cars", partial(write_cars, variant="all_in_one")),
+    "flowers": ("flowers", write_flowers),
+    "pets": ("pets", write_pets),
+    "birdsnap": ("birdsnap", write_birdsnap),
+    "inat2017": ("inat2017", partial(write_inat, year=2017)),
+    "inat2018": ("inat2018", partial(write_inat, year=2018)),
+    "inat2019": ("inat2019", partial(write_inat, year=2019)),
+    "inat2021": ("inat2021", partial(write_inat, year=2021)),
+    "herbarium2019": ("herbarium2019", write_herbarium2019),
+    "herbarium2019-small": ("herbarium2019", partial(write_herbarium2019, small=True)),
+    "herbarium2020": ("herbarium2020", partial(write_herbarium_coco, year=2020)),
+    "herbarium2021": ("herbarium2021", partial(write_herbarium_coco, year=2021)),
+    "herbarium2022": ("herbarium2022", write_herbarium2022),
+    "folder": ("folder", write_folder),
+    "folder-no-splits": ("folder", partial(write_folder, with_splits=False)),
+    "csv": ("csv", write_csv),
+}
+EXPECTED_NAMES = [
+    "cub",
+    "nabirds",
+    "cars",
+    "flowers",
+    "pets",
+    "birdsnap",
+    "inat2017",
+    "inat2018",
+    "inat2019",
+    "inat2021",
+    "herbarium2019",
+    "herbarium2020",
+    "herbarium2021",
+    "herbarium2022",
+    "folder",
+    "csv",
+    "demo",
+]
+
+
+def assert_split(table: pd.DataFrame | None, truth: Truth, split: str) -> None:
+    assert table is not None, f"{split} split missing"
+    assert list(table.columns[:3]) == ["path", "label", "image_id"]
+    assert table["label"].dtype == np.int64
+    assert table["image_id"].tolist() == truth.ids(split)
+    assert table["label"].tolist() == truth.labels(split)
+    assert table["path"].tolist() == truth.paths(split)
+    assert all(os.path.isabs(path) and os.path.isfile(path) for path in table["path"])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reader_returns_the_fixture_ground_truth(case: str, tmp_path: Path) -> None:
+    name, write = CASES[case]
+    truth = write(tmp_path)
+    official = DATASETS[name].reader(truth.root)
+    assert_split(official.train, truth, "train")
+    assert_split(official.test, truth, "test")
+    if "val" in truth.splits:
+        assert_split(official.val, truth, "val")
+    else:
+        assert official.val is None
+    assert official.class_names == truth.class_names
+    assert official.category_ids == truth.category_ids
+    for expected in truth.notes:
+        assert any(expected in note for note in official.notes), (expected, official.notes)
+
+
+def test_registry_has_exactly_the_documented_names() -> None:
+    assert sorted(DATASETS) == sorted(EXPECTED_NAMES)
+    assert all(spec.name == name and spec.layout.strip() for name, spec in DATASETS.items())
+
+
+def test_get_spec_unknown_name_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as caught:
+        get_spec("cub2011")
+    message = str(caught.value)
+    assert "cub2011" in message and "\n" not in message
+    assert all(name in message for name in EXPECTED_NAMES)
+
+
+def test_list_datasets_shows_official_counts() -> None:
+    table = list_datasets()
+    assert table["name"].tolist() == list(DATASETS)
+    cub = table.set_index("name").loc["cub"]
+    assert (cub["classes"], cub["train"], cub["test"]) == (200, 5994, 5794)
+    assert pd.isna(cub["val"])
+    flowers = table.set_index("name").loc["flowers"]
+    assert (flowers["train"], flowers["val"], flowers["test"]) == (1020, 1020, 6149)
+
+
+# --- family-specific quirks ----------------------------------------------------------------------------------------
+
+
+def test_cub_root_may_be_the_extracted_folder_or_its_parent(tmp_path: Path) -> None:
+    truth = write_cub(tmp_path)
+    inner = DATASETS["cub"].reader(tmp_path / "CUB_200_2011")
+    assert_split(inner.train, truth, "train")
+    assert inner.category_ids == [1, 2, 3, 10]
+
+
+def test_cub_boxes_become_corner_columns(tmp_path: Path) -> None:
+    truth = write_cub(tmp_path)
+    test = DATASETS["cub"].reader(tmp_path).test
+    first = test[test["image_id"] == 1].iloc[0]
+    assert tuple(first[["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]]) == truth.extra["first_test_box"]
+
+
+def test_nabirds_keeps_uuid_ids_and_names_with_spaces(tmp_path: Path) -> None:
+    write_nabirds(tmp_path)
+    official = DATASETS["nabirds"].reader(tmp_path)
+    assert official.category_ids == [37, 295, 313, 817]  # leaves only; internal nodes 0, 1, 22 are not classes
+    assert official.class_names[2] == "Mallard (Breeding male)"
+    first = official.train["image_id"].iloc[0]
+    assert isinstance(first, str) and first.count("-") == 4
+    assert first.replace("-", "") in official.train["path"].iloc[0]
+
+
+def test_cars_boxes_and_unlabelled_test_file(tmp_path: Path) -> None:
+    truth = write_cars(tmp_path, variant="no_test_labels")
+    official = DATASETS["cars"].reader(tmp_path)
+    first = official.train.iloc[0]
+    assert tuple(first[["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]]) == truth.extra["first_train_box"]
+    assert (official.test["label"] == -1).all()
+
+
+def test_herbarium2019_orders_folders_numerically(tmp_path: Path) -> None:
+    write_herbarium2019(tmp_path)
+    official = DATASETS["herbarium2019"].reader(tmp_path)
+    # ImageFolder's lexicographic order would be 0, 1, 10, 11, 2, ...
+    assert official.class_names[:4] == ["0", "1", "2", "3"]
+    in_folder_10 = official.train[official.train["path"].str.contains(f"{os.sep}10{os.sep}")]
+    assert set(in_folder_10["label"]) == {10}
+    # 00000.jpg exists in every category folder, yet the train ids stay unique
+    assert official.train["image_id"].is_unique
+    assert official.test["image_id"].tolist() == ["00000.jpg", "00001.jpg", "00002.jpg"]
+
+
+def test_herbarium2020_reads_latin1_metadata(tmp_path: Path) -> None:
+    write_herbarium_coco(tmp_path, 2020)
+    raw = (tmp_path / "nybg2020" / "train" / "metadata.json").read_bytes()
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")
+    assert DATASETS["herbarium2020"].reader(tmp_path).class_names[-1] == "Solanum peñae"
+
+
+def test_inat2021_falls_back_to_train_mini_with_a_note(tmp_path: Path) -> None:
+    truth = write_inat(tmp_path, 2021)
+    (tmp_path / "train.json").rename(tmp_path / "train_mini.json")
+    official = DATASETS["inat2021"].reader(tmp_path)
+    assert_split(official.train, truth, "train")
+    assert any("train_mini.json" in note for note in official.notes)
+
+
+def test_inat_without_test_json_gives_an_empty_test_split(tmp_path: Path) -> None:
+    write_inat(tmp_path, 2019)
+    (tmp_path / "test2019.json").unlink()
+    official = DATASETS["inat2019"].reader(tmp_path)
+    assert len(official.test) == 0
+    assert any("test2019.json" in note for note in official.notes)
+
+
+def test_csv_labels_may_be_integers_in_numeric_order(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text("path,label\na.jpg,10\nb.jpg,9\nc.jpg,10\n")
+    official = DATASETS["csv"].reader(tmp_path)
+    assert official.category_ids == [9, 10]
+    assert official.train["label"].tolist() == [1, 0, 1]
+    assert official.train["image_id"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+# --- load_index: hold-out, train_on_all, root resolution ----------------------------------------------------------
+
+
+def test_holdout_is_deterministic_disjoint_and_stratified(tmp_path: Path) -> None:
+    truth = write_cub(tmp_path, per_class=10)  # 5 train images per class, 4 classes
+    load = partial(load_index, "cub", root=tmp_path, val_fraction=0.2)
+    train, val = load("train"), load("val")
+    assert load("val").frame.equals(val.frame)
+    assert set(train.frame["image_id"]).isdisjoint(val.frame["image_id"])
+    assert sorted([*train.frame["image_id"], *val.frame["image_id"]]) == sorted(truth.ids("train"))
+    assert len(val) == 4  # 20 * 0.2
+    assert Counter(val.frame["label"]) == {0: 1, 1: 1, 2: 1, 3: 1}  # stratified: one per class
+    assert load("val", seed=1).frame["image_id"].tolist() != val.frame["image_id"].tolist()
+    assert load("test").frame["image_id"].tolist() == truth.ids("test")
+    assert val.class_names == truth.class_names and val.category_ids == truth.category_ids
+    assert (val.name, val.split) == ("cub", "val")
+
+
+def test_train_on_all_adds_the_holdout_back(tmp_path: Path) -> None:
+    truth = write_cub(tmp_path, per_class=10)
+    everything = load_index("cub", "train", root=tmp_path, val_fraction=0.2, train_on_all=True)
+    assert sorted(everything.frame["image_id"]) == sorted(truth.ids("train"))
+    assert len(load_index("cub", "val", root=tmp_path, val_fraction=0.2, train_on_all=True)) == 4
+
+
+def test_official_val_is_used_and_train_on_all_merges_it(tmp_path: Path) -> None:
+    truth = write_flowers(tmp_path)
+    assert load_index("flowers", "val", root=tmp_path).frame["image_id"].tolist() == truth.ids("val")
+    merged = load_index("flowers", "train", root=tmp_path, train_on_all=True).frame["image_id"].tolist()
+    assert merged == truth.ids("train") + truth.ids("val")
+
+
+def test_root_comes_from_fgvc_data_then_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FGVC_DATA", str(tmp_path / "data"))
+    truth = write_cub(tmp_path / "data" / "cub")
+    assert load_index("cub", "test").frame["image_id"].tolist() == truth.ids("test")
+    monkeypatch.delenv("FGVC_DATA")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_root("pets") == tmp_path / "datasets" / "pets"
+    truth = write_pets(tmp_path / "datasets" / "pets")
+    assert load_index("pets", "test").frame["path"].tolist() == truth.paths("test")
+    assert resolve_root("pets", "elsewhere") == tmp_path / "elsewhere"
+
+
+def test_demo_is_generated_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+
+    def ensure_demo(root: Path, seed: int = 0) -> Path:
+        calls.append(Path(root))
+        write_cub(Path(root))
+        return Path(root) / "CUB_200_2011"
+
+    monkeypatch.setitem(sys.modules, "fgvc.demo_data", types.SimpleNamespace(ensure_demo=ensure_demo))
+    first = load_index("demo", "test", root=tmp_path / "demo")
+    second = load_index("demo", "test", root=tmp_path / "demo")
+    assert calls == [tmp_path / "demo"]
+    assert first.frame.equals(second.frame) and first.name == "demo"
+
+
+# --- errors: one line, naming the file and the fix ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [name for name in EXPECTED_NAMES if name != "demo"])
+def test_wrong_layout_raises_a_one_line_layout_error(name: str, tmp_path: Path) -> None:
+    (tmp_path / "something_else.txt").write_text("not a dataset\n")
+    with pytest.raises(LayoutError) as caught:
+        DATASETS[name].reader(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(tmp_path) in message and f"datasets/{name}/README.md" in message
+
+
+def test_layout_error_names_the_first_missing_file(tmp_path: Path) -> None:
+    write_cub(tmp_path)
+    (tmp_path / "CUB_200_2011" / "train_test_split.txt").unlink()
+    with pytest.raises(LayoutError, match=r"CUB_200_2011: train_test_split.txt not found"):
+        DATASETS["cub"].reader(tmp_path)
+
+
+def test_cars_layout_error_when_images_are_missing(tmp_path: Path) -> None:
+    write_cars(tmp_path)
+    (tmp_path / "cars_test").rename(tmp_path / "test_images")
+    with pytest.raises(LayoutError, match="cars_test/ not found"):
+        DATASETS["cars"].reader(tmp_path)
+
+
+def _break_line(path: Path, number: int, text: str) -> None:
+    lines = path.read_text().splitlines()
+    lines[number - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _one_line_data_error(name: str, root: Path, *fragments: str) -> None:
+    with pytest.raises(DataError) as caught:
+        DATASETS[name].reader(root)
+    message = str(caught.value)
+    assert not isinstance(caught.value, LayoutError)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_malformed_text_line_names_file_and_line(tmp_path: Path) -> None:
+    write_cub(tmp_path)
+    _break_line(tmp_path / "CUB_200_2011" / "image_class_labels.txt", 3, "3 three")
+    _one_line_data_error("cub", tmp_path, "image_class_labels.txt:3", "'3 three'")
+
+
+def test_image_without_label_line_is_a_data_error(tmp_path: Path) -> None:
+    write_cub(tmp_path)
+    labels = tmp_path / "CUB_200_2011" / "image_class_labels.txt"
+    labels.write_text("".join(labels.read_text().splitlines(keepends=True)[:-1]))
+    _one_line_data_error("cub", tmp_path, "image_class_labels.txt", "no line for image_id 16")
+
+
+def test_broken_json_names_file_line_and_column(tmp_path: Path) -> None:
+    write_inat(tmp_path, 2019)
+    (tmp_path / "val2019.json").write_text('{"images": [\n  {"id": 1,, }\n]}')
+    _one_line_data_error("inat2019", tmp_path, "val2019.json:2:")
+
+
+def test_json_with_the_wrong_keys_is_a_data_error(tmp_path: Path) -> None:
+    write_herbarium2022(tmp_path)
+    data = json.loads((tmp_path / "train_metadata.json").read_text())
+    for image in data["images"]:
+        image["id"] = image.pop("image_id")  # 2020-style keys in a 2022 file
+    (tmp_path / "train_metadata.json").write_text(json.dumps(data))
+    _one_line_data_error("herbarium2022", tmp_path, "train_metadata.json", "'image_id'")
+
+
+def test_mat_with_the_wrong_variables_is_a_data_error(tmp_path: Path) -> None:
+    write_cars(tmp_path)
+    scipy.io.savemat(tmp_path / "devkit" / "cars_meta.mat", {"names": np.zeros((1, 3))})
+    _one_line_data_error("cars", tmp_path, "cars_meta.mat", "'class_names'", "names")
+
+
+def test_unreadable_mat_is_a_data_error(tmp_path: Path) -> None:
+    write_flowers(tmp_path)
+    (tmp_path / "setid.mat").write_bytes(b"this is not a MATLAB file at all" * 8)
+    _one_line_data_error("flowers", tmp_path, "setid.mat")
+
+
+def test_flowers_index_outside_the_labels_is_a_data_error(tmp_path: Path) -> None:
+    write_flowers(tmp_path)
+    scipy.io.savemat(
+        tmp_path / "setid.mat",
+        {
+            "trnid": np.array([[1, 99]], np.uint16),
+            "valid": np.array([[2]], np.uint16),
+            "tstid": np.array([[3]], np.uint16),
+        },
+    )
+    _one_line_data_error("flowers", tmp_path, "setid.mat", "trnid", "99")
+
+
+def test_cars_class_outside_the_meta_is_a_data_error(tmp_path: Path) -> None:
+    write_cars(tmp_path)
+    scipy.io.savemat(tmp_path / "devkit" / "cars_meta.mat", {"class_names": np.array([["only one"]], dtype=object)})
+    _one_line_data_error("cars", tmp_path, "cars_train_annos.mat", "outside 1..1")
+
+
+def test_birdsnap_bad_number_names_the_line(tmp_path: Path) -> None:
+    write_birdsnap(tmp_path)
+    images = tmp_path / "birdsnap" / "images.txt"
+    lines = images.read_text().splitlines()
+    fields = lines[2].split("\t")
+    fields[3] = "two"
+    lines[2] = "\t".join(fields)
+    images.write_text("\n".join(lines) + "\n")
+    _one_line_data_error("birdsnap", tmp_path, "images.txt:3", "species_id", "'two'")
+
+
+def test_herbarium2019_non_numeric_folder_is_a_data_error(tmp_path: Path) -> None:
+    write_herbarium2019(tmp_path, num_classes=3)
+    (tmp_path / "train" / "misc").mkdir()
+    _one_line_data_error("herbarium2019", tmp_path, "misc", "integers")
+
+
+def test_csv_label_unknown_to_train_names_the_line(tmp_path: Path) -> None:
+    write_csv(tmp_path)
+    (tmp_path / "val.csv").write_text("path,label\nimgs/e.jpg,Finch\nimgs/f.jpg,Robin\n")
+    _one_line_data_error("csv", tmp_path, "val.csv:3", "'Robin'")
+
+
+def test_csv_without_label_column_is_a_data_error(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text("file,class\na.jpg,x\n")
+    _one_line_data_error("csv", tmp_path, "train.csv", "'path'")
+
+
+def test_folder_class_unknown_to_train_is_a_data_error(tmp_path: Path) -> None:
+    write_folder(tmp_path)
+    (tmp_path / "val" / "owl").mkdir()
+    (tmp_path / "val" / "owl" / "x.jpg").write_bytes((tmp_path / "val" / "crane" / "v.jpg").read_bytes())
+    _one_line_data_error("folder", tmp_path, "owl")

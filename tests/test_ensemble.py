@@ -1,0 +1,231 @@
+"""Ensemble math: hand-computed combinations, alignment by image id, weight search never worse than equal weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fgvc.ensemble import align, combine, hill_climb, resolve_weights
+from fgvc.errors import ConfigError, DataError
+from fgvc.probs import Probabilities
+
+
+def make_member(ids: list, probs: list, labels: list | None = None, categories=(3, 17, 42), **meta) -> Probabilities:
+    probs_array = np.asarray(probs, dtype=np.float32)
+    return Probabilities(
+        probs=probs_array,
+        image_ids=np.asarray(ids),
+        labels=np.asarray(labels if labels is not None else [-1] * len(ids), dtype=np.int64),
+        category_ids=np.asarray(categories),
+        class_names=np.asarray([f"class {c}" for c in categories]),
+        meta=dict(meta),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- combine
+def test_mean_by_hand() -> None:
+    first = np.array([[0.6, 0.4], [0.1, 0.9]])
+    second = np.array([[0.2, 0.8], [0.3, 0.7]])
+    np.testing.assert_allclose(combine([first, second]), [[0.4, 0.6], [0.2, 0.8]], rtol=1e-6)
+    np.testing.assert_allclose(combine([first, second], [3, 1]), [[0.5, 0.5], [0.15, 0.85]], rtol=1e-6)
+
+
+def test_ensemble_labels_by_hand() -> None:
+    members = [
+        np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.4, 0.4, 0.2]]),
+        np.array([[0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.1, 0.8, 0.1]]),
+        np.array([[0.1, 0.5, 0.4], [0.6, 0.2, 0.2], [0.7, 0.1, 0.2]]),
+    ]
+    # sums per class: row 0 (0.7, 1.4, 0.9) -> 1; row 1 (1.0, 0.7, 1.3) -> 2; row 2 (1.2, 1.3, 0.5) -> 1
+    assert combine(members).argmax(axis=1).tolist() == [1, 2, 1]
+    # weights (1, 0, 0) keep the first member alone: row 2 ties 0.4/0.4 and goes to the lower index
+    assert combine(members, [1, 0, 0]).argmax(axis=1).tolist() == [0, 2, 0]
+    # weights (0, 1, 3): row 0 (0.4, 2.1, 1.5) -> 1; row 1 (2.1, 0.9, 1.0) -> 0; row 2 (2.2, 1.1, 0.7) -> 0
+    assert combine(members, [0, 1, 3]).argmax(axis=1).tolist() == [1, 0, 0]
+
+
+def test_geometric_and_arithmetic_mean_disagree_where_one_member_vetoes() -> None:
+    confident = np.array([[0.799, 0.2, 0.001]])
+    vetoing = np.array([[0.001, 0.5, 0.499]])
+    arithmetic = combine([confident, vetoing], method="mean")
+    geometric = combine([confident, vetoing], method="geometric")
+    np.testing.assert_allclose(arithmetic, [[0.4, 0.35, 0.25]], rtol=1e-6)
+    unnormalised = np.sqrt([0.799 * 0.001, 0.2 * 0.5, 0.001 * 0.499])
+    np.testing.assert_allclose(geometric, [unnormalised / unnormalised.sum()], rtol=1e-3)
+    assert arithmetic.argmax() == 0 and geometric.argmax() == 1
+
+
+def test_weighted_geometric_mean_by_hand() -> None:
+    first = np.array([[0.2, 0.8]])
+    second = np.array([[0.6, 0.4]])
+    weighted = combine([first, second], [1, 3], method="geometric")
+    unnormalised = np.array([0.2**0.25 * 0.6**0.75, 0.8**0.25 * 0.4**0.75])
+    np.testing.assert_allclose(weighted, [unnormalised / unnormalised.sum()], rtol=1e-4)
+    assert weighted.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")]])
+def test_bad_weights_are_a_config_error(weights: list[float]) -> None:
+    with pytest.raises(ConfigError):
+        combine([np.eye(2), np.eye(2)], weights)
+
+
+def test_unknown_method_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="geometric"):
+        combine([np.eye(2)], method="median")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------- align
+def test_align_reorders_rows_by_image_id() -> None:
+    first = make_member([10, 20, 30], [[1, 0, 0], [0, 1, 0], [0, 0, 1]], labels=[0, 1, 2])
+    second = make_member([30, 10, 20], [[0.1, 0.1, 0.8], [0.7, 0.2, 0.1], [0.2, 0.6, 0.2]], labels=[2, 0, 1])
+    aligned = align([first, second])
+    assert aligned[1].image_ids.tolist() == [10, 20, 30]
+    assert aligned[1].labels.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(aligned[1].probs, [[0.7, 0.2, 0.1], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
+    assert second.image_ids.tolist() == [30, 10, 20]  # the input is left alone
+
+
+def test_align_works_with_string_ids() -> None:
+    first = make_member(["00002.jpg", "00001.jpg"], [[1, 0, 0], [0, 1, 0]])
+    second = make_member(["00001.jpg", "00002.jpg"], [[0, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(align([first, second])[1].probs, first.probs)
+
+
+def test_align_rejects_different_id_sets_naming_the_file() -> None:
+    first = make_member([10, 20, 30], np.eye(3), path="runs/a/test.npz")
+    second = make_member([10, 20, 40], np.eye(3), path="runs/b/test.npz")
+    with pytest.raises(DataError) as caught:
+        align([first, second])
+    message = str(caught.value)
+    assert "runs/b/test.npz" in message and "1 missing" in message and "30" in message and "40" in message
+    assert "\n" not in message
+
+
+def test_align_rejects_a_subset_of_ids() -> None:
+    first = make_member([10, 20, 30], np.eye(3))
+    second = make_member([10, 20], np.eye(3)[:2], run="b", split="test")
+    with pytest.raises(DataError, match="run=b"):
+        align([first, second])
+
+
+def test_align_rejects_different_category_ids() -> None:
+    first = make_member([1, 2], np.eye(3)[:2])
+    second = make_member([1, 2], np.eye(3)[:2], categories=(3, 17, 43), path="runs/c/test.npz")
+    with pytest.raises(DataError, match=r"runs/c/test\.npz.*category ids"):
+        align([first, second])
+
+
+def test_align_rejects_duplicate_ids() -> None:
+    first = make_member([1, 2], np.eye(3)[:2])
+    second = make_member([1, 1], np.eye(3)[:2])
+    with pytest.raises(DataError, match="appear twice"):
+        align([first, second])
+
+
+def test_align_rejects_disagreeing_labels() -> None:
+    first = make_member([1, 2], np.eye(3)[:2], labels=[0, 1])
+    second = make_member([2, 1], np.eye(3)[:2], labels=[2, 0])
+    with pytest.raises(DataError, match="labels of 1 images disagree"):
+        align([first, second])
+
+
+# --------------------------------------------------------------------------------------------------- weight search
+def split_score(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(top-1 accuracy, minus log-loss), computed here independently of fgvc.metrics."""
+    top1 = float((probs.argmax(axis=1) == labels).mean())
+    nll = float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-7)).mean())
+    return top1, -nll
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def members_with_noise(seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """A good member, a mediocre one and pure noise, on 300 images of 10 classes."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=300)
+    onehot = np.eye(10)[labels]
+    good = softmax(3.0 * onehot + rng.normal(size=(300, 10)))
+    mediocre = softmax(1.0 * onehot + rng.normal(size=(300, 10)))
+    noise = rng.dirichlet(np.ones(10), size=300)
+    return [good, mediocre, noise], labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("method", ["mean", "geometric"])
+@pytest.mark.parametrize("start", ["equal", "best"])
+def test_hill_climb_is_never_worse_than_equal_weights(seed: int, method: str, start: str) -> None:
+    members, labels = members_with_noise(seed)
+    weights = hill_climb(members, labels, steps=20, method=method, start=start)
+    assert weights.shape == (3,) and (weights >= 0).all() and weights.sum() == pytest.approx(1.0)
+    searched = split_score(combine(members, weights, method), labels)
+    equal = split_score(combine(members, None, method), labels)
+    assert searched >= equal
+    assert weights[0] > weights[2]  # the good member outweighs pure noise
+
+
+def test_hill_climb_is_deterministic() -> None:
+    members, labels = members_with_noise(7)
+    np.testing.assert_array_equal(hill_climb(members, labels, steps=15), hill_climb(members, labels, steps=15))
+
+
+def test_hill_climb_picks_the_right_member_by_hand() -> None:
+    right = np.array([[0.9, 0.1], [0.1, 0.9]])
+    wrong = np.array([[0.1, 0.9], [0.9, 0.1]])
+    labels = np.array([0, 1])
+    # equal weights tie every row at 0.5 (50 % top-1); each pick of `right` then lowers the log-loss at 100 % top-1,
+    # while a pick of `wrong` would raise it, so 50 steps add `right` 50 times to the starting (1, 1)
+    np.testing.assert_allclose(hill_climb([right, wrong], labels, steps=50), [51 / 52, 1 / 52])
+
+
+def test_hill_climb_falls_back_to_equal_weights() -> None:
+    # every member is wrong on a different image; their equal mean is right on all three, the best single is not
+    labels = np.array([0, 0, 0])
+    members = [np.where(np.arange(3)[:, None] == wrong_row, [0.4, 0.6], [0.6, 0.4]) for wrong_row in range(3)]
+    np.testing.assert_allclose(hill_climb(members, labels, steps=0, start="best"), [1 / 3, 1 / 3, 1 / 3])
+
+
+def test_hill_climb_ignores_unlabelled_rows() -> None:
+    members, labels = members_with_noise(5)
+    with_unknown = [np.vstack([member, np.full((4, 10), 0.1)]) for member in members]
+    unknown_labels = np.concatenate([labels, [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(
+        hill_climb(with_unknown, unknown_labels, steps=10), hill_climb(members, labels, steps=10)
+    )
+
+
+def test_hill_climb_needs_labels() -> None:
+    with pytest.raises(DataError, match="labelled"):
+        hill_climb([np.eye(2)], np.array([-1, -1]))
+
+
+# --------------------------------------------------------------------------------------------------- resolve_weights
+def test_resolve_equal_and_given_weights() -> None:
+    np.testing.assert_allclose(resolve_weights("equal", n_members=4), [0.25] * 4)
+    np.testing.assert_allclose(resolve_weights("given", [2, 1, 1]), [0.5, 0.25, 0.25])
+    with pytest.raises(ConfigError, match="2 given for 3 members"):
+        resolve_weights("given", [1, 1], n_members=3)
+    with pytest.raises(ConfigError):
+        resolve_weights("given", None, n_members=3)
+
+
+def test_resolve_search_weights() -> None:
+    members, labels = members_with_noise(3)
+    searched = resolve_weights("search", None, members, labels, method="mean", steps=10)
+    np.testing.assert_array_equal(searched, hill_climb(members, labels, steps=10, method="mean"))
+    with pytest.raises(ConfigError, match="labelled validation"):
+        resolve_weights("search", None, members, None)
+
+
+def test_resolve_unknown_mode() -> None:
+    with pytest.raises(ConfigError, match="equal, given, search"):
+        resolve_weights("best", n_members=2)  # type: ignore[arg-type]
+
+
+def test_single_member_gets_all_the_weight() -> None:
+    assert math.isclose(float(resolve_weights("equal", n_members=1)[0]), 1.0)
