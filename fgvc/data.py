@@ -189,3 +189,21 @@ def _scaled_stats(
     shift = torch.tensor(mean, dtype=torch.float32, device=device).mul_(255).view(3, 1, 1)
     scale = torch.tensor(std, dtype=torch.float32, device=device).mul_(255).view(3, 1, 1)
     return shift, scale
+
+
+class OnDeviceNormalize:
+    """``loader batch -> normalised float batch on the device``: what the loops call on every batch.
+
+    The loops receive this object instead of mean/std so that another batch preparer (e.g. JPEG decoding and
+    augmentation on the GPU) can replace it without touching them.
+    """
+
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], device: torch.device | str, channels_last: bool = True
+    ) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_on_device(images, self.mean, self.std, self.device, self.channels_last)

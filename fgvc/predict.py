@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fgvc.config import CONFIG_FILE, load_config
+from fgvc.data import OnDeviceNormalize
 from fgvc.engine.runtime import setup_runtime
 from fgvc.engine.stage import STAGE1, load_split, load_stage_model, make_loader, setup_logging
 from fgvc.errors import ConfigError, DataError
@@ -99,8 +100,8 @@ def predict_stage(
     loader, _ = make_loader(cfg, rt, index, kind, res, batch, shuffle=False, interpolation=meta.interpolation)
     from fgvc.engine.loop import predict_probs
 
-    scores, idx = predict_probs(model, loader, rt, meta.mean, meta.std, tta=tta, desc=f"{split}@{res}/{tta}",
-                                progress=progress)  # fmt: skip
+    prepare = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
+    scores, idx = predict_probs(model, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
     n_images = len(index)
     full = np.full((n_images, index.num_classes), 1.0 / index.num_classes, dtype=np.float32)
     full[idx] = scores
@@ -108,7 +109,7 @@ def predict_stage(
         log.warning("%d unreadable images got uniform probabilities so that every id has a row", n_images - len(idx))
     frame = index.frame
     probs = Probabilities(
-        probs=full,
+        probs=full.astype(np.float16).astype(np.float32),  # exactly what the file holds, so reruns agree with it
         image_ids=frame["image_id"].to_numpy(),
         labels=frame["label"].to_numpy(),
         category_ids=np.asarray(ckpt["classes"]["category_ids"]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
@@ -20,7 +20,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fgvc.data import normalize_on_device
 from fgvc.engine.runtime import Runtime, gather_objects
 
 
@@ -77,8 +76,7 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     scaler: torch.amp.GradScaler | None,
     rt: Runtime,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
+    prepare: Callable[[torch.Tensor], torch.Tensor],
     criterion: nn.Module,
     grad_accum: int = 1,
     stop: StopFlag | None = None,
@@ -88,6 +86,8 @@ def train_one_epoch(
     progress: bool = True,
 ) -> EpochStats:
     """One pass over ``loader``; with ``optimizer=None`` only forward passes run (BN statistics re-estimation).
+
+    ``prepare`` turns a loader batch into the normalised device tensor (see :class:`fgvc.data.OnDeviceNormalize`).
 
     Stops early, at an optimiser-step boundary, when ``stop`` is set; ``micro_steps`` then says where to resume.
     """
@@ -101,7 +101,7 @@ def train_one_epoch(
         if len(labels) == 0:
             micro += 1
             continue
-        x = normalize_on_device(images, mean, std, rt.device, channels_last=rt.channels_last)
+        x = prepare(images)
         y = labels.to(rt.device, non_blocking=True)
         boundary = (i + 1) % grad_accum == 0 or i + 1 == steps_in_loader
         if optimizer is None:
@@ -163,8 +163,7 @@ def predict_probs(
     model: nn.Module,
     loader: DataLoader,
     rt: Runtime,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
+    prepare: Callable[[torch.Tensor], torch.Tensor],
     tta: str = "none",
     desc: str = "eval",
     progress: bool = True,
@@ -181,7 +180,7 @@ def predict_probs(
     for images, _labels, idx in bar:
         if len(idx) == 0:
             continue
-        x = normalize_on_device(images, mean, std, rt.device, channels_last=rt.channels_last and images.dim() == 4)
+        x = prepare(images)
         with rt.autocast():
             probs = _views_probs(model, x, tta, rt.channels_last)
         chunks.append(probs.cpu().numpy())

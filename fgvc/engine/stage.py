@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fgvc.config import CONFIG_FILE, RunConfig, StageConfig, load_config, save_config
-from fgvc.data import ImageDataset, build_loader
+from fgvc.data import ImageDataset, OnDeviceNormalize, build_loader
 from fgvc.datasets import load_index
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import (
@@ -131,7 +131,8 @@ def evaluate(
     """Top-1 / top-5 / mean per-class accuracy on ``index`` with the test augmentation at ``res``."""
     meta = get_meta(model)
     loader, _ = make_loader(cfg, rt, index, "test", res, batch_size, shuffle=False, interpolation=meta.interpolation)
-    probs, idx = predict_probs(model, loader, rt, meta.mean, meta.std, desc=f"val@{res}", progress=progress)
+    prepare = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
+    probs, idx = predict_probs(model, loader, rt, prepare, desc=f"val@{res}", progress=progress)
     labels = index.frame["label"].to_numpy()[idx]
     return summarize(probs, labels)
 
@@ -333,6 +334,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "stage": stage,
         }
 
+    prepare = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
     result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before)
     for epoch in range(start_epoch, stage_cfg.epochs):
         micro = start_micro if epoch == start_epoch else 0
@@ -340,7 +342,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         set_train_mode(model, stage_cfg.tune)
         bn_reset = _prepare_bnstats(model, stage_cfg.tune)
         stats = train_one_epoch(
-            net, train_loader, optimizer, scheduler, scaler, rt, meta.mean, meta.std, criterion,
+            net, train_loader, optimizer, scheduler, scaler, rt, prepare, criterion,
             grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro,
             batch_size=stage_cfg.batch_size, desc=f"{stage} {epoch + 1}/{stage_cfg.epochs}", progress=progress,
         )  # fmt: skip

@@ -1,0 +1,39 @@
+"""Shared fixtures: a small procedural dataset in CUB format and a factory of tiny run configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fgvc.config import RunConfig
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 classes x 12 images of the procedural demo data, written in CUB-200-2011's format."""
+    from fgvc.demo_data import generate_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo(root, seed=3, num_classes=4, images_per_class=12, test_fraction=0.34)
+    return root
+
+
+def tiny_config(data_root: Path, out: Path, **sections: dict) -> RunConfig:
+    """A run of the tiny timm test ResNet at small resolutions, deterministic, no workers."""
+    values: dict = {
+        "out": str(out),
+        "data": {"dataset": "demo", "root": str(data_root), "workers": 0, "val_fraction": 0.2},
+        "model": {"arch": "timm:test_resnet", "weights": None},
+        "stage1": {"res": 32, "epochs": 1, "batch_size": 8, "lr": 0.05},
+        "stage2": {"res": 48, "epochs": 1, "batch_size": 8, "lr": 0.05, "augment": "test", "tune": "bn+fc"},
+        "predict": {"batch_size": 8},
+        "runtime": {"deterministic": True, "seed": 0},
+    }
+    for key, update in sections.items():
+        values[key] = {**values.get(key, {}), **update} if isinstance(update, dict) else update
+    return RunConfig.model_validate(values)

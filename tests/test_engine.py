@@ -1,0 +1,213 @@
+"""Training engine: stage 1 learns, stage 2 touches only what its policy tunes, runs resume exactly, DDP works."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_config
+from fgvc.config import CONFIG_FILE, load_config
+from fgvc.engine.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from fgvc.engine.stage import FINISHED, run_stage1, run_stage2
+from fgvc.errors import ConfigError, RunExistsError, WeightsError
+from fgvc.models import get_meta
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fgvc(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fgvc", *args], cwd=kwargs.get("cwd", REPO), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = tiny_config(tiny_demo_root, tmp_path_factory.mktemp("runs"), stage1={"epochs": 2})
+    result = run_stage1(cfg, progress=False)
+    assert result.interrupted_by is None
+    return cfg.run_dir()
+
+
+def test_stage1_writes_the_run_folder(stage1_run: Path) -> None:
+    for name in (CONFIG_FILE, f"stage1/{CONFIG_FILE}", "stage1/last.pt", "stage1/best.pt", "stage1/metrics.csv",
+                 "stage1/curves.png", "stage1/train.log", f"stage1/{FINISHED}"):  # fmt: skip
+        assert (stage1_run / name).is_file(), name
+    history = pd.read_csv(stage1_run / "stage1" / "metrics.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert {"train_loss", "lr", "img_per_s", "val_top1", "val_top5", "val_mean_per_class"} <= set(history.columns)
+    cfg = load_config(stage1_run / CONFIG_FILE)
+    assert cfg.stage1.epochs == 2 and cfg.model.arch == "timm:test_resnet"
+
+
+def test_finished_run_is_not_overwritten_without_force(stage1_run: Path) -> None:
+    cfg = load_config(stage1_run / CONFIG_FILE)
+    before = (stage1_run / "stage1" / LAST).stat().st_mtime_ns
+    with pytest.raises(RunExistsError, match="--force"):
+        run_stage1(cfg, progress=False)
+    assert (stage1_run / "stage1" / LAST).stat().st_mtime_ns == before
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+POLICY_TUNED = {
+    # policy: (parameters that must change, buffers that must change) as predicates on the module names of the meta
+    "fc": ("classifier", None),
+    "bn+fc": ("classifier+bn", "bn"),
+    "bnstats+fc": ("classifier", "bn"),
+    "stage+bn+fc": ("stage+classifier+bn", "stage"),
+    "bnstats": (None, "bn"),
+}
+
+
+@pytest.mark.parametrize("tune", list(POLICY_TUNED))
+def test_stage2_changes_exactly_what_the_policy_tunes(stage1_run: Path, tune: str) -> None:
+    result = run_stage2(stage1_run, {"stage2.tune": tune, "stage2.res": 40 + 8 * list(POLICY_TUNED).index(tune)},
+                        progress=False)  # fmt: skip
+    before = _state(stage1_run / "stage1" / BEST)
+    after = _state(result.stage_dir / LAST)
+    from fgvc.models import create_model
+
+    meta = get_meta(create_model("timm:test_resnet", 4, None))
+    params_rule, buffers_rule = POLICY_TUNED[tune]
+
+    def tuned(name: str, rule: str | None) -> bool:
+        if rule is None:
+            return False
+        prefixes = {"classifier": [meta.classifier], "bn": [meta.last_bn], "stage": list(meta.last_stage)}
+        wanted = [p for part in rule.split("+") for p in prefixes[part]]
+        return any(name == p or name.startswith(p + ".") for p in wanted)
+
+    param_names = {n for n, _ in create_model("timm:test_resnet", 4, None).named_parameters()}
+    changed_any = False
+    for name, value in before.items():
+        same = torch.equal(value, after[name])
+        is_param = name in param_names
+        rule = params_rule if is_param else buffers_rule
+        if name.endswith("num_batches_tracked"):
+            continue
+        if tuned(name, rule):
+            changed_any = changed_any or not same
+            if is_param or name.endswith(("running_mean", "running_var")):
+                assert not same, f"{tune}: {name} should have been tuned"
+        else:
+            assert same, f"{tune}: {name} changed but is outside the tuned set"
+    assert changed_any
+    assert result.before is not None and result.final is not None
+
+
+def test_stage2_requires_a_finished_stage1(tiny_demo_root: Path, tmp_path: Path) -> None:
+    from fgvc.config import save_config
+    from fgvc.errors import DataError
+
+    with pytest.raises(DataError, match="no config.yaml"):
+        run_stage2(tmp_path / "nope", {"stage2.res": 48}, progress=False)
+    cfg = tiny_config(tiny_demo_root, tmp_path)
+    save_config(cfg, cfg.run_dir() / CONFIG_FILE)
+    save_checkpoint(cfg.run_dir() / "stage1" / LAST, {"epoch": 0})  # stopped before the end: no finished marker
+    with pytest.raises(DataError, match="stage 1 is not finished"):
+        run_stage2(cfg.run_dir(), {"stage2.res": 48}, progress=False)
+
+
+def test_resume_with_other_settings_is_refused(tiny_demo_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_demo_root, tmp_path, stage1={"epochs": 1})
+    state_dir = cfg.run_dir() / "stage1"
+    state_dir.mkdir(parents=True)
+    save_checkpoint(state_dir / LAST, {"config": cfg.model_dump(mode="json") | {"stage1": {"lr": 1.0}}})
+    with pytest.raises(ConfigError, match="stage1.lr"):
+        run_stage1(cfg, progress=False)
+
+
+def test_checkpoint_write_crash_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / LAST
+    save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+
+    def crashing_save(obj, fh, *args, **kwargs):
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == [LAST]  # no temp file left behind
+
+
+def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / LAST
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match=str(path)):
+        load_checkpoint(path)
+
+
+def _stage1_args(data_root: Path, out: Path, name: str) -> list[str]:
+    return ["stage1", "--dataset", "demo", "--data-root", str(data_root), "--arch", "timm:test_resnet",
+            "--weights", "none", "--res", "32", "--epochs", "3", "--batch-size", "2", "--lr", "0.02",
+            "--workers", "0", "--deterministic", "--out", str(out), "--name", name, "--device", "cpu"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_demo_root: Path, tmp_path: Path) -> None:
+    straight = _fgvc(*_stage1_args(tiny_demo_root, tmp_path, "straight"))
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+
+    interrupted = _fgvc(*_stage1_args(tiny_demo_root, tmp_path, "resumed"))
+    log_file = tmp_path / "resumed" / "stage1" / "train.log"
+    deadline = time.time() + 300
+    while not (log_file.is_file() and "stage1 resumed" in log_file.read_text()):
+        assert time.time() < deadline and interrupted.poll() is None
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside the first of three epochs
+    interrupted.send_signal(signal.SIGTERM)
+    out, _ = interrupted.communicate(timeout=300)
+    assert interrupted.returncode == 128 + signal.SIGTERM, out
+    state = load_checkpoint(tmp_path / "resumed" / "stage1" / LAST)
+    assert not state["finished"] and (state["epoch"], state["micro_step"]) != (0, 0)
+
+    resumed = _fgvc(*_stage1_args(tiny_demo_root, tmp_path, "resumed"))
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resuming" in out
+    a = _state(tmp_path / "straight" / "stage1" / LAST)
+    b = _state(tmp_path / "resumed" / "stage1" / LAST)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_two_process_ddp_writes_the_same_artefacts(tiny_demo_root: Path, tmp_path: Path) -> None:
+    args = ["stage1", "--dataset", "demo", "--data-root", str(tiny_demo_root), "--arch", "timm:test_resnet",
+            "--weights", "none", "--res", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+            "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    single = _fgvc(*args, "--name", "single")
+    out, _ = single.communicate(timeout=600)
+    assert single.returncode == 0, out
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fgvc", *args,
+         "--name", "ddp"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
+    assert files(tmp_path / "ddp") == files(tmp_path / "single")
+    ddp_state = load_checkpoint(tmp_path / "ddp" / "stage1" / LAST)
+    assert ddp_state["finished"] and ddp_state["epoch"] == 1
+    history = pd.read_csv(tmp_path / "ddp" / "stage1" / "metrics.csv")
+    assert not math.isnan(history["val_top1"].iloc[0])
+    assert "x2" in (tmp_path / "ddp" / "stage1" / "train.log").read_text()  # world size 2 really ran

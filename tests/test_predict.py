@@ -1,0 +1,209 @@
+"""Predict (TTA, caching, probability files), sweep, suggest-res and recipe-driven ensembles on fixture runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_config
+from dataset_fixtures import write_herbarium2019, write_inat
+from fgvc.engine.stage import run_stage1, run_stage2
+from fgvc.engine.sweep import apparent_size_factor, suggest_test_res, sweep
+from fgvc.io import decode_image
+from fgvc.pipeline import ensemble_recipe, train_recipe
+from fgvc.predict import predict, predict_stage
+from fgvc.probs import Probabilities
+from fgvc.recipe import load_recipe
+from fgvc.submission import validate_submission
+
+
+def _folder_dataset(root: Path) -> Path:
+    """Generic folder layout with 64x96 / 96x64 images: with res 28 and crop_pct 0.875 the resize is exact (32)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 3)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                shape = (64, 96, 3) if i % 2 == 0 else (96, 64, 3)
+                image = rng.integers(0, 256, shape, dtype=np.uint8)
+                image = cv2.GaussianBlur(image, (5, 5), 0)
+                path = root / split / cls / f"{cls}{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(path), image)
+    return root
+
+
+def test_tencrop_equals_the_mean_of_ten_hand_made_views(tmp_path: Path) -> None:
+    data = _folder_dataset(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", data={"dataset": "folder", "root": str(data), "val_fraction": 0.0},
+                      stage1={"epochs": 0, "res": 28})  # fmt: skip
+    cfg.model.arch = "timm:test_resnet"
+    run_stage1(cfg, progress=False)  # zero epochs: the random-init model, saved like a trained one
+    stage_dir = cfg.run_dir() / "stage1"
+    result = predict_stage(stage_dir, "test", 28, "tencrop", progress=False)
+
+    from fgvc.engine.stage import load_stage_model
+    from fgvc.models import get_meta
+
+    model, _ = load_stage_model(stage_dir)
+    model.eval()
+    meta = get_meta(model)
+    mean, std = np.array(meta.mean, np.float32), np.array(meta.std, np.float32)
+    frame = pd.DataFrame({"path": result.probs.image_ids})
+    for row, image_id in enumerate(frame["path"]):
+        image = decode_image(data / image_id)
+        h, w = image.shape[:2]
+        size = (48, 32) if w > h else (32, 48)  # (width, height) with the shorter side 32 = floor(28 / 0.875)
+        resized = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
+        rh, rw = resized.shape[:2]
+        tops = [(0, 0), (0, rw - 28), (rh - 28, 0), (rh - 28, rw - 28), ((rh - 28) // 2, (rw - 28) // 2)]
+        views = [resized[y : y + 28, x : x + 28] for y, x in tops]
+        views += [v[:, ::-1] for v in views]
+        probs = []
+        for view in views:
+            x = (view.astype(np.float32) / 255 - mean) / std
+            with torch.no_grad():
+                logits = model(torch.from_numpy(x.transpose(2, 0, 1).copy())[None])
+            probs.append(torch.softmax(logits, 1)[0].numpy())
+        expected = np.mean(probs, axis=0)
+        np.testing.assert_allclose(result.probs.probs[row], expected, atol=2e-3)  # stored as float16
+    assert result.path.name == "test-28-tencrop.npz" and result.path.parent.name == "stage1"
+    again = predict_stage(stage_dir, "test", 28, "tencrop", progress=False)
+    assert again.cached and np.array_equal(again.probs.probs, result.probs.probs)
+
+
+@pytest.fixture(scope="module")
+def adapted_run(tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = tiny_config(tiny_demo_root, tmp_path_factory.mktemp("runs"))
+    run_stage1(cfg, progress=False)
+    run_stage2(cfg.run_dir(), {"stage2.res": 48}, progress=False)
+    return cfg.run_dir()
+
+
+def test_predict_writes_a_probability_file_with_ids_and_labels(adapted_run: Path) -> None:
+    result = predict(adapted_run, split="test", tta="flip", progress=False)
+    assert result.path == adapted_run / "predictions" / "stage2-48" / "test-48-flip.npz"
+    probs = Probabilities.load(result.path)
+    assert probs.probs.shape == (len(probs.image_ids), 4)
+    np.testing.assert_allclose(probs.probs.sum(1), 1.0, atol=5e-3)
+    assert probs.has_labels and result.metrics is not None and 0 <= result.metrics["top1"] <= 100
+    assert probs.meta["tta"] == "flip" and probs.meta["stage"] == "stage2-48"
+    assert list(probs.category_ids) == [1, 2, 3, 4]  # CUB class ids, 1-based
+
+
+def test_multi_res_averages_resolutions(adapted_run: Path) -> None:
+    a = predict(adapted_run, split="val", stage=1, res=32, tta="none", progress=False).probs.probs
+    b = predict(adapted_run, split="val", stage=1, res=40, tta="none", progress=False).probs.probs
+    both = predict(adapted_run, split="val", stage=1, tta="none", multi_res=[32, 40], progress=False)
+    np.testing.assert_allclose(both.probs.probs, (a + b) / 2, atol=2e-3)
+    assert both.path.name == "val-32+40-none.npz"
+
+
+def test_sweep_writes_table_and_plot(adapted_run: Path) -> None:
+    result = sweep(adapted_run, [32, 48, 40], split="val", progress=False)
+    assert list(result.table["res"]) == [32, 40, 48]
+    assert list(result.table.columns) == ["res", "stage1", "stage2-48"]
+    assert result.csv_path.is_file() and result.png_path.read_bytes()[:4] == b"\x89PNG"
+    best = result.table.set_index("res")[result.best_model][result.best_res]
+    assert best == result.table[["stage1", "stage2-48"]].to_numpy().max() == pytest.approx(result.best_top1)
+
+
+def test_suggest_res_matches_eq5_by_hand() -> None:
+    # F = 2/3 (1 - 0.08^1.5) / (1 - 0.08) = 2/3 * 0.9773726 / 0.92 = 0.7082410
+    assert apparent_size_factor((0.08, 1.0)) == pytest.approx(0.708241, abs=1e-6)
+    exact, rounded = suggest_test_res(224, 0.875, (0.08, 1.0))
+    assert exact == pytest.approx(0.875 * 224 / 0.708241, rel=1e-6)  # 276.75
+    assert rounded == 288
+    # A narrower scale range (0.25, 1): s- = 0.5, F = 2/3 * (1 - 0.125) / (1 - 0.25) = 0.7777...
+    exact, rounded = suggest_test_res(448, 1.0, (0.25, 1.0))
+    assert exact == pytest.approx(448 / (2 / 3 * 0.875 / 0.75), rel=1e-9)  # 576.0
+    assert rounded == 576
+    assert math.isclose(apparent_size_factor((0.25, 1.0)), 7 / 9)
+
+
+def _recipe(tmp_path: Path, competition: str, dataset: str, root: Path, weights: str) -> Path:
+    text = f"""
+competition: {competition}
+out: {tmp_path / 'runs'}
+data: {{dataset: {dataset}, root: {root}, workers: 0}}
+model: {{weights: null}}
+stage1: {{res: 32, epochs: 1, batch_size: 4, lr: 0.02}}
+stage2: {{res: 40, epochs: 1, batch_size: 4, lr: 0.02, augment: test}}
+predict: {{tta: flip, batch_size: 4}}
+runtime: {{deterministic: true}}
+ensemble: {{weights: {weights}, method: mean}}
+members:
+  - name: {competition}-a
+    model: {{arch: "timm:test_resnet"}}
+    stage2: {{tune: bn+fc}}
+  - name: {competition}-b
+    model: {{arch: "timm:test_efficientnet"}}
+    stage: 1
+"""
+    path = tmp_path / f"{competition}.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("competition", "writer", "header"),
+    [("inat2019", lambda root: write_inat(root, 2019), "id,predicted"),
+     ("herbarium2019", write_herbarium2019, "Id,Category")],
+)  # fmt: skip
+def test_ensemble_on_fixture_runs_writes_a_valid_csv(tmp_path: Path, competition: str, writer, header: str) -> None:
+    root = tmp_path / competition
+    writer(root)
+    recipe_path = _recipe(tmp_path, competition, competition, root, "search")
+    outcomes = train_recipe(recipe_path, progress=False)
+    assert [(o.member, o.stage, o.status) for o in outcomes] == [
+        (f"{competition}-a", "stage1", "trained"), (f"{competition}-a", "stage2", "trained"),
+        (f"{competition}-b", "stage1", "trained"),
+    ]  # fmt: skip
+    again = train_recipe(recipe_path, progress=False)
+    assert {o.status for o in again} == {"skipped (finished)"}
+
+    outcome = ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
+    lines = outcome.submission.read_text().splitlines()
+    assert lines[0] == header
+    assert outcome.submission.name.startswith(f"{competition}-")
+    from fgvc.datasets import load_index
+
+    test = load_index(competition, "test", root=root)
+    assert len(lines) == len(test) + 1
+    assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(str(i) for i in test.frame["image_id"])
+    validate_submission(outcome.submission, competition, test.frame["image_id"], test.category_ids)
+    table = outcome.table
+    assert list(table["member"])[:2] == [f"{competition}-a", f"{competition}-b"]
+    assert table["weight"].iloc[:2].sum() == pytest.approx(1.0, abs=0.01)
+    # hill climbing never loses to equal weights on the split it searched
+    from fgvc.ensemble import combine
+    from fgvc.metrics import topk_accuracy
+
+    recipe = load_recipe(recipe_path)
+    from fgvc.pipeline import member_probabilities
+
+    val = [member_probabilities(m, "val", progress=False) for m in recipe.members]
+    from fgvc.ensemble import align
+
+    val = align(val)
+    equal = topk_accuracy(combine([p.probs for p in val]), val[0].labels, 1)
+    searched = topk_accuracy(combine([p.probs for p in val], outcome.weights), val[0].labels, 1)
+    assert searched >= equal
+
+
+def test_missing_member_prints_the_commands_that_produce_it(tmp_path: Path, tiny_demo_root: Path) -> None:
+    from fgvc.errors import DataError
+
+    recipe_path = _recipe(tmp_path, "inat2019", "demo", tiny_demo_root, "equal")
+    with pytest.raises(DataError) as err:
+        ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
+    message = str(err.value)
+    assert "fgvc stage1 --dataset demo --arch timm:test_resnet --res 32" in message
+    assert f"fgvc stage2 --run {tmp_path / 'runs' / 'inat2019-a'} --test-res 40 --tune bn+fc" in message
+    assert "\n" not in message
+    assert not (tmp_path / "submissions").exists()
