@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from fgvc.engine.stage import FINISHED, run_stage1, run_stage2
@@ -111,7 +111,7 @@ def test_stage2_requires_a_finished_stage1(tiny_demo_root: Path, tmp_path: Path)
     from fgvc.config import save_config
     from fgvc.errors import DataError
 
-    with pytest.raises(DataError, match="no config.yaml"):
+    with pytest.raises(DataError, match=r"no config\.yaml"):
         run_stage2(tmp_path / "nope", {"stage2.res": 48}, progress=False)
     cfg = tiny_config(tiny_demo_root, tmp_path)
     save_config(cfg, cfg.run_dir() / CONFIG_FILE)
@@ -125,7 +125,7 @@ def test_resume_with_other_settings_is_refused(tiny_demo_root: Path, tmp_path: P
     state_dir = cfg.run_dir() / "stage1"
     state_dir.mkdir(parents=True)
     save_checkpoint(state_dir / LAST, {"config": cfg.model_dump(mode="json") | {"stage1": {"lr": 1.0}}})
-    with pytest.raises(ConfigError, match="stage1.lr"):
+    with pytest.raises(ConfigError, match=r"stage1\.lr"):
         run_stage1(cfg, progress=False)
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import tiny_config
 from dataset_fixtures import write_herbarium2019, write_inat
+
 from fgvc.engine.stage import run_stage1, run_stage2
 from fgvc.engine.sweep import apparent_size_factor, suggest_test_res, sweep
 from fgvc.io import decode_image
