@@ -1,0 +1,60 @@
+"""What the rest of fgvc needs to know about a built model, carried on the model itself.
+
+The engine, the transforms and the predictor never look at layer names: they read :class:`ModelMeta` (normalisation,
+native resolution, which module is the classifier, the last BatchNorm before pooling, the last stage) from
+``model.fgvc_meta``. That keeps stage 2 architecture-agnostic, unlike the reference code's name matching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Per-architecture facts, resolved once when the model is built.
+
+    Attributes:
+        arch: The registry name as given (``"senet154"``, ``"timm:convnext_base"``).
+        mean: Per-channel mean in 0..1 units, RGB order.
+        std: Per-channel standard deviation in 0..1 units, RGB order.
+        input_size: Native (pretraining) resolution in pixels.
+        interpolation: ``"bicubic"`` or ``"bilinear"``, as the weights were trained.
+        crop_pct: Centre-crop fraction the weights were evaluated with.
+        classifier: Name of the classifier module in ``named_modules()``.
+        last_bn: Name of the last BatchNorm before global pooling, or None for models without BatchNorm.
+        last_stage: Names of the modules that form the last stage (FixRes "layer 4"; PNASNet: its last three cells).
+        num_classes: Number of classifier outputs.
+    """
+
+    arch: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_size: int
+    interpolation: str
+    crop_pct: float
+    classifier: str
+    last_bn: str | None
+    last_stage: tuple[str, ...]
+    num_classes: int
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel/DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def get_meta(model: nn.Module) -> ModelMeta:
+    """The :class:`ModelMeta` attached by ``create_model``, also through DDP/compile wrappers."""
+    meta = getattr(unwrap_model(model), "fgvc_meta", None)
+    if not isinstance(meta, ModelMeta):
+        raise ValueError(f"{type(model).__name__} carries no fgvc_meta; build it with fgvc.models.create_model")
+    return meta

@@ -1,0 +1,418 @@
+"""The model zoo: names -> builders + metadata, ``create_model``, ImageNet weight lookup and ``list_models``.
+
+Registry names are the architectures of the FixRes paper (Cadene's pretrainedmodels for SENet-154, SE-ResNeXt-101 and
+Inception-ResNet-V2; timm's key-compatible port for PNASNet-5, see below; timm for the ResNets; the 32x48d WSL ResNeXt
+built explicitly). Any other timm model
+is ``timm:<name>``; its metadata comes from timm's pretrained config and its classifier from timm's API. Cadene's
+fixed-size average pools are replaced by adaptive ones so that every model runs at any resolution, which is the
+point of FixRes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from functools import cache, partial
+from pathlib import Path
+
+import pandas as pd
+import timm
+import torch
+from torch import nn
+
+from fgvc.errors import ConfigError, WeightsError
+from fgvc.models.meta import ModelMeta
+from fgvc.models.weights import WeightsLocation, hf_file, hub_file, lite0_package_file, load_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TIMM_PREFIX = "timm:"
+WSL_URL = "https://download.pytorch.org/models/ig_resnext101_32x48-3e41cc8a.pth"
+EXAMPLE_TIMM_MODELS = ("timm:tf_efficientnet_lite0", "timm:convnext_base")  # also shown by `fgvc models list`
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one architecture, what it is (meta, for 1000 classes) and where its ImageNet weights lie.
+
+    ``locations`` is a function because the caches are read from the environment ($TORCH_HOME, $HF_HOME) at lookup
+    time, not at import time.
+    """
+
+    build: Callable[[int], nn.Module]
+    meta: ModelMeta
+    locations: Callable[[], list[WeightsLocation]]
+    download_url: str
+
+
+# --- Cadene's pretrainedmodels ---------------------------------------------------------------------------------------
+
+
+def _build_cadene(name: str, pool: str, num_classes: int) -> nn.Module:
+    import pretrainedmodels  # slow import (5 s): only when a Cadene model is asked for
+
+    model = pretrainedmodels.__dict__[name](num_classes=num_classes, pretrained=None)
+    setattr(model, pool, nn.AdaptiveAvgPool2d(1))  # fixed AvgPool2d(7/8/11) only fits the native size
+    return model
+
+
+def _cadene_spec(
+    name: str, build: Callable[[int], nn.Module], last_bn: str, last_stage: tuple[str, ...], timm_twin: str | None
+) -> ModelSpec:
+    """A Cadene architecture. ``timm_twin`` is timm's model with exactly the same state-dict keys, whose weight files
+    are accepted as well (after Cadene's own file)."""
+    from pretrainedmodels import pretrained_settings
+
+    # The models only carry mean/std when built with weights; the settings table always has them.
+    settings = pretrained_settings[name]["imagenet"]
+    url = settings["url"]
+    meta = ModelMeta(
+        arch=name,
+        mean=tuple(settings["mean"]),
+        std=tuple(settings["std"]),
+        input_size=int(settings["input_size"][-1]),
+        interpolation="bilinear",  # Cadene's and the FixRes code's evaluation transform
+        crop_pct=0.875,
+        classifier="last_linear",
+        last_bn=last_bn,
+        last_stage=last_stage,
+        num_classes=1000,
+    )
+    twin = partial(_timm_locations, timm_twin) if timm_twin else list
+    return ModelSpec(build, meta, lambda: [hub_file(Path(url).name), *twin()], url)
+
+
+# --- ResNets through timm ---------------------------------------------------------------------------------------------
+
+
+def _build_timm(model_name: str, num_classes: int, **kwargs: float) -> nn.Module:
+    return timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def _resnet_meta(name: str) -> ModelMeta:
+    return ModelMeta(
+        arch=name,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        input_size=224,
+        interpolation="bilinear",
+        crop_pct=0.875,
+        classifier="fc",
+        last_bn="layer4.2.bn3",
+        last_stage=("layer4",),
+        num_classes=1000,
+    )
+
+
+def _resnet_spec(name: str) -> ModelSpec:
+    """timm's ResNet, which has torchvision's state-dict keys: torchvision's files (V1 first, the weights the FixRes
+    paper fine-tuned) and timm's own default weights are all accepted."""
+    import torchvision.models as tvm
+
+    weights_enum = tvm.get_model_weights(name)
+    torchvision_files = [Path(weights_enum.IMAGENET1K_V1.url).name, Path(weights_enum.IMAGENET1K_V2.url).name]
+    cfg = timm.models.get_pretrained_cfg(name)
+
+    def locations() -> list[WeightsLocation]:
+        found = [hub_file(file) for file in torchvision_files]
+        if cfg is not None and cfg.hf_hub_id:
+            found += [hf_file(cfg.hf_hub_id, "model.safetensors"), hf_file(cfg.hf_hub_id, "pytorch_model.bin")]
+        if cfg is not None and cfg.url:
+            found.append(hub_file(Path(cfg.url).name))
+        return found
+
+    return ModelSpec(partial(_build_timm, name), _resnet_meta(name), locations, weights_enum.IMAGENET1K_V1.url)
+
+
+def _build_resnext101_32x48d(num_classes: int) -> nn.Module:
+    from timm.models.resnet import Bottleneck, ResNet
+
+    # timm's ig_resnext101_32x48d alias builds a 32x8d; this is the 829M-parameter WSL model, keys as torchvision's.
+    return ResNet(block=Bottleneck, layers=(3, 4, 23, 3), cardinality=32, base_width=48, num_classes=num_classes)
+
+
+def _wsl_spec() -> ModelSpec:
+    meta = _resnet_meta("resnext101_32x48d_wsl")
+    return ModelSpec(_build_resnext101_32x48d, meta, lambda: [hub_file(Path(WSL_URL).name)], WSL_URL)
+
+
+# --- any timm model ---------------------------------------------------------------------------------------------------
+
+
+def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
+    """Name of the last ``BatchNorm2d`` in forward order, or None if the model has none.
+
+    Forward order matters where registration order differs from execution order. The probe is one batch-1 forward
+    in eval mode on the model's own device: shape-only and free on the meta device (how fgvc calls it), a real
+    forward otherwise; train/eval flags are restored. Falls back to registration order if the forward fails.
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    if not norms:
+        return None
+    seen: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, _o: seen.append(names[id(mod)])) for m in norms]
+    modes = {module: module.training for module in model.modules()}
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, input_size, input_size, device=device))
+    except (RuntimeError, TypeError, ValueError):  # NotImplementedError (an op without a meta kernel) included
+        seen = []
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    return seen[-1] if seen else names[id(norms[-1])]
+
+
+def _timm_classifier(model: nn.Module) -> str:
+    names = {id(module): name for name, module in model.named_modules()}
+    return names[id(model.get_classifier())]
+
+
+def _timm_last_stage(model: nn.Module, classifier: str) -> tuple[str, ...]:
+    """timm's last feature stage plus the parametrised top-level modules after it (EfficientNet's conv_head/bn2,
+    ConvNeXt's head norm): what "layer 4" means for a model that is not a ResNet."""
+    feature_info = getattr(model, "feature_info", None)
+    if not feature_info:
+        return ()
+    stage = feature_info[-1]["module"]
+    children = [name for name, _ in model.named_children()]
+    top = stage.split(".")[0]
+    if top not in children:
+        return (stage,)
+    after = [
+        name
+        for name in children[children.index(top) + 1 :]
+        if name != classifier and any(True for _ in model.get_submodule(name).parameters())
+    ]
+    return (stage, *after)
+
+
+def _timm_locations(model_name: str) -> list[WeightsLocation]:
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    found: list[WeightsLocation] = []
+    if cfg is not None and cfg.hf_hub_id:
+        files = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []
+        found += [hf_file(cfg.hf_hub_id, f) for f in [*files, "model.safetensors", "pytorch_model.bin"]]
+    if cfg is not None and cfg.url:
+        found.append(hub_file(Path(cfg.url).name))
+    base, tag = timm.models.split_model_name_tag(model_name)
+    if base == "tf_efficientnet_lite0" and tag in ("", "in1k"):
+        found.append(lite0_package_file())  # same ImageNet weights, efficientnet-pytorch naming (mapped on load)
+    return found
+
+
+def _timm_download_url(model_name: str) -> str:
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None:
+        return "(timm has no pretrained weights for this model)"
+    if cfg.url:
+        return cfg.url
+    return f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors"
+
+
+def _unknown_timm_model(model_name: str) -> ConfigError:
+    close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.6)
+    close += [name for name in timm.list_models(f"*{model_name}*")[:5] if name not in close]
+    hint = f"close matches: {', '.join(TIMM_PREFIX + n for n in close[:5])}" if close else "see timm.list_models()"
+    return ConfigError(f"unknown timm model '{model_name}'; {hint}")
+
+
+def _timm_spec(model_name: str) -> ModelSpec:
+    if not timm.is_model(model_name):
+        raise _unknown_timm_model(model_name)
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    size = int(cfg.input_size[-1]) if cfg is not None else 224
+    with torch.device("meta"):
+        probe = _build_timm(model_name, 1000)
+    classifier = _timm_classifier(probe)
+    meta = ModelMeta(
+        arch=TIMM_PREFIX + model_name,
+        mean=tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN,
+        std=tuple(cfg.std) if cfg is not None else IMAGENET_STD,
+        input_size=size,
+        interpolation=cfg.interpolation if cfg is not None else "bicubic",
+        crop_pct=float(cfg.crop_pct) if cfg is not None else 0.875,
+        classifier=classifier,
+        last_bn=last_batchnorm(probe, size),
+        last_stage=_timm_last_stage(probe, classifier),
+        num_classes=1000,
+    )
+    return ModelSpec(
+        partial(_build_timm, model_name), meta, partial(_timm_locations, model_name), _timm_download_url(model_name)
+    )
+
+
+# --- the registry -----------------------------------------------------------------------------------------------------
+
+REGISTRY: dict[str, Callable[[], ModelSpec]] = {
+    "senet154": partial(
+        _cadene_spec,
+        "senet154",
+        partial(_build_cadene, "senet154", "avg_pool"),
+        "layer4.2.bn3",
+        ("layer4",),
+        "legacy_senet154",
+    ),
+    "se_resnext101_32x4d": partial(
+        _cadene_spec,
+        "se_resnext101_32x4d",
+        partial(_build_cadene, "se_resnext101_32x4d", "avg_pool"),
+        "layer4.2.bn3",
+        ("layer4",),
+        "legacy_seresnext101_32x4d",
+    ),
+    "inceptionresnetv2": partial(
+        _cadene_spec,
+        "inceptionresnetv2",
+        partial(_build_cadene, "inceptionresnetv2", "avgpool_1a"),
+        "conv2d_7b.bn",
+        ("repeat_2", "block8", "conv2d_7b"),
+        None,  # timm's inception_resnet_v2 names its classifier `classif`: not key-compatible
+    ),
+    # Cadene's PNASNet hard-codes TensorFlow's "SAME" padding for 331 px and fails at half of all sizes (those with
+    # size % 16 in 3..10, e.g. 662 = 2x native). timm's port has Cadene's state-dict keys (so Cadene's checkpoint
+    # loads), computes the same function where Cadene's runs, and pads dynamically; built with Cadene's head dropout.
+    # PNASNet has no BatchNorm after its last concatenation: the last one in forward order sits in cell_11's last
+    # branch. Its FixRes variant tunes the last three cells.
+    "pnasnet5large": partial(
+        _cadene_spec,
+        "pnasnet5large",
+        partial(_build_timm, "pnasnet5large", drop_rate=0.5),
+        "cell_11.comb_iter_4_left.bn_sep_2",
+        ("cell_9", "cell_10", "cell_11"),
+        "pnasnet5large",
+    ),
+    "resnet50": partial(_resnet_spec, "resnet50"),
+    "resnet152": partial(_resnet_spec, "resnet152"),
+    "resnext101_32x48d_wsl": _wsl_spec,
+}
+
+
+@cache
+def model_spec(name: str) -> ModelSpec:
+    """The spec for a registry name or ``timm:<name>``; unknown names are a :class:`ConfigError` naming the options."""
+    if name in REGISTRY:
+        return REGISTRY[name]()
+    if name.startswith(TIMM_PREFIX):
+        return _timm_spec(name[len(TIMM_PREFIX) :])
+    hint = f" (did you mean {TIMM_PREFIX}{name}?)" if timm.is_model(name) else ""
+    raise ConfigError(
+        f"unknown architecture '{name}'{hint}; choose one of {', '.join(REGISTRY)}, or any timm model as "
+        f"{TIMM_PREFIX}<name> (e.g. {EXAMPLE_TIMM_MODELS[0]})"
+    )
+
+
+def model_meta(name: str, num_classes: int = 1000) -> ModelMeta:
+    """The metadata of an architecture without building real weights (timm models are probed on the meta device)."""
+    return replace(model_spec(name).meta, num_classes=num_classes)
+
+
+def find_imagenet_weights(name: str) -> Path | None:
+    """The first local ImageNet checkpoint for ``name`` in the standard places, or None. Never downloads."""
+    for location in model_spec(name).locations():
+        found = location.find()
+        if found is not None:
+            return found
+    return None
+
+
+def _drop_in_location(name: str) -> WeightsLocation | None:
+    """Where the file at the spec's download URL goes, if it can just be copied there."""
+    spec = model_spec(name)
+    file = Path(spec.download_url).name
+    return next((loc for loc in spec.locations() if loc.drop_in and loc.file == file), None)
+
+
+def expected_weights_file(name: str) -> str:
+    """Where ``name``'s ImageNet weights are expected: the drop-in file for its download URL, else the first place."""
+    target = _drop_in_location(name)
+    locations = model_spec(name).locations()
+    if target is None and not locations:
+        return ""
+    target = target or locations[0]
+    return f"{target.place}/{target.file}"
+
+
+def _no_weights_error(name: str) -> WeightsError:
+    spec = model_spec(name)
+    places: dict[str, list[str]] = {}
+    for location in spec.locations():
+        places.setdefault(location.place, []).append(location.file)
+    looked = "; ".join(f"{', '.join(files)} in {place}" for place, files in places.items())
+    target = _drop_in_location(name)
+    fix = f"copy it to {target.place}, or pass --weights PATH" if target else "pass it as --weights PATH"
+    return WeightsError(
+        f"no ImageNet weights for {name}: looked for {looked}; download {spec.download_url} on a connected machine "
+        f"and {fix}"
+    )
+
+
+def create_model(name: str, num_classes: int, weights: str | Path | None = None) -> nn.Module:
+    """Build ``name`` with a ``num_classes`` classifier and attach its :class:`ModelMeta` as ``model.fgvc_meta``.
+
+    Args:
+        name: A registry name (see :data:`REGISTRY`) or ``timm:<model>``.
+        num_classes: Classifier outputs; the pretrained classifier is kept only if it has this size.
+        weights: None for random init, ``"imagenet"`` for the local ImageNet checkpoint (see
+            :func:`find_imagenet_weights`), or a checkpoint path (see :func:`fgvc.models.weights.load_weights`).
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    spec = model_spec(name)
+    path = _weights_path(name, weights)  # before building: a missing file should not cost a 115M-parameter init
+    model = spec.build(num_classes)
+    model.fgvc_meta = replace(spec.meta, num_classes=num_classes)
+    if path is not None:
+        load_weights(model, path)
+    return model
+
+
+def _weights_path(name: str, weights: str | Path | None) -> Path | None:
+    if weights is None:
+        return None
+    if str(weights) == "imagenet":
+        found = find_imagenet_weights(name)
+        if found is None:
+            raise _no_weights_error(name)
+        return found
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file; check the path, or use --weights imagenet or none")
+    return path
+
+
+def count_parameters(name: str) -> int:
+    """Parameter count with a 1000-class head, built on the meta device (no memory, even for 829M parameters)."""
+    with torch.device("meta"):
+        model = model_spec(name).build(1000)
+    return sum(p.numel() for p in model.parameters())
+
+
+def list_models(names: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per architecture: size, native resolution, normalisation and whether ImageNet weights are on disk.
+
+    Args:
+        names: Architectures to list; default the registry plus :data:`EXAMPLE_TIMM_MODELS`.
+    """
+    rows = []
+    for name in names if names is not None else [*REGISTRY, *EXAMPLE_TIMM_MODELS]:
+        meta = model_meta(name)
+        found = find_imagenet_weights(name)
+        rows.append(
+            {
+                "name": name,
+                "params_m": round(count_parameters(name) / 1e6, 2),
+                "input_size": meta.input_size,
+                "mean": meta.mean,
+                "std": meta.std,
+                "interpolation": meta.interpolation,
+                "weights_present": found is not None,
+                "weights_file": str(found) if found is not None else expected_weights_file(name),
+            }
+        )
+    return pd.DataFrame(rows)

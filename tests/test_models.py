@@ -1,0 +1,277 @@
+"""Model registry: metadata, any-resolution forward passes, wrappers, errors and `models list`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fgvc.errors import ConfigError
+from fgvc.models import REGISTRY, ModelMeta, create_model, get_meta, last_batchnorm, list_models, model_meta
+from fgvc.models.registry import model_spec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+# Hand-written from the papers, the pretrainedmodels settings table and /work/shared/notes/method.md.
+EXPECTED_META = {
+    "senet154": (IMAGENET_MEAN, IMAGENET_STD, 224, "last_linear", "layer4.2.bn3", ("layer4",)),
+    "se_resnext101_32x4d": (IMAGENET_MEAN, IMAGENET_STD, 224, "last_linear", "layer4.2.bn3", ("layer4",)),
+    "inceptionresnetv2": (HALF, HALF, 299, "last_linear", "conv2d_7b.bn", ("repeat_2", "block8", "conv2d_7b")),
+    "pnasnet5large": (
+        HALF,
+        HALF,
+        331,
+        "last_linear",
+        "cell_11.comb_iter_4_left.bn_sep_2",
+        ("cell_9", "cell_10", "cell_11"),
+    ),
+    "resnet50": (IMAGENET_MEAN, IMAGENET_STD, 224, "fc", "layer4.2.bn3", ("layer4",)),
+    "resnet152": (IMAGENET_MEAN, IMAGENET_STD, 224, "fc", "layer4.2.bn3", ("layer4",)),
+    "resnext101_32x48d_wsl": (IMAGENET_MEAN, IMAGENET_STD, 224, "fc", "layer4.2.bn3", ("layer4",)),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def build_on_meta(name: str, num_classes: int) -> nn.Module:
+    with torch.device("meta"):
+        return create_model(name, num_classes, None)
+
+
+def test_registry_holds_the_paper_architectures():
+    assert set(REGISTRY) == set(EXPECTED_META)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_META))
+def test_registry_meta_matches_the_sources_and_names_real_modules(name):
+    mean, std, size, classifier, last_bn, last_stage = EXPECTED_META[name]
+    meta = model_meta(name, num_classes=7)
+    assert (meta.arch, meta.mean, meta.std, meta.input_size) == (name, mean, std, size)
+    assert (meta.classifier, meta.last_bn, meta.last_stage, meta.num_classes) == (classifier, last_bn, last_stage, 7)
+    model = build_on_meta(name, 7)
+    modules = dict(model.named_modules())
+    assert isinstance(modules[classifier], nn.Linear) and modules[classifier].out_features == 7
+    assert isinstance(modules[last_bn], nn.BatchNorm2d)
+    assert all(stage in modules for stage in last_stage)
+    assert get_meta(model) == meta
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_META))
+def test_registry_last_bn_is_the_last_batchnorm_in_forward_order(name):
+    model = build_on_meta(name, 10)
+    assert last_batchnorm(model, model_meta(name).input_size) == model_meta(name).last_bn
+
+
+def test_last_batchnorm_follows_forward_order_not_registration_order():
+    class Swapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late = nn.BatchNorm2d(3)  # registered first, runs last
+            self.early = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.late(self.early(x))
+
+    model = Swapped().train()
+    assert last_batchnorm(model, 8) == "late"
+    assert model.training and model.late.training  # the probe restores train/eval flags
+    assert last_batchnorm(nn.Sequential(nn.Conv2d(3, 3, 1)), 8) is None
+
+
+def test_timm_models_take_meta_from_timm_and_find_head_and_last_bn():
+    lite = model_meta("timm:tf_efficientnet_lite0")
+    assert lite == ModelMeta(
+        arch="timm:tf_efficientnet_lite0",
+        mean=HALF,
+        std=HALF,
+        input_size=224,
+        interpolation="bicubic",
+        crop_pct=0.875,
+        classifier="classifier",
+        last_bn="bn2",
+        last_stage=("blocks.6", "conv_head", "bn2"),
+        num_classes=1000,
+    )
+    convnext = model_meta("timm:convnext_base")
+    assert (convnext.classifier, convnext.last_bn, convnext.last_stage) == ("head.fc", None, ("stages.3", "head"))
+    tagged = model_meta("timm:resnet50.a1_in1k")
+    assert (tagged.classifier, tagged.last_bn, tagged.crop_pct) == ("fc", "layer4.2.bn3", 0.95)
+
+
+def test_resnext101_32x48d_is_the_wsl_model_not_timms_32x8d():
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    ours = build_on_meta("resnext101_32x48d_wsl", 1000)
+    with torch.device("meta"):
+        reference = ResNet(Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=48)  # FB's hub model
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    params = sum(p.numel() for p in ours.parameters())
+    assert 828e6 < params < 830e6  # 829M in the WSL paper
+    assert ours.layer1[0].conv2.groups == 32 and ours.layer1[0].conv2.out_channels == 32 * 48
+
+
+def test_create_model_sets_classifier_and_meta_and_is_reproducible():
+    torch.manual_seed(0)
+    first = create_model("timm:tf_efficientnet_lite0", 5)
+    torch.manual_seed(0)
+    second = create_model("timm:tf_efficientnet_lite0", 5, weights=None)
+    assert get_meta(first).num_classes == 5 and first.classifier.out_features == 5
+    pairs = zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_get_meta_sees_through_data_parallel_and_compile():
+    model = build_on_meta("resnet50", 3)
+    meta = get_meta(model)
+    assert get_meta(nn.DataParallel(model)) == meta
+    assert get_meta(torch.compile(model)) == meta
+    with pytest.raises(ValueError, match="create_model"):
+        get_meta(nn.Linear(2, 2))
+
+
+def test_unknown_architecture_lists_registry_and_timm_form():
+    with pytest.raises(ConfigError) as err:
+        create_model("resnet5O", 10)
+    message = str(err.value)
+    assert "\n" not in message
+    assert all(name in message for name in REGISTRY) and "timm:<name>" in message
+
+
+def test_bare_timm_name_suggests_the_prefix_and_typo_suggests_close_matches():
+    with pytest.raises(ConfigError, match=r"did you mean timm:convnext_base\?"):
+        model_meta("convnext_base")
+    with pytest.raises(ConfigError, match="timm:convnext_base"):
+        model_meta("timm:convnext_bse")
+
+
+@pytest.mark.parametrize("num_classes", [0, -3, 2.5, True])
+def test_num_classes_must_be_a_positive_integer(num_classes):
+    with pytest.raises(ConfigError, match="num_classes"):
+        create_model("timm:tf_efficientnet_lite0", num_classes)
+
+
+# --- any resolution -------------------------------------------------------------------------------------------------
+
+
+def forward_shapes(model: nn.Module, sizes: list[int], device: str = "cpu") -> list[tuple[int, ...]]:
+    model.eval()
+    with torch.no_grad():
+        return [tuple(model(torch.randn(1, 3, s, s, device=device)).shape) for s in sizes]
+
+
+def scaled(size: int) -> list[int]:
+    return [size, size * 3 // 2, size * 2]
+
+
+@pytest.mark.parametrize("name", ["timm:tf_efficientnet_lite0", "timm:convnext_atto", "resnet50"])
+def test_cheap_models_run_at_native_and_1_5x_and_2x(name):
+    model = create_model(name, 6)
+    assert forward_shapes(model, scaled(get_meta(model).input_size)) == [(1, 6)] * 3
+
+
+# Real CPU compute at small sizes (InceptionResNet-V2 needs >= 75 px), native / 1.5x / 2x shape-checked on the meta
+# device, which runs every shape computation (pooling, concatenation, the classifier) without arithmetic.
+SMALL = {
+    "senet154": 56,
+    "se_resnext101_32x4d": 56,
+    "inceptionresnetv2": 100,
+    "pnasnet5large": 83,
+    "resnet152": 56,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_large_models_run_at_any_resolution(name):
+    model = create_model(name, 11)
+    assert forward_shapes(model, scaled(SMALL[name])) == [(1, 11)] * 3
+    del model
+    native = get_meta(build_on_meta(name, 11)).input_size
+    assert forward_shapes(build_on_meta(name, 11), scaled(native), device="meta") == [(1, 11)] * 3
+
+
+def test_wsl_resnext_runs_at_any_resolution_on_meta():
+    model = build_on_meta("resnext101_32x48d_wsl", 4)  # 829M parameters: never materialised in tests
+    assert forward_shapes(model, scaled(224), device="meta") == [(1, 4)] * 3
+
+
+@pytest.mark.slow
+def test_adaptive_pool_equals_cadene_fixed_pool_at_native_size():
+    import pretrainedmodels
+
+    torch.manual_seed(0)
+    original = pretrainedmodels.se_resnext101_32x4d(num_classes=1000, pretrained=None).eval()
+    ours = create_model("se_resnext101_32x4d", 1000).eval()
+    ours.load_state_dict(original.state_dict())
+    assert isinstance(original.avg_pool, nn.AvgPool2d) and isinstance(ours.avg_pool, nn.AdaptiveAvgPool2d)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), original(x))
+
+
+@pytest.mark.slow
+def test_pnasnet_matches_cadenes_where_cadenes_runs_and_also_runs_where_it_fails():
+    import pretrainedmodels
+
+    torch.manual_seed(0)
+    cadene = pretrainedmodels.pnasnet5large(num_classes=1000, pretrained=None).eval()
+    cadene.avg_pool = nn.AdaptiveAvgPool2d(1)
+    for module in cadene.modules():  # non-trivial BatchNorm statistics, so that a wrong padding shows
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    ours = create_model("pnasnet5large", 1000).eval()
+    ours.load_state_dict(cadene.state_dict())
+    with torch.no_grad():
+        x = torch.randn(1, 3, 75, 75)  # 75 % 16 == 11, a size Cadene's fixed padding handles
+        torch.testing.assert_close(ours(x), cadene(x))
+        with pytest.raises(RuntimeError):
+            cadene(torch.randn(1, 3, 70, 70))  # 70 % 16 == 6: Cadene's padding breaks the cell additions
+        assert ours(torch.randn(1, 3, 70, 70)).shape == (1, 1000)
+
+
+# --- models list ----------------------------------------------------------------------------------------------------
+
+
+def test_list_models_reports_sizes_normalisation_and_local_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "torch" / "hub" / "checkpoints" / "resnet152-394f9c45.pth").write_bytes(b"placeholder")
+    table = list_models().set_index("name")
+    assert list(table.columns) == [
+        "params_m",
+        "input_size",
+        "mean",
+        "std",
+        "interpolation",
+        "weights_present",
+        "weights_file",
+    ]
+    assert set(REGISTRY) <= set(table.index) and "timm:tf_efficientnet_lite0" in table.index
+    # Published sizes: ResNet-50 25.6M, SENet-154 115.1M, ResNeXt-101 32x48d 829M, EfficientNet-Lite0 4.7M.
+    assert table.loc["resnet50", "params_m"] == pytest.approx(25.56, abs=0.01)
+    assert table.loc["senet154", "params_m"] == pytest.approx(115.09, abs=0.01)
+    assert table.loc["resnext101_32x48d_wsl", "params_m"] == pytest.approx(828.4, abs=1.0)
+    assert table.loc["timm:tf_efficientnet_lite0", "params_m"] == pytest.approx(4.65, abs=0.01)
+    assert table.loc["inceptionresnetv2", "input_size"] == 299 and table.loc["inceptionresnetv2", "mean"] == HALF
+    assert table.loc["resnet152", "weights_present"]
+    assert table.loc["resnet152", "weights_file"] == str(tmp_path / "torch/hub/checkpoints/resnet152-394f9c45.pth")
+    assert not table.loc["senet154", "weights_present"]
+    assert table.loc["senet154", "weights_file"] == str(tmp_path / "torch/hub/checkpoints/senet154-c7b49a05.pth")
+    # The lite0 package ships its checkpoint, so the example timm model always has ImageNet weights locally.
+    assert table.loc["timm:tf_efficientnet_lite0", "weights_present"]
+    assert table.loc["timm:tf_efficientnet_lite0", "weights_file"].endswith("efficientnet-lite0-57934424.pth")
+
+
+def test_model_spec_is_built_once_per_name():
+    assert model_spec("resnet50") is model_spec("resnet50")

