@@ -156,6 +156,9 @@ def stage2(
     compile: bool | None = typer.Option(None, "--compile/--no-compile"),
     device: str | None = typer.Option(None),
     deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic"),
+    cache_features: str | None = typer.Option(
+        None, help="auto (default): compute the frozen trunk once when its output fits in memory; on; off."
+    ),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
     force: bool = typer.Option(False, "--force", help="Redo a finished stage 2 at this resolution."),
 ) -> None:
@@ -167,7 +170,7 @@ def stage2(
     overrides = {
         "stage2.res": test_res, "stage2.tune": tune, "stage2.augment": da, "stage2.epochs": epochs, "stage2.lr": lr,
         "stage2.batch_size": batch_size, "data.workers": workers, "runtime.amp": amp, "runtime.compile": compile,
-        "runtime.device": device, "runtime.deterministic": deterministic,
+        "runtime.device": device, "runtime.deterministic": deterministic, "runtime.cache_features": cache_features,
     }  # fmt: skip
     result = run_stage2(run_dir, overrides, force=force)
     if result.interrupted_by:
@@ -298,6 +301,27 @@ def validate_submission(
         typer.echo(f"{file}: INVALID, {len(problems)} problems{more}")
         raise typer.Exit(1)
     typer.echo(f"{file}: valid {competition} submission")
+
+
+@app.command()
+def demo(
+    data_root: Path | None = typer.Option(None, help="Where the demo data lives (default datasets/demo)."),
+    out: Path = typer.Option(Path("runs"), help="Folder of runs."),
+) -> None:
+    """The whole method on the procedural demo data: stage 1, stage 2, sweep, 10-crop, ensemble, CSV."""
+    from fgvc.demo import run_demo
+
+    result = run_demo(data_root, out)
+    typer.echo("")
+    typer.echo(result.table.to_string(na_rep=""))
+    sweep_result = result.sweep
+    typer.echo(
+        f"\nsweep: best {sweep_result.best_model} at {sweep_result.best_res}px "
+        f"(top-1 {sweep_result.best_top1:.1f}); {sweep_result.csv_path}, {sweep_result.png_path}"
+    )
+    weights = ", ".join(f"{w:.2f}" for w in result.ensemble.weights)
+    typer.echo(f"ensemble weights (hill climbing on val): {weights}; wrote {result.ensemble.submission}")
+    typer.echo(f"demo finished in {result.seconds / 60:.1f} min")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

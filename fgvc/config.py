@@ -102,6 +102,7 @@ class RuntimeConfig(_Section):
     seed: int = 0
     deterministic: bool = False
     device: str | None = None  # None: cuda if available, else cpu
+    cache_features: Literal["auto", "on", "off"] = "auto"  # stage 2: frozen-trunk output computed once when it fits
 
 
 class RunConfig(_Section):

@@ -58,9 +58,12 @@ class Recipe(BaseModel):
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe; errors name the file, the member and the key."""
-    values = read_yaml(path)
-    source = str(path)
+    """Parse and validate a recipe file; errors name the file, the member and the key."""
+    return recipe_from_values(read_yaml(path), str(path))
+
+
+def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
+    """Validate a recipe given as a mapping (a parsed YAML file, or one built in code like the demo's)."""
     shared = {k: v for k, v in values.items() if k not in RECIPE_KEYS}
     members_raw = values.get("members") or [{}]
     if not isinstance(members_raw, list):

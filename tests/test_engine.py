@@ -211,3 +211,22 @@ def test_two_process_ddp_writes_the_same_artefacts(tiny_demo_root: Path, tmp_pat
     history = pd.read_csv(tmp_path / "ddp" / "stage1" / "metrics.csv")
     assert not math.isnan(history["val_top1"].iloc[0])
     assert "x2" in (tmp_path / "ddp" / "stage1" / "train.log").read_text()  # world size 2 really ran
+
+
+def test_stage2_feature_cache_gives_the_same_weights_as_the_full_model(
+    stage1_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    overrides = {"stage2.res": 44, "stage2.epochs": 2, "stage2.tune": "bn+fc"}
+    uncached = run_stage2(stage1_run, overrides | {"runtime.cache_features": "off"}, progress=False)
+    reference = _state(uncached.stage_dir / LAST)
+    with caplog.at_level(logging.INFO, logger="fgvc"):
+        cached = run_stage2(stage1_run, overrides | {"runtime.cache_features": "on"}, force=True, progress=False)
+    assert any("feature cache on" in r.message for r in caplog.records), [r.message for r in caplog.records]
+    state = _state(cached.stage_dir / LAST)
+    for name, value in reference.items():
+        assert torch.allclose(value.float(), state[name].float(), atol=1e-5), name
+    with pytest.raises(ConfigError, match="--cache-features on"):
+        run_stage2(stage1_run, overrides | {"runtime.cache_features": "on", "stage2.augment": "test2"}, force=True,
+                   progress=False)  # fmt: skip

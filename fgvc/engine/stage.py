@@ -34,6 +34,17 @@ from fgvc.engine.checkpoint import (
     set_rng_state,
     unwrap,
 )
+from fgvc.engine.feature_cache import (
+    FeatureCache,
+    Split,
+    cache_bytes_estimate,
+    cache_dtype,
+    compute_cache,
+    default_budget_bytes,
+    should_cache,
+    split_model,
+    train_one_epoch_cached,
+)
 from fgvc.engine.loop import StopFlag, predict_probs, stop_on_signals, train_one_epoch
 from fgvc.engine.runtime import Runtime, barrier, setup_runtime
 from fgvc.engine.sampling import EpochSampler
@@ -335,17 +346,28 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         }
 
     prepare = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
+    split, cache = None, None
+    if stage != STAGE1 and start_epoch < stage_cfg.epochs:
+        split, cache = _feature_cache(cfg, rt, model, stage_cfg, train_index, prepare, progress)
     result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before)
     for epoch in range(start_epoch, stage_cfg.epochs):
         micro = start_micro if epoch == start_epoch else 0
         train_sampler.set_epoch(epoch, start=micro * stage_cfg.batch_size)
         set_train_mode(model, stage_cfg.tune)
         bn_reset = _prepare_bnstats(model, stage_cfg.tune)
-        stats = train_one_epoch(
-            net, train_loader, optimizer, scheduler, scaler, rt, prepare, criterion,
-            grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro,
-            batch_size=stage_cfg.batch_size, desc=f"{stage} {epoch + 1}/{stage_cfg.epochs}", progress=progress,
-        )  # fmt: skip
+        desc = f"{stage} {epoch + 1}/{stage_cfg.epochs}"
+        if cache is not None and split is not None:  # frozen trunk computed once: only the tail runs
+            stats = train_one_epoch_cached(
+                split.tail, cache, train_sampler, stage_cfg.batch_size, train_loader.drop_last, optimizer, scheduler,
+                scaler, rt, criterion, grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro, desc=desc,
+                progress=progress,
+            )  # fmt: skip
+        else:
+            stats = train_one_epoch(
+                net, train_loader, optimizer, scheduler, scaler, rt, prepare, criterion,
+                grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro,
+                batch_size=stage_cfg.batch_size, desc=desc, progress=progress,
+            )  # fmt: skip
         bn_reset()
         if stats.interrupted:
             if rt.is_main:
@@ -401,6 +423,40 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
 
 def is_finished(stage_dir: Path) -> bool:
     return (stage_dir / FINISHED).is_file()
+
+
+def _feature_cache(
+    cfg: RunConfig,
+    rt: Runtime,
+    model: nn.Module,
+    stage_cfg: StageConfig,
+    index: DatasetIndex,
+    prepare: OnDeviceNormalize,
+    progress: bool,
+) -> tuple[Split | None, FeatureCache | None]:
+    """Stage 2 with the deterministic test augmentation: run the frozen trunk once, train the tail on its output."""
+    mode = cfg.runtime.cache_features
+    if mode == "off":
+        return None, None
+    should, reason = should_cache(mode, stage_cfg.augment, stage_cfg.tune, 0, 1, rt.world_size)
+    if not should:  # wrong setting for a cache (random augmentation, several processes): no need to look further
+        log.info(reason)
+        return None, None
+    example = torch.randn(2, 3, stage_cfg.res, stage_cfg.res, device=rt.device).contiguous(
+        memory_format=rt.memory_format
+    )
+    split = split_model(model, stage_cfg.tune, example)
+    if split is None:
+        log.info("feature cache not used: %s cannot be cut before its tuned part", cfg.model.arch)
+        return None, None
+    estimate = cache_bytes_estimate(split, len(index), stage_cfg.res, cache_dtype(rt))
+    should, reason = should_cache(mode, stage_cfg.augment, stage_cfg.tune, estimate, default_budget_bytes(rt.device))
+    log.info("%s (cut at %s)", reason, split.cut)
+    if not should:
+        return None, None
+    interpolation = get_meta(model).interpolation
+    loader, _ = make_loader(cfg, rt, index, "test", stage_cfg.res, stage_cfg.batch_size, False, interpolation)
+    return split, compute_cache(split.trunk, loader, prepare, rt, progress=progress)
 
 
 def _prepare_bnstats(model: nn.Module, tune: str) -> Any:
