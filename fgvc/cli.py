@@ -56,7 +56,8 @@ def datasets_list() -> None:
     """Dataset names, official class and image counts, and expected layouts."""
     from fgvc.datasets import list_datasets
 
-    _echo_table(list_datasets())
+    _echo_table(list_datasets().drop(columns=["layout"]))
+    typer.echo("\nexpected layouts: datasets/<name>/README.md, or `fgvc datasets check <name>` on a folder")
 
 
 @datasets_app.command("check")

@@ -10,6 +10,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -92,6 +93,7 @@ def build_loader(
     distributed: bool = False,
     seed: int = 0,
     sampler: Sampler | Iterable | None = None,
+    collate_fn: Callable[[Sequence[Any]], Any] = collate_skip_none,
 ) -> DataLoader:
     """A DataLoader with reproducible shuffling, per-worker augmentation seeds and pinned memory where CUDA is present.
 
@@ -113,7 +115,7 @@ def build_loader(
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_skip_none,
+        collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         worker_init_fn=seed_worker if workers > 0 else None,

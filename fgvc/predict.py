@@ -7,6 +7,7 @@ device and their softmax outputs are averaged. Results are cached as
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fgvc.config import CONFIG_FILE, load_config
-from fgvc.data import OnDeviceNormalize
-from fgvc.engine.runtime import setup_runtime
-from fgvc.engine.stage import STAGE1, load_split, load_stage_model, make_loader, setup_logging
+from fgvc.engine.runtime import Runtime, setup_runtime
+from fgvc.engine.stage import FINISHED, STAGE1, load_split, load_stage_model, make_loader, setup_logging
 from fgvc.errors import ConfigError, DataError
 from fgvc.metrics import summarize
 from fgvc.models import get_meta
@@ -59,6 +59,13 @@ def resolve_stage(run_dir: Path, stage: int | None, res: int | None) -> Path:
     return stage2[-1] if res is None else min(stage2, key=lambda d: abs(int(d.name.split("-")[-1]) - res))
 
 
+def stage_decode(stage_dir: Path, rt: Runtime) -> str:
+    """Decode test images the way the stage was trained (the GPU path resamples slightly differently)."""
+    finished = stage_dir / FINISHED
+    trained = json.loads(finished.read_text()).get("decode", "cpu") if finished.is_file() else "cpu"
+    return "gpu" if trained == "gpu" and rt.device.type == "cuda" else "cpu"
+
+
 def prediction_path(run_dir: Path, stage_dir: Path, split: str, res: int | str, tta: str) -> Path:
     return run_dir / "predictions" / stage_dir.name / f"{split}-{res}-{tta}.npz"
 
@@ -97,10 +104,10 @@ def predict_stage(
     if tta == "tencrop":
         batch = max(1, batch // 10)  # ten views per image go through the network together
     kind = "tencrop" if tta == "tencrop" else "test"
-    loader, _ = make_loader(cfg, rt, index, kind, res, batch, shuffle=False, interpolation=meta.interpolation)
+    decode = stage_decode(stage_dir, rt)
+    loader, _, prepare = make_loader(cfg, rt, index, kind, res, batch, False, meta, decode)
     from fgvc.engine.loop import predict_probs
 
-    prepare = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
     scores, idx = predict_probs(model, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
     n_images = len(index)
     full = np.full((n_images, index.num_classes), 1.0 / index.num_classes, dtype=np.float32)

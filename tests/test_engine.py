@@ -230,3 +230,26 @@ def test_stage2_feature_cache_gives_the_same_weights_as_the_full_model(
     with pytest.raises(ConfigError, match="--cache-features on"):
         run_stage2(stage1_run, overrides | {"runtime.cache_features": "on", "stage2.augment": "test2"}, force=True,
                    progress=False)  # fmt: skip
+
+
+def test_device_decoding_trains_and_predicts_through_the_same_loops(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """`decode: gpu` swaps the dataset and the batch preparer only; on the CPU the same code runs end to end."""
+    from fgvc.engine.loop import predict_probs, train_one_epoch
+    from fgvc.engine.runtime import setup_runtime
+    from fgvc.engine.stage import load_split, make_loader
+    from fgvc.models import create_model
+
+    cfg = tiny_config(tiny_demo_root, tmp_path)
+    rt = setup_runtime(cfg.runtime)
+    index = load_split(cfg, "train")
+    model = create_model("timm:test_resnet", index.num_classes, None)
+    meta = get_meta(model)
+    loader, sampler, prepare = make_loader(cfg, rt, index, "train", 32, 8, True, meta, decode="gpu")
+    assert type(prepare).__name__ == "GpuBatchPreparer"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    stats = train_one_epoch(model, loader, optimizer, None, None, rt, prepare, torch.nn.CrossEntropyLoss(),
+                            batch_size=8, progress=False)  # fmt: skip
+    assert stats.images == len(sampler) // 8 * 8 and math.isfinite(stats.loss)
+    loader, _, prepare = make_loader(cfg, rt, index, "tencrop", 32, 4, False, meta, decode="gpu")
+    probs, rows = predict_probs(model, loader, rt, prepare, tta="tencrop", progress=False)
+    assert probs.shape == (len(index), index.num_classes) and list(rows) == list(range(len(index)))

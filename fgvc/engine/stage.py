@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fgvc.config import CONFIG_FILE, RunConfig, StageConfig, load_config, save_config
-from fgvc.data import ImageDataset, OnDeviceNormalize, build_loader
+from fgvc.data import ImageDataset, OnDeviceNormalize, build_loader, collate_skip_none
 from fgvc.datasets import load_index
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import (
@@ -51,7 +53,7 @@ from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, DataError, RunExistsError
 from fgvc.fileio import atomic_write_text
 from fgvc.metrics import summarize
-from fgvc.models import create_model, get_meta, set_train_mode, set_trainable
+from fgvc.models import ModelMeta, create_model, get_meta, set_train_mode, set_trainable
 from fgvc.plots import plot_training_curves
 from fgvc.transforms import build_transform
 
@@ -123,26 +125,88 @@ def make_loader(
     res: int,
     batch_size: int,
     shuffle: bool,
-    interpolation: str,
-) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
-    """Dataset + seeded sampler + loader for one split at one resolution."""
-    transform = build_transform(kind, res, crop_pct=cfg.data.crop_pct, interpolation=interpolation)
-    dataset = ImageDataset(index.frame, transform, skip_corrupt=cfg.data.skip_corrupt)
-    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size)
-    drop_last = shuffle and len(dataset) // rt.world_size > batch_size
+    meta: ModelMeta,
+    decode: str = "cpu",
+) -> tuple[torch.utils.data.DataLoader, EpochSampler, Callable[[Any], torch.Tensor]]:
+    """Dataset + seeded sampler + loader for one split at one resolution, and the ``prepare`` the loops apply.
+
+    ``decode="cpu"``: workers decode and augment (OpenCV + albumentations), uint8 batches are normalised on the device.
+    ``decode="gpu"``: workers only read the file bytes; nvJPEG decodes and the augmentation runs on the device.
+    """
+    sampler = EpochSampler(len(index), shuffle=shuffle, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size)
+    drop_last = shuffle and len(index) // rt.world_size > batch_size
+    prepare: Callable[[Any], torch.Tensor]
+    if decode == "gpu":
+        from fgvc.gpu_decode import EncodedImageDataset, GpuBatchPreparer, collate_encoded
+
+        dataset: torch.utils.data.Dataset = EncodedImageDataset(index.frame, skip_corrupt=cfg.data.skip_corrupt)
+        collate = collate_encoded
+        prepare = GpuBatchPreparer(kind, res, meta.mean, meta.std, rt.device, cfg.data.crop_pct, rt.channels_last)
+    else:
+        transform = build_transform(kind, res, crop_pct=cfg.data.crop_pct, interpolation=meta.interpolation)
+        dataset = ImageDataset(index.frame, transform, skip_corrupt=cfg.data.skip_corrupt)
+        collate = collate_skip_none
+        prepare = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
     loader = build_loader(
-        dataset, batch_size=batch_size, workers=cfg.data.workers, sampler=sampler, drop_last=drop_last
-    )
-    return loader, sampler
+        dataset, batch_size=batch_size, workers=cfg.data.workers, sampler=sampler, drop_last=drop_last,
+        collate_fn=collate,
+    )  # fmt: skip
+    return loader, sampler, prepare
+
+
+def resolve_decode(cfg: RunConfig, rt: Runtime, model: nn.Module, res: int, batch_size: int) -> str:
+    """``data.decode`` for this device; ``auto`` times a few synthetic steps to see if the CPU would be the limit."""
+    from fgvc.gpu_decode import decode_mode
+
+    estimate = None
+    if cfg.data.decode == "auto" and rt.device.type == "cuda":
+        estimate = measure_images_per_s(model, rt, res, batch_size)
+    mode = decode_mode(cfg.data.decode, rt.device, estimate, cfg.data.workers)
+    if estimate is not None:
+        log.info("decode %s: the model steps at ~%.0f img/s per process at %d px", mode, estimate, res)
+    return mode
+
+
+def measure_images_per_s(model: nn.Module, rt: Runtime, res: int, batch_size: int, steps: int = 3) -> float:
+    """Forward + backward throughput on synthetic input; weights, BN statistics and RNG streams are left untouched."""
+    was_training = model.training
+    model.eval()  # no BN statistics update
+    x = torch.randn(batch_size, 3, res, res, device=rt.device).contiguous(memory_format=rt.memory_format)
+    devices = [rt.device] if rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for step in range(steps + 2):
+            if step == 2:
+                _synchronize(rt)
+                started = time.perf_counter()
+            with rt.autocast():
+                out = model(x)
+            if any(p.requires_grad for p in model.parameters()):
+                out.float().mean().backward()
+        _synchronize(rt)
+        elapsed = time.perf_counter() - started
+    for p in model.parameters():
+        p.grad = None
+    model.train(was_training)
+    return steps * batch_size / max(elapsed, 1e-9)
+
+
+def _synchronize(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
 
 
 def evaluate(
-    model: nn.Module, cfg: RunConfig, rt: Runtime, index: DatasetIndex, res: int, batch_size: int, progress: bool
+    model: nn.Module,
+    cfg: RunConfig,
+    rt: Runtime,
+    index: DatasetIndex,
+    res: int,
+    batch_size: int,
+    progress: bool,
+    decode: str = "cpu",
 ) -> dict[str, float]:
     """Top-1 / top-5 / mean per-class accuracy on ``index`` with the test augmentation at ``res``."""
-    meta = get_meta(model)
-    loader, _ = make_loader(cfg, rt, index, "test", res, batch_size, shuffle=False, interpolation=meta.interpolation)
-    prepare = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
+    loader, _, prepare = make_loader(cfg, rt, index, "test", res, batch_size, False, get_meta(model), decode)
     probs, idx = predict_probs(model, loader, rt, prepare, desc=f"val@{res}", progress=progress)
     labels = index.frame["label"].to_numpy()[idx]
     return summarize(probs, labels)
@@ -278,8 +342,9 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     set_trainable(model, stage_cfg.tune)
     model.to(rt.device, memory_format=rt.memory_format)
 
-    train_loader, train_sampler = make_loader(
-        cfg, rt, train_index, stage_cfg.augment, stage_cfg.res, stage_cfg.batch_size, True, meta.interpolation
+    decode = resolve_decode(cfg, rt, model, stage_cfg.res, stage_cfg.batch_size)
+    train_loader, train_sampler, prepare = make_loader(
+        cfg, rt, train_index, stage_cfg.augment, stage_cfg.res, stage_cfg.batch_size, True, meta, decode
     )
     steps_per_epoch = max(1, math.ceil(len(train_loader) / stage_cfg.grad_accum))
     lr = stage_cfg.resolved_lr(rt.world_size)
@@ -306,7 +371,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             if stage == STAGE1:
                 save_config(cfg, run_dir / CONFIG_FILE)
         if stage != STAGE1 and len(val_index):
-            before = evaluate(model, cfg, rt, val_index, stage_cfg.res, stage_cfg.batch_size, progress)
+            before = evaluate(model, cfg, rt, val_index, stage_cfg.res, stage_cfg.batch_size, progress, decode)
             log.info("stage-1 model at %d px before adaptation: %s", stage_cfg.res, _fmt(before))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -345,10 +410,9 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "stage": stage,
         }
 
-    prepare = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
     split, cache = None, None
     if stage != STAGE1 and start_epoch < stage_cfg.epochs:
-        split, cache = _feature_cache(cfg, rt, model, stage_cfg, train_index, prepare, progress)
+        split, cache = _feature_cache(cfg, rt, model, stage_cfg, train_index, decode, progress)
     result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before)
     for epoch in range(start_epoch, stage_cfg.epochs):
         micro = start_micro if epoch == start_epoch else 0
@@ -416,7 +480,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         result.final = {k[4:]: v for k, v in last_row.items() if k.startswith("val_")} or None
     if rt.is_main:
         summary = {"stage": stage, "epochs": stage_cfg.epochs, "res": stage_cfg.res, "best_top1": best,
-                   "final": result.final, "before": before}  # fmt: skip
+                   "final": result.final, "before": before, "decode": decode}  # fmt: skip
         atomic_write_text(stage_dir / FINISHED, json.dumps(summary, indent=2))
     return result
 
@@ -431,7 +495,7 @@ def _feature_cache(
     model: nn.Module,
     stage_cfg: StageConfig,
     index: DatasetIndex,
-    prepare: OnDeviceNormalize,
+    decode: str,
     progress: bool,
 ) -> tuple[Split | None, FeatureCache | None]:
     """Stage 2 with the deterministic test augmentation: run the frozen trunk once, train the tail on its output."""
@@ -454,8 +518,9 @@ def _feature_cache(
     log.info("%s (cut at %s)", reason, split.cut)
     if not should:
         return None, None
-    interpolation = get_meta(model).interpolation
-    loader, _ = make_loader(cfg, rt, index, "test", stage_cfg.res, stage_cfg.batch_size, False, interpolation)
+    loader, _, prepare = make_loader(
+        cfg, rt, index, "test", stage_cfg.res, stage_cfg.batch_size, False, get_meta(model), decode
+    )
     return split, compute_cache(split.trunk, loader, prepare, rt, progress=progress)
 
 
