@@ -114,6 +114,7 @@ def stage1(
     seed: int | None = typer.Option(None),
     deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic"),
     skip_corrupt: bool | None = typer.Option(None, "--skip-corrupt/--no-skip-corrupt"),
+    decode: str | None = typer.Option(None, help="JPEG decoding: cpu, gpu (nvJPEG + augmentation on the GPU), auto."),
     device: str | None = typer.Option(None, help="cuda, cuda:1 or cpu (default: cuda when available)."),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
     force: bool = typer.Option(False, "--force", help="Retrain a finished run from scratch."),
@@ -125,7 +126,7 @@ def stage1(
 
     overrides = {
         "data.dataset": dataset, "data.root": data_root, "data.workers": workers, "data.val_fraction": val_fraction,
-        "data.train_on_all": train_on_all, "data.skip_corrupt": skip_corrupt,
+        "data.train_on_all": train_on_all, "data.skip_corrupt": skip_corrupt, "data.decode": decode,
         "model.arch": arch, "model.weights": weights,
         "stage1.res": res, "stage1.epochs": epochs, "stage1.batch_size": batch_size, "stage1.lr": lr,
         "stage1.opt": opt, "stage1.sched": sched, "stage1.warmup_epochs": warmup_epochs,
@@ -153,6 +154,7 @@ def stage2(
     lr: float | None = typer.Option(None),
     batch_size: int | None = typer.Option(None),
     workers: int | None = typer.Option(None),
+    decode: str | None = typer.Option(None, help="JPEG decoding: cpu, gpu or auto."),
     amp: bool | None = typer.Option(None, "--amp/--no-amp"),
     compile: bool | None = typer.Option(None, "--compile/--no-compile"),
     device: str | None = typer.Option(None),
@@ -170,7 +172,8 @@ def stage2(
     run_dir = run or latest_run()
     overrides = {
         "stage2.res": test_res, "stage2.tune": tune, "stage2.augment": da, "stage2.epochs": epochs, "stage2.lr": lr,
-        "stage2.batch_size": batch_size, "data.workers": workers, "runtime.amp": amp, "runtime.compile": compile,
+        "stage2.batch_size": batch_size, "data.workers": workers, "data.decode": decode, "runtime.amp": amp,
+        "runtime.compile": compile,
         "runtime.device": device, "runtime.deterministic": deterministic, "runtime.cache_features": cache_features,
     }  # fmt: skip
     result = run_stage2(run_dir, overrides, force=force)
