@@ -295,3 +295,14 @@ def test_checkpoints_that_would_run_code_are_refused(tmp_path, capsys):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Payload()}, tmp_path / "evil.pth")
     assert "not a readable" in one_line_error(LITE0, tmp_path / "evil.pth")
     assert "this must not run" not in capsys.readouterr().out
+
+
+def test_a_new_classifier_on_pretrained_features_starts_at_zero() -> None:
+    from fgvc.models import create_model
+
+    fresh_head = create_model("timm:tf_efficientnet_lite0", 16, "imagenet").classifier
+    assert fresh_head.weight.abs().sum() == 0 and fresh_head.bias.abs().sum() == 0
+    kept_head = create_model("timm:tf_efficientnet_lite0", 1000, "imagenet").classifier
+    assert kept_head.weight.abs().sum() > 0  # the ImageNet classifier itself was loaded
+    random_head = create_model("timm:tf_efficientnet_lite0", 16, None).classifier
+    assert random_head.weight.abs().sum() > 0  # random init keeps timm's init

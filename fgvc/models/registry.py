@@ -368,8 +368,23 @@ def create_model(name: str, num_classes: int, weights: str | Path | None = None)
     model = spec.build(num_classes)
     model.fgvc_meta = replace(spec.meta, num_classes=num_classes)
     if path is not None:
+        head = model.get_submodule(model.fgvc_meta.classifier)
+        fresh = [p.detach().clone() for p in head.parameters()]
         load_weights(model, path)
+        if all(torch.equal(a, b) for a, b in zip(fresh, head.parameters(), strict=True)):
+            _zero_init(head)
     return model
+
+
+def _zero_init(head: nn.Module) -> None:
+    """A new classifier on pretrained features starts at zero (as BiT does): uniform predictions, loss ln(C).
+
+    The default init gives large logits on ImageNet features (a starting loss of ~7 for 16 classes) and wastes the
+    first epochs of a short fine-tune undoing them.
+    """
+    with torch.no_grad():
+        for param in head.parameters():
+            param.zero_()
 
 
 def _weights_path(name: str, weights: str | Path | None) -> Path | None:
