@@ -40,19 +40,19 @@ def demo_recipe(data_root: Path, out: Path) -> Recipe:
         "out": str(out),
         "data": {"dataset": "demo", "root": str(data_root), "workers": WORKERS, "val_fraction": 0.15},
         "stage1": {"res": TRAIN_RES, "batch_size": 32, "opt": "sgd", "sched": "cosine", "warmup_epochs": 1},
-        "stage2": {"res": TEST_RES, "epochs": 2, "batch_size": 32, "lr": 0.01, "augment": "test", "tune": "bn+fc"},
+        "stage2": {"res": TEST_RES, "epochs": 3, "batch_size": 32, "lr": 0.002, "augment": "test", "tune": "bn+fc"},
         "predict": {"tta": "tencrop", "batch_size": 40},
         "ensemble": {"weights": "search", "method": "mean"},
         "members": [
             {
                 "name": "demo-lite0",
                 "model": {"arch": "timm:tf_efficientnet_lite0", "weights": "imagenet"},
-                "stage1": {"epochs": 12, "lr": 0.05},
+                "stage1": {"epochs": 30, "lr": 0.01},
             },
             {
                 "name": "demo-mobilenetv3",
                 "model": {"arch": "timm:mobilenetv3_small_100", "weights": None},
-                "stage1": {"epochs": 20, "lr": 0.1},
+                "stage1": {"epochs": 40, "opt": "adamw", "lr": 0.003, "weight_decay": 0.05},
             },
         ],
     }

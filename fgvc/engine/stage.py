@@ -195,23 +195,6 @@ def _synchronize(rt: Runtime) -> None:
         torch.cuda.synchronize(rt.device)
 
 
-def evaluate(
-    model: nn.Module,
-    cfg: RunConfig,
-    rt: Runtime,
-    index: DatasetIndex,
-    res: int,
-    batch_size: int,
-    progress: bool,
-    decode: str = "cpu",
-) -> dict[str, float]:
-    """Top-1 / top-5 / mean per-class accuracy on ``index`` with the test augmentation at ``res``."""
-    loader, _, prepare = make_loader(cfg, rt, index, "test", res, batch_size, False, get_meta(model), decode)
-    probs, idx = predict_probs(model, loader, rt, prepare, desc=f"val@{res}", progress=progress)
-    labels = index.frame["label"].to_numpy()[idx]
-    return summarize(probs, labels)
-
-
 def build_scheduler(
     optimizer: torch.optim.Optimizer, stage: StageConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -346,6 +329,16 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     train_loader, train_sampler, prepare = make_loader(
         cfg, rt, train_index, stage_cfg.augment, stage_cfg.res, stage_cfg.batch_size, True, meta, decode
     )
+    if len(val_index):  # built once: its worker processes persist across epochs
+        val_loader, _, val_prepare = make_loader(
+            cfg, rt, val_index, "test", stage_cfg.res, stage_cfg.batch_size, False, meta, decode
+        )
+
+    def validate() -> dict[str, float]:
+        """Top-1 / top-5 / mean per-class accuracy on the val split at the stage's resolution (test augmentation)."""
+        probs, rows = predict_probs(model, val_loader, rt, val_prepare, desc=f"val@{stage_cfg.res}", progress=progress)
+        return summarize(probs, val_index.frame["label"].to_numpy()[rows])
+
     steps_per_epoch = max(1, math.ceil(len(train_loader) / stage_cfg.grad_accum))
     lr = stage_cfg.resolved_lr(rt.world_size)
     optimizer = build_optimizer(model, stage_cfg, lr)
@@ -371,7 +364,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             if stage == STAGE1:
                 save_config(cfg, run_dir / CONFIG_FILE)
         if stage != STAGE1 and len(val_index):
-            before = evaluate(model, cfg, rt, val_index, stage_cfg.res, stage_cfg.batch_size, progress, decode)
+            before = validate()
             log.info("stage-1 model at %d px before adaptation: %s", stage_cfg.res, _fmt(before))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -451,7 +444,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         }
         metrics = None
         if len(val_index) and ((epoch + 1) % stage_cfg.val_every == 0 or last_epoch):
-            metrics = evaluate(model, cfg, rt, val_index, stage_cfg.res, stage_cfg.batch_size, progress)
+            metrics = validate()
             row.update({f"val_{k}": round(v, 3) for k, v in metrics.items()})
         history.append(row)
         improved = metrics is not None and metrics["top1"] > best
