@@ -48,8 +48,8 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.ops import roi_align
 
 from fgvc.data import normalize_on_device
-from fgvc.errors import ConfigError, CorruptImageError, DataError
-from fgvc.io import decode_image
+from fgvc.errors import ConfigError, CorruptImageError
+from fgvc.io import decode_image, is_complete_jpeg, read_image_bytes
 from fgvc.transforms import TEST2_JITTER, TRAIN_JITTER, TRANSFORM_KINDS, test_resize_size
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,6 @@ DRAW_JITTER = slice(23, 26)  # brightness, contrast, saturation factors
 DRAW_JITTER_ORDER = slice(26, 29)  # sort keys: the order the three adjustments are applied in
 DRAW_SHIFT = 29  # test2's horizontal crop offset
 
-_JPEG_START = b"\xff\xd8"
-_JPEG_END = b"\xff\xd9"
-_PADDING = b"\x00\r\n\t "  # bytes some writers append after the end-of-image marker (as in fgvc.io)
 _BRIGHTNESS, _CONTRAST, _SATURATION = 0, 1, 2
 
 
@@ -140,7 +137,7 @@ def device_decodable(data: bytes) -> bool:
     ignores the orientation OpenCV applies) and files that do not end with the end-of-image marker (fgvc.io's
     truncation policy decides those). Pillow parses only the header here, not the scan.
     """
-    if not data.startswith(_JPEG_START) or not data.rstrip(_PADDING).endswith(_JPEG_END):
+    if not is_complete_jpeg(data):
         return False
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -173,7 +170,7 @@ class EncodedImageDataset(Dataset):
         else:
             index, seed = int(key), int(torch.randint(0, 2**31, ()).item())
         path = self.paths[index]
-        data = _read_file(Path(path))
+        data = read_image_bytes(Path(path))
         if device_decodable(data):
             payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
@@ -203,15 +200,6 @@ def collate_encoded(samples: Sequence[EncodedSample | None]) -> tuple[EncodedBat
         paths=[sample.path for sample in kept],
     )
     return batch, torch.tensor([sample.label for sample in kept], dtype=torch.int64), rows.clone()
-
-
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found; check the dataset root or re-download the dataset") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read image file ({err.strerror or err}); check its permissions") from None
 
 
 # ---------------------------------------------------------------------------------------------- parameters (CPU, numpy)

@@ -41,9 +41,9 @@ def decode_image(path: str | Path) -> np.ndarray:
         CorruptImageError: no decoder can read the whole image.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    data = read_image_bytes(path)
     image = _decode_with_opencv(data)
-    if image is not None and not _looks_truncated(data):
+    if image is not None and not looks_truncated(data):
         return image
     fallback = _decode_with_pillow(data)
     if fallback is None:
@@ -54,7 +54,7 @@ def decode_image(path: str | Path) -> np.ndarray:
     return image if image is not None else fallback
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_image_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -76,9 +76,14 @@ def _decode_with_opencv(data: bytes) -> np.ndarray | None:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _looks_truncated(data: bytes) -> bool:
+def is_complete_jpeg(data: bytes) -> bool:
+    """Starts with the JPEG start-of-image marker and ends (bar padding) with the end-of-image marker."""
+    return data.startswith(_JPEG_START) and data.rstrip(_PADDING).endswith(_JPEG_END)
+
+
+def looks_truncated(data: bytes) -> bool:
     """A JPEG that does not end with the end-of-image marker lost its tail (or carries trailing bytes)."""
-    return data.startswith(_JPEG_START) and not data.rstrip(_PADDING).endswith(_JPEG_END)
+    return data.startswith(_JPEG_START) and not is_complete_jpeg(data)
 
 
 def _decode_with_pillow(data: bytes) -> np.ndarray | None:
