@@ -127,18 +127,34 @@ class RunConfig(_Section):
         return Path(self.out) / self.run_name()
 
 
+def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed next to an unknown one (the fields of its section)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}'; see `fgvc config --help-keys` or fgvc/config.py for the valid keys"
+        return f"{source}: unknown key '{key}'; valid keys there: {', '.join(_valid_keys(first['loc']))}"
     return f"{source}: invalid value for '{key}': {first['msg']}"
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
-    """Build a validated RunConfig; an unknown key or a bad value is a one-line ConfigError naming ``source``."""
+    """Build a validated RunConfig; an unknown key or a bad value is a one-line ConfigError naming ``source``.
+
+    ``values`` is merged over the defaults key by key, so a recipe that sets only ``stage2.res`` keeps the other
+    stage-2 defaults (test augmentation, bn+fc, small learning rate) rather than a plain StageConfig's.
+    """
     try:
-        return RunConfig.model_validate(values)
+        return RunConfig.model_validate(merge(RunConfig().model_dump(), values))
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 

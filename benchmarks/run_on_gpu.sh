@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The full throughput run on the lent GPU machine, from the repository root with `.whl` carried:
+#     bash benchmarks/run_on_gpu.sh [throughput.py options, e.g. --workers 12 or --compile all]
+# That machine has Python 3.12, torch, torchvision, timm, OpenCV, pandas, scikit-learn, typer and rich, but not
+# pretrainedmodels, albumentations or pydantic: those travel as wheels in .whl/ and are installed beside the image's
+# packages, not over them. Results (table, raw numbers, log) go to $OUT, else benchmarks/results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1  # no network there: skip albumentations' version check
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+df -h /dev/shm || true  # loader workers hand batches over in shared memory; a small /dev/shm kills them
+python3 -u benchmarks/throughput.py --out "$out" "$@" 2>&1 | tee "$out/throughput.log"

@@ -1,0 +1,79 @@
+"""The configuration model: defaults, recipes, overrides and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fgvc.config import RunConfig, config_from_dict, load_config, merge, resolve_config, save_config
+from fgvc.errors import ConfigError
+from fgvc.recipe import load_recipe, resolve_run_config, stage_commands
+
+
+def test_a_partial_section_keeps_that_sections_defaults() -> None:
+    cfg = config_from_dict({"stage2": {"res": 512}, "stage1": {"epochs": 3}})
+    assert cfg.stage2.res == 512
+    assert (cfg.stage2.augment, cfg.stage2.tune, cfg.stage2.lr_base) == ("test", "bn+fc", 0.008)
+    assert cfg.stage1.epochs == 3 and cfg.stage1.augment == "train" and cfg.stage1.tune == "all"
+
+
+def test_unknown_keys_and_bad_values_are_one_line_errors_naming_the_source() -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"stage1": {"lrr": 0.1}}, "recipes/x.yaml")
+    message = str(err.value)
+    assert message.startswith("recipes/x.yaml: unknown key 'stage1.lrr'") and "lr_base" in message
+    with pytest.raises(ConfigError, match=r"invalid value for 'stage2\.tune'"):
+        config_from_dict({"stage2": {"tune": "everything"}})
+    with pytest.raises(ConfigError, match="unknown key 'colour'"):
+        config_from_dict({"colour": "blue"})
+
+
+def test_yaml_round_trip_and_file_errors(tmp_path: Path) -> None:
+    cfg = config_from_dict({"data": {"dataset": "cub"}, "model": {"arch": "senet154"}, "stage1": {"res": 320}})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    with pytest.raises(ConfigError, match="no such recipe"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("stage1: {res: 448\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML \(line"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_cli_overrides_win_and_unset_flags_keep_the_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {arch: resnet50}\nstage1: {res: 384, epochs: 5}\n")
+    cfg = resolve_config(recipe, {"stage1.epochs": 7, "stage1.lr": None})
+    assert (cfg.model.arch, cfg.stage1.res, cfg.stage1.epochs, cfg.stage1.lr) == ("resnet50", 384, 7, None)
+    assert merge({"a": {"b": 1, "c": 2}}, {"a.b": 3}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_run_folder_name_and_learning_rate_scaling() -> None:
+    cfg = RunConfig.model_validate({"data": {"dataset": "cub"}, "model": {"arch": "timm:convnext_base"}})
+    assert cfg.run_dir() == Path("runs") / "cub-timm-convnext_base-448"
+    cfg.stage1.batch_size, cfg.stage1.grad_accum = 64, 2
+    assert cfg.stage1.resolved_lr(world_size=4) == pytest.approx(0.04 * 64 * 2 * 4 / 256)
+
+
+def test_every_shipped_recipe_loads() -> None:
+    recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.yaml"))
+    assert {p.stem for p in recipes} >= {"inat2019", "herbarium2019", "cub", "cars", "flowers", "pets", "nabirds",
+                                          "birdsnap", "inat2017"}  # fmt: skip
+    table10 = {m.config.model.arch: (m.config.stage1.res, m.config.stage2.res, m.config.stage2.tune)
+               for m in load_recipe(recipes[[p.stem for p in recipes].index("inat2019")]).members}  # fmt: skip
+    assert table10 == {"se_resnext101_32x4d": (448, 704, "bn+fc"), "senet154": (448, 672, "stage+bn+fc"),
+                       "inceptionresnetv2": (491, 681, "bn+fc")}  # fmt: skip
+    for path in recipes:
+        recipe = load_recipe(path)
+        for member in recipe.members:
+            assert member.config.stage2.augment == "test"
+            assert all(c.startswith("fgvc stage") for c in stage_commands(member))
+
+
+def test_a_multi_member_recipe_is_not_a_stage1_config() -> None:
+    path = Path(__file__).resolve().parents[1] / "recipes" / "inat2019.yaml"
+    with pytest.raises(ConfigError, match="fgvc train"):
+        resolve_run_config(path, {})
+    single = Path(__file__).resolve().parents[1] / "recipes" / "cub.yaml"
+    cfg = resolve_run_config(single, {"stage1.epochs": 1})
+    assert (cfg.model.arch, cfg.stage1.res, cfg.stage1.epochs) == ("senet154", 448, 1)
