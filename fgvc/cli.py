@@ -319,8 +319,10 @@ def demo(
     typer.echo("")
     typer.echo(result.table.to_string(na_rep=""))
     sweep_result = result.sweep
+    typer.echo(f"\ntest top-1 (%) of {sweep_result.png_path.parent.name} versus test resolution:")
+    typer.echo(sweep_result.table.to_string(index=False))
     typer.echo(
-        f"\nsweep: best {sweep_result.best_model} at {sweep_result.best_res}px "
+        f"sweep: best {sweep_result.best_model} at {sweep_result.best_res}px "
         f"(top-1 {sweep_result.best_top1:.1f}); {sweep_result.csv_path}, {sweep_result.png_path}"
     )
     weights = ", ".join(f"{w:.2f}" for w in result.ensemble.weights)

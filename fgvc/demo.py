@@ -34,7 +34,11 @@ WORKERS = 2  # the 2-core laptop the demo targets
 
 
 def demo_recipe(data_root: Path, out: Path) -> Recipe:
-    """Two members that differ in architecture and initialisation; stage 2 tunes the last BN + classifier."""
+    """Two EfficientNet-Lite0 members trained at different resolutions; stage 2 tunes the last BN + classifier.
+
+    (A model trained from scratch on 432 images, e.g. MobileNetV3-Small, stays at chance level here: the demo
+    needs the one set of real pretrained weights that the test dependencies ship.)
+    """
     values: dict[str, Any] = {
         "competition": "generic",
         "out": str(out),
@@ -49,10 +53,11 @@ def demo_recipe(data_root: Path, out: Path) -> Recipe:
                 "model": {"arch": "timm:tf_efficientnet_lite0", "weights": "imagenet"},
                 "stage1": {"epochs": 30, "lr": 0.01},
             },
-            {
-                "name": "demo-mobilenetv3",
-                "model": {"arch": "timm:mobilenetv3_small_100", "weights": None},
-                "stage1": {"epochs": 40, "opt": "adamw", "lr": 0.003, "weight_decay": 0.05},
+            {  # same ImageNet start, another train resolution and label smoothing: a cheap source of diversity
+                "name": "demo-lite0-80",
+                "model": {"arch": "timm:tf_efficientnet_lite0", "weights": "imagenet"},
+                "stage1": {"res": 80, "epochs": 30, "lr": 0.01, "label_smoothing": 0.1},
+                "stage2": {"res": 112},
             },
         ],
     }
@@ -83,13 +88,13 @@ def run_demo(
     train_recipe(recipe)
     rows: dict[str, dict[str, float]] = {}
     for member in recipe.members:
-        run_dir = member.config.run_dir()
-        s1, s2 = run_dir / STAGE1, run_dir / stage2_dirname(TEST_RES)
-        rows[member.name] = {
-            f"stage 1 @ train res {TRAIN_RES}": _top1(s1, TRAIN_RES, "none"),
-            f"stage 1 @ test res {TEST_RES}": _top1(s1, TEST_RES, "none"),
-            f"stage 2 @ test res {TEST_RES}": _top1(s2, TEST_RES, "none"),
-            "+ 10-crop": _top1(s2, TEST_RES, "tencrop"),
+        run_dir, train_res, test_res = member.config.run_dir(), member.config.stage1.res, member.test_res
+        s1, s2 = run_dir / STAGE1, run_dir / stage2_dirname(test_res)
+        rows[f"{member.name} ({train_res} -> {test_res} px)"] = {
+            "stage 1 @ train res": _top1(s1, train_res, "none"),
+            "stage 1 @ test res": _top1(s1, test_res, "none"),
+            "stage 2 @ test res": _top1(s2, test_res, "none"),
+            "+ 10-crop": _top1(s2, test_res, "tencrop"),
         }
     lead = recipe.members[0].config.run_dir()
     sweep_result = sweep(lead, list(SWEEP_RES), split="test", progress=False)
