@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from dataset_fixtures import write_csv, write_cub, write_pets
+from test_datasets import CASES
 
 from fgvc.datasets import DATASETS
 from fgvc.datasets.check import check_dataset
@@ -89,3 +90,18 @@ def test_duplicate_image_ids_exit_1(tmp_path: Path) -> None:
 def test_unknown_dataset_name_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         check_dataset("imagenet", progress=False)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_check_prints_the_right_counts_for_every_family(tmp_path: Path, case: str) -> None:
+    name, writer = CASES[case]
+    truth = writer(tmp_path)
+    report = check_dataset(name, root=tmp_path, progress=False)
+    assert report.exit_code == 0, report.render()
+    counts = {split.split: split.images for split in report.splits if split.images}
+    expected = {split: len(rows) for split, rows in truth.splits.items() if rows}
+    assert counts == expected
+    assert report.num_classes == len(truth.class_names)
+    text = report.render()
+    for split, n in expected.items():
+        assert split in text and str(n) in text

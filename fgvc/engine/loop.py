@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fgvc.engine.runtime import Runtime, gather_objects
+from fgvc.engine.runtime import Runtime, any_rank, gather_objects
 
 
 class StopFlag:
@@ -132,7 +132,7 @@ def train_one_epoch(
         elapsed = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
         bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{seen * rt.world_size / elapsed:.0f}")
-        if stop and boundary:
+        if boundary and stop is not None and any_rank(rt, bool(stop)):  # all ranks stop at the same step
             return EpochStats(total_loss / max(seen, 1), seen, elapsed, lr, skipped, micro, interrupted=True)
     lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
     return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro)

@@ -117,6 +117,15 @@ def all_reduce_sum(rt: Runtime, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def any_rank(rt: Runtime, flag: bool) -> bool:
+    """True on every rank when it is true on one (e.g. a signal that reached only some processes)."""
+    if not rt.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def gather_objects(rt: Runtime, obj: object) -> list[object]:
     """Every rank's ``obj``, in rank order (a one-element list in a single process)."""
     if not rt.distributed:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from fgvc.engine.feature_cache import (
     train_one_epoch_cached,
 )
 from fgvc.engine.loop import StopFlag, predict_probs, stop_on_signals, train_one_epoch
-from fgvc.engine.runtime import Runtime, barrier, setup_runtime
+from fgvc.engine.runtime import Runtime, any_rank, barrier, setup_runtime
 from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, DataError, RunExistsError
 from fgvc.fileio import atomic_write_text
@@ -426,12 +427,16 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
                 batch_size=stage_cfg.batch_size, desc=desc, progress=progress,
             )  # fmt: skip
         bn_reset()
+        if rt.distributed:  # each rank saw its own shard: average the BN statistics so the saved model uses them all
+            from timm.utils import distribute_bn
+
+            distribute_bn(model, rt.world_size, reduce=True)
         if stats.interrupted:
             if rt.is_main:
                 save_checkpoint(stage_dir / LAST, checkpoint(epoch, stats.micro_steps, False))
             log.info("interrupted by signal %s: saved %s (epoch %d, step %d); rerun the same command to resume",
                      stop.signum, stage_dir / LAST, epoch + 1, stats.micro_steps)  # fmt: skip
-            result.interrupted_by = stop.signum
+            result.interrupted_by = stop.signum or signal.SIGTERM
             return result
         last_epoch = epoch + 1 == stage_cfg.epochs
         row: dict[str, Any] = {
@@ -460,10 +465,10 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             save_checkpoint(stage_dir / LAST, state_now)
             _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")
         barrier(rt)
-        if stop:
+        if any_rank(rt, bool(stop)):
             log.info("interrupted by signal %s after epoch %d; rerun the same command to resume", stop.signum,
                      epoch + 1)  # fmt: skip
-            result.interrupted_by = stop.signum
+            result.interrupted_by = stop.signum or signal.SIGTERM
             return result
     if stage_cfg.epochs == 0 and rt.is_main:  # evaluation-only stage (e.g. a zero-epoch baseline)
         save_checkpoint(stage_dir / LAST, checkpoint(0, 0, True))
