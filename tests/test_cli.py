@@ -1,0 +1,89 @@
+"""The command line as users meet it: one-line errors with exit code 2, exit codes of the checkers, `python -m fgvc`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fgvc(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fgvc", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fgvc: error: "), result.stderr
+    return lines[0]
+
+
+def test_missing_imagenet_weights_name_the_file_the_places_and_the_url(tiny_demo_root: Path, tmp_path: Path) -> None:
+    result = fgvc("stage1", "--dataset", "demo", "--data-root", str(tiny_demo_root), "--arch", "senet154",
+                  "--res", "32", "--out", str(tmp_path), env={"TORCH_HOME": str(tmp_path / "torch"),
+                                                               "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
+    line = one_line_error(result)
+    assert "senet154-c7b49a05.pth" in line and str(tmp_path / "torch") in line and "http" in line
+    assert not (tmp_path / "demo-senet154-32" / "stage1" / "last.pt").exists()
+
+
+def test_a_checkpoint_for_another_architecture_is_refused(tiny_demo_root: Path, tmp_path: Path) -> None:
+    from fgvc.models import create_model
+
+    torch.save(create_model("timm:test_efficientnet", 10).state_dict(), tmp_path / "other.pth")
+    result = fgvc("stage1", "--dataset", "demo", "--data-root", str(tiny_demo_root), "--arch", "timm:test_resnet",
+                  "--weights", str(tmp_path / "other.pth"), "--res", "32", "--out", str(tmp_path))  # fmt: skip
+    line = one_line_error(result)
+    assert "other.pth" in line and "missing" in line and "unexpected" in line
+
+
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage1: {res: 448, lrr: 0.1}\n")
+    assert "unknown key 'stage1.lrr'" in one_line_error(fgvc("stage1", "--recipe", str(recipe)))
+    line = one_line_error(fgvc("stage1", "--dataset", "cub", "--data-root", str(tmp_path / "nowhere")))
+    assert "nowhere" in line
+    line = one_line_error(fgvc("stage1", "--dataset", "nosuchset", "--data-root", str(tmp_path)))
+    assert "cub" in line  # lists the valid names
+    assert "run `fgvc stage1` first" in one_line_error(fgvc("stage2", "--test-res", "64", cwd=tmp_path))
+
+
+def test_datasets_check_exit_codes(tmp_path: Path) -> None:
+    from dataset_fixtures import write_cub
+
+    truth = write_cub(tmp_path / "cub")
+    assert fgvc("datasets", "check", "cub", "--root", str(tmp_path / "cub")).returncode == 0
+    Path(truth.paths("train")[0]).unlink()
+    result = fgvc("datasets", "check", "cub", "--root", str(tmp_path / "cub"))
+    assert result.returncode == 1 and Path(truth.paths("train")[0]).name in result.stdout
+    (tmp_path / "empty").mkdir()
+    result = fgvc("datasets", "check", "cub", "--root", str(tmp_path / "empty"))
+    assert result.returncode == 2 and "images.txt" in result.stdout
+
+
+def test_listings_and_suggest_res() -> None:
+    models = fgvc("models", "list")
+    assert models.returncode == 0 and "senet154" in models.stdout and "resnext101_32x48d_wsl" in models.stdout
+    datasets = fgvc("datasets", "list")
+    assert datasets.returncode == 0 and "herbarium2022" in datasets.stdout
+    suggest = fgvc("suggest-res", "--train-res", "224")
+    assert suggest.returncode == 0 and suggest.stdout.strip() == "288"
+
+
+@pytest.mark.parametrize("valid", [True, False])
+def test_validate_submission_exit_codes(tmp_path: Path, valid: bool) -> None:
+    path = tmp_path / "sub.csv"
+    path.write_text("id,predicted\n1,3 4 5 6 7\n2,1 2 3 4 5\n" if valid else "Id,predicted\n1,3\n1,4\n")
+    result = fgvc("validate-submission", str(path), "--competition", "inat2019")
+    if valid:
+        assert result.returncode == 0 and "valid" in result.stdout
+    else:
+        assert result.returncode == 1 and "line 1" in result.stdout and "line 3" in result.stdout
