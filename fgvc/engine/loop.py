@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fgvc.engine.runtime import Runtime, any_rank, gather_objects
+from fgvc.engine.runtime import Runtime, all_reduce_sum, any_rank, gather_objects
 
 
 class StopFlag:
@@ -135,6 +135,8 @@ def train_one_epoch(
         if boundary and stop is not None and any_rank(rt, bool(stop)):  # all ranks stop at the same step
             return EpochStats(total_loss / max(seen, 1), seen, elapsed, lr, skipped, micro, interrupted=True)
     lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
+    total_loss, seen, skipped = all_reduce_sum(rt, [total_loss, seen, skipped])  # the epoch over every rank's shard
+    seen, skipped = int(seen), int(skipped)
     return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro)
 
 

@@ -443,7 +443,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "epoch": epoch + 1,
             "train_loss": round(stats.loss, 5),
             "lr": stats.lr,
-            "img_per_s": round(stats.images_per_s * rt.world_size, 1),
+            "img_per_s": round(stats.images_per_s, 1),
             "seconds": round(stats.seconds, 1),
             "skipped": stats.skipped,
         }
