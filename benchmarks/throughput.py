@@ -61,7 +61,7 @@ from torchvision import transforms as tvt
 from fgvc.config import RunConfig, config_from_dict, merge
 from fgvc.data import OnDeviceNormalize
 from fgvc.datasets.base import DatasetIndex
-from fgvc.engine.loop import predict_probs, train_one_epoch
+from fgvc.engine.loop import optimizer_step, predict_probs, train_one_epoch
 from fgvc.engine.runtime import Runtime, setup_runtime
 from fgvc.engine.sampling import EpochSampler
 from fgvc.engine.stage import build_optimizer, build_scheduler, load_split, make_loader, setup_logging
@@ -571,12 +571,7 @@ class CaseRun:
             with self.rt.autocast():
                 loss = criterion(self.model(self.prepare(images)), labels)
             (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler)
 
         sizes = self.sizes
         return {CEIL_TRAIN: timed_steps(self.rt, step, sizes.ceiling_warmup, sizes.ceiling_steps, s1.batch_size)}

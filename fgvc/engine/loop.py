@@ -115,14 +115,7 @@ def train_one_epoch(
                 scaled = loss / grad_accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
             if boundary:
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if scheduler is not None:
-                    scheduler.step()
+                optimizer_step(optimizer, scaler, scheduler)
         micro += 1
         batch_loss = loss.item()
         if not math.isfinite(batch_loss):
@@ -138,6 +131,22 @@ def train_one_epoch(
     total_loss, seen, skipped = all_reduce_sum(rt, [total_loss, seen, skipped])  # the epoch over every rank's shard
     seen, skipped = int(seen), int(skipped)
     return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro)
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> None:
+    """Apply the accumulated gradients (through the fp16 grad scaler when there is one) and advance the schedule."""
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
 
 
 @contextmanager
