@@ -158,7 +158,7 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, input_size, input_size, device=device))
-    except (RuntimeError, TypeError, ValueError):  # NotImplementedError (an op without a meta kernel) included
+    except (RuntimeError, TypeError, ValueError):  # also ops without a meta kernel
         seen = []
     finally:
         for hook in hooks:
