@@ -291,6 +291,11 @@ def validate_submission(
     from fgvc.datasets import load_index
     from fgvc.submission import collect_problems, competition_spec
 
+    if not dataset and not sample:
+        raise FgvcError(
+            f"{file}: nothing to check the ids and categories against; pass --dataset NAME (its test split) or "
+            "--sample sample_submission.csv"
+        )
     test_ids = categories = None
     if dataset:
         index = load_index(dataset, "test", root=data_root)

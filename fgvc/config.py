@@ -33,6 +33,7 @@ class DataConfig(_Section):
     dataset: str = "demo"
     root: str | None = None  # None: $FGVC_DATA/<dataset> or datasets/<dataset>
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # hold-out of train where the dataset has no val split
+    split_seed: int = 0  # seed of that hold-out: independent of runtime.seed so ensemble members share one val set
     train_on_all: bool = False  # train on train+val (the hold-out is still evaluated, but is no longer unseen)
     workers: int = Field(default_factory=lambda: min(8, os.cpu_count() or 1), ge=0)
     skip_corrupt: bool = False  # skip and count unreadable images instead of failing

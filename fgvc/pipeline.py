@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fgvc.engine.stage import STAGE1, is_finished, run_stage1, run_stage2, stage2_dirname
+from fgvc.engine.stage import STAGE1, is_finished, load_split, run_stage1, run_stage2, stage2_dirname
 from fgvc.ensemble import align, combine, resolve_weights
 from fgvc.errors import ConfigError, DataError
 from fgvc.metrics import summarize
@@ -142,8 +142,11 @@ def ensemble_recipe(
     draft = path.with_name(f".{path.name}.draft")
     try:  # the final name appears only once the file passed every check
         write_submission(combined, spec.name, draft, k=ens.top_k)
-        categories = combined.class_names if spec.predictions == "name" else combined.category_ids
-        validate_submission(draft, spec.name, test_ids=combined.image_ids, valid_categories=categories, sample=sample)
+        test = load_split(recipe.members[0].config, "test")  # the ids come from the dataset, not from the members
+        named = spec.predictions == "name"
+        categories = test.class_names if named else test.category_ids
+        test_ids = test.frame["image_id"].tolist()
+        validate_submission(draft, spec.name, test_ids=test_ids, valid_categories=categories, sample=sample)
         combined.save(path.with_suffix(".npz"))
         os.replace(draft, path)
     finally:

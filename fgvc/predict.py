@@ -66,6 +66,11 @@ def stage_decode(stage_dir: Path, rt: Runtime) -> str:
     return "gpu" if trained == "gpu" and rt.device.type == "cuda" else "cpu"
 
 
+def _same_ids(cached: np.ndarray, current: np.ndarray) -> bool:
+    """A cached file is reused only for exactly the images (and order) the split has now."""
+    return len(cached) == len(current) and bool((cached.astype(str) == current.astype(str)).all())
+
+
 def prediction_path(run_dir: Path, stage_dir: Path, split: str, res: int | str, tta: str) -> Path:
     return run_dir / "predictions" / stage_dir.name / f"{split}-{res}-{tta}.npz"
 
@@ -85,16 +90,21 @@ def predict_stage(
         raise ConfigError(f"unknown --tta '{tta}'; choose one of {', '.join(TTA_CHOICES)}")
     run_dir = stage_dir.parent
     path = prediction_path(run_dir, stage_dir, split, res, tta)
-    if path.is_file() and not force:
-        probs = Probabilities.load(path)
-        return PredictResult(path, probs, summarize(probs.probs, probs.labels) if probs.has_labels else None, True)
-
     cfg = load_config(stage_dir / CONFIG_FILE)
     if workers is not None:
         cfg.data.workers = workers
+    index = load_split(cfg, split)
+    if not len(index):
+        notes = f" ({'; '.join(index.notes)})" if index.notes else ""
+        raise DataError(f"{cfg.data.resolved_root()}: the {split} split has no images{notes}; check the dataset folder")
+    if path.is_file() and not force:
+        probs = Probabilities.load(path)
+        if _same_ids(probs.image_ids, index.frame["image_id"].to_numpy()):
+            return PredictResult(path, probs, summarize(probs.probs, probs.labels) if probs.has_labels else None, True)
+        log.info("%s was computed for other images than the %s split now has: recomputing", path, split)
+
     rt = setup_runtime(cfg.runtime)
     setup_logging(None, rt)
-    index = load_split(cfg, split)
     model, ckpt = load_stage_model(stage_dir)
     if ckpt["num_classes"] != index.num_classes:
         raise DataError(f"{stage_dir}: model has {ckpt['num_classes']} classes, {split} split {index.num_classes}")
@@ -111,7 +121,8 @@ def predict_stage(
     scores, idx = predict_probs(model, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
     n_images = len(index)
     full = np.full((n_images, index.num_classes), 1.0 / index.num_classes, dtype=np.float32)
-    full[idx] = scores
+    if len(idx):
+        full[idx] = scores
     if len(idx) < n_images:
         log.warning("%d unreadable images got uniform probabilities so that every id has a row", n_images - len(idx))
     frame = index.frame

@@ -286,7 +286,9 @@ def _collect(
         return [f"line 1: the file is empty; it needs the header {','.join(header)} and one row per test image"]
     problems = _header_problems(first[1], header)
     first_line_of: dict[str, int] = {}
+    rows = 0
     for line, row in records:
+        rows += 1
         row_problems, key = _row_problems(line, row, spec, len(header), valid_categories)
         problems += row_problems
         if key is None:
@@ -297,6 +299,8 @@ def _collect(
         first_line_of[key] = line
         if reference_ids is not None and key not in reference_ids:
             problems.append(f"line {line}: id {key} is not in the {reference_kind}")
+    if rows == 0:
+        problems.append("line 2: no prediction rows after the header; Kaggle needs one row per test image")
     if reference_ids is not None:
         missing = [key for key in reference_ids if key not in first_line_of]
         if missing:
@@ -363,6 +367,9 @@ def _prediction_problems(
     if spec.max_k is not None and len(tokens) > spec.max_k:
         return [f"line {line}: {len(tokens)} predictions, too many ({spec.name} needs {spec.count_rule()})"]
     problems = []
+    repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+    if repeated:  # top-k metrics count distinct guesses: a repeat silently wastes one
+        problems.append(f"line {line}: category {repeated[0]} predicted more than once in the row")
     for token in tokens:
         if spec.predictions == "category_id" and not _INTEGER.fullmatch(token):
             problems.append(f"line {line}: prediction {token!r} is not an integer category id")

@@ -80,9 +80,11 @@ def test_listings_and_suggest_res() -> None:
 
 @pytest.mark.parametrize("valid", [True, False])
 def test_validate_submission_exit_codes(tmp_path: Path, valid: bool) -> None:
-    path = tmp_path / "sub.csv"
+    path, sample = tmp_path / "sub.csv", tmp_path / "sample.csv"
+    sample.write_text("id,predicted\n1,0\n2,0\n")
     path.write_text("id,predicted\n1,3 4 5 6 7\n2,1 2 3 4 5\n" if valid else "Id,predicted\n1,3\n1,4\n")
-    result = fgvc("validate-submission", str(path), "--competition", "inat2019")
+    assert "--dataset" in one_line_error(fgvc("validate-submission", str(path), "--competition", "inat2019"))
+    result = fgvc("validate-submission", str(path), "--competition", "inat2019", "--sample", str(sample))
     if valid:
         assert result.returncode == 0 and "valid" in result.stdout
     else:

@@ -275,3 +275,10 @@ def test_list_models_reports_sizes_normalisation_and_local_weights(tmp_path, mon
 
 def test_model_spec_is_built_once_per_name():
     assert model_spec("resnet50") is model_spec("resnet50")
+
+
+def test_generic_timm_metadata_for_a_densenet_and_a_distilled_model() -> None:
+    meta = model_meta("timm:densenet121")
+    assert meta.last_bn == "features.norm5" and meta.last_stage == ("features.denseblock4", "features.norm5")
+    with pytest.raises(ConfigError, match="several classifier heads"):
+        model_meta("timm:deit_tiny_distilled_patch16_224")

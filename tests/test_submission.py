@@ -319,3 +319,13 @@ def test_missing_files_are_submission_errors(tmp_path: Path) -> None:
     with pytest.raises(SubmissionError, match="sample submission not found"):
         validate_submission(path, "inat2021", sample=tmp_path / "nope.csv")
     assert issubclass(SubmissionError, DataError)
+
+
+def test_a_repeated_category_in_a_row_and_an_empty_file_are_rejected(tmp_path) -> None:
+    from fgvc.submission import collect_problems
+
+    path = tmp_path / "sub.csv"
+    path.write_text("id,predicted\n1,5 5 5 5 5\n")
+    assert any("line 2" in p and "more than once" in p for p in collect_problems(path, "inat2017"))
+    path.write_text("id,predicted\n")
+    assert any("no prediction rows" in p for p in collect_problems(path, "inat2019"))

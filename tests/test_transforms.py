@@ -54,21 +54,34 @@ def test_deterministic_kinds_keep_a_flat_image_flat(kind: str) -> None:
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "area", "nearest"])
 def test_test_is_shorter_side_resize_then_centre_crop(interpolation: str) -> None:
-    image = pattern(40, 60)
+    image = pattern(20, 30)
     flag = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}.get(
         interpolation, cv2.INTER_NEAREST
     )
-    # res 16 at crop_pct 0.5: shorter side (height 40) -> 32, width 60 -> 48; centre 16x16 at y 8, x 16
+    # res 16 at crop_pct 0.5: shorter side (height 20) -> 32, width 30 -> 48; centre 16x16 at y 8, x 16
     expected = cv2.resize(image, (48, 32), interpolation=flag)[8:24, 16:32]
     transform = build_transform("test", 16, crop_pct=0.5, interpolation=interpolation)
     np.testing.assert_array_equal(hwc(transform(image)), expected)
     np.testing.assert_array_equal(hwc(transform(image)), expected)  # deterministic
 
 
+def test_shrinking_averages_pixels_instead_of_aliasing() -> None:
+    """Downscaling goes through INTER_AREA whatever the interpolation: fine stripes must become flat grey."""
+    image = pattern(40, 60)
+    expected = cv2.resize(image, (48, 32), interpolation=cv2.INTER_AREA)[8:24, 16:32]
+    np.testing.assert_array_equal(hwc(build_transform("test", 16, crop_pct=0.5)(image)), expected)
+    stripes = np.zeros((1200, 1600, 3), np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: ideally flat ~128 after a 4.7x shrink
+    out = hwc(build_transform("test", 224)(stripes)).astype(np.float32)
+    aliased = cv2.resize(stripes, (341, 256), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    assert aliased.std() > 60  # what plain bicubic makes of it
+    assert out.std() < 20 and abs(out.mean() - 127.5) < 3
+
+
 def test_test_resizes_width_of_a_portrait_image() -> None:
     """The reference code sets the height to the target; the shorter side (here the width) must be set instead."""
     image = pattern(60, 40)
-    expected = cv2.resize(image, (32, 48), interpolation=cv2.INTER_LINEAR)[16:32, 8:24]
+    expected = cv2.resize(image, (32, 48), interpolation=cv2.INTER_AREA)[16:32, 8:24]
     out = build_transform("test", 16, crop_pct=0.5, interpolation="bilinear")(image)
     np.testing.assert_array_equal(hwc(out), expected)
 
@@ -76,7 +89,7 @@ def test_test_resizes_width_of_a_portrait_image() -> None:
 def test_test_centre_offset_rounds_down() -> None:
     image = pattern(40, 60)
     # res 15 at 0.5: shorter side 40 -> 30, width 60 -> 45; offsets (30-15)//2 = 7 and (45-15)//2 = 15
-    expected = cv2.resize(image, (45, 30), interpolation=cv2.INTER_CUBIC)[7:22, 15:30]
+    expected = cv2.resize(image, (45, 30), interpolation=cv2.INTER_AREA)[7:22, 15:30]
     np.testing.assert_array_equal(hwc(build_transform("test", 15, crop_pct=0.5)(image)), expected)
 
 
@@ -129,7 +142,7 @@ def test_horizontal_shift_crop_alone_keeps_rows() -> None:
 
 def test_tencrop_views_match_hand_crops() -> None:
     image = pattern(40, 60)
-    resized = cv2.resize(image, (48, 32), interpolation=cv2.INTER_LINEAR)  # shorter side 40 -> 32
+    resized = cv2.resize(image, (48, 32), interpolation=cv2.INTER_AREA)  # shorter side 40 -> 32 (shrink: area)
     tl, tr = resized[0:16, 0:16], resized[0:16, 32:48]
     bl, br = resized[16:32, 0:16], resized[16:32, 32:48]
     centre = resized[8:24, 16:32]

@@ -98,7 +98,8 @@ def train_one_epoch(
     for i, (images, labels, _idx) in enumerate(bar):
         if batch_size is not None:
             skipped += batch_size - len(labels)
-        if len(labels) == 0:
+        # A batch whose images were all unreadable is skipped, by every rank at once (DDP steps in lockstep).
+        if len(labels) == 0 or (rt.distributed and optimizer is not None and any_rank(rt, len(labels) == 0)):
             micro += 1
             continue
         x = prepare(images)

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -107,15 +108,20 @@ def setup_logging(path: Path | None, rt: Runtime) -> None:
 
 
 def load_split(cfg: RunConfig, split: str) -> DatasetIndex:
+    """One split of the run's dataset. The hold-out depends on ``data.split_seed`` only, never on the training seed,
+    so ensemble members trained with different seeds share one validation set."""
     data = cfg.data
-    return load_index(
-        data.dataset,
-        split,
-        root=data.resolved_root(),
-        val_fraction=data.val_fraction,
-        seed=cfg.runtime.seed,
-        train_on_all=data.train_on_all,
-    )
+    root = data.resolved_root().resolve()
+    return _load_split(data.dataset, str(root), split, data.val_fraction, data.split_seed, data.train_on_all)
+
+
+@lru_cache(maxsize=8)
+def _load_split(
+    dataset: str, root: str, split: str, val_fraction: float, split_seed: int, train_on_all: bool
+) -> DatasetIndex:
+    """Cached per process: a sweep or an ensemble reads the same (possibly large) metadata files many times."""
+    return load_index(dataset, split, root=Path(root), val_fraction=val_fraction, seed=split_seed,
+                      train_on_all=train_on_all)  # fmt: skip
 
 
 def make_loader(
@@ -265,6 +271,7 @@ def _conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[str]:
     section = "stage1" if stage == STAGE1 else "stage2"
     out = []
     checks = [("data", "dataset"), ("data", "val_fraction"), ("data", "train_on_all"), ("data", "crop_pct")]
+    checks += [("data", "split_seed")]
     checks += [("model", "arch")] + [(section, key) for key in current[section] if key != "val_every"]
     for sec, key in checks:
         old, new = saved.get(sec, {}).get(key), current[sec][key]

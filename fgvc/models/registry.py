@@ -170,7 +170,13 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
 
 def _timm_classifier(model: nn.Module) -> str:
     names = {id(module): name for name, module in model.named_modules()}
-    return names[id(model.get_classifier())]
+    head = model.get_classifier()
+    if id(head) not in names:  # e.g. distilled DeiT/LeViT return (head, head_dist)
+        raise ConfigError(
+            f"timm:{type(model).__name__}: a model with several classifier heads is not supported; "
+            "use its non-distilled variant"
+        )
+    return names[id(head)]
 
 
 def _timm_last_stage(model: nn.Module, classifier: str) -> tuple[str, ...]:
@@ -180,6 +186,13 @@ def _timm_last_stage(model: nn.Module, classifier: str) -> tuple[str, ...]:
     if not feature_info:
         return ()
     stage = feature_info[-1]["module"]
+    norm = model.get_submodule(stage)
+    if "." in stage and isinstance(norm, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm):
+        # DenseNet names its final norm (features.norm5): the stage is the block before it, plus that norm
+        parent, _, last = stage.rpartition(".")
+        siblings = [name for name, _ in model.get_submodule(parent).named_children()]
+        if siblings.index(last) > 0:
+            return (f"{parent}.{siblings[siblings.index(last) - 1]}", stage)
     children = [name for name, _ in model.named_children()]
     top = stage.split(".")[0]
     if top not in children:
