@@ -318,9 +318,13 @@ def demo(
     out: Path = typer.Option(Path("runs"), help="Folder of runs."),
 ) -> None:
     """The whole method on the procedural demo data: stage 1, stage 2, sweep, 10-crop, ensemble, CSV."""
-    from fgvc.demo import run_demo
+    from fgvc.demo import Interrupted, run_demo
 
-    result = run_demo(data_root, out)
+    try:
+        result = run_demo(data_root, out)
+    except Interrupted as stop:
+        typer.echo(str(stop), err=True)
+        raise typer.Exit(128 + stop.signum) from None
     typer.echo("")
     typer.echo(result.table.to_string(na_rep=""))
     sweep_result = result.sweep

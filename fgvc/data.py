@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -131,6 +132,10 @@ def seed_worker(worker_id: int) -> None:
     Torch seeds each worker with ``base_seed + worker_id`` (base drawn from the loader's generator); without this,
     forked workers would share the parent's numpy and albumentations streams and augment identically.
     """
+    # A SIGTERM sent to the whole process group (timeout, SLURM) must not kill the workers before the main process
+    # has saved its checkpoint; it ends them itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)

@@ -64,6 +64,14 @@ def demo_recipe(data_root: Path, out: Path) -> Recipe:
     return recipe_from_values(values, source="fgvc demo")
 
 
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM (checkpoint saved): nothing after it may use the unfinished models."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}; rerun `fgvc demo` to resume")
+        self.signum = signum
+
+
 @dataclass
 class DemoResult:
     table: pd.DataFrame  # rows: the steps of the method; columns: members (+ the ensemble), test top-1 %
@@ -85,7 +93,9 @@ def run_demo(
     root = resolve_root("demo", data_root)
     ensure_demo(root)
     recipe = demo_recipe(root, out)
-    train_recipe(recipe)
+    interrupted = [o.interrupted_by for o in train_recipe(recipe) if o.interrupted_by]
+    if interrupted:
+        raise Interrupted(interrupted[0])
     rows: dict[str, dict[str, float]] = {}
     for member in recipe.members:
         run_dir, train_res, test_res = member.config.run_dir(), member.config.stage1.res, member.test_res

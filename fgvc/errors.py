@@ -34,5 +34,9 @@ class WeightsError(FgvcError):
     """Pretrained weights missing, or a checkpoint that does not fit the architecture."""
 
 
+class TrainingError(FgvcError):
+    """Training diverged (a non-finite loss)."""
+
+
 class RunExistsError(FgvcError):
     """A finished result would be overwritten; pass --force to replace it."""

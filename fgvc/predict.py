@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,15 @@ import numpy as np
 
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.runtime import Runtime, setup_runtime
-from fgvc.engine.stage import FINISHED, STAGE1, load_split, load_stage_model, make_loader, setup_logging
+from fgvc.engine.stage import (
+    FINISHED,
+    STAGE1,
+    find_stage_checkpoint,
+    load_split,
+    load_stage_model,
+    make_loader,
+    setup_logging,
+)
 from fgvc.errors import ConfigError, DataError
 from fgvc.metrics import summarize
 from fgvc.models import get_meta
@@ -36,7 +45,11 @@ class PredictResult:
 
 def stage_dirs(run_dir: Path) -> list[Path]:
     """Stage folders with a checkpoint: stage1 first, then stage2-<res> by resolution."""
-    found = [d for d in run_dir.glob("stage*") if (d / "last.pt").is_file() or (d / "best.pt").is_file()]
+    found = [
+        d
+        for d in run_dir.glob("stage*")
+        if re.fullmatch(r"stage1|stage2-\d+", d.name) and ((d / "last.pt").is_file() or (d / "best.pt").is_file())
+    ]
     return sorted(found, key=lambda d: (d.name != STAGE1, int(d.name.split("-")[-1]) if "-" in d.name else 0))
 
 
@@ -64,6 +77,13 @@ def stage_decode(stage_dir: Path, rt: Runtime) -> str:
     finished = stage_dir / FINISHED
     trained = json.loads(finished.read_text()).get("decode", "cpu") if finished.is_file() else "cpu"
     return "gpu" if trained == "gpu" and rt.device.type == "cuda" else "cpu"
+
+
+def _checkpoint_identity(stage_dir: Path) -> str:
+    """Which weights produced a prediction: the checkpoint file's name, size and modification time."""
+    path = find_stage_checkpoint(stage_dir)
+    stat = path.stat()
+    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _same_ids(cached: np.ndarray, current: np.ndarray) -> bool:
@@ -99,9 +119,10 @@ def predict_stage(
         raise DataError(f"{cfg.data.resolved_root()}: the {split} split has no images{notes}; check the dataset folder")
     if path.is_file() and not force:
         probs = Probabilities.load(path)
-        if _same_ids(probs.image_ids, index.frame["image_id"].to_numpy()):
+        same_model = probs.meta.get("checkpoint") == _checkpoint_identity(stage_dir)
+        if same_model and _same_ids(probs.image_ids, index.frame["image_id"].to_numpy()):
             return PredictResult(path, probs, summarize(probs.probs, probs.labels) if probs.has_labels else None, True)
-        log.info("%s was computed for other images than the %s split now has: recomputing", path, split)
+        log.info("%s was computed by another checkpoint or for other images: recomputing", path)
 
     rt = setup_runtime(cfg.runtime)
     setup_logging(None, rt)
@@ -140,6 +161,7 @@ def predict_stage(
             "split": split,
             "res": res,
             "tta": tta,
+            "checkpoint": _checkpoint_identity(stage_dir),
         },
     )
     if rt.is_main:

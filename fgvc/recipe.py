@@ -107,6 +107,12 @@ def stage_commands(member: Member) -> list[str]:
     parts = ["fgvc stage1", f"--dataset {cfg.data.dataset}", f"--arch {cfg.model.arch}", f"--res {s1.res}"]
     if cfg.data.root:
         parts.append(f"--data-root {cfg.data.root}")
+    if cfg.data.val_fraction != default.data.val_fraction:
+        parts.append(f"--val-fraction {cfg.data.val_fraction}")
+    if cfg.data.train_on_all:
+        parts.append("--train-on-all")
+    if cfg.runtime.seed != default.runtime.seed:
+        parts.append(f"--seed {cfg.runtime.seed}")
     if cfg.model.weights != default.model.weights:
         parts.append(f"--weights {cfg.model.weights or 'none'}")
     for key in ("epochs", "batch_size", "lr", "opt", "sched", "warmup_epochs", "label_smoothing", "grad_accum"):

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _fgvc(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "fgvc", *args], cwd=kwargs.get("cwd", REPO), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
 def _stage1_args(data_root: Path, out: Path, name: str) -> list[str]:
     return ["stage1", "--dataset", "demo", "--data-root", str(data_root), "--arch", "timm:test_resnet",
             "--weights", "none", "--res", "32", "--epochs", "20", "--batch-size", "2", "--lr", "0.02",
-            "--workers", "0", "--deterministic", "--out", str(out), "--name", name, "--device", "cpu"]  # fmt: skip
+            "--workers", "1", "--deterministic", "--out", str(out), "--name", name, "--device", "cpu"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -175,7 +176,9 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_demo_ro
     while "img_s=" not in "".join(printed):  # the progress bar has shown a finished training step
         assert time.time() < deadline and interrupted.poll() is None, "".join(printed)
         time.sleep(0.01)
-    interrupted.send_signal(signal.SIGTERM)  # 20 epochs of 14 steps: the run is far from its end
+    # to the whole process group, loader worker included, as `timeout` and SLURM do; 20 epochs of 14 steps: the run
+    # is far from its end
+    os.killpg(interrupted.pid, signal.SIGTERM)
     interrupted.wait(timeout=300)
     reader.join()
     out = "".join(printed)

@@ -207,3 +207,16 @@ def test_missing_member_prints_the_commands_that_produce_it(tmp_path: Path, tiny
     assert f"fgvc stage2 --run {tmp_path / 'runs' / 'inat2019-a'} --test-res 40 --tune bn+fc" in message
     assert "\n" not in message
     assert not (tmp_path / "submissions").exists()
+
+
+def test_predictions_of_a_retrained_model_are_not_reused(tiny_demo_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs")
+    run_stage1(cfg, progress=False)
+    run_stage2(cfg.run_dir(), {"stage2.res": 40}, progress=False)
+    first = predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False)
+    assert predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False).cached
+    run_stage1(cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"seed": 1})}), force=True,
+               progress=False)  # fmt: skip
+    again = predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False)
+    assert not again.cached and again.probs.meta["checkpoint"] != first.probs.meta["checkpoint"]
+    assert not (cfg.run_dir() / "stage2-40" / "finished.json").exists()  # stage 2 came from the old stage 1

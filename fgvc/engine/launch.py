@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,6 +29,23 @@ def already_distributed() -> bool:
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run ``python -m fgvc ARGV`` under torchrun on this node and return its exit code."""
+    """Run ``python -m fgvc ARGV`` under torchrun on this node and return its exit code.
+
+    SIGINT/SIGTERM sent to this process are passed on to torchrun (which passes them to the workers, who save a
+    checkpoint), and this process waits for them instead of leaving them orphaned.
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "fgvc"]
-    return subprocess.call([*cmd, *strip_option(argv, "--gpus")])
+    child = subprocess.Popen([*cmd, *strip_option(argv, "--gpus")])
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + received[0] if received else code

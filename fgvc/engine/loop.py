@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fgvc.engine.runtime import Runtime, all_reduce_sum, any_rank, gather_objects
+from fgvc.errors import TrainingError
 
 
 class StopFlag:
@@ -99,7 +100,10 @@ def train_one_epoch(
         if batch_size is not None:
             skipped += batch_size - len(labels)
         # A batch whose images were all unreadable is skipped, by every rank at once (DDP steps in lockstep).
-        if len(labels) == 0 or (rt.distributed and optimizer is not None and any_rank(rt, len(labels) == 0)):
+        empty = len(labels) == 0
+        if rt.distributed and optimizer is not None:
+            empty = any_rank(rt, empty)  # every rank calls it, empty batch or not
+        if empty:
             micro += 1
             continue
         x = prepare(images)
@@ -120,7 +124,7 @@ def train_one_epoch(
         micro += 1
         batch_loss = loss.item()
         if not math.isfinite(batch_loss):
-            raise FloatingPointError(f"loss is {batch_loss} at step {micro}; lower --lr or disable --amp")
+            raise TrainingError(f"loss is {batch_loss} at step {micro}; lower --lr or disable --amp, then use --force")
         total_loss += batch_loss * len(labels)
         seen += len(labels)
         elapsed = time.perf_counter() - started

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from fgvc.config import RuntimeConfig
+from fgvc.errors import ConfigError
 
 
 @dataclass
@@ -79,6 +80,10 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device:
         device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":

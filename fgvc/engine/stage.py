@@ -305,6 +305,15 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose another --name)")
     if force and rt.is_main:  # the old result stops being "the" result as soon as retraining starts
         (stage_dir / FINISHED).unlink(missing_ok=True)
+        (stage_dir / BEST).unlink(missing_ok=True)
+        if stage == STAGE1:  # every stage 2 was adapted from the old stage-1 model
+            for old in run_dir.glob("stage2-*"):
+                (old / FINISHED).unlink(missing_ok=True)
+                (old / LAST).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "predictions", ignore_errors=True)
+            for sweep_file in run_dir.glob("sweep.*"):
+                sweep_file.unlink()
+    if rt.is_main:  # predictions of an unfinished or retrained model must not be reused
         shutil.rmtree(run_dir / "predictions" / stage_dir.name, ignore_errors=True)
     if (stage_dir / LAST).is_file() and not force:
         state = load_checkpoint(stage_dir / LAST)
@@ -361,11 +370,18 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if state.get("world_size", 1) != rt.world_size:
+            raise ConfigError(
+                f"{stage_dir}/{LAST} was written by {state.get('world_size', 1)} processes, this run has "
+                f"{rt.world_size}: the schedule and data position would not match; resume with "
+                f"{state.get('world_size', 1)} processes or pass --force"
+            )
         start_epoch, start_micro, best = state["epoch"], state["micro_step"], state["best"]
         history, before = state["history"], state.get("before")
         set_rng_state(state["rng"])
         log.info("resuming %s from epoch %d, step %d", stage_dir, start_epoch + 1, start_micro)
     else:
+        cfg.data.root = str(cfg.data.resolved_root().resolve())  # the run folder must not depend on the cwd
         if rt.is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, stage_dir / CONFIG_FILE)
@@ -409,6 +425,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "classes": class_info(train_index),
             "res": stage_cfg.res,
             "stage": stage,
+            "world_size": rt.world_size,
         }
 
     split, cache = None, None
@@ -419,7 +436,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         micro = start_micro if epoch == start_epoch else 0
         train_sampler.set_epoch(epoch, start=micro * stage_cfg.batch_size)
         set_train_mode(model, stage_cfg.tune)
-        bn_reset = _prepare_bnstats(model, stage_cfg.tune)
+        bn_reset = _prepare_bnstats(model, stage_cfg.tune, restart=micro == 0)
         desc = f"{stage} {epoch + 1}/{stage_cfg.epochs}"
         if cache is not None and split is not None:  # frozen trunk computed once: only the tail runs
             stats = train_one_epoch_cached(
@@ -529,13 +546,17 @@ def _feature_cache(
     return split, compute_cache(split.trunk, loader, prepare, rt, progress=progress)
 
 
-def _prepare_bnstats(model: nn.Module, tune: str) -> Any:
-    """For ``bnstats``: restart the last BN's statistics as a cumulative average over this pass; returns an undo."""
+def _prepare_bnstats(model: nn.Module, tune: str, restart: bool = True) -> Any:
+    """For ``bnstats``: the last BN's statistics as a cumulative average over this pass; returns an undo.
+
+    A pass resumed mid-epoch (``restart=False``) continues the average: ``num_batches_tracked`` is in the checkpoint.
+    """
     if tune != "bnstats":
         return lambda: None
     bn = dict(model.named_modules())[get_meta(model).last_bn]
     momentum = bn.momentum
-    bn.reset_running_stats()
+    if restart:
+        bn.reset_running_stats()
     bn.momentum = None
 
     def restore() -> None:
