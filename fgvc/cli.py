@@ -252,12 +252,15 @@ def predict(
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML (recipes/*.yaml)."),
+    member: list[str] | None = typer.Option(
+        None, "--member", help="Train only this member (repeatable), e.g. one member per machine."
+    ),
     force: bool = typer.Option(False, "--force", help="Retrain finished stages too."),
 ) -> None:
     """Stage 1 and stage 2 for every member of a recipe, skipping finished stages."""
     from fgvc.pipeline import train_recipe
 
-    outcomes = train_recipe(recipe, force=force)
+    outcomes = train_recipe(recipe, force=force, members=member)
     for outcome in outcomes:
         typer.echo(f"{outcome.member:40s} {outcome.stage:7s} {outcome.status}")
     interrupted = [o for o in outcomes if o.interrupted_by]

@@ -20,7 +20,7 @@ from fgvc.errors import ConfigError, DataError
 from fgvc.metrics import summarize
 from fgvc.predict import predict_stage
 from fgvc.probs import Probabilities
-from fgvc.recipe import Member, Recipe, load_recipe, stage_commands
+from fgvc.recipe import Member, Recipe, load_recipe, member_train_command, select_members
 from fgvc.submission import competition_spec, validate_submission, write_submission
 
 log = logging.getLogger("fgvc")
@@ -39,11 +39,16 @@ class TrainOutcome:
     interrupted_by: int | None = None
 
 
-def train_recipe(recipe: Recipe | str | Path, force: bool = False, progress: bool = True) -> list[TrainOutcome]:
-    """Stage 1 then stage 2 for every member, skipping the stages that are already finished."""
+def train_recipe(
+    recipe: Recipe | str | Path, force: bool = False, progress: bool = True, members: list[str] | None = None
+) -> list[TrainOutcome]:
+    """Stage 1 then stage 2 for every member (or the ones named), skipping the stages that are already finished.
+
+    Naming members lets an ensemble train on several machines at once, one member each, from the same recipe.
+    """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     outcomes: list[TrainOutcome] = []
-    for member in recipe.members:
+    for member in select_members(recipe, members):
         cfg, run_dir = member.config, member.config.run_dir()
         steps = [(STAGE1, run_dir / STAGE1)]
         if member.stage == 2:
@@ -65,12 +70,12 @@ def train_recipe(recipe: Recipe | str | Path, force: bool = False, progress: boo
     return outcomes
 
 
-def member_probabilities(member: Member, split: str, progress: bool = True) -> Probabilities:
+def member_probabilities(recipe: Recipe, member: Member, split: str, progress: bool = True) -> Probabilities:
     """The member's (cached) probabilities on ``split``: its TTA, at its resolution(s), averaged over resolutions."""
     stage_dir = member_stage_dir(member)
     if not is_finished(stage_dir):
-        commands = " && ".join(stage_commands(member))
-        raise DataError(f"member {member.name}: no finished checkpoint in {stage_dir}; produce it with: {commands}")
+        command = member_train_command(recipe, member)
+        raise DataError(f"member {member.name}: no finished checkpoint in {stage_dir}; produce it with: {command}")
     tta = member.config.predict.tta
     resolutions = member.multi_res or [member.test_res]
     parts = [predict_stage(stage_dir, split, r, tta, progress=progress).probs for r in resolutions]
@@ -105,8 +110,8 @@ def ensemble_recipe(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     spec = competition_spec(recipe.competition)
     ens = recipe.ensemble
-    val = align([member_probabilities(m, ens.val_split, progress) for m in recipe.members])
-    test = align([member_probabilities(m, "test", progress) for m in recipe.members])
+    val = align([member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members])
+    test = align([member_probabilities(recipe, m, "test", progress) for m in recipe.members])
     labels = val[0].labels
     labelled = bool((labels >= 0).any())
     if ens.weights == "search" and not labelled:

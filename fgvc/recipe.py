@@ -94,46 +94,20 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
     return Recipe(source=source, competition=competition, ensemble=ensemble, members=members)
 
 
-def _flag(name: str, value: Any) -> str:
-    if isinstance(value, bool):
-        return f"--{name}" if value else f"--no-{name}"
-    return f"--{name} {value}"
+def select_members(recipe: Recipe, names: list[str] | None) -> list[Member]:
+    """The members called ``names`` (all when None), in recipe order; an unknown name lists the valid ones."""
+    if not names:
+        return list(recipe.members)
+    known = [m.name for m in recipe.members]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"{recipe.source}: no member named {', '.join(unknown)}; its members are {', '.join(known)}")
+    return [m for m in recipe.members if m.name in names]
 
 
-def stage_commands(member: Member) -> list[str]:
-    """The exact `fgvc stage1` / `fgvc stage2` commands that produce this member's checkpoints."""
-    cfg, default = member.config, RunConfig()
-    s1 = cfg.stage1
-    parts = ["fgvc stage1", f"--dataset {cfg.data.dataset}", f"--arch {cfg.model.arch}", f"--res {s1.res}"]
-    if cfg.data.root:
-        parts.append(f"--data-root {cfg.data.root}")
-    if cfg.data.val_fraction != default.data.val_fraction:
-        parts.append(f"--val-fraction {cfg.data.val_fraction}")
-    if cfg.data.train_on_all:
-        parts.append("--train-on-all")
-    if cfg.runtime.seed != default.runtime.seed:
-        parts.append(f"--seed {cfg.runtime.seed}")
-    if cfg.model.weights != default.model.weights:
-        parts.append(f"--weights {cfg.model.weights or 'none'}")
-    for key in ("epochs", "batch_size", "lr", "opt", "sched", "warmup_epochs", "label_smoothing", "grad_accum"):
-        value = getattr(s1, key)
-        if value != getattr(default.stage1, key):
-            parts.append(_flag(key.replace("_", "-"), value))
-    if cfg.name:
-        parts.append(f"--name {cfg.name}")
-    if cfg.out != default.out:
-        parts.append(f"--out {cfg.out}")
-    commands = [" ".join(parts)]
-    if member.stage == 2:
-        s2 = cfg.stage2
-        parts = ["fgvc stage2", f"--run {cfg.run_dir()}", f"--test-res {s2.res}", f"--tune {s2.tune}"]
-        parts.append(f"--da {s2.augment}")
-        for key in ("epochs", "lr", "batch_size"):
-            value = getattr(s2, key)
-            if value != getattr(default.stage2, key):
-                parts.append(_flag(key.replace("_", "-"), value))
-        commands.append(" ".join(parts))
-    return commands
+def member_train_command(recipe: Recipe, member: Member) -> str:
+    """The command that trains exactly this member's stages from the recipe (every config key, flag or not)."""
+    return f"fgvc train {recipe.source} --member {member.name}"
 
 
 def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> RunConfig:

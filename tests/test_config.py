@@ -8,7 +8,7 @@ import pytest
 
 from fgvc.config import RunConfig, config_from_dict, load_config, merge, resolve_config, save_config
 from fgvc.errors import ConfigError
-from fgvc.recipe import load_recipe, resolve_run_config, stage_commands
+from fgvc.recipe import load_recipe, resolve_run_config, select_members
 
 
 def test_a_partial_section_keeps_that_sections_defaults() -> None:
@@ -67,7 +67,9 @@ def test_every_shipped_recipe_loads() -> None:
         recipe = load_recipe(path)
         for member in recipe.members:
             assert member.config.stage2.augment == "test"
-            assert all(c.startswith("fgvc stage") for c in stage_commands(member))
+        assert select_members(recipe, [recipe.members[-1].name]) == [recipe.members[-1]]
+    with pytest.raises(ConfigError, match="no member named nope; its members are "):
+        select_members(load_recipe(recipes[0]), ["nope"])
 
 
 def test_a_multi_member_recipe_is_not_a_stage1_config() -> None:

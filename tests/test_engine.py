@@ -18,7 +18,7 @@ from conftest import tiny_config
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from fgvc.engine.stage import FINISHED, run_stage1, run_stage2
-from fgvc.errors import ConfigError, RunExistsError, WeightsError
+from fgvc.errors import ConfigError, DataError, RunExistsError, WeightsError
 from fgvc.models import get_meta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +55,13 @@ def test_finished_run_is_not_overwritten_without_force(stage1_run: Path) -> None
     before = (stage1_run / "stage1" / LAST).stat().st_mtime_ns
     with pytest.raises(RunExistsError, match="--force"):
         run_stage1(cfg, progress=False)
+    assert (stage1_run / "stage1" / LAST).stat().st_mtime_ns == before
+    # --force with a bad input (here a CUB folder that is not there) fails before it retires anything
+    missing = {"dataset": "cub", "root": str(stage1_run / "no-such-data")}
+    wrong = cfg.model_copy(update={"name": stage1_run.name, "data": cfg.data.model_copy(update=missing)})
+    with pytest.raises(DataError, match="no-such-data"):
+        run_stage1(wrong, force=True, progress=False)
+    assert (stage1_run / "stage1" / FINISHED).is_file()
     assert (stage1_run / "stage1" / LAST).stat().st_mtime_ns == before
 
 
@@ -234,6 +241,9 @@ def test_stage2_feature_cache_gives_the_same_weights_as_the_full_model(
     with pytest.raises(ConfigError, match="--cache-features on"):
         run_stage2(stage1_run, overrides | {"runtime.cache_features": "on", "stage2.augment": "test2"}, force=True,
                    progress=False)  # fmt: skip
+    # refused before anything was touched: even with --force the finished stage 2 is still there
+    assert (cached.stage_dir / FINISHED).is_file()
+    assert torch.equal(_state(cached.stage_dir / LAST)["fc.weight"], state["fc.weight"])
 
 
 def test_device_decoding_trains_and_predicts_through_the_same_loops(tiny_demo_root: Path, tmp_path: Path) -> None:
@@ -275,3 +285,51 @@ def test_stage1_beats_chance_on_the_demo_data(tmp_path: Path) -> None:
     assert len(result.probs.labels) == 320 and classes == 16
     # chance is 6.25 %; with 320 test images its standard deviation is ~1.4 points, so 2x chance is far outside it
     assert result.metrics["top1"] > 2 * 100 / classes
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_skipped_counts_unreadable_images_only(drop_last: bool) -> None:
+    """10 rows in batches of 4 (the last one short unless dropped); rows 1 and 9 are unreadable."""
+    from fgvc.data import build_loader
+    from fgvc.engine.loop import train_one_epoch
+    from fgvc.engine.runtime import Runtime
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, row: int):
+            return None if row in (1, 9) else (torch.zeros(2, dtype=torch.uint8), row % 2, row)
+
+    loader = build_loader(Rows(), batch_size=4, drop_last=drop_last)
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    stats = train_one_epoch(
+        torch.nn.Linear(2, 2), loader, None, None, None, rt, lambda x: x.float(), torch.nn.CrossEntropyLoss(),
+        batch_size=4, samples=len(loader.sampler), progress=False,
+    )  # fmt: skip
+    # without drop_last all 10 rows are asked for; with it only the first 8 (row 9 is never read)
+    assert (stats.images, stats.skipped) == ((7, 1) if drop_last else (8, 2))
+
+
+def _decode_choice_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of a two-process gloo group whose ranks would choose different decoders by themselves."""
+    import torch.distributed as dist
+
+    import fgvc.gpu_decode
+    from fgvc.config import RunConfig
+    from fgvc.engine.runtime import Runtime
+    from fgvc.engine.stage import resolve_decode
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    fgvc.gpu_decode.decode_mode = lambda *args: "gpu" if rank == 1 else "cpu"  # rank 1 "timed" another answer
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False, rank=rank, world_size=2)
+    mode = resolve_decode(RunConfig(), rt, torch.nn.Linear(2, 2), 32, 4)
+    Path(out_dir, f"rank{rank}").write_text(mode)
+    dist.destroy_process_group()
+
+
+def test_every_rank_uses_rank_zeros_decoder_choice(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_decode_choice_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["cpu", "cpu"]

@@ -187,7 +187,7 @@ def test_ensemble_on_fixture_runs_writes_a_valid_csv(tmp_path: Path, competition
     recipe = load_recipe(recipe_path)
     from fgvc.pipeline import member_probabilities
 
-    val = [member_probabilities(m, "val", progress=False) for m in recipe.members]
+    val = [member_probabilities(recipe, m, "val", progress=False) for m in recipe.members]
     from fgvc.ensemble import align
 
     val = align(val)
@@ -196,17 +196,24 @@ def test_ensemble_on_fixture_runs_writes_a_valid_csv(tmp_path: Path, competition
     assert searched >= equal
 
 
-def test_missing_member_prints_the_commands_that_produce_it(tmp_path: Path, tiny_demo_root: Path) -> None:
+def test_missing_member_prints_the_command_that_produces_it(tmp_path: Path, tiny_demo_root: Path) -> None:
     from fgvc.errors import DataError
 
     recipe_path = _recipe(tmp_path, "inat2019", "demo", tiny_demo_root, "equal")
     with pytest.raises(DataError) as err:
         ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
     message = str(err.value)
-    assert "fgvc stage1 --dataset demo --arch timm:test_resnet --res 32" in message
-    assert f"fgvc stage2 --run {tmp_path / 'runs' / 'inat2019-a'} --test-res 40 --tune bn+fc" in message
+    assert message.endswith(f"produce it with: fgvc train {recipe_path} --member inat2019-a")
     assert "\n" not in message
     assert not (tmp_path / "submissions").exists()
+
+    # the printed command trains that member and nothing else; then the next missing one is named
+    outcomes = train_recipe(recipe_path, progress=False, members=["inat2019-a"])
+    assert [(o.member, o.stage, o.status) for o in outcomes] == [
+        ("inat2019-a", "stage1", "trained"), ("inat2019-a", "stage2", "trained")
+    ]  # fmt: skip
+    with pytest.raises(DataError, match=r"--member inat2019-b$"):
+        ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
 
 
 def test_predictions_of_a_retrained_model_are_not_reused(tiny_demo_root: Path, tmp_path: Path) -> None:

@@ -366,10 +366,10 @@ def should_cache(
         raise ConfigError(f"unknown --cache-features value '{mode}'; choose one of {', '.join(CACHE_MODES)}")
     if mode == "off":
         return False, "feature cache off (--cache-features off)"
+    if mode == "on":
+        require_cacheable(augment, tune, world_size)
     problem = _cache_problem(augment, tune, world_size)
     if problem is not None:
-        if mode == "on":
-            raise ConfigError(f"--cache-features on: {problem}; use --cache-features auto or off")
         return False, f"feature cache not used: {problem}"
     sizes = f"{_gib(estimate)} estimated, budget {_gib(budget_bytes)}"
     if mode == "on":
@@ -377,6 +377,13 @@ def should_cache(
     if estimate > budget_bytes:
         return False, f"feature cache not used: the features do not fit ({sizes})"
     return True, f"feature cache on ({sizes})"
+
+
+def require_cacheable(augment: str, tune: str, world_size: int) -> None:
+    """``--cache-features on`` with a setting that makes caching wrong is a :class:`ConfigError` (checked up front)."""
+    problem = _cache_problem(augment, tune, world_size)
+    if problem is not None:
+        raise ConfigError(f"--cache-features on: {problem}; use --cache-features auto or off")
 
 
 def _cache_problem(augment: str, tune: str, world_size: int) -> str | None:
@@ -558,6 +565,6 @@ def train_one_epoch_cached(
     batches = cache.batches(order, batch_size, drop_last)
     return train_one_epoch(
         tail, batches, optimizer, scheduler, scaler, rt, cache.prepare(rt), criterion,  # type: ignore[arg-type]
-        grad_accum=grad_accum, stop=stop, start_micro_step=start_micro_step, batch_size=batch_size, desc=desc,
-        progress=progress,
+        grad_accum=grad_accum, stop=stop, start_micro_step=start_micro_step, batch_size=batch_size,
+        samples=len(batches.rows), desc=desc, progress=progress,
     )  # fmt: skip

@@ -83,6 +83,7 @@ def train_one_epoch(
     stop: StopFlag | None = None,
     start_micro_step: int = 0,
     batch_size: int | None = None,
+    samples: int | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> EpochStats:
@@ -91,6 +92,9 @@ def train_one_epoch(
     ``prepare`` turns a loader batch into the normalised device tensor (see :class:`fgvc.data.OnDeviceNormalize`).
 
     Stops early, at an optimiser-step boundary, when ``stop`` is set; ``micro_steps`` then says where to resume.
+
+    ``batch_size`` and ``samples`` (how many rows the sampler yields this epoch; the last batch may be short) let
+    the stats count the images that were asked for but unreadable (``skipped``).
     """
     total_loss, seen, skipped, micro = 0.0, 0, 0, start_micro_step
     started = time.perf_counter()
@@ -98,7 +102,8 @@ def train_one_epoch(
     steps_in_loader = len(loader)
     for i, (images, labels, _idx) in enumerate(bar):
         if batch_size is not None:
-            skipped += batch_size - len(labels)
+            requested = batch_size if samples is None else min(batch_size, samples - i * batch_size)
+            skipped += requested - len(labels)
         # A batch whose images were all unreadable is skipped, by every rank at once (DDP steps in lockstep).
         empty = len(labels) == 0
         if rt.distributed and optimizer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -45,12 +46,13 @@ from fgvc.engine.feature_cache import (
     cache_dtype,
     compute_cache,
     default_budget_bytes,
+    require_cacheable,
     should_cache,
     split_model,
     train_one_epoch_cached,
 )
 from fgvc.engine.loop import StopFlag, predict_probs, stop_on_signals, train_one_epoch
-from fgvc.engine.runtime import Runtime, any_rank, barrier, setup_runtime
+from fgvc.engine.runtime import Runtime, any_rank, barrier, gather_objects, setup_runtime
 from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, DataError, RunExistsError
 from fgvc.fileio import atomic_write_text
@@ -171,6 +173,8 @@ def resolve_decode(cfg: RunConfig, rt: Runtime, model: nn.Module, res: int, batc
     mode = decode_mode(cfg.data.decode, rt.device, estimate, cfg.data.workers)
     if estimate is not None:
         log.info("decode %s: the model steps at ~%.0f img/s per process at %d px", mode, estimate, res)
+    if rt.distributed:  # timings differ a little per rank; every rank must build the same kind of loader
+        mode = str(gather_objects(rt, mode)[0])
     return mode
 
 
@@ -303,18 +307,6 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     state: dict[str, Any] | None = None
     if is_finished(stage_dir) and not force:
         raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose another --name)")
-    if force and rt.is_main:  # the old result stops being "the" result as soon as retraining starts
-        (stage_dir / FINISHED).unlink(missing_ok=True)
-        (stage_dir / BEST).unlink(missing_ok=True)
-        if stage == STAGE1:  # every stage 2 was adapted from the old stage-1 model
-            for old in run_dir.glob("stage2-*"):
-                (old / FINISHED).unlink(missing_ok=True)
-                (old / LAST).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / "predictions", ignore_errors=True)
-            for sweep_file in run_dir.glob("sweep.*"):
-                sweep_file.unlink()
-    if rt.is_main:  # predictions of an unfinished or retrained model must not be reused
-        shutil.rmtree(run_dir / "predictions" / stage_dir.name, ignore_errors=True)
     if (stage_dir / LAST).is_file() and not force:
         state = load_checkpoint(stage_dir / LAST)
         conflicts = _conflicts(state["config"], cfg, stage)
@@ -362,6 +354,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     scheduler = build_scheduler(optimizer, stage_cfg, steps_per_epoch) if optimizer else None
     scaler = torch.amp.GradScaler("cuda") if rt.needs_grad_scaler and optimizer else None
     criterion = nn.CrossEntropyLoss(label_smoothing=stage_cfg.label_smoothing)
+    if rt.is_main:  # only now: data, model and settings were all accepted, so a bad input destroys nothing
+        _retire_old_results(run_dir, stage_dir, stage, force)
 
     start_epoch, start_micro, best, history, before = 0, 0, -1.0, [], None
     if state is not None:
@@ -448,7 +442,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             stats = train_one_epoch(
                 net, train_loader, optimizer, scheduler, scaler, rt, prepare, criterion,
                 grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro,
-                batch_size=stage_cfg.batch_size, desc=desc, progress=progress,
+                batch_size=stage_cfg.batch_size, samples=len(train_sampler), desc=desc, progress=progress,
             )  # fmt: skip
         bn_reset()
         if rt.distributed:  # each rank saw its own shard: average the BN statistics so the saved model uses them all
@@ -505,6 +499,22 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
                    "final": result.final, "before": before, "decode": decode}  # fmt: skip
         atomic_write_text(stage_dir / FINISHED, json.dumps(summary, indent=2))
     return result
+
+
+def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool) -> None:
+    """Results the training about to start makes stale: with ``force`` the old model, and whatever was built on it."""
+    if force:  # the old result stops being "the" result as soon as retraining starts
+        (stage_dir / FINISHED).unlink(missing_ok=True)
+        (stage_dir / BEST).unlink(missing_ok=True)
+        if stage == STAGE1:  # every stage 2 was adapted from the old stage-1 model
+            for old in run_dir.glob("stage2-*"):
+                (old / FINISHED).unlink(missing_ok=True)
+                (old / LAST).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "predictions", ignore_errors=True)
+            for sweep_file in run_dir.glob("sweep.*"):
+                sweep_file.unlink()
+    # predictions of an unfinished or retrained model must not be reused
+    shutil.rmtree(run_dir / "predictions" / stage_dir.name, ignore_errors=True)
 
 
 def is_finished(stage_dir: Path) -> bool:
@@ -616,4 +626,6 @@ def run_stage2(run_dir: Path, overrides: dict[str, Any], force: bool = False, pr
         raise DataError(f"{run_dir}: stage 1 has no checkpoint; run `fgvc stage1` first")
     if not is_finished(run_dir / STAGE1):
         raise DataError(f"{run_dir}: stage 1 is not finished; rerun `fgvc stage1` with the same settings to finish it")
+    if cfg.runtime.cache_features == "on":  # refused before the stage folder is created
+        require_cacheable(cfg.stage2.augment, cfg.stage2.tune, int(os.environ.get("WORLD_SIZE", "1")))
     return train_stage(cfg, "stage2", force=force, progress=progress)
