@@ -11,10 +11,12 @@ point of FixRes.
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache, partial
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import timm
@@ -49,9 +51,17 @@ class ModelSpec:
 # --- Cadene's pretrainedmodels ---------------------------------------------------------------------------------------
 
 
-def _build_cadene(name: str, pool: str, num_classes: int) -> nn.Module:
-    import pretrainedmodels  # slow import (5 s): only when a Cadene model is asked for
+def _import_pretrainedmodels() -> Any:
+    """The package, imported on first use (slow: 5 s). Its DPN code has ``is 'str'`` comparisons that Python 3.12
+    reports as SyntaxWarnings when the files are compiled at import, which would bury fgvc's one-line errors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        import pretrainedmodels
+    return pretrainedmodels
 
+
+def _build_cadene(name: str, pool: str, num_classes: int) -> nn.Module:
+    pretrainedmodels = _import_pretrainedmodels()
     model = pretrainedmodels.__dict__[name](num_classes=num_classes, pretrained=None)
     setattr(model, pool, nn.AdaptiveAvgPool2d(1))  # fixed AvgPool2d(7/8/11) only fits the native size
     return model
@@ -62,8 +72,7 @@ def _cadene_spec(
 ) -> ModelSpec:
     """A Cadene architecture. ``timm_twin`` is timm's model with exactly the same state-dict keys, whose weight files
     are accepted as well (after Cadene's own file)."""
-    from pretrainedmodels import pretrained_settings
-
+    pretrained_settings = _import_pretrainedmodels().pretrained_settings
     # The models only carry mean/std when built with weights; the settings table always has them.
     settings = pretrained_settings[name]["imagenet"]
     url = settings["url"]
