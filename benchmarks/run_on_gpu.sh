@@ -13,4 +13,6 @@ export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1  # no network there: skip albumentations' version check
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 df -h /dev/shm || true  # loader workers hand batches over in shared memory; a small /dev/shm kills them
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true  # each shared tensor in flight holds a file descriptor
+echo "open files: $(ulimit -n); C compiler: $(command -v cc || command -v gcc || echo none)"
 python3 -u benchmarks/throughput.py --out "$out" "$@" 2>&1 | tee "$out/throughput.log"

@@ -35,9 +35,9 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -113,6 +113,19 @@ class EncodedBatch:
     def __len__(self) -> int:
         return len(self.payloads)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Cross a process boundary (loader worker -> main) with the JPEG bytes in one flat tensor.
+
+        Each tensor pickled by a DataLoader worker becomes its own shared-memory file with a descriptor and a handshake:
+        a batch of 128 JPEGs would cost 128 of them (and thousands of open descriptors with 8 workers prefetching).
+        """
+        jpegs = [payload for payload in self.payloads if payload.dim() == 1]
+        flat = torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8)
+        sizes = [payload.numel() for payload in jpegs]
+        is_jpeg = [payload.dim() == 1 for payload in self.payloads]
+        decoded = [payload for payload in self.payloads if payload.dim() != 1]
+        return _rebuild_batch, (flat, sizes, is_jpeg, decoded, self.draws, self.seeds, self.rows, self.paths)
+
     def pin_memory(self) -> EncodedBatch:
         """Pin the decoded images so their copy to the device overlaps compute (the DataLoader calls this).
 
@@ -120,6 +133,22 @@ class EncodedBatch:
         """
         payloads = [payload.pin_memory() if payload.dim() == 3 else payload for payload in self.payloads]
         return replace(self, payloads=payloads)
+
+
+def _rebuild_batch(
+    flat: torch.Tensor,
+    sizes: list[int],
+    is_jpeg: list[bool],
+    decoded: list[torch.Tensor],
+    draws: torch.Tensor,
+    seeds: torch.Tensor,
+    rows: torch.Tensor,
+    paths: list[str],
+) -> EncodedBatch:
+    """Inverse of :meth:`EncodedBatch.__reduce__`: the JPEG payloads become views of the flat tensor, in order."""
+    jpegs, images = iter(flat.split(sizes)), iter(decoded)
+    payloads = [next(jpegs) if jpeg else next(images) for jpeg in is_jpeg]
+    return EncodedBatch(payloads, draws, seeds, rows, paths)
 
 
 def sample_draws(seed: int) -> torch.Tensor:
@@ -395,7 +424,7 @@ def decode_on_device(batch: EncodedBatch, device: torch.device) -> list[torch.Te
     jpeg_slots = [i for i, payload in enumerate(batch.payloads) if payload.dim() == 1]
     if jpeg_slots:
         try:
-            jpegs = decode_jpeg([batch.payloads[i] for i in jpeg_slots], mode=ImageReadMode.RGB, device=device)
+            jpegs = _decode_jpegs([batch.payloads[i] for i in jpeg_slots], device)
         except RuntimeError:
             jpegs = [_decode_one(batch.payloads[i], batch.paths[i], device) for i in jpeg_slots]
         for slot, image in zip(jpeg_slots, jpegs, strict=True):
@@ -406,9 +435,33 @@ def decode_on_device(batch: EncodedBatch, device: torch.device) -> list[torch.Te
     return decoded  # type: ignore[return-value]  # every slot is filled: payloads are 1-D or 3-D
 
 
+def _decode_jpegs(payloads: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """One batched ``decode_jpeg`` call; on CUDA it runs on a stream of its own.
+
+    torchvision allocates the outputs on the current stream but nvjpeg writes them from its own stream, without waiting
+    for the kernels already queued there (pytorch/vision#9606). Allocated on a side stream, the outputs cannot reuse
+    memory those kernels still read, so the decode may overlap the previous training step instead of waiting for it.
+    """
+    if device.type != "cuda":
+        return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(main.device)
+    with torch.cuda.stream(side):
+        images = decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
+    main.wait_stream(side)
+    for image in images:
+        image.record_stream(main)  # freed only once the work queued on the main stream is done with it
+    return images
+
+
+@cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def _decode_one(payload: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:
     try:
-        return decode_jpeg(payload, mode=ImageReadMode.RGB, device=device)
+        return _decode_jpegs([payload], device)[0]
     except RuntimeError as err:
         log.warning("device JPEG decoder rejected %s (%s); decoding it on the CPU", path, err)
     return _to_device(torch.from_numpy(decode_image(path)), device).permute(2, 0, 1)

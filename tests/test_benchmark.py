@@ -57,13 +57,13 @@ def test_quick_run_writes_table_and_raw_numbers(tmp_path: Path) -> None:
     measured = ["ceiling: train step", "stage 1 e2e", "reference loop (PIL, fp32, NCHW)", "ceiling: inference",
                 "stage 2 epoch (bn+fc, test DA)", "inference pass (same loader)",
                 "stage 2 cached: epoch 1 (cache + tail)", "stage 2 cached: epoch 2+", "10-crop predict"]  # fmt: skip
-    not_measured = ["stage 1 e2e, GPU decode", "stage 1 e2e, compiled", "10-crop predict, compiled"]
+    not_measured = ["stage 1 e2e, GPU decode", "stage 1 e2e, GPU decode, compiled", "10-crop predict, compiled"]
     assert set(rows) == set(measured + not_measured)
     for name in measured:
         assert rows[name]["status"] == "ok", name
         assert rows[name]["img_per_s"] == pytest.approx(rows[name]["images"] / rows[name]["seconds"])
     assert rows["stage 1 e2e, GPU decode"]["status"].startswith("not available")
-    assert rows["stage 1 e2e, compiled"]["status"].startswith("skipped")
+    assert rows["stage 1 e2e, GPU decode, compiled"]["status"].startswith("skipped")
 
     # --quick: batch 8, two timed batches per window, ten views of one image per 10-crop batch (8 // 10 -> 1).
     # The counts come from fgvc's own loop statistics and predict_probs, so they check the sampler windows.

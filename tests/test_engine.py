@@ -333,3 +333,20 @@ def test_every_rank_uses_rank_zeros_decoder_choice(tmp_path: Path) -> None:
 
     mp.spawn(_decode_choice_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize("rows", [4, 12])  # one step (caught when the epoch ends) and several (caught a step late)
+def test_a_diverged_loss_is_a_one_line_error(rows: int) -> None:
+    from fgvc.data import build_loader
+    from fgvc.engine.loop import train_one_epoch
+    from fgvc.engine.runtime import Runtime
+    from fgvc.errors import TrainingError
+
+    data = [(torch.zeros(2, dtype=torch.uint8), 0, row) for row in range(rows)]
+    model = torch.nn.Linear(2, 2)
+    torch.nn.init.constant_(model.bias, float("nan"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    with pytest.raises(TrainingError, match=r"^loss is nan at step 1; lower --lr"):
+        train_one_epoch(model, build_loader(data, batch_size=4), optimizer, None, None, rt, lambda x: x.float(),
+                        torch.nn.CrossEntropyLoss(), progress=False)  # fmt: skip

@@ -463,6 +463,27 @@ def test_mixed_batch_skips_corrupt_rows_and_matches_the_cpu_path(tmp_path: Path)
     assert (levels(out, reference).mean(dim=(1, 2, 3)) < 1.0).all()
 
 
+def test_a_batch_crosses_processes_with_its_jpeg_bytes_in_one_tensor(tmp_path: Path) -> None:
+    """What a loader worker sends: one flat byte tensor for every JPEG, the decoded fallbacks as they are, in order."""
+    import pickle
+
+    files = write_special_files(tmp_path)
+    names = ["jpeg", "png", "jpeg", "cmyk"]
+    frame = pd.DataFrame({"path": [files[name] for name in names], "label": range(len(names))})
+    dataset = EncodedImageDataset(frame)
+    batch, _labels, _rows = collate_encoded([dataset[(i, i)] for i in range(len(names))])
+    assert [p.dim() for p in batch.payloads] == [1, 3, 1, 3]
+    _rebuild, parts = batch.__reduce__()
+    assert sum(isinstance(part, torch.Tensor) and part.dim() == 1 and part.dtype == torch.uint8 for part in parts) == 1
+    copy = pickle.loads(pickle.dumps(batch))
+    assert [p.dim() for p in copy.payloads] == [1, 3, 1, 3]
+    for mine, theirs in zip(batch.payloads, copy.payloads, strict=True):
+        assert torch.equal(mine, theirs)
+    assert copy.paths == batch.paths and torch.equal(copy.draws, batch.draws) and torch.equal(copy.rows, batch.rows)
+    out = GpuBatchPreparer("test", 32, MEAN, STD, "cpu")
+    assert torch.equal(out(copy), out(batch))
+
+
 def test_device_decoder_rejection_falls_back_to_the_cpu_decoder(tmp_path: Path) -> None:
     """A payload that passed as JPEG but that the decoder rejects is decoded from its path; its batch mates too."""
     files = write_special_files(tmp_path)
@@ -502,10 +523,12 @@ def test_collate_of_nothing_is_an_empty_batch() -> None:
     assert batch.draws.shape == (0, N_DRAWS)
 
 
-def test_loader_with_the_epoch_sampler_feeds_the_preparer(blob_frame: pd.DataFrame) -> None:
+@pytest.mark.parametrize("workers", [0, 2])  # with workers every batch crosses a process boundary
+def test_loader_with_the_epoch_sampler_feeds_the_preparer(blob_frame: pd.DataFrame, workers: int) -> None:
     """The seeded sampler's (row, seed) keys go through a DataLoader; the same epoch twice gives the same batches."""
     sampler = EpochSampler(len(blob_frame), shuffle=True, seed=5)
-    loader = DataLoader(EncodedImageDataset(blob_frame), batch_size=2, sampler=sampler, collate_fn=collate_encoded)
+    loader = DataLoader(EncodedImageDataset(blob_frame), batch_size=2, sampler=sampler, collate_fn=collate_encoded,
+                        num_workers=workers)  # fmt: skip
     prepare = GpuBatchPreparer("train", 24, MEAN, STD, "cpu")
 
     def epoch() -> tuple[list[torch.Tensor], list[int]]:

@@ -337,7 +337,9 @@ def default_budget_bytes(device: torch.device | str) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free * BUDGET_FRACTION)
+        # memory PyTorch's caching allocator holds but no tensor uses is free to us, though not to the driver
+        idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int((free + idle) * BUDGET_FRACTION)
     return int(_available_ram() * BUDGET_FRACTION)
 
 

@@ -97,6 +97,8 @@ def train_one_epoch(
     the stats count the images that were asked for but unreadable (``skipped``).
     """
     total_loss, seen, skipped, micro = 0.0, 0, 0, start_micro_step
+    pending: tuple[torch.Tensor, int, int] | None = None  # (loss, images, step) not yet read back from the device
+    batch_loss = float("nan")
     started = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
     steps_in_loader = len(loader)
@@ -127,20 +129,33 @@ def train_one_epoch(
             if boundary:
                 optimizer_step(optimizer, scaler, scheduler)
         micro += 1
-        batch_loss = loss.item()
-        if not math.isfinite(batch_loss):
-            raise TrainingError(f"loss is {batch_loss} at step {micro}; lower --lr or disable --amp, then use --force")
-        total_loss += batch_loss * len(labels)
+        # The loss is read one step late: reading it waits for the GPU, and by then the next step is already queued,
+        # so the device never idles while the host prepares a batch.
+        if pending is not None:
+            batch_loss = _read_loss(pending[0], pending[2])
+            total_loss += batch_loss * pending[1]
+        pending = (loss.detach(), len(labels), micro)
         seen += len(labels)
         elapsed = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
         bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{seen * rt.world_size / elapsed:.0f}")
         if boundary and stop is not None and any_rank(rt, bool(stop)):  # all ranks stop at the same step
+            total_loss += _read_loss(pending[0], pending[2]) * pending[1]
             return EpochStats(total_loss / max(seen, 1), seen, elapsed, lr, skipped, micro, interrupted=True)
+    if pending is not None:
+        total_loss += _read_loss(pending[0], pending[2]) * pending[1]
     lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
     total_loss, seen, skipped = all_reduce_sum(rt, [total_loss, seen, skipped])  # the epoch over every rank's shard
     seen, skipped = int(seen), int(skipped)
     return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro)
+
+
+def _read_loss(loss: torch.Tensor, step: int) -> float:
+    """The loss of one step as a float (waits for that step); a diverged loss is a one-line error."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingError(f"loss is {value} at step {step}; lower --lr or disable --amp, then use --force")
+    return value
 
 
 def optimizer_step(
@@ -197,6 +212,7 @@ def predict_probs(
     model.eval()
     chunks: list[np.ndarray] = []
     indices: list[np.ndarray] = []
+    pending: torch.Tensor | None = None
     bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
     for images, _labels, idx in bar:
         if len(idx) == 0:
@@ -204,8 +220,13 @@ def predict_probs(
         x = prepare(images)
         with rt.autocast():
             probs = _views_probs(model, x, tta, rt.channels_last)
-        chunks.append(probs.cpu().numpy())
+        # Copied back one batch late, for the same reason as the loss in train_one_epoch: the device keeps working.
+        if pending is not None:
+            chunks.append(pending.cpu().numpy())
+        pending = probs
         indices.append(idx.numpy())
+    if pending is not None:
+        chunks.append(pending.cpu().numpy())
     local = (
         np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32),
         np.concatenate(indices) if indices else np.zeros(0, np.int64),

@@ -182,9 +182,9 @@ def measure_images_per_s(model: nn.Module, rt: Runtime, res: int, batch_size: in
     """Forward + backward throughput on synthetic input; weights, BN statistics and RNG streams are left untouched."""
     was_training = model.training
     model.eval()  # no BN statistics update
-    x = torch.randn(batch_size, 3, res, res, device=rt.device).contiguous(memory_format=rt.memory_format)
     devices = [rt.device] if rt.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
+        x = torch.randn(batch_size, 3, res, res, device=rt.device).contiguous(memory_format=rt.memory_format)
         for step in range(steps + 2):
             if step == 2:
                 _synchronize(rt)
