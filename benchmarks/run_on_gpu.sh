@@ -14,5 +14,5 @@ export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1  # no network there: skip a
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 df -h /dev/shm || true  # loader workers hand batches over in shared memory; a small /dev/shm kills them
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true  # each shared tensor in flight holds a file descriptor
-echo "open files: $(ulimit -n); C compiler: $(command -v cc || command -v gcc || echo none)"
+echo "open files: $(ulimit -n); C compiler for Triton: ${CC:-$(command -v gcc || command -v clang || echo none)}"
 python3 -u benchmarks/throughput.py --out "$out" "$@" 2>&1 | tee "$out/throughput.log"

@@ -33,7 +33,6 @@ import dataclasses
 import gc
 import json
 import math
-import multiprocessing
 import os
 import platform
 import re
@@ -47,6 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +284,6 @@ def _write_jpeg(job: tuple[str, int, int, int]) -> int:
     costs what it costs on real photos.
     """
     path, seed, width, height = job
-    cv2.setNumThreads(1)
     rng = np.random.default_rng(seed)
     image = np.full((height, width, 3), 128.0, np.float32)
     for cells, amplitude in ((3, 70.0), (12, 40.0), (48, 22.0), (160, 10.0)):
@@ -305,9 +304,15 @@ def generate_jpegs(root: Path, sizes: Sizes) -> float:
         folder = root / "train" / f"class_{i % sizes.classes:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         jobs.append((str(folder / f"img_{i:05d}.jpg"), i, sizes.width, sizes.height))
-    # fork: the children need nothing but this function, and spawning would re-import torch in each one
-    with multiprocessing.get_context("fork").Pool(min(16, os.cpu_count() or 1)) as pool:
-        written = pool.map(_write_jpeg, jobs, chunksize=16)
+    # Threads, not forked processes: OpenCV and NumPy release the GIL for the heavy parts, and a fork of a process that
+    # already runs torch's and OpenCV's thread pools can deadlock in the child (it hung a test run here).
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one OpenCV thread per writer
+    try:
+        with ThreadPool(min(16, os.cpu_count() or 1)) as pool:
+            written = pool.map(_write_jpeg, jobs, chunksize=16)
+    finally:
+        cv2.setNumThreads(threads)
     return float(np.mean(written)) / 1024
 
 
@@ -802,8 +807,8 @@ def compile_skip_reason(case: ModelCase, mode: str, rt: Runtime) -> str:
         return "skipped: --compile none"
     if rt.device.type != "cuda":
         return "skipped: compile is measured on CUDA only (on the CPU it times a C++ build); --compile all forces it"
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        return "skipped: no C compiler (cc/gcc) on this machine, which Triton needs to build its kernel launchers"
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):  # where Triton looks
+        return "skipped: no C compiler ($CC, gcc, clang), which Triton needs to build its kernel launchers"
     if not case.cheap_compile:
         return f"skipped: compiling {case.label} takes minutes; --compile all measures it"
     return ""

@@ -8,6 +8,7 @@ optional ``weight``, ``stage`` and ``multi_res``. A plain RunConfig file (no ``m
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,7 +108,7 @@ def select_members(recipe: Recipe, names: list[str] | None) -> list[Member]:
 
 def member_train_command(recipe: Recipe, member: Member) -> str:
     """The command that trains exactly this member's stages from the recipe (every config key, flag or not)."""
-    return f"fgvc train {recipe.source} --member {member.name}"
+    return f"fgvc train {shlex.quote(recipe.source)} --member {shlex.quote(member.name)}"
 
 
 def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> RunConfig:

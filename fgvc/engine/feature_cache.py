@@ -336,10 +336,9 @@ def default_budget_bytes(device: torch.device | str) -> int:
     """25 % of the free accelerator memory (CUDA) or of the available RAM (CPU)."""
     device = torch.device(device)
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks the caching allocator holds unused count as free once handed back
         free, _total = torch.cuda.mem_get_info(device)
-        # memory PyTorch's caching allocator holds but no tensor uses is free to us, though not to the driver
-        idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int((free + idle) * BUDGET_FRACTION)
+        return int(free * BUDGET_FRACTION)
     return int(_available_ram() * BUDGET_FRACTION)
 
 

@@ -97,7 +97,7 @@ def train_one_epoch(
     the stats count the images that were asked for but unreadable (``skipped``).
     """
     total_loss, seen, skipped, micro = 0.0, 0, 0, start_micro_step
-    pending: tuple[torch.Tensor, int, int] | None = None  # (loss, images, step) not yet read back from the device
+    pending: tuple[HostCopy, int, int] | None = None  # (loss on its way to the host, images, step)
     batch_loss = float("nan")
     started = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
@@ -129,30 +129,55 @@ def train_one_epoch(
             if boundary:
                 optimizer_step(optimizer, scaler, scheduler)
         micro += 1
-        # The loss is read one step late: reading it waits for the GPU, and by then the next step is already queued,
-        # so the device never idles while the host prepares a batch.
+        # The loss is read one step late, from a copy that step queued: waiting for it waits for that step only, while
+        # this one is already queued, so the device does not idle while the host prepares the next batch.
         if pending is not None:
-            batch_loss = _read_loss(pending[0], pending[2])
+            batch_loss = _read_loss(*pending[0], pending[2])
             total_loss += batch_loss * pending[1]
-        pending = (loss.detach(), len(labels), micro)
+        pending = (to_host_async(loss.detach()), len(labels), micro)
         seen += len(labels)
         elapsed = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
         bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{seen * rt.world_size / elapsed:.0f}")
         if boundary and stop is not None and any_rank(rt, bool(stop)):  # all ranks stop at the same step
-            total_loss += _read_loss(pending[0], pending[2]) * pending[1]
+            total_loss += _read_loss(*pending[0], pending[2]) * pending[1]
             return EpochStats(total_loss / max(seen, 1), seen, elapsed, lr, skipped, micro, interrupted=True)
     if pending is not None:
-        total_loss += _read_loss(pending[0], pending[2]) * pending[1]
+        total_loss += _read_loss(*pending[0], pending[2]) * pending[1]
     lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
     total_loss, seen, skipped = all_reduce_sum(rt, [total_loss, seen, skipped])  # the epoch over every rank's shard
     seen, skipped = int(seen), int(skipped)
     return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro)
 
 
-def _read_loss(loss: torch.Tensor, step: int) -> float:
-    """The loss of one step as a float (waits for that step); a diverged loss is a one-line error."""
-    value = loss.item()
+HostCopy = tuple[torch.Tensor, "torch.cuda.Event | None"]
+
+
+def to_host_async(value: torch.Tensor) -> HostCopy:
+    """Start copying ``value`` to (pinned) host memory; read it after :func:`host_value` waited for the copy.
+
+    ``.item()`` / ``.cpu()`` would wait for everything queued on the stream, including the steps queued after this one.
+    """
+    if value.device.type != "cuda":
+        return value, None
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def host_value(copy: HostCopy) -> torch.Tensor:
+    """The host tensor of :func:`to_host_async`, once its copy has completed."""
+    host, done = copy
+    if done is not None:
+        done.synchronize()
+    return host
+
+
+def _read_loss(host: torch.Tensor, done: torch.cuda.Event | None, step: int) -> float:
+    """The loss of one step as a float (waits for that step only); a diverged loss is a one-line error."""
+    value = host_value((host, done)).item()
     if not math.isfinite(value):
         raise TrainingError(f"loss is {value} at step {step}; lower --lr or disable --amp, then use --force")
     return value
@@ -212,7 +237,7 @@ def predict_probs(
     model.eval()
     chunks: list[np.ndarray] = []
     indices: list[np.ndarray] = []
-    pending: torch.Tensor | None = None
+    pending: HostCopy | None = None
     bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
     for images, _labels, idx in bar:
         if len(idx) == 0:
@@ -220,13 +245,13 @@ def predict_probs(
         x = prepare(images)
         with rt.autocast():
             probs = _views_probs(model, x, tta, rt.channels_last)
-        # Copied back one batch late, for the same reason as the loss in train_one_epoch: the device keeps working.
+        # Read back one batch late, for the same reason as the loss in train_one_epoch: the device keeps working.
         if pending is not None:
-            chunks.append(pending.cpu().numpy())
-        pending = probs
+            chunks.append(host_value(pending).numpy().copy())  # a copy: the pinned buffer goes back to its pool
+        pending = to_host_async(probs)
         indices.append(idx.numpy())
     if pending is not None:
-        chunks.append(pending.cpu().numpy())
+        chunks.append(host_value(pending).numpy().copy())
     local = (
         np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32),
         np.concatenate(indices) if indices else np.zeros(0, np.int64),

@@ -538,9 +538,11 @@ def _feature_cache(
     if not should:  # wrong setting for a cache (random augmentation, several processes): no need to look further
         log.info(reason)
         return None, None
-    example = torch.randn(2, 3, stage_cfg.res, stage_cfg.res, device=rt.device).contiguous(
-        memory_format=rt.memory_format
-    )
+    devices = [rt.device] if rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # a resumed run must draw the same random numbers as an unbroken one
+        example = torch.randn(2, 3, stage_cfg.res, stage_cfg.res, device=rt.device).contiguous(
+            memory_format=rt.memory_format
+        )
     split = split_model(model, stage_cfg.tune, example)
     if split is None:
         log.info("feature cache not used: %s cannot be cut before its tuned part", cfg.model.arch)
