@@ -324,15 +324,21 @@ def _decode_choice_on_rank(rank: int, init_file: str, out_dir: str) -> None:
     fgvc.gpu_decode.decode_mode = lambda *args: "gpu" if rank == 1 else "cpu"  # rank 1 "timed" another answer
     rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False, rank=rank, world_size=2)
     mode = resolve_decode(RunConfig(), rt, torch.nn.Linear(2, 2), 32, 4)
-    Path(out_dir, f"rank{rank}").write_text(mode)
+    # per-step flags through the host-side group that setup_runtime adds under NCCL: raised on one rank, seen on both
+    from fgvc.engine.runtime import any_rank
+
+    flags = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False, rank=rank, world_size=2,
+                    flag_group=dist.new_group(backend="gloo"))  # fmt: skip
+    seen = [any_rank(flags, rank == 1), any_rank(flags, False)]
+    Path(out_dir, f"rank{rank}").write_text(f"{mode} {seen}")
     dist.destroy_process_group()
 
 
-def test_every_rank_uses_rank_zeros_decoder_choice(tmp_path: Path) -> None:
+def test_ranks_share_rank_zeros_decoder_choice_and_every_flag(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
     mp.spawn(_decode_choice_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["cpu", "cpu"]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["cpu [True, False]", "cpu [True, False]"]
 
 
 @pytest.mark.parametrize("rows", [4, 12])  # one step (caught when the epoch ends) and several (caught a step late)

@@ -10,6 +10,7 @@ import os
 import random
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    flag_group: Any = None  # a gloo group for per-step flags under NCCL: agreeing on one needs no GPU synchronisation
 
     @property
     def is_main(self) -> bool:
@@ -91,8 +93,11 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    flag_group = None
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if world_size > 1 and device.type == "cuda":
+        flag_group = dist.new_group(backend="gloo")  # collective: every rank creates it here, in the same order
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -105,6 +110,7 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
+        flag_group=flag_group,
     )
 
 
@@ -126,6 +132,10 @@ def any_rank(rt: Runtime, flag: bool) -> bool:
     """True on every rank when it is true on one (e.g. a signal that reached only some processes)."""
     if not rt.distributed:
         return flag
+    if rt.flag_group is not None:  # on the host: reading the result does not wait for the GPU's queued work
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=rt.flag_group)
+        return bool(t.item())
     t = torch.tensor([float(flag)], device=rt.device if rt.device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
