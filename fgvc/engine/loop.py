@@ -132,7 +132,7 @@ def train_one_epoch(
         # The loss is read one step late, from a copy that step queued: waiting for it waits for that step only, while
         # this one is already queued, so the device does not idle while the host prepares the next batch.
         if pending is not None:
-            batch_loss = _read_loss(*pending[0], pending[2])
+            batch_loss = _read_loss(pending[0], pending[2])
             total_loss += batch_loss * pending[1]
         pending = (to_host_async(loss.detach()), len(labels), micro)
         seen += len(labels)
@@ -140,10 +140,10 @@ def train_one_epoch(
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
         bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{seen * rt.world_size / elapsed:.0f}")
         if boundary and stop is not None and any_rank(rt, bool(stop)):  # all ranks stop at the same step
-            total_loss += _read_loss(*pending[0], pending[2]) * pending[1]
+            total_loss += _read_loss(pending[0], pending[2]) * pending[1]
             return EpochStats(total_loss / max(seen, 1), seen, elapsed, lr, skipped, micro, interrupted=True)
     if pending is not None:
-        total_loss += _read_loss(*pending[0], pending[2]) * pending[1]
+        total_loss += _read_loss(pending[0], pending[2]) * pending[1]
     lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
     total_loss, seen, skipped = all_reduce_sum(rt, [total_loss, seen, skipped])  # the epoch over every rank's shard
     seen, skipped = int(seen), int(skipped)
@@ -175,9 +175,9 @@ def host_value(copy: HostCopy) -> torch.Tensor:
     return host
 
 
-def _read_loss(host: torch.Tensor, done: torch.cuda.Event | None, step: int) -> float:
+def _read_loss(copy: HostCopy, step: int) -> float:
     """The loss of one step as a float (waits for that step only); a diverged loss is a one-line error."""
-    value = host_value((host, done)).item()
+    value = host_value(copy).item()
     if not math.isfinite(value):
         raise TrainingError(f"loss is {value} at step {step}; lower --lr or disable --amp, then use --force")
     return value
