@@ -29,7 +29,33 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 PREFETCH_FACTOR = 4  # batches each worker keeps ready; decoding time varies a lot between images
 
 
-class ImageDataset(Dataset):
+class FrameFiles(Dataset):
+    """The image files of an index frame (columns ``path`` and ``label``) and the corrupt-image policy.
+
+    Shared by :class:`ImageDataset` and :class:`fgvc.gpu_decode.EncodedImageDataset`, so both treat an unreadable file
+    the same way: an error naming it, or (``skip_corrupt``) a warning and None, which the collate drops.
+    """
+
+    def __init__(self, frame: pd.DataFrame, skip_corrupt: bool = False):
+        self.paths = frame["path"].astype(str).tolist()
+        self.labels = frame["label"].astype("int64").tolist()
+        self.skip_corrupt = skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def decode(self, index: int) -> np.ndarray | None:
+        """The RGB image of row ``index``, or None when it is unreadable and ``skip_corrupt`` is set."""
+        try:
+            return decode_image(self.paths[index])
+        except CorruptImageError:
+            if not self.skip_corrupt:
+                raise
+            log.warning("skipping unreadable image %s", self.paths[index])
+            return None
+
+
+class ImageDataset(FrameFiles):
     """Decoded, transformed images of an index frame (columns ``path`` and ``label``).
 
     Items are ``(image, label, row)``: the row index lets predictions be matched back to the frame even when
@@ -44,13 +70,8 @@ class ImageDataset(Dataset):
         transform: Callable[[np.ndarray], torch.Tensor],
         skip_corrupt: bool = False,
     ):
-        self.paths = frame["path"].astype(str).tolist()
-        self.labels = frame["label"].astype("int64").tolist()
+        super().__init__(frame, skip_corrupt)
         self.transform = transform
-        self.skip_corrupt = skip_corrupt
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample | None:
         """The sample, or None for an unreadable image when ``skip_corrupt`` (the collate drops it)."""
@@ -59,12 +80,8 @@ class ImageDataset(Dataset):
             self.reseed(sample_seed)
         else:
             index = int(key)
-        try:
-            image = decode_image(self.paths[index])
-        except CorruptImageError:
-            if not self.skip_corrupt:
-                raise
-            log.warning("skipping unreadable image %s", self.paths[index])
+        image = self.decode(index)
+        if image is None:
             return None
         return self.transform(image), self.labels[index], index
 

@@ -40,15 +40,13 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import ExifTags, Image
-from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.ops import roi_align
 
-from fgvc.data import normalize_on_device
-from fgvc.errors import ConfigError, CorruptImageError
+from fgvc.data import FrameFiles, normalize_on_device
+from fgvc.errors import ConfigError
 from fgvc.io import decode_image, is_complete_jpeg, read_image_bytes
 from fgvc.transforms import TEST2_JITTER, TRAIN_JITTER, TRANSFORM_KINDS, test_resize_size
 
@@ -177,20 +175,12 @@ def device_decodable(data: bytes) -> bool:
         return False
 
 
-class EncodedImageDataset(Dataset):
+class EncodedImageDataset(FrameFiles):
     """File bytes of an index frame (columns ``path`` and ``label``) for decoding on the device.
 
     Keys are rows, or ``(row, sample_seed)`` from a seeded sampler. Without a seed the worker draws one from its own
     torch stream (DataLoader seeds each worker differently), so augmentations still differ between samples and epochs.
     """
-
-    def __init__(self, frame: pd.DataFrame, skip_corrupt: bool = False):
-        self.paths = frame["path"].astype(str).tolist()
-        self.labels = frame["label"].astype("int64").tolist()
-        self.skip_corrupt = skip_corrupt
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, key: int | tuple[int, int]) -> EncodedSample | None:
         """The sample, or None for an unreadable image when ``skip_corrupt`` (the collate drops it)."""
@@ -203,13 +193,10 @@ class EncodedImageDataset(Dataset):
         if device_decodable(data):
             payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
-            try:
-                payload = torch.from_numpy(decode_image(path))
-            except CorruptImageError:
-                if not self.skip_corrupt:
-                    raise
-                log.warning("skipping unreadable image %s", path)
+            image = self.decode(index)
+            if image is None:
                 return None
+            payload = torch.from_numpy(image)
         return EncodedSample(payload, self.labels[index], index, seed, sample_draws(seed), path)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import time
@@ -354,6 +353,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     scheduler = build_scheduler(optimizer, stage_cfg, steps_per_epoch) if optimizer else None
     scaler = torch.amp.GradScaler("cuda") if rt.needs_grad_scaler and optimizer else None
     criterion = nn.CrossEntropyLoss(label_smoothing=stage_cfg.label_smoothing)
+    if stage != STAGE1 and cfg.runtime.cache_features == "on":
+        require_cacheable(stage_cfg.augment, stage_cfg.tune, rt.world_size)
     if rt.is_main:  # only now: data, model and settings were all accepted, so a bad input destroys nothing
         _retire_old_results(run_dir, stage_dir, stage, force)
 
@@ -628,6 +629,4 @@ def run_stage2(run_dir: Path, overrides: dict[str, Any], force: bool = False, pr
         raise DataError(f"{run_dir}: stage 1 has no checkpoint; run `fgvc stage1` first")
     if not is_finished(run_dir / STAGE1):
         raise DataError(f"{run_dir}: stage 1 is not finished; rerun `fgvc stage1` with the same settings to finish it")
-    if cfg.runtime.cache_features == "on":  # refused before the stage folder is created
-        require_cacheable(cfg.stage2.augment, cfg.stage2.tune, int(os.environ.get("WORLD_SIZE", "1")))
     return train_stage(cfg, "stage2", force=force, progress=progress)
