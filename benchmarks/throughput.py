@@ -690,11 +690,13 @@ class CaseRun:
         index = sized_index(self.index, max(batches, sizes.warmup_batches) * batch)
         loader, sampler, prepare = make_loader(self.cfg, rt, index, s2.augment, s2.res, batch, True, self.meta)
         optimizer, scheduler, scaler, criterion = self.training_parts("stage2", len(loader))
+        split = self.split()
+        net = feature_cache.FrozenTrunkModel(split) if split is not None else self.model  # as train_stage runs it
 
         def train_epoch(epoch: int, n_batches: int) -> int:
             sampler.set_epoch(epoch, start=len(index) - n_batches * batch)
             set_train_mode(self.model, s2.tune)
-            stats = train_one_epoch(self.model, loader, optimizer, scheduler, scaler, rt, prepare, criterion,
+            stats = train_one_epoch(net, loader, optimizer, scheduler, scaler, rt, prepare, criterion,
                                     grad_accum=s2.grad_accum, batch_size=batch, progress=False)  # fmt: skip
             return stats.images
 
@@ -707,17 +709,28 @@ class CaseRun:
             S2: timed_epochs(rt, train_epoch, sizes.warmup_batches, batches),
             INFER: timed_epochs(rt, inference_epoch, sizes.warmup_batches, batches),
         }
-        results[S2].note = f"tune {s2.tune}, augment {s2.augment}, uncached"
+        trunk = f"trunk before {split.cut} without autograd" if split is not None else "whole model with autograd"
+        results[S2].note = f"tune {s2.tune}, augment {s2.augment}, uncached, {trunk}"
         try:
-            results |= self.stage2_cached(index, sampler, loader.drop_last, optimizer, scheduler, scaler, criterion)
+            results |= self.stage2_cached(split, index, sampler, loader.drop_last, optimizer, scheduler, scaler,
+                                          criterion)  # fmt: skip
         except Exception as err:  # the uncached numbers above still stand
             traceback.print_exc()
             failed = Measured.missing(f"failed: {type(err).__name__}: {str(err).strip()[:200]}")
             results |= {S2_C1: failed, S2_C2: failed}
         return results
 
+    def split(self) -> Any:
+        """The model cut before its stage-2 tuned part, as ``train_stage`` cuts it (None where it cannot be)."""
+        if feature_cache is None:
+            return None
+        s2, rt = self.cfg.stage2, self.rt
+        example = torch.randn(2, 3, s2.res, s2.res, device=rt.device).contiguous(memory_format=rt.memory_format)
+        return feature_cache.split_model(self.model, s2.tune, example)
+
     def stage2_cached(
         self,
+        split: Any,
         index: DatasetIndex,
         sampler: EpochSampler,
         drop_last: bool,
@@ -731,8 +744,6 @@ class CaseRun:
             missing = Measured.missing(f"not available: {FEATURE_CACHE_MISSING}")
             return {S2_C1: missing, S2_C2: missing}
         s2, rt = self.cfg.stage2, self.rt
-        example = torch.randn(2, 3, s2.res, s2.res, device=rt.device).contiguous(memory_format=rt.memory_format)
-        split = feature_cache.split_model(self.model, s2.tune, example)
         if split is None:
             missing = Measured.missing(f"not available: {self.case.label} cannot be cut before its tuned part")
             return {S2_C1: missing, S2_C2: missing}

@@ -18,6 +18,7 @@ from torch import nn
 from fgvc.data import ImageDataset, OnDeviceNormalize, build_loader
 from fgvc.engine.feature_cache import (
     FeatureCache,
+    FrozenTrunkModel,
     cache_bytes_estimate,
     compute_cache,
     default_budget_bytes,
@@ -333,9 +334,11 @@ def _run(
     epochs: int,
     cached_from: int | None,
     stop: StopFlag | None = None,
+    frozen_trunk: bool = False,
 ) -> list[EpochStats]:
     """Stage-2-like training (test transform, seeded shuffled sampler, drop_last, grad accumulation, SGD + schedule);
-    epochs from ``cached_from`` on run through the cache."""
+    epochs from ``cached_from`` on run through the cache, the others through the model (or, with ``frozen_trunk``,
+    through :class:`FrozenTrunkModel`)."""
     meta = model.fgvc_meta
     transform = build_transform("test", RES, crop_pct=meta.crop_pct, interpolation=meta.interpolation)
     dataset = ImageDataset(frame, transform, skip_corrupt=True)
@@ -358,7 +361,8 @@ def _run(
             stats = train_one_epoch_cached(split.tail, cache, sampler, BATCH, True, optimizer, scheduler, None, CPU,
                                            criterion, grad_accum=GRAD_ACCUM, stop=stop, progress=False)  # fmt: skip
         else:
-            stats = train_one_epoch(model, loader, optimizer, scheduler, None, CPU, prepare, criterion,
+            net = FrozenTrunkModel(split_model(model, tune, torch.randn(2, 3, RES, RES))) if frozen_trunk else model
+            stats = train_one_epoch(net, loader, optimizer, scheduler, None, CPU, prepare, criterion,
                                     grad_accum=GRAD_ACCUM, stop=stop, batch_size=BATCH, progress=False)  # fmt: skip
         history.append(stats)
     return history
@@ -372,6 +376,10 @@ def test_cached_training_matches_uncached_training(image_frame, tune):
     for name, cached_from in (("uncached", None), ("cached from epoch 2", 1), ("cached from the start", 0)):
         model = copy.deepcopy(initial)
         runs[name] = (model, _run(model, tune, image_frame, epochs=2, cached_from=cached_from))
+    model = copy.deepcopy(initial)
+    runs["uncached, trunk without autograd"] = (
+        model, _run(model, tune, image_frame, epochs=2, cached_from=None, frozen_trunk=True),
+    )  # fmt: skip
 
     reference_model, reference_history = runs.pop("uncached")
     reference = reference_model.state_dict()
@@ -390,6 +398,25 @@ def test_cached_training_matches_uncached_training(image_frame, tune):
             )  # fmt: skip
             assert got.loss == pytest.approx(expected.loss, rel=1e-5)
             assert got.lr == pytest.approx(expected.lr)
+
+
+def test_frozen_trunk_model_runs_only_the_tail_with_autograd():
+    torch.manual_seed(0)
+    model = create_model("timm:test_resnet", NUM_CLASSES)
+    set_trainable(model, "bn+fc")
+    split = split_model(model, "bn+fc", torch.randn(2, 3, RES, RES))
+    grad_enabled = {}
+    for name in ("layer3", "layer4.0", "fc"):
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _a, _o, name=name: grad_enabled.__setitem__(name, torch.is_grad_enabled())
+        )
+    net = FrozenTrunkModel(split)
+    set_train_mode(model, "bn+fc")
+    out = net(torch.randn(3, 3, RES, RES))
+    assert grad_enabled == {"layer3": False, "layer4.0": True, "fc": True}
+    assert out.requires_grad
+    assert {id(p) for p in net.parameters()} == {id(p) for p in split.tail.parameters()}  # what DDP would sync
+    assert {id(p) for p in trainable_parameters(model, "bn+fc")} <= {id(p) for p in net.parameters()}
 
 
 def test_a_stop_request_ends_the_cached_epoch_at_the_same_step(image_frame):

@@ -40,6 +40,7 @@ from fgvc.engine.checkpoint import (
 )
 from fgvc.engine.feature_cache import (
     FeatureCache,
+    FrozenTrunkModel,
     Split,
     cache_bytes_estimate,
     cache_dtype,
@@ -395,12 +396,6 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         rt.world_size, stage_cfg.grad_accum, source,
     )  # fmt: skip
 
-    net: nn.Module = model
-    if rt.distributed and optimizer is not None:
-        net = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if cfg.runtime.compile:
-        net = torch.compile(net)
-
     def checkpoint(epoch: int, micro: int, finished: bool) -> dict[str, Any]:
         return {
             "model": unwrap(model).state_dict(),
@@ -425,7 +420,15 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
 
     split, cache = None, None
     if stage != STAGE1 and start_epoch < stage_cfg.epochs:
-        split, cache = _feature_cache(cfg, rt, model, stage_cfg, train_index, decode, progress)
+        split = _stage2_split(cfg, rt, model, stage_cfg)
+        cache = _feature_cache(cfg, rt, split, stage_cfg, train_index, meta, decode, progress)
+    net: nn.Module = model
+    if split is not None and cache is None:  # uncached stage 2: no autograd in front of the tuned part
+        net = FrozenTrunkModel(split)
+    if rt.distributed and optimizer is not None:
+        net = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.runtime.compile:
+        net = torch.compile(net)
     result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before)
     for epoch in range(start_epoch, stage_cfg.epochs):
         micro = start_micro if epoch == start_epoch else 0
@@ -522,41 +525,49 @@ def is_finished(stage_dir: Path) -> bool:
     return (stage_dir / FINISHED).is_file()
 
 
-def _feature_cache(
-    cfg: RunConfig,
-    rt: Runtime,
-    model: nn.Module,
-    stage_cfg: StageConfig,
-    index: DatasetIndex,
-    decode: str,
-    progress: bool,
-) -> tuple[Split | None, FeatureCache | None]:
-    """Stage 2 with the deterministic test augmentation: run the frozen trunk once, train the tail on its output."""
-    mode = cfg.runtime.cache_features
-    if mode == "off":
-        return None, None
-    should, reason = should_cache(mode, stage_cfg.augment, stage_cfg.tune, 0, 1, rt.world_size)
-    if not should:  # wrong setting for a cache (random augmentation, several processes): no need to look further
-        log.info(reason)
-        return None, None
+def _stage2_split(cfg: RunConfig, rt: Runtime, model: nn.Module, stage_cfg: StageConfig) -> Split | None:
+    """The model cut before its tuned part (for the cache and for a no-grad trunk), or None where it cannot be cut.
+
+    None under ``--compile`` too: the trunk stops the model's forward with an exception, which compiled code cannot.
+    """
+    if stage_cfg.tune == "all" or cfg.runtime.compile:
+        return None
     devices = [rt.device] if rt.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # a resumed run must draw the same random numbers as an unbroken one
         example = torch.randn(2, 3, stage_cfg.res, stage_cfg.res, device=rt.device).contiguous(
             memory_format=rt.memory_format
         )
-    split = split_model(model, stage_cfg.tune, example)
+    return split_model(model, stage_cfg.tune, example)
+
+
+def _feature_cache(
+    cfg: RunConfig,
+    rt: Runtime,
+    split: Split | None,
+    stage_cfg: StageConfig,
+    index: DatasetIndex,
+    meta: ModelMeta,
+    decode: str,
+    progress: bool,
+) -> FeatureCache | None:
+    """Stage 2 with the deterministic test augmentation: run the frozen trunk once, train the tail on its output."""
+    mode = cfg.runtime.cache_features
+    if mode == "off":
+        return None
+    should, reason = should_cache(mode, stage_cfg.augment, stage_cfg.tune, 0, 1, rt.world_size)
+    if not should:  # wrong setting for a cache (random augmentation, several processes): no need to look further
+        log.info(reason)
+        return None
     if split is None:
         log.info("feature cache not used: %s cannot be cut before its tuned part", cfg.model.arch)
-        return None, None
+        return None
     estimate = cache_bytes_estimate(split, len(index), stage_cfg.res, cache_dtype(rt))
     should, reason = should_cache(mode, stage_cfg.augment, stage_cfg.tune, estimate, default_budget_bytes(rt.device))
     log.info("%s (cut at %s)", reason, split.cut)
     if not should:
-        return None, None
-    loader, _, prepare = make_loader(
-        cfg, rt, index, "test", stage_cfg.res, stage_cfg.batch_size, False, get_meta(model), decode
-    )
-    return split, compute_cache(split.trunk, loader, prepare, rt, progress=progress)
+        return None
+    loader, _, prepare = make_loader(cfg, rt, index, "test", stage_cfg.res, stage_cfg.batch_size, False, meta, decode)
+    return compute_cache(split.trunk, loader, prepare, rt, progress=progress)
 
 
 def _prepare_bnstats(model: nn.Module, tune: str, restart: bool = True) -> Any:
