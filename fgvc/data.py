@@ -231,3 +231,20 @@ class OnDeviceNormalize:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return normalize_on_device(images, self.mean, self.std, self.device, self.channels_last)
+
+
+class TenCropNormalize(OnDeviceNormalize):
+    """``(B, 5, res, res, 3)`` uint8 crops of :class:`fgvc.transforms.TenCrop` -> ``(B, 10, 3, res, res)`` normalised.
+
+    The five crops travel once, channels last as decoded; the five mirror images are made here, and the channel axis
+    moves first as a view, which is already the channels-last layout the model wants.
+    """
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 5 or images.shape[1] != 5 or images.shape[-1] != 3:
+            raise ValueError(f"expected (B, 5, H, W, 3) ten-crop batches, got shape {tuple(images.shape)}")
+        crops = images.to(self.device, non_blocking=True)
+        views = torch.cat([crops, crops.flip(3)], dim=1).permute(0, 1, 4, 2, 3)
+        if not self.channels_last:
+            views = views.contiguous()
+        return normalize_on_device(views, self.mean, self.std, self.device, self.channels_last)

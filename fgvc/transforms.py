@@ -7,7 +7,7 @@ Kinds:
     train: RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip + colour jitter 0.3 (the FixRes stage 1).
     test: resize the shorter side to ``floor(res / crop_pct)``, centre crop ``res`` (FixRes "test DA").
     test2: test + horizontal flip + colour jitter 0.05 + a random horizontal shift of the crop (FixRes "test DA2").
-    tencrop: test resize, then 4 corners + centre, each also flipped, stacked as ``(10, 3, res, res)``.
+    tencrop: test resize, then 4 corners + centre as ``(5, res, res, 3)``; the flipped five are made on the device.
 """
 
 from __future__ import annotations
@@ -89,10 +89,12 @@ class AlbumentationsTransform:
 
 
 class TenCrop:
-    """Test resize, then the 4 corner and centre crops and their mirror images, as one ``(10, 3, res, res)`` tensor.
+    """Test resize, then the 4 corner crops and the centre crop as one ``(5, res, res, 3)`` HWC uint8 tensor.
 
-    The order matches torchvision's ``TenCrop``: tl, tr, bl, br, centre, then the same five flipped. The centre is the
-    one ``test`` uses (``A.CenterCrop`` rounds the offset down), so the centre view equals the single-crop input.
+    The mirror images that make the ten views, and the move of the channels first, happen on the device
+    (:class:`fgvc.data.TenCropNormalize`): the workers copy half the pixels and never transpose them. The order matches
+    torchvision's ``TenCrop``: tl, tr, bl, br, centre, then the same five flipped. The centre is the one ``test`` uses
+    (``A.CenterCrop`` rounds the offset down), so the centre view equals the single-crop input.
     """
 
     def __init__(self, res: int, resize: A.Compose):
@@ -105,9 +107,7 @@ class TenCrop:
         r = self.res
         top, left = (height - r) // 2, (width - r) // 2
         corners = [(0, 0), (0, width - r), (height - r, 0), (height - r, width - r), (top, left)]
-        views = np.stack([resized[y : y + r, x : x + r] for y, x in corners])
-        views = np.concatenate([views, views[:, :, ::-1]])
-        return torch.from_numpy(np.ascontiguousarray(views.transpose(0, 3, 1, 2)))
+        return torch.from_numpy(np.stack([resized[y : y + r, x : x + r] for y, x in corners]))
 
     def reseed(self, seed: int) -> None:
         """Deterministic; present so every transform answers the same calls."""
@@ -133,7 +133,7 @@ def build_transform(
         seed: seeds the random stream (None: a fresh one); DataLoader workers reseed it per worker anyway.
 
     Returns:
-        A picklable callable giving ``(3, res, res)``, or ``(10, 3, res, res)`` for ``tencrop``.
+        A picklable callable giving ``(3, res, res)``, or ``(5, res, res, 3)`` for ``tencrop`` (see :class:`TenCrop`).
     """
     if kind not in TRANSFORM_KINDS:
         raise ConfigError(f"unknown transform '{kind}'; choose one of {', '.join(TRANSFORM_KINDS)}")

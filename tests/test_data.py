@@ -81,7 +81,7 @@ def test_loader_covers_every_row_once(image_frame: pd.DataFrame, workers: int) -
 def test_tencrop_batches_are_5d(image_frame: pd.DataFrame) -> None:
     loader = build_loader(ImageDataset(image_frame, build_transform("tencrop", RES)), 4, shuffle=False, workers=0)
     images, _, rows = collect(loader)
-    assert [tuple(batch.shape) for batch in images] == [(4, 10, 3, RES, RES), (3, 10, 3, RES, RES)]
+    assert [tuple(batch.shape) for batch in images] == [(4, 5, RES, RES, 3), (3, 5, RES, RES, 3)]
     assert list(rows) == list(range(7))
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fgvc.data import TenCropNormalize
 from fgvc.errors import ConfigError
 from fgvc.transforms import TRANSFORM_KINDS, HorizontalShiftCrop, build_transform
 from fgvc.transforms import test_resize_size as resize_size  # aliased so pytest does not collect it as a test
@@ -38,9 +39,9 @@ def test_resize_size_rejects_crop_pct_outside_unit_interval(crop_pct: float) -> 
 
 @pytest.mark.parametrize("kind", TRANSFORM_KINDS)
 @pytest.mark.parametrize("shape", [(40, 60), (60, 40), (9, 11)], ids=["landscape", "portrait", "tiny"])
-def test_every_kind_gives_uint8_chw_at_res(kind: str, shape: tuple[int, int]) -> None:
+def test_every_kind_gives_uint8_at_res(kind: str, shape: tuple[int, int]) -> None:
     out = build_transform(kind, 16, seed=0)(pattern(*shape))
-    expected = (10, 3, 16, 16) if kind == "tencrop" else (3, 16, 16)
+    expected = (5, 16, 16, 3) if kind == "tencrop" else (3, 16, 16)  # ten-crop: five HWC crops, mirrored on the device
     assert out.shape == expected
     assert out.dtype == torch.uint8
     assert int(out.max()) > 1  # raw 0..255 values, not scaled or normalised
@@ -147,19 +148,23 @@ def test_tencrop_views_match_hand_crops() -> None:
     bl, br = resized[16:32, 0:16], resized[16:32, 32:48]
     centre = resized[8:24, 16:32]
     five = [tl, tr, bl, br, centre]
-    expected = five + [view[:, ::-1] for view in five]
     out = build_transform("tencrop", 16, crop_pct=0.5, interpolation="bilinear")(image)
-    assert out.shape == (10, 3, 16, 16)
-    for i, view in enumerate(expected):
-        np.testing.assert_array_equal(hwc(out[i]), view, err_msg=f"view {i}")
+    assert out.shape == (5, 16, 16, 3)
+    for i, view in enumerate(five):
+        np.testing.assert_array_equal(out[i].numpy(), view, err_msg=f"crop {i}")
+    # On the device: the five and their mirror images, channels first, as (x / 255 - mean) / std.
+    for channels_last in (True, False):
+        views = TenCropNormalize((0.0, 0.0, 0.0), (1 / 255,) * 3, "cpu", channels_last)(out[None])[0]
+        assert views.shape == (10, 3, 16, 16)
+        for i, view in enumerate(five + [view[:, ::-1] for view in five]):
+            np.testing.assert_array_equal(hwc(views[i].round().to(torch.uint8)), view, err_msg=f"view {i}")
 
 
 def test_tencrop_centre_is_the_test_crop() -> None:
     image = pattern(45, 37)
     tencrop = build_transform("tencrop", 15, crop_pct=0.7)(image)
     single = build_transform("test", 15, crop_pct=0.7)(image)
-    assert torch.equal(tencrop[4], single)
-    assert torch.equal(tencrop[9], single.flip(-1))
+    assert torch.equal(tencrop[4], single.permute(1, 2, 0))
 
 
 def test_train_is_random_and_reproducible_by_seed() -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fgvc.config import CONFIG_FILE, RunConfig, StageConfig, load_config, save_config
-from fgvc.data import ImageDataset, OnDeviceNormalize, build_loader, collate_skip_none
+from fgvc.data import ImageDataset, OnDeviceNormalize, TenCropNormalize, build_loader, collate_skip_none
 from fgvc.datasets import load_index
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import (
@@ -155,7 +155,8 @@ def make_loader(
         transform = build_transform(kind, res, crop_pct=cfg.data.crop_pct, interpolation=meta.interpolation)
         dataset = ImageDataset(index.frame, transform, skip_corrupt=cfg.data.skip_corrupt)
         collate = collate_skip_none
-        prepare = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
+        normalize = TenCropNormalize if kind == "tencrop" else OnDeviceNormalize
+        prepare = normalize(meta.mean, meta.std, rt.device, rt.channels_last)
     loader = build_loader(
         dataset, batch_size=batch_size, workers=cfg.data.workers, sampler=sampler, drop_last=drop_last,
         collate_fn=collate,
