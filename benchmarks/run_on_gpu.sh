@@ -15,4 +15,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 df -h /dev/shm || true  # loader workers hand batches over in shared memory; a small /dev/shm kills them
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true  # each shared tensor in flight holds a file descriptor
 echo "open files: $(ulimit -n); C compiler for Triton: ${CC:-$(command -v gcc || command -v clang || echo none)}"
+# The CUDA-only checks first (seconds): the prefetching thread's stream ordering with nvJPEG on a busy device.
+python3 -m pytest -q -p no:cacheprovider tests/test_prefetch.py 2>&1 | tee "$out/pytest-cuda.log" || true
 python3 -u benchmarks/throughput.py --out "$out" "$@" 2>&1 | tee "$out/throughput.log"

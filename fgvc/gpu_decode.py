@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import ExifTags, Image
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
@@ -112,17 +113,17 @@ class EncodedBatch:
         return len(self.payloads)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        """Cross a process boundary (loader worker -> main) with the JPEG bytes in one flat tensor.
+        """Cross a process boundary (loader worker -> main) with every payload's bytes in one flat tensor.
 
         Each tensor pickled by a DataLoader worker becomes its own shared-memory file with a descriptor and a handshake:
         a batch of 128 JPEGs would cost 128 of them (and thousands of open descriptors with 8 workers prefetching).
         """
         jpegs = [payload for payload in self.payloads if payload.dim() == 1]
-        flat = torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8)
-        sizes = [payload.numel() for payload in jpegs]
-        is_jpeg = [payload.dim() == 1 for payload in self.payloads]
         decoded = [payload for payload in self.payloads if payload.dim() != 1]
-        return _rebuild_batch, (flat, sizes, is_jpeg, decoded, self.draws, self.seeds, self.rows, self.paths)
+        flat = torch.cat([payload.reshape(-1) for payload in jpegs + decoded] or [torch.empty(0, dtype=torch.uint8)])
+        shapes = [tuple(payload.shape) for payload in jpegs + decoded]
+        is_jpeg = [payload.dim() == 1 for payload in self.payloads]
+        return _rebuild_batch, (flat, shapes, is_jpeg, self.draws, self.seeds, self.rows, self.paths)
 
     def pin_memory(self) -> EncodedBatch:
         """Pin the decoded images so their copy to the device overlaps compute (the DataLoader calls this).
@@ -135,16 +136,17 @@ class EncodedBatch:
 
 def _rebuild_batch(
     flat: torch.Tensor,
-    sizes: list[int],
+    shapes: list[tuple[int, ...]],
     is_jpeg: list[bool],
-    decoded: list[torch.Tensor],
     draws: torch.Tensor,
     seeds: torch.Tensor,
     rows: torch.Tensor,
     paths: list[str],
 ) -> EncodedBatch:
-    """Inverse of :meth:`EncodedBatch.__reduce__`: the JPEG payloads become views of the flat tensor, in order."""
-    jpegs, images = iter(flat.split(sizes)), iter(decoded)
+    """Inverse of :meth:`EncodedBatch.__reduce__`: the payloads become views of the flat tensor, in their order."""
+    views = [part.view(shape) for part, shape in zip(flat.split([math.prod(s) for s in shapes]), shapes, strict=True)]
+    n_jpegs = sum(is_jpeg)
+    jpegs, images = iter(views[:n_jpegs]), iter(views[n_jpegs:])
     payloads = [next(jpegs) if jpeg else next(images) for jpeg in is_jpeg]
     return EncodedBatch(payloads, draws, seeds, rows, paths)
 
@@ -180,7 +182,17 @@ class EncodedImageDataset(FrameFiles):
 
     Keys are rows, or ``(row, sample_seed)`` from a seeded sampler. Without a seed the worker draws one from its own
     torch stream (DataLoader seeds each worker differently), so augmentations still differ between samples and epochs.
+
+    ``cpu_share``: the fraction of device-decodable JPEGs the worker decodes itself (OpenCV) and ships as pixels, so
+    that the otherwise idle loader workers and the device decoder split the work when the device decoder alone
+    cannot keep up. Which samples is a function of the sample seed, so a resumed run makes the same choices.
     """
+
+    def __init__(self, frame: pd.DataFrame, skip_corrupt: bool = False, cpu_share: float = 0.0) -> None:
+        super().__init__(frame, skip_corrupt=skip_corrupt)
+        if not 0.0 <= cpu_share <= 1.0:
+            raise ConfigError(f"cpu_share must be between 0 and 1, got {cpu_share}; fix data.gpu_decode_cpu_share")
+        self.cpu_share = cpu_share
 
     def __getitem__(self, key: int | tuple[int, int]) -> EncodedSample | None:
         """The sample, or None for an unreadable image when ``skip_corrupt`` (the collate drops it)."""
@@ -189,8 +201,8 @@ class EncodedImageDataset(FrameFiles):
         else:
             index, seed = int(key), int(torch.randint(0, 2**31, ()).item())
         path = self.paths[index]
-        data = read_image_bytes(Path(path))
-        if device_decodable(data):
+        data = None if _decoded_by_worker(seed, self.cpu_share) else read_image_bytes(Path(path))
+        if data is not None and device_decodable(data):
             payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
             image = self.decode(index)
@@ -198,6 +210,16 @@ class EncodedImageDataset(FrameFiles):
                 return None
             payload = torch.from_numpy(image)
         return EncodedSample(payload, self.labels[index], index, seed, sample_draws(seed), path)
+
+
+def _decoded_by_worker(seed: int, cpu_share: float) -> bool:
+    """Whether the worker decodes this sample itself: a seed-determined coin with probability ``cpu_share``.
+
+    A multiplicative hash of the seed (not its draws, which the augmentation reads) spreads consecutive seeds evenly.
+    """
+    if cpu_share <= 0.0:
+        return False
+    return ((int(seed) * 0x9E3779B1) & 0xFFFFFFFF) / 2**32 < cpu_share
 
 
 def collate_encoded(samples: Sequence[EncodedSample | None]) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor]:

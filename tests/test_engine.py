@@ -259,7 +259,7 @@ def test_device_decoding_trains_and_predicts_through_the_same_loops(tiny_demo_ro
     model = create_model("timm:test_resnet", index.num_classes, None)
     meta = get_meta(model)
     loader, sampler, prepare = make_loader(cfg, rt, index, "train", 32, 8, True, meta, decode="gpu")
-    assert type(prepare).__name__ == "GpuBatchPreparer"
+    assert type(loader.prepare).__name__ == "GpuBatchPreparer"  # run by the prefetching thread
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     stats = train_one_epoch(model, loader, optimizer, None, None, rt, prepare, torch.nn.CrossEntropyLoss(),
                             batch_size=8, progress=False)  # fmt: skip

@@ -140,7 +140,8 @@ def make_loader(
     """Dataset + seeded sampler + loader for one split at one resolution, and the ``prepare`` the loops apply.
 
     ``decode="cpu"``: workers decode and augment (OpenCV + albumentations), uint8 batches are normalised on the device.
-    ``decode="gpu"``: workers only read the file bytes; nvJPEG decodes and the augmentation runs on the device.
+    ``decode="gpu"``: workers only read the file bytes; nvJPEG decodes and the augmentation runs on the device, in a
+    background thread one batch ahead (:class:`fgvc.prefetch.Prefetcher`).
     """
     sampler = EpochSampler(len(index), shuffle=shuffle, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size)
     drop_last = shuffle and len(index) // rt.world_size > batch_size
@@ -148,7 +149,9 @@ def make_loader(
     if decode == "gpu":
         from fgvc.gpu_decode import EncodedImageDataset, GpuBatchPreparer, collate_encoded
 
-        dataset: torch.utils.data.Dataset = EncodedImageDataset(index.frame, skip_corrupt=cfg.data.skip_corrupt)
+        dataset: torch.utils.data.Dataset = EncodedImageDataset(
+            index.frame, skip_corrupt=cfg.data.skip_corrupt, cpu_share=cfg.data.gpu_decode_cpu_share
+        )
         collate = collate_encoded
         prepare = GpuBatchPreparer(kind, res, meta.mean, meta.std, rt.device, cfg.data.crop_pct, rt.channels_last)
     else:
@@ -161,6 +164,10 @@ def make_loader(
         dataset, batch_size=batch_size, workers=cfg.data.workers, sampler=sampler, drop_last=drop_last,
         collate_fn=collate,
     )  # fmt: skip
+    if decode == "gpu":  # the next batches are decoded by a thread of their own while this step is queued
+        from fgvc.prefetch import Prefetcher, wait_prepared
+
+        return Prefetcher(loader, prepare, rt.device), sampler, wait_prepared  # type: ignore[return-value]
     return loader, sampler, prepare
 
 
