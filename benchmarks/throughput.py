@@ -90,8 +90,6 @@ CEIL_TRAIN = "ceiling: train step"
 CEIL_INFER = "ceiling: inference"
 S1 = "stage 1 e2e"
 S1_GPU = "stage 1 e2e, GPU decode"
-WORKER_SHARE = 0.35  # of the JPEGs, decoded by the loader workers in the shared-decode row
-S1_GPU_SHARED = f"stage 1 e2e, GPU decode + {WORKER_SHARE:.0%} on workers"
 REF = "reference loop (PIL, fp32, NCHW)"
 S2 = "stage 2 epoch (bn+fc, test DA)"
 INFER = "inference pass (same loader)"
@@ -162,7 +160,6 @@ class RatioRule:
 RATIOS: dict[str, RatioRule] = {
     S1: RatioRule(S1, CEIL_TRAIN, "÷ ceiling train step"),
     S1_GPU: RatioRule(S1_GPU, CEIL_TRAIN, "÷ ceiling train step"),
-    S1_GPU_SHARED: RatioRule(S1_GPU_SHARED, CEIL_TRAIN, "÷ ceiling train step"),
     REF: RatioRule(S1, REF, "fgvc stage 1 e2e ÷ this"),
     S2: RatioRule(INFER, S2, "epoch time ÷ inference pass time"),
     INFER: RatioRule(INFER, CEIL_INFER, "÷ ceiling inference"),
@@ -180,7 +177,6 @@ TARGETS: dict[tuple[str, str | None], tuple[str, float]] = {
     (S1, "senet154"): (">=", 0.90),
     (S1, "inceptionresnetv2"): (">=", 0.90),
     (S1_GPU, "resnet50"): (">=", 0.80),
-    (S1_GPU_SHARED, "resnet50"): (">=", 0.80),
     (REF, "senet154"): (">=", 1.40),
     (S2, None): ("<=", 1.10),
     (TEN, None): (">=", 0.90),
@@ -602,20 +598,16 @@ class CaseRun:
 
     # -- (b) stage 1 end to end -----------------------------------------------------------------------------------
 
-    def stage1(self, decode: str = "cpu", compiled: bool = False, worker_share: float = 0.0) -> dict[str, Measured]:
+    def stage1(self, decode: str = "cpu", compiled: bool = False) -> dict[str, Measured]:
         s1, sizes = self.cfg.stage1, self.sizes
         batch = s1.batch_size
         batches = self.bench.window(self.rate(CEIL_TRAIN), batch, sizes.seconds, sizes.max_images)
         index = sized_index(self.index, max(batches, sizes.warmup_batches) * batch)
-        cfg = self.cfg.model_copy(deep=True)
-        cfg.data.gpu_decode_cpu_share = worker_share
-        loader, sampler, prepare = make_loader(cfg, self.rt, index, s1.augment, s1.res, batch, True, self.meta,
+        loader, sampler, prepare = make_loader(self.cfg, self.rt, index, s1.augment, s1.res, batch, True, self.meta,
                                                decode)  # fmt: skip
-        workers = cfg.data.workers
+        workers = self.cfg.data.workers
         how = f"nvJPEG + augmentation on the device, {workers} workers read bytes" if decode == "gpu" else (
             f"OpenCV + albumentations in {workers} workers")  # fmt: skip
-        if worker_share:
-            how += f" and decode {worker_share:.0%} of the JPEGs"
         optimizer, scheduler, scaler, criterion = self.training_parts("stage1", len(loader))
         net = self.compiled() if compiled else self.model
 
@@ -629,7 +621,7 @@ class CaseRun:
         measured = timed_epochs(self.rt, run_epoch, sizes.warmup_batches, batches)
         measured.note = how + ("; warm-up includes compilation" if compiled else "")
         names = {(False, "cpu"): S1, (False, "gpu"): S1_GPU, (True, "cpu"): S1_COMP, (True, "gpu"): S1_GPU_COMP}
-        return {S1_GPU_SHARED if worker_share else names[(compiled, decode)]: measured}
+        return {names[(compiled, decode)]: measured}
 
     # -- (c) the public FixRes way --------------------------------------------------------------------------------
 
@@ -835,7 +827,7 @@ def compile_skip_reason(case: ModelCase, mode: str, rt: Runtime) -> str:
 
 Step = tuple[str, list[str], dict[str, Any]]  # CaseRun method, the rows it yields, its keyword arguments
 STEP_METHODS = ("ceiling_train", "stage1", "reference", "ceiling_infer", "stage2", "tencrop")
-TRAIN_RES_ROWS = {CEIL_TRAIN, S1, S1_GPU, S1_GPU_SHARED, REF, S1_COMP, S1_GPU_COMP}
+TRAIN_RES_ROWS = {CEIL_TRAIN, S1, S1_GPU, REF, S1_COMP, S1_GPU_COMP}
 
 
 def eager_steps(case: ModelCase) -> list[Step]:
@@ -843,7 +835,6 @@ def eager_steps(case: ModelCase) -> list[Step]:
     steps: list[Step] = [("ceiling_train", [CEIL_TRAIN], {}), ("stage1", [S1], {})]
     if case.gpu_decode:
         steps.append(("stage1", [S1_GPU], {"decode": "gpu"}))
-        steps.append(("stage1", [S1_GPU_SHARED], {"decode": "gpu", "worker_share": WORKER_SHARE}))
     steps += [("reference", [REF], {}), ("ceiling_infer", [CEIL_INFER], {}),
               ("stage2", [S2, INFER, S2_C1, S2_C2], {}), ("tencrop", [TEN], {})]  # fmt: skip
     return steps

@@ -39,9 +39,6 @@ class DataConfig(_Section):
     skip_corrupt: bool = False  # skip and count unreadable images instead of failing
     crop_pct: float = Field(0.875, gt=0.0, le=1.0)  # test resize = floor(res / crop_pct)
     decode: Literal["cpu", "gpu", "auto"] = "auto"  # where JPEGs are decoded (gpu: nvjpeg, only on CUDA)
-    # decode: gpu: the fraction of JPEGs the loader workers still decode themselves, so that they share the work with
-    # the device decoder when it alone cannot feed the model
-    gpu_decode_cpu_share: float = Field(0.0, ge=0.0, le=1.0)
 
     def resolved_root(self) -> Path:
         """The dataset folder: explicit root, else $FGVC_DATA/<dataset>, else ./datasets/<dataset>."""

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import ExifTags, Image
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
@@ -182,17 +181,7 @@ class EncodedImageDataset(FrameFiles):
 
     Keys are rows, or ``(row, sample_seed)`` from a seeded sampler. Without a seed the worker draws one from its own
     torch stream (DataLoader seeds each worker differently), so augmentations still differ between samples and epochs.
-
-    ``cpu_share``: the fraction of device-decodable JPEGs the worker decodes itself (OpenCV) and ships as pixels, so
-    that the otherwise idle loader workers and the device decoder split the work when the device decoder alone
-    cannot keep up. Which samples is a function of the sample seed, so a resumed run makes the same choices.
     """
-
-    def __init__(self, frame: pd.DataFrame, skip_corrupt: bool = False, cpu_share: float = 0.0) -> None:
-        super().__init__(frame, skip_corrupt=skip_corrupt)
-        if not 0.0 <= cpu_share <= 1.0:
-            raise ConfigError(f"cpu_share must be between 0 and 1, got {cpu_share}; fix data.gpu_decode_cpu_share")
-        self.cpu_share = cpu_share
 
     def __getitem__(self, key: int | tuple[int, int]) -> EncodedSample | None:
         """The sample, or None for an unreadable image when ``skip_corrupt`` (the collate drops it)."""
@@ -201,8 +190,8 @@ class EncodedImageDataset(FrameFiles):
         else:
             index, seed = int(key), int(torch.randint(0, 2**31, ()).item())
         path = self.paths[index]
-        data = None if _decoded_by_worker(seed, self.cpu_share) else read_image_bytes(Path(path))
-        if data is not None and device_decodable(data):
+        data = read_image_bytes(Path(path))
+        if device_decodable(data):
             payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
             image = self.decode(index)
@@ -210,16 +199,6 @@ class EncodedImageDataset(FrameFiles):
                 return None
             payload = torch.from_numpy(image)
         return EncodedSample(payload, self.labels[index], index, seed, sample_draws(seed), path)
-
-
-def _decoded_by_worker(seed: int, cpu_share: float) -> bool:
-    """Whether the worker decodes this sample itself: a seed-determined coin with probability ``cpu_share``.
-
-    A multiplicative hash of the seed (not its draws, which the augmentation reads) spreads consecutive seeds evenly.
-    """
-    if cpu_share <= 0.0:
-        return False
-    return ((int(seed) * 0x9E3779B1) & 0xFFFFFFFF) / 2**32 < cpu_share
 
 
 def collate_encoded(samples: Sequence[EncodedSample | None]) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor]:

@@ -44,6 +44,13 @@ class _Failed:
     error: BaseException
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<the caller's current device>``: the thread must select the same device, by number."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def wait_prepared(batch: Prepared) -> torch.Tensor:
     """The ``prepare`` the loops call on a :class:`Prefetcher`'s batches: order the current stream after the batch.
 
@@ -70,7 +77,7 @@ class Prefetcher:
     ) -> None:
         self.loader = loader
         self.prepare = prepare
-        self.device = torch.device(device)
+        self.device = _indexed(torch.device(device))
         self.depth = depth
 
     def __len__(self) -> int:

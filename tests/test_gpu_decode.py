@@ -488,31 +488,6 @@ def test_a_batch_crosses_processes_with_all_its_payloads_in_one_tensor(tmp_path:
     assert torch.equal(out(copy), out(batch))
 
 
-def test_cpu_share_is_a_seeded_fraction_of_the_jpegs_decoded_by_the_worker(blob_frame: pd.DataFrame) -> None:
-    rows = [i % len(blob_frame) for i in range(400)]
-    for share in (0.0, 0.3, 1.0):
-        dataset = EncodedImageDataset(blob_frame, cpu_share=share)
-        by_worker = [dataset[(row, seed)].payload.dim() == 3 for seed, row in enumerate(rows)]
-        assert abs(np.mean(by_worker) - share) < 0.06, (share, np.mean(by_worker))
-        again = [dataset[(row, seed)].payload.dim() == 3 for seed, row in enumerate(rows)]
-        assert again == by_worker  # a function of the seed: a resumed run decodes the same samples on the CPU
-    with pytest.raises(ConfigError, match="gpu_decode_cpu_share"):
-        EncodedImageDataset(blob_frame, cpu_share=1.5)
-
-
-def test_samples_decoded_by_the_worker_give_the_same_batch(blob_frame: pd.DataFrame) -> None:
-    """Only where the pixels are decoded changes, not the crop, flip or jitter: on the CPU both are libjpeg-turbo."""
-    keys = [(row, 7 + row) for row in range(len(blob_frame))]
-    device = GpuBatchPreparer("train", 64, MEAN, STD, "cpu")
-    batches = {}
-    for share in (0.0, 1.0):
-        dataset = EncodedImageDataset(blob_frame, cpu_share=share)
-        batch, _labels, _rows = collate_encoded([dataset[key] for key in keys])
-        assert {p.dim() for p in batch.payloads} == ({1} if share == 0.0 else {3})
-        batches[share] = device(batch)
-    assert levels(batches[0.0], batches[1.0]).amax() < 1.0
-
-
 def test_device_decoder_rejection_falls_back_to_the_cpu_decoder(tmp_path: Path) -> None:
     """A payload that passed as JPEG but that the decoder rejects is decoded from its path; its batch mates too."""
     files = write_special_files(tmp_path)

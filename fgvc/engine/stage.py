@@ -149,9 +149,7 @@ def make_loader(
     if decode == "gpu":
         from fgvc.gpu_decode import EncodedImageDataset, GpuBatchPreparer, collate_encoded
 
-        dataset: torch.utils.data.Dataset = EncodedImageDataset(
-            index.frame, skip_corrupt=cfg.data.skip_corrupt, cpu_share=cfg.data.gpu_decode_cpu_share
-        )
+        dataset: torch.utils.data.Dataset = EncodedImageDataset(index.frame, skip_corrupt=cfg.data.skip_corrupt)
         collate = collate_encoded
         prepare = GpuBatchPreparer(kind, res, meta.mean, meta.std, rt.device, cfg.data.crop_pct, rt.channels_last)
     else:
