@@ -236,12 +236,17 @@ def predict(
     batch_size: int | None = typer.Option(None),
     workers: int | None = typer.Option(None),
     force: bool = typer.Option(False, "--force", help="Recompute even when the probability file exists."),
+    compile: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the model (default: as the stage was trained)."
+    ),
 ) -> None:
     """Per-image class probabilities (a .npz probability file); prints accuracy when the split has labels."""
     from fgvc.engine.stage import latest_run
     from fgvc.predict import predict as run_predict
 
-    result = run_predict(run or latest_run(), split, stage, res, tta, _ints(multi_res), batch_size, workers, force)
+    result = run_predict(
+        run or latest_run(), split, stage, res, tta, _ints(multi_res), batch_size, workers, force, True, compile
+    )
     note = " (cached)" if result.cached else ""
     typer.echo(f"wrote {result.path}{note}")
     if result.metrics:

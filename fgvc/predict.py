@@ -104,8 +104,13 @@ def predict_stage(
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
+    compile_model: bool | None = None,
 ) -> PredictResult:
-    """Probabilities of one stage's model on one split at one resolution (cached)."""
+    """Probabilities of one stage's model on one split at one resolution (cached).
+
+    ``compile_model``: ``torch.compile`` the network (None: as the stage was trained, ``runtime.compile``); it pays
+    when the test set is large enough to amortise the compilation (see the README's Performance section).
+    """
     if tta not in TTA_CHOICES:
         raise ConfigError(f"unknown --tta '{tta}'; choose one of {', '.join(TTA_CHOICES)}")
     run_dir = stage_dir.parent
@@ -137,9 +142,12 @@ def predict_stage(
     kind = "tencrop" if tta == "tencrop" else "test"
     decode = stage_decode(stage_dir, rt)
     loader, _, prepare = make_loader(cfg, rt, index, kind, res, batch, False, meta, decode)
+    import torch
+
     from fgvc.engine.loop import predict_probs
 
-    scores, idx = predict_probs(model, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
+    net = torch.compile(model) if (cfg.runtime.compile if compile_model is None else compile_model) else model
+    scores, idx = predict_probs(net, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
     n_images = len(index)
     full = np.full((n_images, index.num_classes), 1.0 / index.num_classes, dtype=np.float32)
     if len(idx):
@@ -181,6 +189,7 @@ def predict(
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
+    compile_model: bool | None = None,
 ) -> PredictResult:
     """`fgvc predict`: one stage, one split, one or several resolutions (their softmax outputs averaged)."""
     stage_dir = resolve_stage(run_dir, stage, res if not multi_res else multi_res[0])
@@ -188,7 +197,10 @@ def predict(
         stage_dir / CONFIG_FILE
     ).stage1.res
     resolutions = multi_res or [res or default_res]
-    parts = [predict_stage(stage_dir, split, r, tta, batch_size, workers, force, progress) for r in resolutions]
+    parts = [
+        predict_stage(stage_dir, split, r, tta, batch_size, workers, force, progress, compile_model)
+        for r in resolutions
+    ]
     if len(parts) == 1:
         return parts[0]
     first = parts[0].probs

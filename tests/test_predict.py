@@ -77,6 +77,33 @@ def test_tencrop_equals_the_mean_of_ten_hand_made_views(tmp_path: Path) -> None:
     assert again.cached and np.array_equal(again.probs.probs, result.probs.probs)
 
 
+def test_compile_follows_the_flag_else_the_stage_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fgvc predict --compile/--no-compile`; without either, the stage's own `runtime.compile` decides."""
+    data = _folder_dataset(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", data={"dataset": "folder", "root": str(data), "val_fraction": 0.0},
+                      stage1={"epochs": 0, "res": 28})  # fmt: skip
+    cfg.model.arch = "timm:test_resnet"
+    run_stage1(cfg, progress=False)
+    stage_dir = cfg.run_dir() / "stage1"
+    compiled: list[str] = []
+
+    def recording_compile(model: torch.nn.Module, *args: object, **kwargs: object) -> torch.nn.Module:
+        compiled.append(type(model).__name__)
+        return model  # eager: only the wiring is under test here; the speed is measured in benchmarks/
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    predict_stage(stage_dir, "test", 28, "none", progress=False)
+    assert compiled == []  # trained without --compile
+    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, compile_model=True)
+    assert len(compiled) == 1
+    config = stage_dir / "config.yaml"
+    config.write_text(config.read_text().replace("compile: false", "compile: true"))
+    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False)
+    assert len(compiled) == 2
+    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, compile_model=False)
+    assert len(compiled) == 2
+
+
 @pytest.fixture(scope="module")
 def adapted_run(tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = tiny_config(tiny_demo_root, tmp_path_factory.mktemp("runs"))
