@@ -17,4 +17,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true  # each shared tensor in flight ho
 echo "open files: $(ulimit -n); C compiler for Triton: ${CC:-$(command -v gcc || command -v clang || echo none)}"
 # The CUDA-only checks first (seconds): the prefetching thread's stream ordering with nvJPEG on a busy device.
 python3 -m pytest -q -p no:cacheprovider tests/test_prefetch.py 2>&1 | tee "$out/pytest-cuda.log" || true
+if [ -n "${PROFILE_STAGE2:-}" ]; then  # PROFILE_STAGE2=1: where SENet-154's stage-2 step spends its time (~1 min)
+    python3 -u benchmarks/profile_stage2.py 2>&1 | tee "$out/profile-stage2.log" || true
+fi
 python3 -u benchmarks/throughput.py --out "$out" "$@" 2>&1 | tee "$out/throughput.log"

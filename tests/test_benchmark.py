@@ -212,3 +212,18 @@ def test_a_model_that_cannot_be_built_fails_every_row_and_the_run_goes_on(bench,
     assert runner.failures == len(expected)
     [raw_file] = list((tmp_path / "out").glob("*.json"))
     assert len(json.loads(raw_file.read_text())["rows"]) == len(expected)
+
+
+def test_stage2_profile_script_runs_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    """`benchmarks/profile_stage2.py` on a tiny model and the CPU: every variant is timed and profiled."""
+    spec = importlib.util.spec_from_file_location("fgvc_profile_stage2", ROOT / "benchmarks" / "profile_stage2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--arch", "timm:test_resnet", "--res", "48", "--batch", "2", "--steps", "1", "--device", "cpu"]
+    assert module.main([*args, "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "cut at layer4.0" in out
+    variants = ["inference", "stage 2 uncached (FrozenTrunkModel)", "stage 2 whole model", "tail only, channels_last",
+                "tail only, contiguous"]  # fmt: skip
+    for name in variants:
+        assert f"== {name}" in out and "ms per step" in out
