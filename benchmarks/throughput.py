@@ -424,7 +424,7 @@ class Bench:
         self.args, self.sizes, self.rt, self.workers = args, sizes, rt, workers
         self.rows: list[Row] = []
         self.failures = 0
-        self.skipped_steps = {name.strip() for name in args.skip.split(",") if name.strip()}
+        self.skipped_steps = skipped_steps(args)
         self.started = started  # the budget counts from here (the start of main)
         self.device = device_name(rt)
         stamp = datetime.now()
@@ -915,10 +915,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_skip(args: argparse.Namespace) -> None:
-    unknown = sorted({name.strip() for name in args.skip.split(",") if name.strip()} - set(STEP_METHODS))
+def skipped_steps(args: argparse.Namespace) -> set[str]:
+    """The measurements ``--skip`` names (an unknown name ends the run before anything is generated)."""
+    names = {name.strip() for name in args.skip.split(",") if name.strip()}
+    unknown = sorted(names - set(STEP_METHODS))
     if unknown:
         raise SystemExit(f"--skip: unknown {', '.join(unknown)}; choose from {', '.join(STEP_METHODS)}")
+    return names
 
 
 def select_cases(args: argparse.Namespace) -> tuple[ModelCase, ...]:
@@ -935,7 +938,7 @@ def select_cases(args: argparse.Namespace) -> tuple[ModelCase, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
-    check_skip(args)
+    skipped_steps(args)  # fail fast, before the JPEGs are generated
     sizes, cases = (QUICK if args.quick else FULL), select_cases(args)
     device = args.device or ("cpu" if args.quick else None)
     if args.quick:
