@@ -65,7 +65,14 @@ from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.loop import optimizer_step, predict_probs, train_one_epoch
 from fgvc.engine.runtime import Runtime, setup_runtime
 from fgvc.engine.sampling import EpochSampler
-from fgvc.engine.stage import build_optimizer, build_scheduler, load_split, make_loader, setup_logging
+from fgvc.engine.stage import (
+    build_optimizer,
+    build_scheduler,
+    load_split,
+    make_loader,
+    setup_logging,
+    stage2_split,
+)
 from fgvc.fileio import atomic_write_text
 from fgvc.models import create_model, get_meta, set_train_mode, set_trainable
 
@@ -735,12 +742,8 @@ class CaseRun:
         return results
 
     def split(self) -> Any:
-        """The model cut before its stage-2 tuned part, as ``train_stage`` cuts it (None where it cannot be)."""
-        if feature_cache is None:
-            return None
-        s2, rt = self.cfg.stage2, self.rt
-        example = torch.randn(2, 3, s2.res, s2.res, device=rt.device).contiguous(memory_format=rt.memory_format)
-        return feature_cache.split_model(self.model, s2.tune, example)
+        """The model cut before its stage-2 tuned part by ``train_stage``'s own rule (None where it cannot be)."""
+        return stage2_split(self.cfg, self.rt, self.model, self.cfg.stage2) if feature_cache is not None else None
 
     def stage2_cached(
         self,

@@ -91,7 +91,10 @@ class Prefetcher:
     def __iter__(self) -> Iterator[tuple[Prepared, Any, Any]]:
         batches: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
-        worker = threading.Thread(target=self._produce, args=(batches, stop), name="fgvc-prefetch", daemon=True)
+        # Started here, not in the thread: the loader forks its worker processes now, from the main thread as without
+        # prefetching (a fork from a second thread can copy locks other threads hold).
+        source = iter(self.loader)
+        worker = threading.Thread(target=self._produce, args=(source, batches, stop), name="fgvc-prefetch", daemon=True)
         worker.start()
         try:
             while True:
@@ -105,7 +108,7 @@ class Prefetcher:
             stop.set()
             worker.join(_JOIN_TIMEOUT_S)
 
-    def _produce(self, batches: queue.Queue, stop: threading.Event) -> None:
+    def _produce(self, source: Iterator[Any], batches: queue.Queue, stop: threading.Event) -> None:
         def put(item: Any) -> bool:
             while not stop.is_set():
                 try:
@@ -120,7 +123,7 @@ class Prefetcher:
             if cuda:
                 torch.cuda.set_device(self.device)
             stream = torch.cuda.Stream(self.device) if cuda else None
-            for images, labels, rows in self.loader:
+            for images, labels, rows in source:
                 if stop.is_set():
                     return
                 if stream is not None:

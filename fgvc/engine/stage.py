@@ -426,7 +426,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
 
     split, cache = None, None
     if stage != STAGE1 and start_epoch < stage_cfg.epochs:
-        split = _stage2_split(cfg, rt, model, stage_cfg)
+        split = stage2_split(cfg, rt, model, stage_cfg)
         cache = _feature_cache(cfg, rt, split, stage_cfg, train_index, meta, decode, progress)
     net: nn.Module = model
     if split is not None and cache is None:  # uncached stage 2: no autograd in front of the tuned part
@@ -531,7 +531,7 @@ def is_finished(stage_dir: Path) -> bool:
     return (stage_dir / FINISHED).is_file()
 
 
-def _stage2_split(cfg: RunConfig, rt: Runtime, model: nn.Module, stage_cfg: StageConfig) -> Split | None:
+def stage2_split(cfg: RunConfig, rt: Runtime, model: nn.Module, stage_cfg: StageConfig) -> Split | None:
     """The model cut before its tuned part (for the cache and for a no-grad trunk), or None where it cannot be cut.
 
     None under ``--compile`` too: the trunk stops the model's forward with an exception, which compiled code cannot.
