@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fgvc.config import CONFIG_FILE, load_config
+from fgvc.engine.loop import predict_probs
 from fgvc.engine.runtime import Runtime, setup_runtime
 from fgvc.engine.stage import (
     FINISHED,
@@ -142,10 +144,6 @@ def predict_stage(
     kind = "tencrop" if tta == "tencrop" else "test"
     decode = stage_decode(stage_dir, rt)
     loader, _, prepare = make_loader(cfg, rt, index, kind, res, batch, False, meta, decode)
-    import torch
-
-    from fgvc.engine.loop import predict_probs
-
     net = torch.compile(model) if (cfg.runtime.compile if compile_model is None else compile_model) else model
     scores, idx = predict_probs(net, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
     n_images = len(index)
