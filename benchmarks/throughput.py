@@ -62,7 +62,7 @@ from torchvision import transforms as tvt
 from fgvc.config import RunConfig, config_from_dict, merge
 from fgvc.data import OnDeviceNormalize
 from fgvc.datasets.base import DatasetIndex
-from fgvc.engine.loop import optimizer_step, predict_probs, train_one_epoch
+from fgvc.engine.loop import BatchWaits, EpochStats, optimizer_step, predict_probs, train_one_epoch
 from fgvc.engine.runtime import Runtime, setup_runtime
 from fgvc.engine.sampling import EpochSampler
 from fgvc.engine.stage import (
@@ -379,6 +379,15 @@ def timed_epochs(rt: Runtime, run_epoch: Callable[[int, int], int], warmup: int,
     return Measured(images, timer.seconds, timer.peak_gib, warmup_s)
 
 
+def waited_note(wait_s: float, first_s: float, seconds: float) -> str:
+    """Where an end-to-end epoch lost time to its loader: the host's wait for batches, and the first batch's part.
+
+    Read with the ratio: a row below its target with a small wait lost its time on the device side.
+    """
+    share = wait_s / seconds if seconds > 0 else 0.0
+    return f"waited for data {share:.0%} of the epoch, {first_s:.2f} s of it for the first batch"
+
+
 def timed_steps(
     rt: Runtime, step: Callable[[], None], warmup: int, steps: int, batch: int, seconds: float = 0.0
 ) -> Measured:
@@ -632,15 +641,20 @@ class CaseRun:
         optimizer, scheduler, scaler, criterion = self.training_parts("stage1", len(loader))
         net = self.compiled() if compiled else self.model
 
+        last: list[EpochStats] = []
+
         def run_epoch(epoch: int, n_batches: int) -> int:
             sampler.set_epoch(epoch, start=len(index) - n_batches * batch)
             set_train_mode(self.model, s1.tune)
             stats = train_one_epoch(net, loader, optimizer, scheduler, scaler, self.rt, prepare, criterion,
                                     grad_accum=s1.grad_accum, batch_size=batch, progress=False)  # fmt: skip
+            last[:] = [stats]
             return stats.images
 
         measured = timed_epochs(self.rt, run_epoch, sizes.warmup_batches, batches)
-        measured.note = how + ("; warm-up includes compilation" if compiled else "")
+        stats = last[0]
+        measured.note = how + ("; warm-up includes compilation" if compiled else "") + "; " + waited_note(
+            stats.data_wait_s, stats.first_batch_s, stats.seconds)  # fmt: skip
         names = {(False, "cpu"): S1, (False, "gpu"): S1_GPU, (True, "cpu"): S1_COMP, (True, "gpu"): S1_GPU_COMP}
         return {names[(compiled, decode)]: measured}
 
@@ -714,16 +728,22 @@ class CaseRun:
         split = self.split()
         net = feature_cache.FrozenTrunkModel(split) if split is not None else self.model  # as train_stage runs it
 
+        last: list[EpochStats] = []
+
         def train_epoch(epoch: int, n_batches: int) -> int:
             sampler.set_epoch(epoch, start=len(index) - n_batches * batch)
             set_train_mode(self.model, s2.tune)
             stats = train_one_epoch(net, loader, optimizer, scheduler, scaler, rt, prepare, criterion,
                                     grad_accum=s2.grad_accum, batch_size=batch, progress=False)  # fmt: skip
+            last[:] = [stats]
             return stats.images
+
+        inference_waits: list[BatchWaits] = []
 
         def inference_epoch(epoch: int, n_batches: int) -> int:
             sampler.set_epoch(epoch, start=len(index) - n_batches * batch)
-            _probs, rows = predict_probs(self.model, loader, rt, prepare, progress=False)
+            inference_waits[:] = [BatchWaits()]
+            _probs, rows = predict_probs(self.model, loader, rt, prepare, progress=False, waits=inference_waits[0])
             return len(rows)
 
         results = {
@@ -731,7 +751,9 @@ class CaseRun:
             INFER: timed_epochs(rt, inference_epoch, sizes.warmup_batches, batches),
         }
         trunk = f"trunk before {split.cut} without autograd" if split is not None else "whole model with autograd"
-        results[S2].note = f"tune {s2.tune}, augment {s2.augment}, uncached, {trunk}"
+        results[S2].note = f"tune {s2.tune}, augment {s2.augment}, uncached, {trunk}; " + waited_note(
+            last[0].data_wait_s, last[0].first_batch_s, last[0].seconds)  # fmt: skip
+        results[INFER].note = waited_note(inference_waits[0].seconds, inference_waits[0].first, results[INFER].seconds)
         try:
             results |= self.stage2_cached(split, index, sampler, loader.drop_last, optimizer, scheduler, scaler,
                                           criterion)  # fmt: skip
@@ -796,14 +818,18 @@ class CaseRun:
         loader, sampler, prepare = make_loader(self.cfg, rt, index, "tencrop", res, per_batch, False, self.meta)
         net = self.compiled() if compiled else self.model
 
+        waits: list[BatchWaits] = []
+
         def run_epoch(epoch: int, n_batches: int) -> int:
             sampler.set_epoch(epoch, start=len(index) - n_batches * per_batch)
-            _probs, rows = predict_probs(net, loader, rt, prepare, tta="tencrop", progress=False)
+            waits[:] = [BatchWaits()]
+            _probs, rows = predict_probs(net, loader, rt, prepare, tta="tencrop", progress=False, waits=waits[0])
             return len(rows)
 
         measured = timed_epochs(rt, run_epoch, sizes.warmup_batches, batches)
         compiling = "; warm-up includes compilation" if compiled else ""
-        measured.note = f"{per_batch} images x 10 views per forward{compiling}"
+        measured.note = f"{per_batch} images x 10 views per forward{compiling}; " + waited_note(
+            waits[0].seconds, waits[0].first, measured.seconds)  # fmt: skip
         return {TEN_COMP if compiled else TEN: measured}
 
 

@@ -72,6 +72,9 @@ def test_quick_run_writes_table_and_raw_numbers(tmp_path: Path) -> None:
                  "inference pass (same loader)", "stage 2 cached: epoch 1 (cache + tail)", "stage 2 cached: epoch 2+"):
         assert rows[name]["images"] == 2 * 8, name  # fmt: skip
     assert rows["10-crop predict"]["images"] == 2 * 1
+    # The end-to-end rows say how much of their epoch went to waiting for the loader (read next to the ratio).
+    for name in ("stage 1 e2e", "stage 2 epoch (bn+fc, test DA)", "inference pass (same loader)", "10-crop predict"):
+        assert "waited for data" in rows[name]["note"], name
 
     # Ratios are the quotients of the raw numbers.
     def rate(name: str) -> float:

@@ -45,7 +45,8 @@ def test_stage1_writes_the_run_folder(stage1_run: Path) -> None:
         assert (stage1_run / name).is_file(), name
     history = pd.read_csv(stage1_run / "stage1" / "metrics.csv")
     assert list(history["epoch"]) == [1, 2]
-    assert {"train_loss", "lr", "img_per_s", "val_top1", "val_top5", "val_mean_per_class"} <= set(history.columns)
+    columns = {"train_loss", "lr", "img_per_s", "data_wait", "val_top1", "val_top5", "val_mean_per_class"}
+    assert columns <= set(history.columns)
     cfg = load_config(stage1_run / CONFIG_FILE)
     assert cfg.stage1.epochs == 2 and cfg.model.arch == "timm:test_resnet"
 
@@ -309,6 +310,67 @@ def test_skipped_counts_unreadable_images_only(drop_last: bool) -> None:
     )  # fmt: skip
     # without drop_last all 10 rows are asked for; with it only the first 8 (row 9 is never read)
     assert (stats.images, stats.skipped) == ((7, 1) if drop_last else (8, 2))
+
+
+class _SlowBatches:
+    """Four batches, each ``delay`` seconds late: a loader that cannot keep up."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __len__(self) -> int:
+        return 4
+
+    def __iter__(self):
+        for row in range(4):
+            time.sleep(self.delay)
+            yield torch.ones(2, 2), torch.tensor([0, 1]), torch.tensor([2 * row, 2 * row + 1])
+
+
+class _SlowModel(torch.nn.Linear):
+    def __init__(self, delay: float) -> None:
+        super().__init__(2, 2)
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("slow", ["loader", "model"])
+def test_epoch_stats_say_how_long_the_loop_waited_for_data(slow: str) -> None:
+    """The wait counts the loader's delays (first batch included) and not the model's."""
+    from fgvc.engine.loop import train_one_epoch
+    from fgvc.engine.runtime import Runtime
+
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    loader, model = _SlowBatches(0.05 if slow == "loader" else 0.0), _SlowModel(0.05 if slow == "model" else 0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train_one_epoch(model, loader, optimizer, None, None, rt, lambda x: x, torch.nn.CrossEntropyLoss(),
+                            progress=False)  # fmt: skip
+    assert stats.images == 8 and 0 <= stats.first_batch_s <= stats.data_wait_s <= stats.seconds
+    if slow == "loader":
+        assert stats.first_batch_s >= 0.05 and stats.data_wait_s >= 4 * 0.05
+        assert stats.data_wait_share > 0.5
+    else:  # 0.2 s in the model, next to nothing in the loader
+        assert stats.data_wait_share < 0.5
+
+
+def test_input_bound_hint_names_the_remedy_for_the_device() -> None:
+    from fgvc.engine.loop import EpochStats
+    from fgvc.engine.stage import INPUT_BOUND_SHARE, input_bound_hint
+
+    def stats(share: float) -> EpochStats:
+        return EpochStats(0.1, 100, 10.0, 0.01, 0, 10, data_wait_s=10.0 * share)
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert input_bound_hint(stats(INPUT_BOUND_SHARE / 2), 8, "cpu", cuda) is None
+    on_cuda = input_bound_hint(stats(0.6), 8, "cpu", cuda)
+    assert on_cuda is not None and "60%" in on_cuda and "--decode gpu" in on_cuda and "now 8" in on_cuda
+    already_gpu = input_bound_hint(stats(0.6), 8, "gpu", cuda)
+    assert already_gpu is not None and "--decode gpu" not in already_gpu and "--workers" in already_gpu
+    on_cpu = input_bound_hint(stats(0.6), 2, "cpu", cpu)
+    assert on_cpu is not None and "--decode gpu" not in on_cpu and "now 2" in on_cpu
 
 
 def _decode_choice_on_rank(rank: int, init_file: str, out_dir: str) -> None:

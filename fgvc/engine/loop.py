@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from tqdm import tqdm
 
 from fgvc.engine.runtime import Runtime, all_reduce_sum, any_rank, gather_objects
 from fgvc.errors import TrainingError
+
+T = TypeVar("T")
 
 
 class StopFlag:
@@ -64,10 +67,44 @@ class EpochStats:
     skipped: int
     micro_steps: int  # micro-batches consumed in this epoch (including those before a resume)
     interrupted: bool = False
+    data_wait_s: float = 0.0  # host time blocked on the loader, first batch included (see BatchWaits)
+    first_batch_s: float = 0.0  # of which waiting for the first batch: the workers' start of the epoch
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def data_wait_share(self) -> float:
+        """Share of the epoch the host spent waiting for batches: near 0 when the loader keeps ahead of the model."""
+        return self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
+
+
+class BatchWaits:
+    """Times how long each ``next()`` on a loader blocks: timm's "data time".
+
+    The loop queues step k before it asks for batch k+1, so a wait shorter than a step can still leave the device
+    busy; a share of the epoch that grows beyond a few percent means the input pipeline, not the model, sets the pace.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.first = 0.0
+
+    def __call__(self, batches: Iterable[T]) -> Iterator[T]:
+        iterator = iter(batches)
+        first = True
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - started
+            self.seconds += waited
+            if first:
+                self.first, first = waited, False
+            yield item
 
 
 def train_one_epoch(
@@ -102,7 +139,8 @@ def train_one_epoch(
     started = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
     steps_in_loader = len(loader)
-    for i, (images, labels, _idx) in enumerate(bar):
+    waits = BatchWaits()
+    for i, (images, labels, _idx) in enumerate(waits(bar)):
         if batch_size is not None:
             requested = batch_size if samples is None else min(batch_size, samples - i * batch_size)
             skipped += requested - len(labels)
@@ -141,13 +179,15 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{seen * rt.world_size / elapsed:.0f}")
         if boundary and stop is not None and any_rank(rt, bool(stop)):  # all ranks stop at the same step
             total_loss += _read_loss(pending[0], pending[2]) * pending[1]
-            return EpochStats(total_loss / max(seen, 1), seen, elapsed, lr, skipped, micro, interrupted=True)
+            return EpochStats(total_loss / max(seen, 1), seen, elapsed, lr, skipped, micro, interrupted=True,
+                              data_wait_s=waits.seconds, first_batch_s=waits.first)  # fmt: skip
     if pending is not None:
         total_loss += _read_loss(pending[0], pending[2]) * pending[1]
     lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
     total_loss, seen, skipped = all_reduce_sum(rt, [total_loss, seen, skipped])  # the epoch over every rank's shard
     seen, skipped = int(seen), int(skipped)
-    return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro)
+    return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro,
+                      data_wait_s=waits.seconds, first_batch_s=waits.first)  # fmt: skip
 
 
 HostCopy = tuple[torch.Tensor, "torch.cuda.Event | None"]
@@ -228,18 +268,19 @@ def predict_probs(
     tta: str = "none",
     desc: str = "eval",
     progress: bool = True,
+    waits: BatchWaits | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities for every image of the loader's dataset, gathered across ranks.
 
     Returns ``(probs (N, C) float32, dataset indices (N,))`` sorted by dataset index; images dropped as corrupt are
-    absent from the indices.
+    absent from the indices. ``waits``, when given, times the loader (see :class:`BatchWaits`).
     """
     model.eval()
     chunks: list[np.ndarray] = []
     indices: list[np.ndarray] = []
     pending: HostCopy | None = None
     bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
-    for images, _labels, idx in bar:
+    for images, _labels, idx in (waits or BatchWaits())(bar):
         if len(idx) == 0:
             continue
         x = prepare(images)

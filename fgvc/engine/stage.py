@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -51,7 +52,7 @@ from fgvc.engine.feature_cache import (
     split_model,
     train_one_epoch_cached,
 )
-from fgvc.engine.loop import StopFlag, predict_probs, stop_on_signals, train_one_epoch
+from fgvc.engine.loop import EpochStats, StopFlag, predict_probs, stop_on_signals, train_one_epoch
 from fgvc.engine.runtime import Runtime, any_rank, barrier, gather_objects, setup_runtime
 from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, DataError, RunExistsError
@@ -436,6 +437,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     if cfg.runtime.compile:
         net = torch.compile(net)
     result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before)
+    input_hint_given = False
     for epoch in range(start_epoch, stage_cfg.epochs):
         micro = start_micro if epoch == start_epoch else 0
         train_sampler.set_epoch(epoch, start=micro * stage_cfg.batch_size)
@@ -473,6 +475,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "lr": stats.lr,
             "img_per_s": round(stats.images_per_s, 1),
             "seconds": round(stats.seconds, 1),
+            "data_wait": round(stats.data_wait_share, 3),
             "skipped": stats.skipped,
         }
         metrics = None
@@ -485,6 +488,9 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             best = metrics["top1"]
         result.final = metrics or result.final
         log.info(_epoch_line(row, stage_cfg.epochs))
+        if not input_hint_given and (hint := input_bound_hint(stats, cfg.data.workers, decode, rt.device)):
+            log.info(hint)
+            input_hint_given = True
         if rt.is_main:
             state_now = checkpoint(epoch + 1, 0, last_epoch)
             if improved or not len(val_index):
@@ -607,8 +613,27 @@ def _epoch_line(row: dict[str, Any], epochs: int) -> str:
         val = " | val " + _fmt({k[4:]: v for k, v in row.items() if k.startswith("val_")})
     return (
         f"epoch {row['epoch']}/{epochs} | loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
-        f"{row['img_per_s']:.0f} img/s  {row['seconds']:.0f} s{val}"
+        f"{row['img_per_s']:.0f} img/s  {row['seconds']:.0f} s  data wait {row.get('data_wait', 0.0):.0%}{val}"
     )
+
+
+INPUT_BOUND_SHARE = 0.2  # of an epoch spent waiting for batches, above which the log says what to change
+
+
+def input_bound_hint(stats: EpochStats, workers: int, decode: str, device: torch.device) -> str | None:
+    """A one-line suggestion when an epoch spent more than :data:`INPUT_BOUND_SHARE` of its time waiting for data.
+
+    On CUDA with CPU decoding the first remedy is nvJPEG (``--decode gpu``), which frees the CPU of decoding and
+    augmentation; otherwise more loader processes, up to the CPU cores per process.
+    """
+    share = stats.data_wait_share
+    if share <= INPUT_BOUND_SHARE or stats.images == 0:
+        return None
+    remedies = [f"more --workers (now {workers} per process, {os.cpu_count()} CPUs)"]
+    if device.type == "cuda" and decode == "cpu":
+        remedies.insert(0, "--decode gpu")
+    tries = " or ".join(remedies)
+    return f"the model waited for images {share:.0%} of the epoch: the input pipeline sets the pace; try {tries}"
 
 
 def _write_history(history: list[dict[str, Any]], stage_dir: Path, title: str) -> None:
