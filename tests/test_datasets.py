@@ -175,6 +175,28 @@ def test_herbarium2019_orders_folders_numerically(tmp_path: Path) -> None:
     assert official.test["image_id"].tolist() == ["00000.jpg", "00001.jpg", "00002.jpg"]
 
 
+def test_herbarium2019_finds_each_split_full_size_or_small(tmp_path: Path) -> None:
+    """Full-size train with the small validation and test sets, and an empty train/ left by a stopped extraction."""
+    small = write_herbarium2019(tmp_path / "small", small=True)
+    mixed = tmp_path / "mixed"
+    full = write_herbarium2019(mixed)
+    for split in ("validation", "test"):
+        os.rename(mixed / split, mixed / f"small-{split}")
+    official = DATASETS["herbarium2019"].reader(mixed)
+    assert official.val["image_id"].tolist() == [row.image_id for row in full.splits["val"]]
+    assert official.test["image_id"].tolist() == [row.image_id for row in full.splits["test"]]
+    assert official.train["path"].str.contains(f"{os.sep}train{os.sep}").all() and not official.notes
+
+    (tmp_path / "small" / "train").mkdir()  # empty: the small copy is still found
+    official = DATASETS["herbarium2019"].reader(tmp_path / "small")
+    assert official.train["image_id"].tolist() == [row.image_id for row in small.splits["train"]]
+    assert official.train["path"].str.contains("small-train").all()
+
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(LayoutError, match="category folders"):
+        DATASETS["herbarium2019"].reader(tmp_path / "empty")
+
+
 def test_herbarium2020_reads_latin1_metadata(tmp_path: Path) -> None:
     write_herbarium_coco(tmp_path, 2020)
     raw = (tmp_path / "nybg2020" / "train" / "metadata.json").read_bytes()
@@ -199,12 +221,41 @@ def test_inat_without_test_json_gives_an_empty_test_split(tmp_path: Path) -> Non
     assert any("test2019.json" in note for note in official.notes)
 
 
+def test_inat_test_json_with_category_less_annotations_is_unlabelled(tmp_path: Path) -> None:
+    """A third reading of the unconfirmed 2017-2019 test files: annotations that name the image but no category."""
+    truth = write_inat(tmp_path, 2018)
+    test_json = tmp_path / "test2018.json"
+    document = json.loads(test_json.read_text())
+    ids = [image["id"] for image in document["images"]]
+    document["annotations"] = [{"id": i, "image_id": i} for i in ids[:2]] + [{"id": ids[2], "image_id": ids[2],
+                                                                             "category_id": None}]  # fmt: skip
+    test_json.write_text(json.dumps(document))
+    official = DATASETS["inat2018"].reader(tmp_path)
+    assert official.test["image_id"].tolist() == [row.image_id for row in truth.splits["test"]]
+    assert (official.test["label"] == -1).all()
+    # the labelled splits still insist on a category for every image
+    val_json = tmp_path / "val2018.json"
+    val = json.loads(val_json.read_text())
+    del val["annotations"][0]["category_id"]
+    val_json.write_text(json.dumps(val))
+    with pytest.raises(DataError, match=r"val2018.json: .*'annotations' entries .*category_id"):
+        DATASETS["inat2018"].reader(tmp_path)
+
+
 def test_csv_labels_may_be_integers_in_numeric_order(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("path,label\na.jpg,10\nb.jpg,9\nc.jpg,10\n")
     official = DATASETS["csv"].reader(tmp_path)
     assert official.category_ids == [9, 10]
     assert official.train["label"].tolist() == [1, 0, 1]
     assert official.train["image_id"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_csv_labels_with_leading_zeros_stay_as_written(tmp_path: Path) -> None:
+    """``007`` read as 7 would be written back as 7 in a submission that expects 007."""
+    (tmp_path / "train.csv").write_text("path,label\na.jpg,010\nb.jpg,007\nc.jpg,0\n")
+    official = DATASETS["csv"].reader(tmp_path)
+    assert official.category_ids == ["0", "007", "010"]
+    assert official.train["label"].tolist() == [2, 1, 0]
 
 
 # --- load_index: hold-out, train_on_all, root resolution ----------------------------------------------------------

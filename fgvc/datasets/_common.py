@@ -311,8 +311,11 @@ def coco_frame(
     """
     images = json_records(data, "images", path, [id_key, "file_name"])[[id_key, "file_name"]]
     images = unique_keys(images.rename(columns={id_key: "image_key"}), "image_key", path)
-    annotations = json_records(data, "annotations", path, ["image_id", "category_id"])
-    annotations = annotations.drop_duplicates("image_id")[["image_id", "category_id"]]
+    # A test file may carry annotations without categories (the 2017-2019 test files are unconfirmed): no labels.
+    annotations = json_records(data, "annotations", path, ["image_id", "category_id"] if labelled else ["image_id"])
+    if "category_id" not in annotations.columns:
+        annotations = annotations.assign(category_id=None)
+    annotations = annotations.dropna(subset=["category_id"]).drop_duplicates("image_id")[["image_id", "category_id"]]
     if annotations.empty:  # test files have no annotations at all
         table = images.assign(category_id=None)
     else:

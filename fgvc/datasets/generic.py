@@ -37,7 +37,7 @@ CSV_LAYOUT = """\
   val.csv                      (optional) same columns
   test.csv                     (optional) path[,label]
   <the image files the CSVs name>"""
-_INTEGER = re.compile(r"-?\d+")
+_INTEGER = re.compile(r"0|-?[1-9]\d*")  # as int() writes it: "007" stays a string, or a submission would say 7
 
 
 def read_folder(root: Path) -> OfficialSplits:

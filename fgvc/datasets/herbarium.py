@@ -54,12 +54,18 @@ herbarium2022/ (the Kaggle download)
 
 
 def read_herbarium2019(root: Path) -> OfficialSplits:
-    """Read the Herbarium 2019 folders under ``root`` (full-size ``train/`` or resized ``small-train/``)."""
+    """Read the Herbarium 2019 folders under ``root``: each split full-size (``train/``) or resized (``small-train/``).
+
+    The resized copies keep the file names and ids, so each split is looked up on its own: a full-size train set with
+    the small validation and test sets is a valid layout. A folder without content (an extraction that stopped early)
+    does not hide the other copy.
+    """
     root = Path(root)
-    prefix = next((prefix for prefix in ("", "small-") if (root / f"{prefix}train").is_dir()), None)
-    if prefix is None:
-        raise layout_error(root, "train/ (or small-train/)", "herbarium2019", "Herbarium 2019")
-    train_dir, val_dir, test_dir = (root / f"{prefix}{split}" for split in ("train", "validation", "test"))
+    train_dir = _herbarium2019_split(root, "train", lambda folder: bool(list_subdirs(folder)))
+    if train_dir is None:
+        raise layout_error(root, "train/ (or small-train/) with category folders", "herbarium2019", "Herbarium 2019")
+    val_dir = _herbarium2019_split(root, "validation", lambda folder: bool(list_subdirs(folder)))
+    test_dir = _herbarium2019_split(root, "test", lambda folder: bool(list_images(folder)))
     folders = {folder.name: folder for folder in list_subdirs(train_dir)}
     not_numeric = [name for name in folders if not name.isdigit()]
     if not_numeric:
@@ -69,15 +75,15 @@ def read_herbarium2019(root: Path) -> OfficialSplits:
     category_ids = sort_category_ids([int(name) for name in folders])
     mapping = label_map(category_ids)
     notes = []
-    val = _folder_split(val_dir, mapping) if val_dir.is_dir() else None
+    val = _folder_split(val_dir, mapping) if val_dir is not None else None
     if val is None:
-        notes.append(f"{val_dir.name}/ not found: a validation split is held out of train instead")
-    if test_dir.is_dir():
+        notes.append("validation/ (or small-validation/) not found: a validation split is held out of train instead")
+    if test_dir is not None:
         tests = list_images(test_dir)
         test = frame([absolute(test_dir, p.name) for p in tests], [-1] * len(tests), [p.name for p in tests])
     else:
         test = empty_frame()
-        notes.append(f"{test_dir.name}/ not found: the test split is empty (needed only for a submission)")
+        notes.append("test/ (or small-test/) not found: the test split is empty (needed only for a submission)")
     return OfficialSplits(
         train=_folder_split(train_dir, mapping),
         val=val,
@@ -86,6 +92,12 @@ def read_herbarium2019(root: Path) -> OfficialSplits:
         category_ids=category_ids,
         notes=notes,
     )
+
+
+def _herbarium2019_split(root: Path, split: str, has_content: Callable[[Path], bool]) -> Path | None:
+    """``root/<split>`` or ``root/small-<split>``: the first that holds something (full size first), else None."""
+    folders = [root / f"{prefix}{split}" for prefix in ("", "small-")]
+    return next((folder for folder in folders if folder.is_dir() and has_content(folder)), None)
 
 
 def _folder_split(split_dir: Path, mapping: dict[Any, int]) -> pd.DataFrame:
