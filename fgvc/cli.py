@@ -231,7 +231,7 @@ def predict(
     stage: int | None = typer.Option(None, help="1 or 2 (default: 2 when a stage-2 model exists)."),
     split: str = typer.Option("test", help="test or val."),
     res: int | None = typer.Option(None, help="Resolution (default: the stage's own)."),
-    tta: str = typer.Option("tencrop", help="none, flip or tencrop."),
+    tta: str | None = typer.Option(None, help="none, flip or tencrop (default: the run's predict.tta, tencrop)."),
     multi_res: str | None = typer.Option(None, help="Average several resolutions, e.g. 672,640."),
     batch_size: int | None = typer.Option(None),
     workers: int | None = typer.Option(None),

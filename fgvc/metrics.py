@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 UNKNOWN_LABEL = -1
-LOG_EPS = 1e-7  # probabilities are stored as float16 (smallest subnormal ~6e-8): treat anything below as this floor
+LOG_EPS = 1e-7  # floor of log-loss and geometric means: one member's near-zero probability does not veto a class
 _ROWS_PER_CHUNK = 1024  # bounds the temporary (rows, C) arrays (~80 MB at C = 10,000) when ranking large test sets
 
 
@@ -80,7 +80,7 @@ def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-probability of the true label, with probabilities floored at ``LOG_EPS``.
 
     Hand-written because it only needs the N true-label entries; ``sklearn.metrics.log_loss`` one-hot encodes the
-    labels into another (N, C) array and rejects rows that float16 storage left a little off summing to one.
+    labels into another (N, C) array and rejects rows that are a little off summing to one.
     """
     probs = _as_score_matrix(probs)
     labels = _as_labels(labels, probs.shape)

@@ -6,6 +6,7 @@ Members talk to the ensemble only through probability files (:mod:`fgvc.probs`),
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -110,25 +111,33 @@ def ensemble_recipe(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     spec = competition_spec(recipe.competition)
     ens = recipe.ensemble
-    val = align([member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members])
+    # The val split fits the weights (search) or only fills the report: without images it is skipped in the latter case.
+    report_only = ens.weights != "search"
+    if report_only and not len(load_split(recipe.members[0].config, ens.val_split)):
+        log.info("the %s split has no images: the table has no validation scores", ens.val_split)
+        val = None
+    else:
+        val = align([member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members])
     test = align([member_probabilities(recipe, m, "test", progress) for m in recipe.members])
-    labels = val[0].labels
+    labels = val[0].labels if val is not None else np.zeros(0, np.int64)
     labelled = bool((labels >= 0).any())
     if ens.weights == "search" and not labelled:
         raise ConfigError(f"{recipe.source}: ensemble.weights 'search' needs a labelled {ens.val_split} split")
     weights = resolve_weights(
         ens.weights,
-        given=[m.weight for m in recipe.members],
-        val_probs=[p.probs for p in val],
+        given=[m.weight or 0.0 for m in recipe.members] if ens.weights == "given" else None,
+        val_probs=[p.probs for p in val] if val is not None else None,
         labels=labels,
         method=ens.method,
         n_members=len(recipe.members),
     )
     rows = []
-    for member, probs, weight in zip(recipe.members, val, weights, strict=True):
-        row = {"member": member.name, "stage": member.stage, "res": probs.meta.get("res"), "tta": probs.meta.get("tta")}
-        rows.append(row | {"weight": round(float(weight), 3)} | _scores(probs.probs, labels, labelled))
-    val_combined = combine([p.probs for p in val], weights, ens.method)
+    for i, (member, weight) in enumerate(zip(recipe.members, weights, strict=True)):
+        about = val[i] if val is not None else test[i]
+        row = {"member": member.name, "stage": member.stage, "res": about.meta.get("res"), "tta": about.meta.get("tta")}
+        scores = _scores(val[i].probs, labels, labelled) if val is not None else _scores(None, labels, False)
+        rows.append(row | {"weight": round(float(weight), 3)} | scores)
+    val_combined = combine([p.probs for p in val], weights, ens.method) if val is not None else None
     rows.append({"member": f"ensemble ({ens.method})", "stage": "", "res": "", "tta": "", "weight": 1.0}
                 | _scores(val_combined, labels, labelled))  # fmt: skip
     table = pd.DataFrame(rows)
@@ -142,9 +151,8 @@ def ensemble_recipe(
         class_names=first.class_names,
         meta={"recipe": recipe.source, "members": [m.name for m in recipe.members], "weights": weights.tolist()},
     )
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(out_dir) / f"{recipe.competition}-{stamp}.csv"
-    draft = path.with_name(f".{path.name}.draft")
+    path = _new_submission_path(Path(out_dir), recipe.competition)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.draft")  # one per process: runs never share a draft
     try:  # the final name appears only once the file passed every check
         write_submission(combined, spec.name, draft, k=ens.top_k)
         test = load_split(recipe.members[0].config, "test")  # the ids come from the dataset, not from the members
@@ -159,8 +167,18 @@ def ensemble_recipe(
     return EnsembleOutcome(table, weights, path, combined)
 
 
-def _scores(probs: np.ndarray, labels: np.ndarray, labelled: bool) -> dict[str, float | None]:
-    if not labelled:
+def _new_submission_path(out_dir: Path, competition: str) -> Path:
+    """``<competition>-<date>-<time>.csv``, with ``-2``, ``-3``... when that name (or its .npz) is already taken."""
+    stem = f"{competition}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        path = out_dir / (f"{stem}.csv" if n == 1 else f"{stem}-{n}.csv")
+        if not path.exists() and not path.with_suffix(".npz").exists():
+            return path
+    raise AssertionError("unreachable")
+
+
+def _scores(probs: np.ndarray | None, labels: np.ndarray, labelled: bool) -> dict[str, float | None]:
+    if probs is None or not labelled:
         return {"val_top1": None, "val_top5": None}
     m = summarize(probs, labels)
     return {"val_top1": round(m["top1"], 2), "val_top5": round(m["top5"], 2)}

@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from fgvc.config import CONFIG_FILE, load_config
+from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.loop import predict_probs
 from fgvc.engine.runtime import Runtime, setup_runtime
 from fgvc.engine.stage import (
     FINISHED,
     STAGE1,
+    check_classes,
     find_stage_checkpoint,
     load_split,
     load_stage_model,
@@ -31,7 +33,7 @@ from fgvc.engine.stage import (
 from fgvc.errors import ConfigError, DataError
 from fgvc.metrics import summarize
 from fgvc.models import get_meta
-from fgvc.probs import Probabilities
+from fgvc.probs import Probabilities, as_stored
 
 log = logging.getLogger("fgvc")
 TTA_CHOICES = ("none", "flip", "tencrop")
@@ -124,18 +126,14 @@ def predict_stage(
     if not len(index):
         notes = f" ({'; '.join(index.notes)})" if index.notes else ""
         raise DataError(f"{cfg.data.resolved_root()}: the {split} split has no images{notes}; check the dataset folder")
-    if path.is_file() and not force:
-        probs = Probabilities.load(path)
-        same_model = probs.meta.get("checkpoint") == _checkpoint_identity(stage_dir)
-        if same_model and _same_ids(probs.image_ids, index.frame["image_id"].to_numpy()):
-            return PredictResult(path, probs, summarize(probs.probs, probs.labels) if probs.has_labels else None, True)
-        log.info("%s was computed by another checkpoint or for other images: recomputing", path)
+    cached = None if force else _cached_probabilities(path, stage_dir, index)
+    if cached is not None:
+        return PredictResult(path, cached, summarize(cached.probs, cached.labels) if cached.has_labels else None, True)
 
     rt = setup_runtime(cfg.runtime)
     setup_logging(None, rt)
     model, ckpt = load_stage_model(stage_dir)
-    if ckpt["num_classes"] != index.num_classes:
-        raise DataError(f"{stage_dir}: model has {ckpt['num_classes']} classes, {split} split {index.num_classes}")
+    check_classes(ckpt, index, stage_dir)
     model.to(rt.device, memory_format=rt.memory_format)
     meta = get_meta(model)
     batch = batch_size or cfg.predict.batch_size
@@ -154,7 +152,7 @@ def predict_stage(
         log.warning("%d unreadable images got uniform probabilities so that every id has a row", n_images - len(idx))
     frame = index.frame
     probs = Probabilities(
-        probs=full.astype(np.float16).astype(np.float32),  # exactly what the file holds, so reruns agree with it
+        probs=as_stored(full),  # exactly what the file holds, so reruns agree with it
         image_ids=frame["image_id"].to_numpy(),
         labels=frame["label"].to_numpy(),
         category_ids=np.asarray(ckpt["classes"]["category_ids"]),
@@ -176,12 +174,29 @@ def predict_stage(
     return PredictResult(path, probs, metrics, False)
 
 
+def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> Probabilities | None:
+    """The file at ``path`` if this checkpoint computed it for these images; else None (the reason is logged)."""
+    if not path.is_file():
+        return None
+    try:
+        probs = Probabilities.load(path)
+    except DataError as err:  # a cache: damaged, or written by an older fgvc, it is simply recomputed
+        log.info("recomputing: %s", err)
+        return None
+    if probs.meta.get("checkpoint") == _checkpoint_identity(stage_dir) and _same_ids(
+        probs.image_ids, index.frame["image_id"].to_numpy()
+    ):
+        return probs
+    log.info("%s was computed by another checkpoint or for other images: recomputing", path)
+    return None
+
+
 def predict(
     run_dir: Path,
     split: str = "test",
     stage: int | None = None,
     res: int | None = None,
-    tta: str = "tencrop",
+    tta: str | None = None,
     multi_res: list[int] | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
@@ -189,12 +204,15 @@ def predict(
     progress: bool = True,
     compile_model: bool | None = None,
 ) -> PredictResult:
-    """`fgvc predict`: one stage, one split, one or several resolutions (their softmax outputs averaged)."""
+    """`fgvc predict`: one stage, one split, one or several resolutions (their softmax outputs averaged).
+
+    ``tta`` None: the run's ``predict.tta`` (``tencrop`` unless its recipe says otherwise).
+    """
     stage_dir = resolve_stage(run_dir, stage, res if not multi_res else multi_res[0])
-    default_res = int(stage_dir.name.split("-")[-1]) if stage_dir.name != STAGE1 else load_config(
-        stage_dir / CONFIG_FILE
-    ).stage1.res
+    cfg = load_config(stage_dir / CONFIG_FILE)
+    default_res = int(stage_dir.name.split("-")[-1]) if stage_dir.name != STAGE1 else cfg.stage1.res
     resolutions = multi_res or [res or default_res]
+    tta = tta or cfg.predict.tta
     parts = [
         predict_stage(stage_dir, split, r, tta, batch_size, workers, force, progress, compile_model)
         for r in resolutions

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fgvc.config import RunConfig, config_from_dict, merge, read_yaml
 from fgvc.errors import ConfigError
+from fgvc.submission import check_top_k, competition_spec
 
 RECIPE_KEYS = ("competition", "ensemble", "members")
 MEMBER_KEYS = ("weight", "stage", "multi_res")
@@ -36,7 +37,7 @@ class Member(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     config: RunConfig
-    weight: float = Field(1.0, gt=0)
+    weight: float | None = Field(None, gt=0)  # only with ensemble.weights: given, and then on every member
     stage: Literal[1, 2] = 2
     multi_res: list[int] | None = None
 
@@ -92,7 +93,31 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
     if duplicates:
         raise ConfigError(f"{source}: several members write to the same run folder {duplicates}; give each a 'name'")
     competition = values.get("competition") or "generic"
+    try:  # checked now, not after hours of predicting
+        check_top_k(competition_spec(competition), ensemble.top_k)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    _check_weights(source, ensemble, members)
     return Recipe(source=source, competition=competition, ensemble=ensemble, members=members)
+
+
+def _check_weights(source: str, ensemble: EnsembleConfig, members: list[Member]) -> None:
+    """Member weights exist exactly when they are used; search does not fit weights on training images."""
+    weighted = [i for i, m in enumerate(members) if m.weight is not None]
+    if ensemble.weights == "given":
+        unweighted = [i for i, m in enumerate(members) if m.weight is None]
+        if unweighted:
+            raise ConfigError(f"{source}: members[{unweighted[0]}] has no 'weight'; ensemble.weights 'given' needs "
+                              "one on every member")  # fmt: skip
+    elif weighted:
+        raise ConfigError(f"{source}: members[{weighted[0]}].weight is used only with ensemble.weights 'given' (this "
+                          f"recipe has '{ensemble.weights}'); set weights: given, or remove the weights")  # fmt: skip
+    if ensemble.weights == "search" and ensemble.val_split == "val":
+        trained_on_val = [i for i, m in enumerate(members) if m.config.data.train_on_all]
+        if trained_on_val:
+            raise ConfigError(f"{source}: members[{trained_on_val[0]}] trains on the val split (data.train_on_all), "
+                              "so ensemble.weights 'search' would fit the weights on training images; use equal or "
+                              "given weights")  # fmt: skip
 
 
 def select_members(recipe: Recipe, names: list[str] | None) -> list[Member]:

@@ -150,10 +150,16 @@ def write_submission(probs: Probabilities, competition: str, path: str | Path, k
     return path
 
 
-def _rows_k(spec: CompetitionSpec, k: int | None, n_classes: int) -> int:
+def check_top_k(spec: CompetitionSpec, k: int | None) -> int:
+    """Predictions per row: ``k`` (None: the competition's ``write_k``) if the competition's rule allows it."""
     k = spec.write_k if k is None else k
     if k < spec.min_k or (spec.max_k is not None and k > spec.max_k):
         raise ConfigError(f"{spec.name} needs {spec.count_rule()} predictions per row, not {k}")
+    return k
+
+
+def _rows_k(spec: CompetitionSpec, k: int | None, n_classes: int) -> int:
+    k = check_top_k(spec, k)
     if k > n_classes:
         if spec.min_k > n_classes:
             raise DataError(

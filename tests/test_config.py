@@ -79,3 +79,39 @@ def test_a_multi_member_recipe_is_not_a_stage1_config() -> None:
     single = Path(__file__).resolve().parents[1] / "recipes" / "cub.yaml"
     cfg = resolve_run_config(single, {"stage1.epochs": 1})
     assert (cfg.model.arch, cfg.stage1.res, cfg.stage1.epochs) == ("senet154", 448, 1)
+
+
+def _recipe_file(tmp_path: Path, ensemble: str, members: str, competition: str = "inat2019") -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"competition: {competition}\nensemble: {ensemble}\nmembers:\n{members}")
+    return path
+
+
+TWO_MEMBERS = "  - {name: a, model: {arch: resnet50}}\n  - {name: b, model: {arch: resnet50}, weight: 2}\n"
+
+
+def test_member_weights_exist_exactly_when_the_recipe_uses_them(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"members\[1\]\.weight is used only with ensemble.weights 'given'"):
+        load_recipe(_recipe_file(tmp_path, "{weights: equal}", TWO_MEMBERS))
+    with pytest.raises(ConfigError, match=r"members\[1\]\.weight is used only .* \(this recipe has 'search'\)"):
+        load_recipe(_recipe_file(tmp_path, "{weights: search}", TWO_MEMBERS))
+    with pytest.raises(ConfigError, match=r"members\[0\] has no 'weight'; ensemble.weights 'given' needs one"):
+        load_recipe(_recipe_file(tmp_path, "{weights: given}", TWO_MEMBERS))
+    both = TWO_MEMBERS.replace("{name: a, model: {arch: resnet50}}", "{name: a, model: {arch: resnet50}, weight: 1}")
+    assert [m.weight for m in load_recipe(_recipe_file(tmp_path, "{weights: given}", both)).members] == [1, 2]
+
+
+def test_search_on_a_val_split_the_members_train_on_is_refused(tmp_path: Path) -> None:
+    members = "  - {name: a, data: {train_on_all: true}}\n"
+    with pytest.raises(ConfigError, match=r"members\[0\] trains on the val split \(data.train_on_all\)"):
+        load_recipe(_recipe_file(tmp_path, "{weights: search}", members))
+    assert load_recipe(_recipe_file(tmp_path, "{weights: equal}", members)).members[0].config.data.train_on_all
+
+
+def test_top_k_and_competition_are_checked_when_the_recipe_loads(tmp_path: Path) -> None:
+    members = "  - {name: a}\n"
+    with pytest.raises(ConfigError, match=r"recipe.yaml: herbarium2020 needs exactly 1 predictions per row, not 7"):
+        load_recipe(_recipe_file(tmp_path, "{top_k: 7}", members, "herbarium2020"))
+    with pytest.raises(ConfigError, match=r"recipe.yaml: unknown competition 'kaggle'"):
+        load_recipe(_recipe_file(tmp_path, "{}", members, "kaggle"))
+    assert load_recipe(_recipe_file(tmp_path, "{top_k: 3}", members, "inat2019")).ensemble.top_k == 3

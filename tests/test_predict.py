@@ -15,6 +15,7 @@ from dataset_fixtures import write_herbarium2019, write_inat
 
 from fgvc.engine.stage import run_stage1, run_stage2
 from fgvc.engine.sweep import apparent_size_factor, suggest_test_res, sweep
+from fgvc.errors import DataError
 from fgvc.io import decode_image
 from fgvc.pipeline import ensemble_recipe, train_recipe
 from fgvc.predict import predict, predict_stage
@@ -254,3 +255,82 @@ def test_predictions_of_a_retrained_model_are_not_reused(tiny_demo_root: Path, t
     again = predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False)
     assert not again.cached and again.probs.meta["checkpoint"] != first.probs.meta["checkpoint"]
     assert not (cfg.run_dir() / "stage2-40" / "finished.json").exists()  # stage 2 came from the old stage 1
+
+
+def test_stored_probabilities_keep_their_relative_precision_down_the_tail(tmp_path: Path) -> None:
+    """Confident rows over 5,000 classes: float16 probabilities would zero or coarsen most of the tail, which reorders
+    the 2nd-5th guesses that top-5 and top-3 submissions score. The stored file keeps every value to < 1%."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (50, 5000)).astype(np.float32)
+    logits[:, 0] += 40  # top-1 near 1, the rest between ~1e-30 and ~1e-10
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    path = tmp_path / "p.npz"
+    Probabilities(probs, np.arange(50), np.full(50, -1), np.arange(5000), np.arange(5000).astype(str)).save(path)
+    loaded = Probabilities.load(path).probs
+    assert (loaded > 0).all()
+    np.testing.assert_allclose(loaded.sum(1), 1.0, rtol=1e-5)
+    tail = probs > np.exp(-32)  # float16 steps by 2^-6 in [-32, -16), by 2^-5 below
+    relative = np.abs(loaded[tail] / probs[tail] - 1)
+    assert relative.max() < 0.01
+    # the second to fifth guesses stay in order wherever they are more than 2% apart
+    order = np.argsort(-probs, axis=1)[:, :5]
+    ranked = np.take_along_axis(probs, order, axis=1)
+    clear = (ranked[:, :-1] / ranked[:, 1:] > 1.02).all(1)
+    assert clear.sum() > 25
+    np.testing.assert_array_equal(np.argsort(-loaded, axis=1)[clear, :5], order[clear])
+
+
+def test_a_cached_prediction_file_that_cannot_be_read_is_recomputed(adapted_run: Path) -> None:
+    first = predict(adapted_run, split="val", stage=1, tta="none", progress=False)
+    first.path.write_bytes(b"not a zip file")
+    again = predict(adapted_run, split="val", stage=1, tta="none", progress=False)
+    assert not again.cached
+    np.testing.assert_array_equal(again.probs.probs, first.probs.probs)
+    assert predict(adapted_run, split="val", stage=1, tta="none", progress=False).cached
+
+
+def test_predicting_on_a_dataset_whose_classes_changed_is_a_one_line_error(tmp_path: Path) -> None:
+    root = _folder_dataset(tmp_path / "data")
+    cfg = tiny_config(root, tmp_path / "runs", data={"dataset": "folder", "val_fraction": 0.0}, stage1={"res": 28})
+    run_stage1(cfg, progress=False)
+    for split in ("train", "test"):
+        (root / split / "a").rename(root / split / "z")  # same count, every label shifted
+    with pytest.raises(DataError, match=r"label 0 is 'a' in the model, 'b' in the dataset") as caught:
+        predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)
+    assert "\n" not in str(caught.value) and "--data-root" in str(caught.value)
+
+
+def test_predict_without_tta_follows_the_runs_predict_setting(adapted_run: Path) -> None:
+    config = adapted_run / "stage2-48" / "config.yaml"
+    original = config.read_text()
+    assert "tta: tencrop" in original
+    config.write_text(original.replace("tta: tencrop", "tta: flip"))
+    try:
+        result = predict(adapted_run, split="val", progress=False)
+    finally:
+        config.write_text(original)
+    assert result.path.name == "val-48-flip.npz" and result.probs.meta["tta"] == "flip"
+
+
+def test_ensemble_with_fixed_weights_needs_no_val_split_and_never_reuses_a_csv_name(tmp_path: Path) -> None:
+    root = _folder_dataset(tmp_path / "data")
+    recipe_path = tmp_path / "generic.yaml"
+    recipe_path.write_text(f"""competition: generic
+out: {tmp_path / 'runs'}
+data: {{dataset: folder, root: {root}, workers: 0, val_fraction: 0.0}}
+model: {{arch: "timm:test_resnet", weights: null}}
+stage1: {{res: 28, epochs: 1, batch_size: 4}}
+predict: {{tta: none, batch_size: 4}}
+runtime: {{deterministic: true}}
+ensemble: {{weights: equal}}
+members:
+  - {{name: only, stage: 1}}
+""")
+    train_recipe(recipe_path, progress=False)
+    first = ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
+    second = ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
+    assert first.submission != second.submission and first.submission.is_file() and second.submission.is_file()
+    assert first.submission.read_text() == second.submission.read_text()
+    assert first.table["val_top1"].isna().all()  # no validation images: no scores, but a submission
+    assert not list((tmp_path / "submissions").glob(".*draft"))

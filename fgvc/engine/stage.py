@@ -251,6 +251,26 @@ def class_info(index: DatasetIndex) -> dict[str, list]:
     return {"names": list(index.class_names), "category_ids": [plain(c) for c in index.category_ids]}
 
 
+def check_classes(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path) -> None:
+    """The checkpoint's classes must be the dataset's, in the same order: a renamed, added or removed class folder
+    would otherwise shift every label silently (accuracies, ensembles and submissions would all be wrong)."""
+    trained, now = ckpt["classes"], class_info(index)
+    if trained == now:
+        return
+    was = list(zip(trained["names"], trained["category_ids"], strict=True))
+    is_ = list(zip(now["names"], now["category_ids"], strict=True))
+    if len(was) != len(is_):
+        why = f"{len(was)} classes, the dataset now {len(is_)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(was, is_, strict=True)) if a != b)
+        part = 0 if was[i][0] != is_[i][0] else 1  # the name, else the category id
+        why = f"label {i} is {was[i][part]!r} in the model, {is_[i][part]!r} in the dataset"
+    raise DataError(
+        f"{stage_dir}: the model was trained on other classes than the {index.name} {index.split} split has ({why}); "
+        "point --data-root at the data it was trained on"
+    )
+
+
 def find_stage_checkpoint(stage_dir: Path) -> Path:
     """best.pt when validation picked one, else last.pt."""
     for name in (BEST, LAST):
@@ -332,8 +352,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         source = f"weights {cfg.model.weights}"
     else:
         model, ckpt1 = load_stage_model(run_dir / STAGE1)
-        if ckpt1["num_classes"] != num_classes:
-            raise DataError(f"{run_dir}: stage 1 has {ckpt1['num_classes']} classes, the dataset {num_classes}")
+        check_classes(ckpt1, train_index, run_dir / STAGE1)
         source = f"stage 1 epoch {ckpt1['epoch']}"
     if state is not None:
         load_model_state(model, state["model"], stage_dir / LAST)
