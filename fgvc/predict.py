@@ -183,11 +183,11 @@ def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> P
     except DataError as err:  # a cache: damaged, or written by an older fgvc, it is simply recomputed
         log.info("recomputing: %s", err)
         return None
-    if probs.meta.get("checkpoint") == _checkpoint_identity(stage_dir) and _same_ids(
-        probs.image_ids, index.frame["image_id"].to_numpy()
-    ):
+    same_images = _same_ids(probs.image_ids, index.frame["image_id"].to_numpy())
+    same_classes = _same_ids(probs.category_ids, np.asarray(index.category_ids))  # else check_classes explains
+    if probs.meta.get("checkpoint") == _checkpoint_identity(stage_dir) and same_images and same_classes:
         return probs
-    log.info("%s was computed by another checkpoint or for other images: recomputing", path)
+    log.info("%s was computed by another checkpoint or for other images or classes: recomputing", path)
     return None
 
 

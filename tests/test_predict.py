@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_config
 from dataset_fixtures import write_herbarium2019, write_inat
 
-from fgvc.engine.stage import run_stage1, run_stage2
+from fgvc.engine.stage import _load_split, run_stage1, run_stage2
 from fgvc.engine.sweep import apparent_size_factor, suggest_test_res, sweep
 from fgvc.errors import DataError
 from fgvc.io import decode_image
@@ -294,8 +294,10 @@ def test_predicting_on_a_dataset_whose_classes_changed_is_a_one_line_error(tmp_p
     root = _folder_dataset(tmp_path / "data")
     cfg = tiny_config(root, tmp_path / "runs", data={"dataset": "folder", "val_fraction": 0.0}, stage1={"res": 28})
     run_stage1(cfg, progress=False)
+    predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)  # a cached file does not hide it
     for split in ("train", "test"):
         (root / split / "a").rename(root / split / "z")  # same count, every label shifted
+    _load_split.cache_clear()  # as in a new process, which reads the folders again
     with pytest.raises(DataError, match=r"label 0 is 'a' in the model, 'b' in the dataset") as caught:
         predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)
     assert "\n" not in str(caught.value) and "--data-root" in str(caught.value)
