@@ -180,8 +180,8 @@ def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> P
         return None
     try:
         probs = Probabilities.load(path)
-    except DataError as err:  # a cache: damaged, or written by an older fgvc, it is simply recomputed
-        log.info("recomputing: %s", err)
+    except DataError:  # a cache: damaged, or written by an older fgvc, it is simply recomputed
+        log.info("%s cannot be read (an older fgvc's format, or damaged): recomputing", path)
         return None
     same_images = _same_ids(probs.image_ids, index.frame["image_id"].to_numpy())
     same_classes = _same_ids(probs.category_ids, np.asarray(index.category_ids))  # else check_classes explains
