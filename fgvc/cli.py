@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 import typer
+from pydantic import ValidationError
 
 from fgvc.errors import FgvcError
 
@@ -299,6 +300,8 @@ def validate_submission(
     from fgvc.datasets import load_index
     from fgvc.submission import collect_problems, competition_spec
 
+    if not file.is_file():
+        raise FgvcError(f"{file}: no such file" + ("; it is a folder, name the CSV in it" if file.is_dir() else ""))
     if not dataset and not sample:
         raise FgvcError(
             f"{file}: nothing to check the ids and categories against; pass --dataset NAME (its test split) or "
@@ -358,17 +361,41 @@ def _one_line(err: Exception) -> str:
     return text
 
 
+# Usage errors (unknown option, bad value, missing argument): click's classes, and since typer 0.2x also the copies
+# typer vendors as typer._click, which do not derive from click's.
+_USAGE_ERRORS: tuple[type[Exception], ...] = (click.exceptions.ClickException, getattr(typer, "TyperException", None))
+_USAGE_ERRORS = tuple(kind for kind in _USAGE_ERRORS if kind is not None)
+_ABORTS: tuple[type[BaseException], ...] = (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)
+
+
 def main() -> None:
-    """Console entry point: FgvcError -> one line on stderr, exit 2."""
+    """Console entry point: FgvcError and invalid settings -> one line on stderr, exit 2; usage errors -> usage, 2."""
     try:
         code = app(standalone_mode=False)
     except FgvcError as err:
         typer.echo(f"fgvc: error: {_one_line(err)}", err=True)
         sys.exit(err.exit_code)
-    except click.exceptions.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except ValidationError as err:  # a setting assigned after the config was built (e.g. predict --workers -1)
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        typer.echo(f"fgvc: error: invalid value for {key}: {first['msg']} (got {first.get('input')!r})", err=True)
+        sys.exit(2)
+    except OSError as err:  # a path the user gave that is a folder, a file, unwritable...: the path and the reason
+        if err.filename is None:
+            raise
+        reason = err.strerror or str(err)
+        if isinstance(err, FileExistsError | NotADirectoryError) and Path(err.filename).is_file():
+            reason = "a file where a folder is expected"
+        typer.echo(f"fgvc: error: {err.filename}: {reason}; check the path", err=True)
+        sys.exit(2)
+    except _USAGE_ERRORS as err:
+        show = getattr(err, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"fgvc: error: {err}", err=True)
+        sys.exit(getattr(err, "exit_code", 2) or 2)
+    except _ABORTS:
         typer.echo("fgvc: interrupted", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fgvc.errors import ConfigError
 
@@ -25,6 +25,14 @@ TTA = Literal["none", "flip", "tencrop"]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's ``true``/``false`` are not numbers here (pydantic would read ``res: true`` as 1)."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name or ""].annotation is not bool:
+            raise ValueError(f"expected a value, not the boolean {str(value).lower()}")
+        return value
 
 
 class DataConfig(_Section):
@@ -61,11 +69,11 @@ class StageConfig(_Section):
     res: int = Field(448, gt=0)
     epochs: int = Field(30, ge=0)
     batch_size: int = Field(32, gt=0)
-    lr: float | None = None  # None: lr_base * global batch / 256
+    lr: float | None = Field(None, gt=0.0)  # None: lr_base * global batch / 256
     lr_base: float = Field(0.04, gt=0.0)
     opt: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
     sched: Literal["cosine", "step", "constant"] = "cosine"
     step_epochs: int = Field(30, gt=0)  # "step": divide the lr by 10 every step_epochs
     warmup_epochs: float = Field(0.0, ge=0.0)
@@ -103,6 +111,13 @@ class RuntimeConfig(_Section):
     seed: int = 0
     deterministic: bool = False
     device: str | None = None  # None: cuda if available, else cpu
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"'{value}' is not a device; use cpu, cuda, cuda:N or mps")
+        return value
     cache_features: Literal["auto", "on", "off"] = "auto"  # stage 2: frozen-trunk output computed once when it fits
 
 
@@ -166,14 +181,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such recipe/config file; check the path")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (YAML recipes are UTF-8 text); check the path") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+        problem = f": {err.problem}" if getattr(err, "problem", None) else ""
+        raise ConfigError(f"{path}: not valid YAML{where}{problem}; fix the syntax") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     return values
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key written twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key '{key}' appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -181,15 +214,18 @@ def load_config(path: str | Path) -> RunConfig:
     return config_from_dict(read_yaml(path), source=str(path))
 
 
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], overrides: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Deep-merge ``overrides`` into a copy of ``base``; keys may be dotted (``stage1.lr``)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for key, value in overrides.items():
         if "." in key:
             head, rest = key.split(".", 1)
-            out[head] = merge(out.get(head) or {}, {rest: value})
+            section = out.get(head)
+            if section is not None and not isinstance(section, dict):
+                raise ConfigError(f"{source}: '{head}' is {section!r}, not a mapping of keys; write {head}: {{...}}")
+            out[head] = merge(section or {}, {rest: value}, source)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, source)
         else:
             out[key] = value
     return out
@@ -199,7 +235,8 @@ def resolve_config(recipe: str | Path | None = None, overrides: dict[str, Any] |
     """Defaults <- recipe file <- CLI overrides (None values are ignored, so unset flags keep the recipe's value)."""
     values: dict[str, Any] = read_yaml(recipe) if recipe else {}
     flat = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return config_from_dict(merge(values, flat), source=str(recipe) if recipe else "command line")
+    source = str(recipe) if recipe else "command line"
+    return config_from_dict(merge(values, flat, source), source=source)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

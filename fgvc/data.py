@@ -6,7 +6,9 @@ normalised floats on the accelerator.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import random
 import signal
 from collections.abc import Callable, Iterable, Sequence
@@ -127,6 +129,8 @@ def build_loader(
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if workers > 0:
+        _end_workers_at_exit()
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -141,6 +145,29 @@ def build_loader(
         persistent_workers=workers > 0,
         prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
     )
+
+
+@lru_cache(maxsize=1)
+def _end_workers_at_exit() -> None:
+    """Register (once) an exit handler that kills the loader workers still alive when the process ends.
+
+    The workers ignore SIGTERM (see :func:`seed_worker`), and multiprocessing's own exit handler ends daemonic
+    children with SIGTERM and then joins them: a run that stopped on an error (a corrupt image, a bad setting), whose
+    traceback still references the loader and its workers, would wait for them forever. Handlers run last-registered
+    first, so this one runs before multiprocessing's, which was registered when multiprocessing was imported.
+    """
+    atexit.register(_kill_daemonic_children)
+
+
+def _kill_daemonic_children() -> None:
+    # torch's SIGCHLD handler would raise "DataLoader worker is killed" here and leave the other workers alive
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)
 
 
 def seed_worker(worker_id: int) -> None:

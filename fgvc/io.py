@@ -48,7 +48,8 @@ def decode_image(path: str | Path) -> np.ndarray:
     fallback = _decode_with_pillow(data)
     if fallback is None:
         raise CorruptImageError(
-            f"{path}: image is corrupt or truncated; re-download it or run with --skip-corrupt to skip it"
+            f"{path}: image is corrupt or truncated; re-download it, or skip unreadable images (stage1 --skip-corrupt, "
+            "or data.skip_corrupt: true in the run's config.yaml)"
         )
     # OpenCV's result is complete once Pillow has read all the data; prefer it so every file goes through one decoder.
     return image if image is not None else fallback

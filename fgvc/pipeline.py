@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fgvc.engine.stage import STAGE1, is_finished, load_split, run_stage1, run_stage2, stage2_dirname
+from fgvc.config import CONFIG_FILE, load_config
+from fgvc.engine.stage import STAGE1, config_conflicts, is_finished, load_split, run_stage1, run_stage2, stage2_dirname
 from fgvc.ensemble import align, combine, resolve_weights
 from fgvc.errors import ConfigError, DataError
 from fgvc.metrics import summarize
 from fgvc.predict import predict_stage
 from fgvc.probs import Probabilities
 from fgvc.recipe import Member, Recipe, load_recipe, member_train_command, select_members
-from fgvc.submission import competition_spec, validate_submission, write_submission
+from fgvc.submission import SubmissionError, collect_problems, competition_spec, write_submission
 
 log = logging.getLogger("fgvc")
 
@@ -56,6 +57,13 @@ def train_recipe(
             steps.append(("stage2", run_dir / stage2_dirname(cfg.stage2.res)))
         for stage, stage_dir in steps:
             if is_finished(stage_dir) and not force:
+                saved = load_config(stage_dir / CONFIG_FILE).model_dump(mode="json")
+                changed = config_conflicts(saved, cfg, stage)
+                if changed:  # the recipe was edited after this stage finished: its model is not the recipe's
+                    raise ConfigError(
+                        f"{recipe.source}: member {member.name}: {stage} finished with other settings "
+                        f"({'; '.join(changed)}); retrain it with `{member_train_command(recipe, member)} --force`"
+                    )
                 outcomes.append(TrainOutcome(member.name, stage, "skipped (finished)"))
                 log.info("%s %s: finished earlier, skipped", member.name, stage)
                 continue
@@ -159,7 +167,11 @@ def ensemble_recipe(
         named = spec.predictions == "name"
         categories = test.class_names if named else test.category_ids
         test_ids = test.frame["image_id"].tolist()
-        validate_submission(draft, spec.name, test_ids=test_ids, valid_categories=categories, sample=sample)
+        problems = collect_problems(draft, spec.name, test_ids=test_ids, valid_categories=categories, sample=sample)
+        if problems:  # named after the file it would have become, and what it was checked against
+            against = f"the sample {sample}" if sample is not None else f"the {spec.name} test split"
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise SubmissionError(f"{path}: not written, it does not match {against}: {problems[0]}{more}")
         combined.save(path.with_suffix(".npz"))
         os.replace(draft, path)
     finally:

@@ -208,6 +208,11 @@ def predict(
 
     ``tta`` None: the run's ``predict.tta`` (``tencrop`` unless its recipe says otherwise).
     """
+    if stage not in (None, 1, 2):
+        raise ConfigError(f"--stage is 1 or 2, not {stage}")
+    for name, value in (("--res", res), ("--batch-size", batch_size), *(("--multi-res", r) for r in multi_res or [])):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be a positive number, not {value}")
     stage_dir = resolve_stage(run_dir, stage, res if not multi_res else multi_res[0])
     cfg = load_config(stage_dir / CONFIG_FILE)
     default_res = int(stage_dir.name.split("-")[-1]) if stage_dir.name != STAGE1 else cfg.stage1.res

@@ -81,7 +81,7 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: members[{i}] must be a mapping of config keys")
         extras = {k: raw[k] for k in MEMBER_KEYS if k in raw}
-        run_values = merge(shared, {k: v for k, v in raw.items() if k not in MEMBER_KEYS})
+        run_values = merge(shared, {k: v for k, v in raw.items() if k not in MEMBER_KEYS}, f"{source}: members[{i}]")
         cfg = config_from_dict(run_values, source=f"{source}: members[{i}]")
         try:
             members.append(Member(config=cfg, **extras))
@@ -152,4 +152,5 @@ def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> 
         else:
             values = raw
     flat = {k: v for k, v in overrides.items() if v is not None}
-    return config_from_dict(merge(values, flat), source=str(recipe) if recipe else "command line")
+    source = str(recipe) if recipe else "command line"
+    return config_from_dict(merge(values, flat, source), source=source)

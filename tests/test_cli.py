@@ -13,10 +13,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fgvc(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+def fgvc(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "fgvc", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+                          text=True, timeout=timeout)  # fmt: skip
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -89,3 +89,74 @@ def test_validate_submission_exit_codes(tmp_path: Path, valid: bool) -> None:
         assert result.returncode == 0 and "valid" in result.stdout
     else:
         assert result.returncode == 1 and "line 1" in result.stdout and "line 3" in result.stdout
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """``fgvc ARGS`` through the console entry point, in this process: (exit code, stderr; stdout when it is empty)."""
+    from fgvc.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fgvc", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    return exited.value.code, captured.err if captured.err.strip() else captured.out
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [(["stage1", "--bogus"], "No such option: --bogus"), (["stage1", "--res", "abc"], "Invalid value for '--res'"),
+     (["stage2"], "Missing option '--test-res'"), (["nosuchcmd"], "No such command 'nosuchcmd'"), ([], "Usage:")],
+)  # fmt: skip
+def test_usage_errors_print_usage_and_exit_2_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, args: list[str], expected: str
+) -> None:
+    code, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                        tmp_path: Path) -> None:  # fmt: skip
+    recipes = {
+        "dup.yaml": ("stage1: {res: 448}\nstage1: {res: 224}\n", "the key 'stage1' appears twice"),
+        "flag.yaml": ("stage1: {res: true}\n", "stage1.res': Value error, expected a value, not the boolean true"),
+        "section.yaml": ("data: demo\n", "'data' is 'demo', not a mapping of keys"),
+        "binary.yaml": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text file"),
+    }
+    for name, (content, expected) in recipes.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        code, err = run_main(monkeypatch, capsys, "stage1", "--recipe", str(path), "--workers", "0")
+        assert code == 2 and expected in err and str(path) in err, (name, err)
+        assert len(err.strip().splitlines()) == 1
+    cases = [
+        (["stage1", "--lr", "-1"], "'stage1.lr': Input should be greater than 0"),
+        (["stage1", "--device", "gpu7"], "'gpu7' is not a device; use cpu, cuda, cuda:N or mps"),
+        (["suggest-res", "--train-res", "0"], "--train-res must be a positive number of pixels, not 0"),
+        (["suggest-res", "--train-res", "448", "--crop-pct", "2"], "--crop-pct must be in (0, 1]"),
+        (["suggest-res", "--train-res", "448", "--scale-min", "-1"], "must satisfy 0 < min < max <= 1"),
+        (["validate-submission", str(tmp_path), "--competition", "generic"], "it is a folder, name the CSV in it"),
+        (["stage1", "--dataset", "demo", "--data-root", str(tmp_path / "typo"), "--out", str(tmp_path / "runs")],
+         "no demo data there; check the path, or generate it with `fgvc demo --data-root"),
+        (["stage1", "--dataset", "demo", "--weights", str(tmp_path), "--arch", "timm:test_resnet"],
+         "a folder, not a weights file"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        code, err = run_main(monkeypatch, capsys, *args)
+        assert code == 2 and err.startswith("fgvc: error: ") and expected in err, (args, err)
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "typo").exists()  # a mistyped demo root is not filled with a new dataset
+
+
+def test_a_corrupt_image_with_loader_workers_ends_the_process(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """The workers ignore SIGTERM (a job scheduler's signal must reach the main process first); on an error the
+    process must still end, not wait for them forever."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_demo_root, broken)
+    for image in (broken / "CUB_200_2011" / "images").rglob("*.jpg"):
+        image.write_bytes(b"not a jpeg")
+    result = fgvc("stage1", "--dataset", "demo", "--data-root", str(broken), "--arch", "timm:test_resnet", "--res",
+                  "32", "--weights", "none", "--workers", "2", "--out", str(tmp_path / "runs"),
+                  timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "image is corrupt or truncated" in result.stderr

@@ -311,10 +311,15 @@ def test_demo_is_generated_on_first_use(tmp_path: Path, monkeypatch: pytest.Monk
         return Path(root) / "CUB_200_2011"
 
     monkeypatch.setitem(sys.modules, "fgvc.demo_data", types.SimpleNamespace(ensure_demo=ensure_demo))
+    monkeypatch.setenv("FGVC_DATA", str(tmp_path))  # the default place of every dataset: $FGVC_DATA/<name>
     first = load_index("demo", "test", root=tmp_path / "demo")
-    second = load_index("demo", "test", root=tmp_path / "demo")
+    second = load_index("demo", "test")
     assert calls == [tmp_path / "demo"]
     assert first.frame.equals(second.frame) and first.name == "demo"
+    # anywhere else (a mistyped --data-root) it is an error, and nothing is written there
+    with pytest.raises(LayoutError, match=r"elsewhere: no demo data there; .* `fgvc demo --data-root .*elsewhere`"):
+        load_index("demo", "test", root=tmp_path / "elsewhere")
+    assert calls == [tmp_path / "demo"] and not (tmp_path / "elsewhere").exists()
 
 
 # --- errors: one line, naming the file and the fix ------------------------------------------------------------------

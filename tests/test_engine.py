@@ -66,6 +66,30 @@ def test_finished_run_is_not_overwritten_without_force(stage1_run: Path) -> None
     assert (stage1_run / "stage1" / LAST).stat().st_mtime_ns == before
 
 
+def test_force_that_fails_in_its_first_epoch_leaves_the_finished_run_as_it_was(
+    tiny_demo_root: Path, tmp_path: Path
+) -> None:
+    """The old result is retired when the new run writes its first checkpoint, not when it starts."""
+    import shutil
+
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs")
+    run_stage1(cfg, progress=False)
+    run_stage2(cfg.run_dir(), {"stage2.res": 40}, progress=False)
+    stage_dir, stage2_dir = cfg.run_dir() / "stage1", cfg.run_dir() / "stage2-40"
+    files = [stage_dir / name for name in (FINISHED, BEST, LAST, CONFIG_FILE)]
+    files += [cfg.run_dir() / CONFIG_FILE, stage2_dir / FINISHED, stage2_dir / LAST]
+    before = {path: path.read_bytes() for path in files}
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_demo_root, broken)
+    for image in sorted((broken / "CUB_200_2011" / "images").rglob("*.jpg")):
+        image.write_bytes(b"not a jpeg")  # every image: the first batch fails whatever the order
+    retrain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(broken)})})
+    with pytest.raises(DataError, match="image is corrupt or truncated"):
+        run_stage1(retrain, force=True, progress=False)
+    assert {path: path.read_bytes() for path in files} == before
+
+
 def _state(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 

@@ -118,6 +118,15 @@ def test_align_rejects_different_category_ids() -> None:
         align([first, second])
 
 
+def test_align_rejects_same_category_ids_with_other_names() -> None:
+    """Folder datasets name their classes; a renamed class folder keeps the id count but not the meaning."""
+    first = make_member([1, 2], np.eye(3)[:2])
+    second = make_member([1, 2], np.eye(3)[:2], path="runs/c/test.npz")
+    second.class_names = np.asarray(["class 3", "class 17", "class 99"])
+    with pytest.raises(DataError, match=r"runs/c/test\.npz.*category ids and names"):
+        align([first, second])
+
+
 def test_align_rejects_duplicate_ids() -> None:
     first = make_member([1, 2], np.eye(3)[:2])
     second = make_member([1, 1], np.eye(3)[:2])

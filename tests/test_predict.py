@@ -15,7 +15,7 @@ from dataset_fixtures import write_herbarium2019, write_inat
 
 from fgvc.engine.stage import _load_split, run_stage1, run_stage2
 from fgvc.engine.sweep import apparent_size_factor, suggest_test_res, sweep
-from fgvc.errors import DataError
+from fgvc.errors import ConfigError, DataError
 from fgvc.io import decode_image
 from fgvc.pipeline import ensemble_recipe, train_recipe
 from fgvc.predict import predict, predict_stage
@@ -137,6 +137,7 @@ def test_sweep_writes_table_and_plot(adapted_run: Path) -> None:
     assert list(result.table["res"]) == [32, 40, 48]
     assert list(result.table.columns) == ["res", "stage1", "stage2-48"]
     assert result.csv_path.is_file() and result.png_path.read_bytes()[:4] == b"\x89PNG"
+    assert (result.csv_path.name, result.png_path.name) == ("sweep-val.csv", "sweep-val.png")  # one pair per split
     best = result.table.set_index("res")[result.best_model][result.best_res]
     assert best == result.table[["stage1", "stage2-48"]].to_numpy().max() == pytest.approx(result.best_top1)
 
@@ -336,3 +337,23 @@ members:
     assert first.submission.read_text() == second.submission.read_text()
     assert first.table["val_top1"].isna().all()  # no validation images: no scores, but a submission
     assert not list((tmp_path / "submissions").glob(".*draft"))
+
+
+def test_train_refuses_a_finished_member_whose_recipe_changed(tmp_path: Path) -> None:
+    root = _folder_dataset(tmp_path / "data")
+    recipe_path = tmp_path / "generic.yaml"
+    text = f"""competition: generic
+out: {tmp_path / 'runs'}
+data: {{dataset: folder, root: {root}, workers: 0, val_fraction: 0.0}}
+model: {{arch: "timm:test_resnet", weights: null}}
+stage1: {{res: 28, epochs: 1, batch_size: 4}}
+members:
+  - {{name: only, stage: 1}}
+"""
+    recipe_path.write_text(text)
+    train_recipe(recipe_path, progress=False)
+    assert {o.status for o in train_recipe(recipe_path, progress=False)} == {"skipped (finished)"}
+    recipe_path.write_text(text.replace("epochs: 1", "epochs: 5"))
+    with pytest.raises(ConfigError, match=r"member only: stage1 finished with other settings \(stage1.epochs: 1 -> 5\)"
+                       r"; retrain it with `fgvc train .* --member only --force`"):  # fmt: skip
+        train_recipe(recipe_path, progress=False)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from fgvc.datasets import birdsnap, cars, cub, flowers, generic, herbarium, inat, nabirds, pets
 from fgvc.datasets.base import SPLITS, DatasetIndex, DatasetSpec, OfficialSplits, Reader, make_index
-from fgvc.errors import ConfigError
+from fgvc.errors import ConfigError, LayoutError
 
 DEMO_LAYOUT = (
     "demo/ (generated on first use by fgvc.demo_data.ensure_demo: a tiny synthetic dataset in CUB-200-2011 format)\n"
@@ -122,9 +122,15 @@ def load_index(
 
 
 def _ready_root(name: str, root: Path) -> Path:
-    """Generate the demo data on first use; every other dataset must already be on disk."""
+    """Generate the demo data on first use at its default place; every other dataset must already be on disk.
+
+    Only at the default place: a mistyped ``--data-root`` must be an error, not a new dataset written there.
+    """
     if name != "demo" or any((base / "images.txt").exists() for base in (root, root / "CUB_200_2011")):
         return root
+    if root.resolve() != resolve_root(name, None).resolve():
+        raise LayoutError(f"{root}: no demo data there; check the path, or generate it with `fgvc demo --data-root "
+                          f"{root}`")  # fmt: skip
     from fgvc.demo_data import ensure_demo  # the demo generator is only needed for this dataset
 
     return Path(ensure_demo(root))

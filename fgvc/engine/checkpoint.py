@@ -54,7 +54,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which and what to do
         raise WeightsError(
-            f"{path}: cannot read checkpoint ({type(err).__name__}); delete it to restart, or pass --force"
+            f"{path}: cannot read checkpoint ({type(err).__name__}); retrain its stage with --force (stage1/stage2) "
+            "to replace it"
         ) from None
 
 

@@ -296,7 +296,7 @@ def latest_run(out: str | Path = "runs") -> Path:
     return candidates[-1].parent.parent
 
 
-def _conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[str]:
+def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[str]:
     """Settings that differ between the checkpoint's config and this command (resuming would mix two runs)."""
     current = cfg.model_dump(mode="json")
     section = "stage1" if stage == STAGE1 else "stage2"
@@ -336,7 +336,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose another --name)")
     if (stage_dir / LAST).is_file() and not force:
         state = load_checkpoint(stage_dir / LAST)
-        conflicts = _conflicts(state["config"], cfg, stage)
+        conflicts = config_conflicts(state["config"], cfg, stage)
         if conflicts:
             raise ConfigError(
                 f"{stage_dir}/{LAST} was written with other settings ({'; '.join(conflicts)}); "
@@ -382,9 +382,6 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     criterion = nn.CrossEntropyLoss(label_smoothing=stage_cfg.label_smoothing)
     if stage != STAGE1 and cfg.runtime.cache_features == "on":
         require_cacheable(stage_cfg.augment, stage_cfg.tune, rt.world_size)
-    if rt.is_main:  # only now: data, model and settings were all accepted, so a bad input destroys nothing
-        _retire_old_results(run_dir, stage_dir, stage, force)
-
     start_epoch, start_micro, best, history, before = 0, 0, -1.0, [], None
     if state is not None:
         if optimizer is not None:
@@ -404,11 +401,6 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         log.info("resuming %s from epoch %d, step %d", stage_dir, start_epoch + 1, start_micro)
     else:
         cfg.data.root = str(cfg.data.resolved_root().resolve())  # the run folder must not depend on the cwd
-        if rt.is_main:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, stage_dir / CONFIG_FILE)
-            if stage == STAGE1:
-                save_config(cfg, run_dir / CONFIG_FILE)
         if stage != STAGE1 and len(val_index):
             before = validate()
             log.info("stage-1 model at %d px before adaptation: %s", stage_cfg.res, _fmt(before))
@@ -422,7 +414,25 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         rt.world_size, stage_cfg.grad_accum, source,
     )  # fmt: skip
 
+    claimed = False
+
+    def claim_stage_dir() -> None:
+        """Before this run's first checkpoint, and not earlier: the old results (with --force) and whatever was built on
+        them go, and this run's config is written. A run that fails before it has a checkpoint of its own (a corrupt
+        image in the first epoch, a crash) leaves the folder as it found it."""
+        nonlocal claimed
+        if claimed or not rt.is_main:
+            return
+        _retire_old_results(run_dir, stage_dir, stage, force)
+        if state is None:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, stage_dir / CONFIG_FILE)
+            if stage == STAGE1:
+                save_config(cfg, run_dir / CONFIG_FILE)
+        claimed = True
+
     def checkpoint(epoch: int, micro: int, finished: bool) -> dict[str, Any]:
+        claim_stage_dir()
         return {
             "model": unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict() if optimizer else None,
@@ -538,7 +548,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
 
 def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool) -> None:
     """Results the training about to start makes stale: with ``force`` the old model, and whatever was built on it."""
-    if force:  # the old result stops being "the" result as soon as retraining starts
+    if force:  # called when the new run writes its first checkpoint: from then on the old one is not "the" result
         (stage_dir / FINISHED).unlink(missing_ok=True)
         (stage_dir / BEST).unlink(missing_ok=True)
         if stage == STAGE1:  # every stage 2 was adapted from the old stage-1 model
@@ -546,7 +556,7 @@ def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool)
                 (old / FINISHED).unlink(missing_ok=True)
                 (old / LAST).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "predictions", ignore_errors=True)
-            for sweep_file in run_dir.glob("sweep.*"):
+            for sweep_file in run_dir.glob("sweep-*.*"):
                 sweep_file.unlink()
     # predictions of an unfinished or retrained model must not be reused
     shutil.rmtree(run_dir / "predictions" / stage_dir.name, ignore_errors=True)

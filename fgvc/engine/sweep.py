@@ -34,6 +34,12 @@ def suggest_test_res(
     With the test resize ``K_img = K_test / crop_pct``: ``F * K_img / K_train = 1``, so
     ``K_test = crop_pct * K_train / F``. Returns (exact value, value rounded to the nearest ``multiple``).
     """
+    if train_res < 1:
+        raise ConfigError(f"--train-res must be a positive number of pixels, not {train_res}")
+    if not 0 < crop_pct <= 1:
+        raise ConfigError(f"--crop-pct must be in (0, 1] (the centre crop's share of the resized side), not {crop_pct}")
+    if not 0 < scale[0] < scale[1] <= 1:
+        raise ConfigError(f"RandomResizedCrop scale {scale} must satisfy 0 < min < max <= 1 (area fractions)")
     exact = crop_pct * train_res / apparent_size_factor(scale)
     return exact, max(multiple, round(exact / multiple) * multiple)
 
@@ -75,7 +81,9 @@ def sweep(
         table[stage_dir.name] = column
     long = table.melt(id_vars="res", var_name="model", value_name="top1")
     best = long.loc[long["top1"].idxmax()]
-    csv_path, png_path = run_dir / "sweep.csv", run_dir / "sweep.png"
+    # One pair of files per split: a sweep of the test split does not replace the validation sweep. A rerun on the
+    # same split replaces its own (a report, recomputed in seconds from the cached probability files).
+    csv_path, png_path = run_dir / f"sweep-{split}.csv", run_dir / f"sweep-{split}.png"
     atomic_write_text(csv_path, table.to_csv(index=False))
     train_res = load_config(run_dir / CONFIG_FILE).stage1.res
     plot_sweep(table, png_path, train_res, f"{run_dir.name}: top-1 on {split} vs test resolution")

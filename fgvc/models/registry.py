@@ -419,7 +419,8 @@ def _weights_path(name: str, weights: str | Path | None) -> Path | None:
         return found
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file; check the path, or use --weights imagenet or none")
+        what = "a folder, not a weights file" if path.is_dir() else "no such weights file"
+        raise WeightsError(f"{path}: {what}; check the path, or use --weights imagenet or none")
     return path
 
 

@@ -101,7 +101,8 @@ def read_state_dict(path: str | Path) -> StateDict:
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file; check the path given to --weights")
+        what = "a folder, not a weights file" if path.is_dir() else "no such weights file"
+        raise WeightsError(f"{path}: {what}; check the path given to --weights")
     try:
         if path.suffix == ".safetensors":
             loaded: object = load_file(str(path), device="cpu")
