@@ -145,14 +145,16 @@ def predict_stage(
     net = torch.compile(model) if (cfg.runtime.compile if compile_model is None else compile_model) else model
     scores, idx = predict_probs(net, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
     n_images = len(index)
-    full = np.full((n_images, index.num_classes), 1.0 / index.num_classes, dtype=np.float32)
-    if len(idx):
-        full[idx] = scores
-    if len(idx) < n_images:
+    if len(idx) == n_images:  # every image read (idx is sorted and unique): the rows are already in place
+        full = scores
+    else:
+        full = np.full((n_images, index.num_classes), 1.0 / index.num_classes, dtype=np.float32)
+        if len(idx):
+            full[idx] = scores
         log.warning("%d unreadable images got uniform probabilities so that every id has a row", n_images - len(idx))
     frame = index.frame
     probs = Probabilities(
-        probs=as_stored(full),  # exactly what the file holds, so reruns agree with it
+        probs=as_stored(full, in_place=True),  # exactly what the file holds, so reruns agree with it
         image_ids=frame["image_id"].to_numpy(),
         labels=frame["label"].to_numpy(),
         category_ids=np.asarray(ckpt["classes"]["category_ids"]),

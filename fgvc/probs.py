@@ -107,10 +107,10 @@ def to_storage(probs: np.ndarray) -> np.ndarray:
     return out
 
 
-def from_storage(log_probs: np.ndarray) -> np.ndarray:
-    """The float32 probabilities of :func:`to_storage`'s output, rows renormalised to sum to 1."""
+def from_storage(log_probs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The float32 probabilities of :func:`to_storage`'s output, rows renormalised to sum to 1 (into ``out``)."""
     log_probs = np.asarray(log_probs)
-    out = np.empty(log_probs.shape, dtype=np.float32)
+    out = np.empty(log_probs.shape, dtype=np.float32) if out is None else out
     for start in range(0, len(log_probs), _ROWS_PER_BLOCK):
         block = out[start : start + _ROWS_PER_BLOCK]
         np.exp(log_probs[start : start + _ROWS_PER_BLOCK], out=block, dtype=np.float32)
@@ -119,9 +119,10 @@ def from_storage(log_probs: np.ndarray) -> np.ndarray:
     return out
 
 
-def as_stored(probs: np.ndarray) -> np.ndarray:
-    """``probs`` exactly as a save/load round trip returns them (results computed now agree with the file's)."""
-    return from_storage(to_storage(probs))
+def as_stored(probs: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """``probs`` exactly as a save/load round trip returns them (results computed now agree with the file's);
+    ``in_place`` overwrites ``probs`` (float32) rather than allocating another (N, C) array."""
+    return from_storage(to_storage(probs), out=probs if in_place else None)
 
 
 def _as_plain_array(values: Any) -> np.ndarray:

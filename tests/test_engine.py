@@ -442,3 +442,18 @@ def test_a_diverged_loss_is_a_one_line_error(rows: int) -> None:
     with pytest.raises(TrainingError, match=r"^loss is nan at step 1; lower --lr"):
         train_one_epoch(model, build_loader(data, batch_size=4), optimizer, None, None, rt, lambda x: x.float(),
                         torch.nn.CrossEntropyLoss(), progress=False)  # fmt: skip
+
+
+def test_predict_probs_keeps_every_row_in_dataset_order_whatever_the_batch_sizes() -> None:
+    """Batches of 1, 3 and 2 rows (the first smaller than the next: its buffer must grow), read out of order."""
+    from fgvc.engine.loop import predict_probs
+    from fgvc.engine.runtime import Runtime
+
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    features = torch.randn(6, 4)
+    order = [[4], [0, 5, 2], [1, 3]]
+    loader = [(features[rows], torch.zeros(len(rows)), torch.tensor(rows)) for rows in order]
+    model = torch.nn.Linear(4, 3)
+    probs, idx = predict_probs(model, loader, rt, lambda x: x, progress=False)
+    assert idx.tolist() == list(range(6))
+    torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(model(features), 1).detach())

@@ -276,7 +276,7 @@ def predict_probs(
     absent from the indices. ``waits``, when given, times the loader (see :class:`BatchWaits`).
     """
     model.eval()
-    chunks: list[np.ndarray] = []
+    rows = _Rows(len(loader))
     indices: list[np.ndarray] = []
     pending: HostCopy | None = None
     bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
@@ -288,17 +288,45 @@ def predict_probs(
             probs = _views_probs(model, x, tta, rt.channels_last)
         # Read back one batch late, for the same reason as the loss in train_one_epoch: the device keeps working.
         if pending is not None:
-            chunks.append(host_value(pending).numpy().copy())  # a copy: the pinned buffer goes back to its pool
+            rows.append(host_value(pending).numpy())  # copied out: the pinned buffer goes back to its pool
         pending = to_host_async(probs)
         indices.append(idx.numpy())
     if pending is not None:
-        chunks.append(host_value(pending).numpy().copy())
-    local = (
-        np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32),
-        np.concatenate(indices) if indices else np.zeros(0, np.int64),
-    )
+        rows.append(host_value(pending).numpy())
+    local = (rows.filled(), np.concatenate(indices) if indices else np.zeros(0, np.int64))
     parts = gather_objects(rt, local)
-    probs_all = np.concatenate([p for p, _ in parts if len(p)]) if any(len(p) for p, _ in parts) else local[0]
-    idx_all = np.concatenate([i for _, i in parts])
-    order = np.argsort(idx_all, kind="stable")
-    return probs_all[order], idx_all[order]
+    if len(parts) == 1:
+        probs_all, idx_all = local
+    else:
+        probs_all = np.concatenate([p for p, _ in parts if len(p)]) if any(len(p) for p, _ in parts) else local[0]
+        idx_all = np.concatenate([i for _, i in parts])
+    if not (np.diff(idx_all) > 0).all():  # one process reads in dataset order: then no reordered copy is made
+        order = np.argsort(idx_all, kind="stable")
+        probs_all, idx_all = probs_all[order], idx_all[order]
+    return probs_all, idx_all
+
+
+class _Rows:
+    """Probability rows appended into one array, sized from the first batch times the number of batches.
+
+    A list of per-batch chunks concatenated at the end holds every row twice; at iNat 2021's 500,000 x 10,000 test
+    matrix that is 40 GB instead of 20.
+    """
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+        self.array: np.ndarray | None = None
+        self.count = 0
+
+    def append(self, block: np.ndarray) -> None:
+        if self.array is None:
+            self.array = np.empty((max(self.batches, 1) * len(block), block.shape[1]), dtype=np.float32)
+        if self.count + len(block) > len(self.array):  # a later batch larger than the first: grow (rare)
+            grown = np.empty((2 * len(self.array) + len(block), self.array.shape[1]), dtype=np.float32)
+            grown[: self.count] = self.array[: self.count]
+            self.array = grown
+        self.array[self.count : self.count + len(block)] = block
+        self.count += len(block)
+
+    def filled(self) -> np.ndarray:
+        return self.array[: self.count] if self.array is not None else np.zeros((0, 0), np.float32)
