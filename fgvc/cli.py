@@ -363,8 +363,9 @@ def _one_line(err: Exception) -> str:
 
 # Usage errors (unknown option, bad value, missing argument): click's classes, and since typer 0.2x also the copies
 # typer vendors as typer._click, which do not derive from click's.
-_USAGE_ERRORS: tuple[type[Exception], ...] = (click.exceptions.ClickException, getattr(typer, "TyperException", None))
-_USAGE_ERRORS = tuple(kind for kind in _USAGE_ERRORS if kind is not None)
+_USAGE_ERRORS: tuple[type[Exception], ...] = tuple(
+    kind for kind in (click.exceptions.ClickException, getattr(typer, "TyperException", None)) if kind is not None
+)
 _ABORTS: tuple[type[BaseException], ...] = (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)
 
 

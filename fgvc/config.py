@@ -111,6 +111,7 @@ class RuntimeConfig(_Section):
     seed: int = 0
     deterministic: bool = False
     device: str | None = None  # None: cuda if available, else cpu
+    cache_features: Literal["auto", "on", "off"] = "auto"  # stage 2: frozen-trunk output computed once when it fits
 
     @field_validator("device")
     @classmethod
@@ -118,7 +119,6 @@ class RuntimeConfig(_Section):
         if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
             raise ValueError(f"'{value}' is not a device; use cpu, cuda, cuda:N or mps")
         return value
-    cache_features: Literal["auto", "on", "off"] = "auto"  # stage 2: frozen-trunk output computed once when it fits
 
 
 class RunConfig(_Section):
