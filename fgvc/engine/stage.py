@@ -416,23 +416,25 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
 
     claimed = False
 
-    def claim_stage_dir() -> None:
-        """Before this run's first checkpoint, and not earlier: the old results (with --force) and whatever was built on
-        them go, and this run's config is written. A run that fails before it has a checkpoint of its own (a corrupt
-        image in the first epoch, a crash) leaves the folder as it found it."""
+    def save(name: str, ckpt: dict[str, Any]) -> None:
+        """Write a checkpoint of this run (rank 0 only calls it).
+
+        Before the first one, and not earlier, the old results (with --force) and whatever was built on them go and
+        this run's config is written: a run that fails before it has a checkpoint of its own (a corrupt image in the
+        first epoch, a crash) leaves the folder as it found it.
+        """
         nonlocal claimed
-        if claimed or not rt.is_main:
-            return
-        _retire_old_results(run_dir, stage_dir, stage, force)
-        if state is None:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, stage_dir / CONFIG_FILE)
-            if stage == STAGE1:
-                save_config(cfg, run_dir / CONFIG_FILE)
-        claimed = True
+        if not claimed:
+            _retire_old_results(run_dir, stage_dir, stage, force)
+            if state is None:
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, stage_dir / CONFIG_FILE)
+                if stage == STAGE1:
+                    save_config(cfg, run_dir / CONFIG_FILE)
+            claimed = True
+        save_checkpoint(stage_dir / name, ckpt)
 
     def checkpoint(epoch: int, micro: int, finished: bool) -> dict[str, Any]:
-        claim_stage_dir()
         return {
             "model": unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict() if optimizer else None,
@@ -492,7 +494,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             distribute_bn(model, rt.world_size, reduce=True)
         if stats.interrupted:
             if rt.is_main:
-                save_checkpoint(stage_dir / LAST, checkpoint(epoch, stats.micro_steps, False))
+                save(LAST, checkpoint(epoch, stats.micro_steps, False))
             log.info("interrupted by signal %s: saved %s (epoch %d, step %d); rerun the same command to resume",
                      stop.signum, stage_dir / LAST, epoch + 1, stats.micro_steps)  # fmt: skip
             result.interrupted_by = stop.signum or signal.SIGTERM
@@ -524,8 +526,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             state_now = checkpoint(epoch + 1, 0, last_epoch)
             if improved or not len(val_index):
                 keep = ("model", "arch", "num_classes", "classes", "config", "epoch", "res", "stage", "best")
-                save_checkpoint(stage_dir / BEST, {k: state_now[k] for k in keep} | {"metrics": metrics})
-            save_checkpoint(stage_dir / LAST, state_now)
+                save(BEST, {k: state_now[k] for k in keep} | {"metrics": metrics})
+            save(LAST, state_now)
             _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")
         barrier(rt)
         if any_rank(rt, bool(stop)):
@@ -534,7 +536,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             result.interrupted_by = stop.signum or signal.SIGTERM
             return result
     if stage_cfg.epochs == 0 and rt.is_main:  # evaluation-only stage (e.g. a zero-epoch baseline)
-        save_checkpoint(stage_dir / LAST, checkpoint(0, 0, True))
+        save(LAST, checkpoint(0, 0, True))
     result.history = pd.DataFrame(history)
     if result.final is None and history:
         last_row = history[-1]
