@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from pydantic import ValidationError
 
+from fgvc.config import first_error
 from fgvc.errors import FgvcError
 
 app = typer.Typer(
@@ -361,12 +361,19 @@ def _one_line(err: Exception) -> str:
     return text
 
 
-# Usage errors (unknown option, bad value, missing argument): click's classes, and since typer 0.2x also the copies
-# typer vendors as typer._click, which do not derive from click's.
-_USAGE_ERRORS: tuple[type[Exception], ...] = tuple(
-    kind for kind in (click.exceptions.ClickException, getattr(typer, "TyperException", None)) if kind is not None
-)
-_ABORTS: tuple[type[BaseException], ...] = (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)
+def _cli_exception_classes() -> tuple[tuple[type[Exception], ...], tuple[type[BaseException], ...]]:
+    """(usage errors, aborts): typer's own classes (typer >= 0.2x vendors click as typer._click, whose exceptions do
+    not derive from click's) and click's, where an older typer uses click (which fgvc does not depend on directly)."""
+    usage: list[type[Exception]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    aborts: list[type[BaseException]] = [typer.Abort, KeyboardInterrupt]
+    try:
+        from click.exceptions import Abort, ClickException
+    except ImportError:
+        return tuple(usage), tuple(aborts)
+    return (*usage, ClickException), (*aborts, Abort)
+
+
+_USAGE_ERRORS, _ABORTS = _cli_exception_classes()
 
 
 def main() -> None:
@@ -377,9 +384,8 @@ def main() -> None:
         typer.echo(f"fgvc: error: {_one_line(err)}", err=True)
         sys.exit(err.exit_code)
     except ValidationError as err:  # a setting assigned after the config was built (e.g. predict --workers -1)
-        first = err.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        typer.echo(f"fgvc: error: invalid value for {key}: {first['msg']} (got {first.get('input')!r})", err=True)
+        key, message = first_error(err)
+        typer.echo(f"fgvc: error: invalid value for {key}: {message} (got {err.errors()[0].get('input')!r})", err=True)
         sys.exit(2)
     except OSError as err:  # a path the user gave that is a folder, a file, unwritable...: the path and the reason
         if err.filename is None:

@@ -155,12 +155,17 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def first_error(err: ValidationError) -> tuple[str, str]:
+    """(dotted key, message) of pydantic's first error, without the "Value error, " our own validators get."""
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}'; valid keys there: {', '.join(_valid_keys(first['loc']))}"
-    return f"{source}: invalid value for '{key}': {first['msg']}"
+    return ".".join(str(p) for p in first["loc"]), first["msg"].removeprefix("Value error, ")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    key, message = first_error(err)
+    if err.errors()[0]["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'; valid keys there: {', '.join(_valid_keys(err.errors()[0]['loc']))}"
+    return f"{source}: invalid value for '{key}': {message}"
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fgvc.config import RunConfig, config_from_dict, merge, read_yaml
+from fgvc.config import RunConfig, config_from_dict, first_error, merge, read_yaml
 from fgvc.errors import ConfigError
 from fgvc.submission import check_top_k, competition_spec
 
@@ -73,9 +73,8 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
     try:
         ensemble = EnsembleConfig.model_validate(values.get("ensemble") or {})
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{source}: ensemble.{key}: {first['msg']}") from None
+        key, message = first_error(err)
+        raise ConfigError(f"{source}: ensemble.{key}: {message}") from None
     members = []
     for i, raw in enumerate(members_raw):
         if not isinstance(raw, dict):
@@ -86,8 +85,8 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
         try:
             members.append(Member(config=cfg, **extras))
         except ValidationError as err:
-            first = err.errors()[0]
-            raise ConfigError(f"{source}: members[{i}].{first['loc'][0]}: {first['msg']}") from None
+            key, message = first_error(err)
+            raise ConfigError(f"{source}: members[{i}].{key}: {message}") from None
     names = [m.name for m in members]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

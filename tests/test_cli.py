@@ -118,7 +118,7 @@ def test_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, capsys:
                                         tmp_path: Path) -> None:  # fmt: skip
     recipes = {
         "dup.yaml": ("stage1: {res: 448}\nstage1: {res: 224}\n", "the key 'stage1' appears twice"),
-        "flag.yaml": ("stage1: {res: true}\n", "stage1.res': Value error, expected a value, not the boolean true"),
+        "flag.yaml": ("stage1: {res: true}\n", "stage1.res': expected a value, not the boolean true"),
         "section.yaml": ("data: demo\n", "'data' is 'demo', not a mapping of keys"),
         "binary.yaml": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text file"),
     }
@@ -130,7 +130,7 @@ def test_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, capsys:
         assert len(err.strip().splitlines()) == 1
     cases = [
         (["stage1", "--lr", "-1"], "'stage1.lr': Input should be greater than 0"),
-        (["stage1", "--device", "gpu7"], "'gpu7' is not a device; use cpu, cuda, cuda:N or mps"),
+        (["stage1", "--device", "gpu7"], "'runtime.device': 'gpu7' is not a device; use cpu, cuda, cuda:N or mps"),
         (["suggest-res", "--train-res", "0"], "--train-res must be a positive number of pixels, not 0"),
         (["suggest-res", "--train-res", "448", "--crop-pct", "2"], "--crop-pct must be in (0, 1]"),
         (["suggest-res", "--train-res", "448", "--scale-min", "-1"], "must satisfy 0 < min < max <= 1"),
