@@ -9,7 +9,7 @@ import datetime as dt
 import itertools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import pandas as pd
 
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.stage import STAGE1, config_conflicts, is_finished, load_split, run_stage1, run_stage2, stage2_dirname
-from fgvc.ensemble import align, combine, resolve_weights
+from fgvc.ensemble import align, combine, combine_members, equal_weights, resolve_weights
 from fgvc.errors import ConfigError, DataError
 from fgvc.metrics import summarize
 from fgvc.predict import predict_stage
@@ -87,18 +87,11 @@ def member_probabilities(recipe: Recipe, member: Member, split: str, progress: b
         raise DataError(f"member {member.name}: no finished checkpoint in {stage_dir}; produce it with: {command}")
     tta = member.config.predict.tta
     resolutions = member.multi_res or [member.test_res]
-    parts = [predict_stage(stage_dir, split, r, tta, progress=progress).probs for r in resolutions]
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    return Probabilities(
-        probs=np.mean([p.probs for p in parts], axis=0),
-        image_ids=first.image_ids,
-        labels=first.labels,
-        category_ids=first.category_ids,
-        class_names=first.class_names,
-        meta=first.meta | {"res": "+".join(map(str, resolutions))},
-    )
+    if len(resolutions) == 1:
+        return predict_stage(stage_dir, split, resolutions[0], tta, progress=progress).probs
+    parts = (predict_stage(stage_dir, split, r, tta, progress=progress).probs for r in resolutions)
+    mean = combine_members(parts, equal_weights(len(resolutions)))  # one resolution's matrix loaded at a time
+    return replace(mean, meta=mean.meta | {"res": "+".join(map(str, resolutions))})
 
 
 @dataclass
@@ -120,43 +113,30 @@ def ensemble_recipe(
     spec = competition_spec(recipe.competition)
     ens = recipe.ensemble
     # The val split fits the weights (search) or only fills the report: without images it is skipped in the latter case.
-    report_only = ens.weights != "search"
-    if report_only and not len(load_split(recipe.members[0].config, ens.val_split)):
+    search = ens.weights == "search"
+    validate = search or bool(len(load_split(recipe.members[0].config, ens.val_split)))
+    if not validate:
         log.info("the %s split has no images: the table has no validation scores", ens.val_split)
-        val = None
-    else:
+    report = _Report(recipe, scored=validate)
+    if search:  # the search compares every member on every row: these matrices are all held at once
         val = align([member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members])
-    test = align([member_probabilities(recipe, m, "test", progress) for m in recipe.members])
-    labels = val[0].labels if val is not None else np.zeros(0, np.int64)
-    labelled = bool((labels >= 0).any())
-    if ens.weights == "search" and not labelled:
-        raise ConfigError(f"{recipe.source}: ensemble.weights 'search' needs a labelled {ens.val_split} split")
-    weights = resolve_weights(
-        ens.weights,
-        given=[m.weight or 0.0 for m in recipe.members] if ens.weights == "given" else None,
-        val_probs=[p.probs for p in val] if val is not None else None,
-        labels=labels,
-        method=ens.method,
-        n_members=len(recipe.members),
-    )
-    rows = []
-    for i, (member, weight) in enumerate(zip(recipe.members, weights, strict=True)):
-        about = val[i] if val is not None else test[i]
-        row = {"member": member.name, "stage": member.stage, "res": about.meta.get("res"), "tta": about.meta.get("tta")}
-        scores = _scores(val[i].probs, labels, labelled) if val is not None else _scores(None, labels, False)
-        rows.append(row | {"weight": round(float(weight), 3)} | scores)
-    val_combined = combine([p.probs for p in val], weights, ens.method) if val is not None else None
-    rows.append({"member": f"ensemble ({ens.method})", "stage": "", "res": "", "tta": "", "weight": 1.0}
-                | _scores(val_combined, labels, labelled))  # fmt: skip
-    table = pd.DataFrame(rows)
-
-    first = test[0]
-    combined = Probabilities(
-        probs=combine([p.probs for p in test], weights, ens.method),
-        image_ids=first.image_ids,
-        labels=first.labels,
-        category_ids=first.category_ids,
-        class_names=first.class_names,
+        if not (val[0].labels >= 0).any():
+            raise ConfigError(f"{recipe.source}: ensemble.weights 'search' needs a labelled {ens.val_split} split")
+        weights = resolve_weights("search", val_probs=[p.probs for p in val], labels=val[0].labels, method=ens.method)
+        for position in range(len(val)):  # no loop variable left holding a member after `del val`
+            report(position, val[position])
+        val_combined = replace(val[0], probs=combine([p.probs for p in val], weights, ens.method))
+        del val
+    else:  # fixed weights: each member's matrix is loaded, scored, added and dropped in turn
+        given = [m.weight or 0.0 for m in recipe.members] if ens.weights == "given" else None
+        weights = resolve_weights(ens.weights, given=given, method=ens.method, n_members=len(recipe.members))
+        val_members = (member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members)
+        val_combined = combine_members(val_members, weights, ens.method, visit=report) if validate else None
+    test_members = (member_probabilities(recipe, m, "test", progress) for m in recipe.members)
+    combined = combine_members(test_members, weights, ens.method, visit=None if validate else report)
+    table = report.table(weights, val_combined, ens.method)
+    combined = replace(
+        combined,
         meta={"recipe": recipe.source, "members": [m.name for m in recipe.members], "weights": weights.tolist()},
     )
     path = _new_submission_path(Path(out_dir), recipe.competition)
@@ -189,8 +169,30 @@ def _new_submission_path(out_dir: Path, competition: str) -> Path:
     raise AssertionError("unreachable")
 
 
-def _scores(probs: np.ndarray | None, labels: np.ndarray, labelled: bool) -> dict[str, float | None]:
-    if probs is None or not labelled:
+class _Report:
+    """The ensemble's table, one row per member, filled while each member's probabilities are loaded (the only time
+    they are in memory), then the ensemble's row."""
+
+    def __init__(self, recipe: Recipe, scored: bool) -> None:
+        self.members = recipe.members
+        self.scored = scored  # False: the rows come from the test split, whose labels (CUB has them) are not shown
+        self.rows: list[dict[str, object]] = [{} for _ in self.members]
+
+    def __call__(self, position: int, probs: Probabilities) -> None:
+        member = self.members[position]
+        meta = probs.meta
+        about = {"member": member.name, "stage": member.stage, "res": meta.get("res"), "tta": meta.get("tta")}
+        self.rows[position] = about | _scores(probs if self.scored else None)
+
+    def table(self, weights: np.ndarray, combined: Probabilities | None, method: str) -> pd.DataFrame:
+        rows = [row | {"weight": round(float(weight), 3)} for row, weight in zip(self.rows, weights, strict=True)]
+        rows.append({"member": f"ensemble ({method})", "stage": "", "res": "", "tta": "", "weight": 1.0}
+                    | _scores(combined))  # fmt: skip
+        return pd.DataFrame(rows)[["member", "stage", "res", "tta", "weight", "val_top1", "val_top5"]]
+
+
+def _scores(probs: Probabilities | None) -> dict[str, float | None]:
+    if probs is None or not (probs.labels >= 0).any():
         return {"val_top1": None, "val_top5": None}
-    m = summarize(probs, labels)
+    m = summarize(probs.probs, probs.labels)
     return {"val_top1": round(m["top1"], 2), "val_top5": round(m["top5"], 2)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from fgvc.engine.stage import (
     make_loader,
     setup_logging,
 )
+from fgvc.ensemble import combine_members, equal_weights
 from fgvc.errors import ConfigError, DataError
 from fgvc.metrics import summarize
 from fgvc.models import get_meta
@@ -220,23 +221,23 @@ def predict(
     default_res = int(stage_dir.name.split("-")[-1]) if stage_dir.name != STAGE1 else cfg.stage1.res
     resolutions = multi_res or [res or default_res]
     tta = tta or cfg.predict.tta
-    parts = [
-        predict_stage(stage_dir, split, r, tta, batch_size, workers, force, progress, compile_model)
-        for r in resolutions
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0].probs
-    averaged = Probabilities(
-        probs=np.mean([p.probs.probs for p in parts], axis=0),
-        image_ids=first.image_ids,
-        labels=first.labels,
-        category_ids=first.category_ids,
-        class_names=first.class_names,
-        meta=first.meta | {"res": "+".join(str(r) for r in resolutions)},
+    options = (batch_size, workers, force, progress, compile_model)
+    if len(resolutions) == 1:
+        return predict_stage(stage_dir, split, resolutions[0], tta, *options)
+    cached: list[bool] = []
+    parts = (  # one resolution's matrix in memory at a time, next to the running mean
+        _noting_cached(predict_stage(stage_dir, split, r, tta, *options), cached) for r in resolutions
     )
     tag = "+".join(str(r) for r in resolutions)
+    mean = combine_members(parts, equal_weights(len(resolutions)))
+    averaged = replace(mean, meta=mean.meta | {"res": tag})
     path = prediction_path(run_dir, stage_dir, split, tag, tta)
     averaged.save(path)
     metrics = summarize(averaged.probs, averaged.labels) if averaged.has_labels else None
-    return PredictResult(path, averaged, metrics, all(p.cached for p in parts))
+    return PredictResult(path, averaged, metrics, all(cached))
+
+
+def _noting_cached(result: PredictResult, cached: list[bool]) -> Probabilities:
+    """``result``'s probabilities, its ``cached`` flag appended to ``cached`` (keeps no reference to the matrix)."""
+    cached.append(result.cached)
+    return result.probs

@@ -230,3 +230,23 @@ def test_stage2_profile_script_runs_every_variant(capsys: pytest.CaptureFixture[
                 "tail only, contiguous"]  # fmt: skip
     for name in variants:
         assert f"== {name}" in out and "ms per step" in out
+
+
+def test_ensemble_memory_quick_run_writes_its_table(tmp_path: Path) -> None:
+    """benchmarks/ensemble_memory.py --quick: every (way, members) cell is measured and the table's "matrices" are
+    the raw peaks divided by one matrix. No memory figure is asserted: that is what the benchmark reports."""
+    script = ROOT / "benchmarks" / "ensemble_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    [table_file] = list(tmp_path.glob("cpu-ensemble-memory-*.md"))
+    raw = json.loads(table_file.with_suffix(".json").read_text())
+    assert [row["members"] for row in raw["results"]] == [1, 2, 3]
+    table_rows = [line for line in table_file.read_text().splitlines() if line.startswith("| ") and "MiB" not in line]
+    assert len(table_rows) == 3
+    for line, row in zip(table_rows, raw["results"], strict=True):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[0] == str(row["members"])
+        for offset, way in ((1, "all at once"), (4, "one at a time")):
+            assert row[way]["peak_mib"] > 0
+            assert float(cells[offset + 1]) == pytest.approx(row[way]["peak_mib"] / raw["matrix_mib"], abs=0.006)

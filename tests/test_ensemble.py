@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import pytest
 
-from fgvc.ensemble import align, combine, hill_climb, resolve_weights
+from fgvc.ensemble import align, combine, combine_members, hill_climb, resolve_weights
 from fgvc.errors import ConfigError, DataError
 from fgvc.probs import Probabilities
 
@@ -238,3 +239,71 @@ def test_resolve_unknown_mode() -> None:
 
 def test_single_member_gets_all_the_weight() -> None:
     assert math.isclose(float(resolve_weights("equal", n_members=1)[0]), 1.0)
+
+
+# --------------------------------------------------------------------------------------------- one member at a time
+def _softmax_rows(rng: np.random.Generator, n: int, c: int) -> np.ndarray:
+    logits = rng.normal(0, 3, (n, c))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    return (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", ["mean", "geometric"])
+def test_combining_in_blocks_of_rows_matches_the_formula(method: str) -> None:
+    """10,000 rows: the sum runs in blocks of 4,096, and every block must equal the textbook formula."""
+    rng = np.random.default_rng(0)
+    members = [_softmax_rows(rng, 10_000, 7) for _ in range(3)]
+    weights = np.array([0.5, 0.3, 0.2])
+    if method == "mean":
+        expected = sum(w * p.astype(np.float64) for w, p in zip(weights, members, strict=True))
+    else:
+        logs = sum(w * np.log(p.astype(np.float64) + 1e-7) for w, p in zip(weights, members, strict=True))
+        expected = np.exp(logs) / np.exp(logs).sum(1, keepdims=True)
+    np.testing.assert_allclose(combine(members, [5, 3, 2], method), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["mean", "geometric"])
+def test_members_combined_one_at_a_time_equal_the_whole_ensemble(method: str) -> None:
+    rng = np.random.default_rng(1)
+    n, c = 50, 5
+    ids = np.arange(100, 100 + n)
+    labels = rng.integers(0, c, n)
+    members = []
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(n)  # each file lists the images in its own order
+        members.append(make_member(ids[order].tolist(), _softmax_rows(rng, n, c), labels[order].tolist(),
+                                   categories=range(c), path=f"m{seed}.npz"))  # fmt: skip
+    weights = [2.0, 1.0, 1.0]
+    seen: list[tuple[int, list]] = []
+    streamed = combine_members(iter(members), weights, method, lambda i, m: seen.append((i, m.image_ids.tolist())))
+    aligned = align(members)
+    np.testing.assert_allclose(streamed.probs, combine([m.probs for m in aligned], weights, method), rtol=1e-6)
+    assert streamed.image_ids.tolist() == members[0].image_ids.tolist()
+    assert streamed.labels.tolist() == members[0].labels.tolist()
+    assert seen == [(i, members[0].image_ids.tolist()) for i in range(3)]  # the visitor sees aligned members
+    with pytest.raises(DataError, match="member 1"):  # the checks of align() hold
+        short = make_member(ids[:-1].tolist(), np.full((n - 1, c), 1 / c), categories=range(c))
+        combine_members(iter([members[0], short]), [1, 1])
+    with pytest.raises(ValueError, match="3 weights but 2 members"):
+        combine_members(iter(members[:2]), weights)
+
+
+def test_a_member_is_dropped_before_the_next_one_loads() -> None:
+    """Files loaded by a generator: when member k is asked for, member k-1's matrix must already be freed, so an
+    ensemble of any size holds one member's matrix next to the running sum."""
+    rng = np.random.default_rng(2)
+    n, c = 20, 4
+    alive: list[weakref.ref] = []
+
+    def load_members():
+        for seed in range(4):
+            assert all(ref() is None for ref in alive), f"a previous member is still in memory when member {seed} loads"
+            probs = _softmax_rows(rng, n, c)
+            alive.append(weakref.ref(probs))
+            order = np.random.default_rng(seed).permutation(n)
+            yield make_member(np.arange(n)[order].tolist(), probs, categories=range(c))
+            del probs
+
+    result = combine_members(load_members(), [1, 1, 1, 1])
+    assert len(alive) == 4 and all(ref() is None for ref in alive)
+    assert result.probs.shape == (n, c)
