@@ -14,7 +14,8 @@ from fgvc.recipe import load_recipe, resolve_run_config, select_members
 def test_a_partial_section_keeps_that_sections_defaults() -> None:
     cfg = config_from_dict({"stage2": {"res": 512}, "stage1": {"epochs": 3}})
     assert cfg.stage2.res == 512
-    assert (cfg.stage2.augment, cfg.stage2.tune, cfg.stage2.lr_base) == ("test", "bn+fc", 0.008)
+    # the paper's fine-tuning lr, "0.008 ... B = 512" (section 5), per 256 images
+    assert (cfg.stage2.augment, cfg.stage2.tune, cfg.stage2.lr_base) == ("test", "bn+fc", 0.008 * 256 / 512)
     assert cfg.stage1.epochs == 3 and cfg.stage1.augment == "train" and cfg.stage1.tune == "all"
 
 
@@ -115,3 +116,21 @@ def test_top_k_and_competition_are_checked_when_the_recipe_loads(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"recipe.yaml: unknown competition 'kaggle'"):
         load_recipe(_recipe_file(tmp_path, "{}", members, "kaggle"))
     assert load_recipe(_recipe_file(tmp_path, "{top_k: 3}", members, "inat2019")).ensemble.top_k == 3
+
+
+def test_resume_conflicts_compare_the_learning_rate_by_its_effect() -> None:
+    """An explicit lr makes lr_base unused: a changed lr_base default must not block resuming or `fgvc train`."""
+    from fgvc.engine.stage import STAGE1, config_conflicts
+
+    explicit = config_from_dict({"stage1": {"lr": 0.01, "batch_size": 32}})
+    saved = explicit.model_dump(mode="json")
+    saved["stage1"]["lr_base"] = 0.5
+    assert config_conflicts(saved, explicit, STAGE1) == []
+    saved["stage1"]["lr"] = 0.02
+    assert config_conflicts(saved, explicit, STAGE1) == ["stage1 learning rate: 0.02 -> 0.01"]
+    # from lr_base: 0.04 x 64 / 256 = 0.01, the same rate as the explicit one above
+    scaled = config_from_dict({"stage1": {"lr_base": 0.04, "batch_size": 64}})
+    assert config_conflicts(scaled.model_dump(mode="json"), explicit, STAGE1) == ["stage1.batch_size: 64 -> 32"]
+    saved = scaled.model_dump(mode="json")
+    saved["stage1"]["lr_base"] = 0.08
+    assert config_conflicts(saved, scaled, STAGE1) == ["stage1 learning rate: 0.02 -> 0.01"]

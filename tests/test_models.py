@@ -101,6 +101,16 @@ def test_timm_models_take_meta_from_timm_and_find_head_and_last_bn():
     assert (tagged.classifier, tagged.last_bn, tagged.crop_pct) == ("fc", "layer4.2.bn3", 0.95)
 
 
+@pytest.mark.parametrize("name", ["timm:test_resnet", "timm:resnet10t"])
+def test_last_bn_is_the_main_branch_not_the_projected_shortcut(name: str) -> None:
+    """One block in the last stage, with a projected shortcut: timm runs ``downsample`` (pool, conv, BN) after the
+    main branch's ``bn2``, but FixRes tunes the BN of the main branch (the paper's ResNet ``layer4[-1].bn3``)."""
+    meta = model_meta(name)
+    assert meta.last_bn == "layer4.0.bn2"
+    model = build_on_meta(name, 1000)
+    assert isinstance(model.get_submodule("layer4.0.downsample.2"), nn.BatchNorm2d)  # the one it must not pick
+
+
 def test_resnext101_32x48d_is_the_wsl_model_not_timms_32x8d():
     from torchvision.models.resnet import Bottleneck, ResNet
 

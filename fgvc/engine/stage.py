@@ -303,12 +303,23 @@ def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[
     out = []
     checks = [("data", "dataset"), ("data", "val_fraction"), ("data", "train_on_all"), ("data", "crop_pct")]
     checks += [("data", "split_seed")]
-    checks += [("model", "arch")] + [(section, key) for key in current[section] if key != "val_every"]
+    checks += [("model", "arch")] + [(section, key) for key in current[section] if key not in _NOT_COMPARED]
     for sec, key in checks:
         old, new = saved.get(sec, {}).get(key), current[sec][key]
         if old != new:
             out.append(f"{sec}.{key}: {old} -> {new}")
+    old_lr, new_lr = _learning_rate(saved.get(section, {})), _learning_rate(current[section])
+    if old_lr != new_lr:  # lr and lr_base compared by their effect: an unused lr_base default is no conflict
+        out.append(f"{section} learning rate: {old_lr} -> {new_lr}")
     return out
+
+
+_NOT_COMPARED = ("val_every", "lr", "lr_base")
+
+
+def _learning_rate(section: dict[str, Any]) -> float:
+    """The single-process learning rate of a stage section as saved (fgvc wrote it: no validation needed)."""
+    return StageConfig.model_construct(**section).resolved_lr()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from fgvc.plots import plot_sweep
 def apparent_size_factor(scale: tuple[float, float] = (0.08, 1.0)) -> float:
     """E[sigma] for RandomResizedCrop, whose area fraction sigma^2 is uniform in ``scale`` (paper eq. 5).
 
-    ``F = 2/3 * (s+^3 - s-^3) / (s+^2 - s-^2)`` with ``s- = sqrt(scale[0])``, ``s+ = sqrt(scale[1])``; ~0.716 for
+    ``F = 2/3 * (s+^3 - s-^3) / (s+^2 - s-^2)`` with ``s- = sqrt(scale[0])``, ``s+ = sqrt(scale[1])``; ~0.708 for
     the default (0.08, 1).
     """
     lo, hi = math.sqrt(scale[0]), math.sqrt(scale[1])

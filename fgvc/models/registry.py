@@ -149,12 +149,19 @@ def _wsl_spec() -> ModelSpec:
 # --- any timm model ---------------------------------------------------------------------------------------------------
 
 
+_SHORTCUTS = frozenset({"downsample", "shortcut", "short_cut", "skip"})  # module names of residual projections
+
+
 def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
-    """Name of the last ``BatchNorm2d`` in forward order, or None if the model has none.
+    """Name of the last ``BatchNorm2d`` of the main path in forward order, or None if the model has none.
 
     Forward order matters where registration order differs from execution order. The probe is one batch-1 forward
     in eval mode on the model's own device: shape-only and free on the meta device (how fgvc calls it), a real
     forward otherwise; train/eval flags are restored. Falls back to registration order if the forward fails.
+
+    A residual block whose shortcut is projected (timm's ResNets with one block in the last stage) runs its
+    ``downsample`` BatchNorm after the main branch's; FixRes tunes the main branch's (``layer4[-1].bn3``), so
+    BatchNorms inside a shortcut module count only when there is no other.
     """
     names = {id(module): name for name, module in model.named_modules()}
     norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
@@ -174,7 +181,9 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
             hook.remove()
         for module, training in modes.items():
             module.training = training
-    return seen[-1] if seen else names[id(norms[-1])]
+    order = seen or [names[id(norm)] for norm in norms]
+    main_path = [name for name in order if not _SHORTCUTS.intersection(name.split("."))]
+    return (main_path or order)[-1]
 
 
 def _timm_classifier(model: nn.Module) -> str:
