@@ -127,10 +127,10 @@ def test_resume_conflicts_compare_the_learning_rate_by_its_effect() -> None:
     saved["stage1"]["lr_base"] = 0.5
     assert config_conflicts(saved, explicit, STAGE1) == []
     saved["stage1"]["lr"] = 0.02
-    assert config_conflicts(saved, explicit, STAGE1) == ["stage1 learning rate: 0.02 -> 0.01"]
+    assert config_conflicts(saved, explicit, STAGE1) == ["stage1.lr: 0.02 -> 0.01"]
     # from lr_base: 0.04 x 64 / 256 = 0.01, the same rate as the explicit one above
     scaled = config_from_dict({"stage1": {"lr_base": 0.04, "batch_size": 64}})
     assert config_conflicts(scaled.model_dump(mode="json"), explicit, STAGE1) == ["stage1.batch_size: 64 -> 32"]
     saved = scaled.model_dump(mode="json")
     saved["stage1"]["lr_base"] = 0.08
-    assert config_conflicts(saved, scaled, STAGE1) == ["stage1 learning rate: 0.02 -> 0.01"]
+    assert config_conflicts(saved, scaled, STAGE1) == ["stage1.lr: 0.02 -> 0.01"]

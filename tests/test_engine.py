@@ -158,7 +158,7 @@ def test_resume_with_other_settings_is_refused(tiny_demo_root: Path, tmp_path: P
     state_dir = cfg.run_dir() / "stage1"
     state_dir.mkdir(parents=True)
     save_checkpoint(state_dir / LAST, {"config": cfg.model_dump(mode="json") | {"stage1": {"lr": 1.0}}})
-    with pytest.raises(ConfigError, match=r"stage1\.lr"):
+    with pytest.raises(ConfigError, match=r"stage1\.lr: 1 -> 0\.05"):
         run_stage1(cfg, progress=False)
 
 
@@ -247,6 +247,39 @@ def test_two_process_ddp_writes_the_same_artefacts(tiny_demo_root: Path, tmp_pat
     history = pd.read_csv(tmp_path / "ddp" / "stage1" / "metrics.csv")
     assert not math.isnan(history["val_top1"].iloc[0])
     assert "x2" in (tmp_path / "ddp" / "stage1" / "train.log").read_text()  # world size 2 really ran
+    # --run after torchrun's own options: its parser once took it for an abbreviation of --run-path
+    stage2 = _fgvc("stage2", "--run", str(tmp_path / "ddp"), "--test-res", "40", "--epochs", "1", "--gpus", "2")
+    out, _ = stage2.communicate(timeout=600)
+    assert stage2.returncode == 0, out
+    assert (tmp_path / "ddp" / "stage2-40" / FINISHED).is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_ddp_run_saves_a_checkpoint_that_resumes(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group. torchrun used to get it twice (from the
+    terminal and from fgvc's launcher), and its interrupted shutdown sent the workers a second signal, on which they
+    aborted without saving."""
+    import threading
+
+    args = [*_stage1_args(tiny_demo_root, tmp_path, "ddp"), "--gpus", "2"]
+    interrupted = _fgvc(*args)  # a session of its own: killpg below is a terminal's Ctrl-C to exactly this command
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(iter(lambda: interrupted.stdout.read(1), "")))
+    reader.start()
+    deadline = time.time() + 300
+    while "img_s=" not in "".join(printed):
+        assert time.time() < deadline and interrupted.poll() is None, "".join(printed)
+        time.sleep(0.01)
+    os.killpg(interrupted.pid, signal.SIGINT)
+    interrupted.wait(timeout=300)
+    reader.join()
+    assert interrupted.returncode == 128 + signal.SIGINT, "".join(printed)
+    state = load_checkpoint(tmp_path / "ddp" / "stage1" / LAST)
+    assert not state["finished"] and len(state["rng"]) == 2  # each rank's random state
+    resumed = _fgvc(*args)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resuming" in out and (tmp_path / "ddp" / "stage1" / FINISHED).is_file()
 
 
 def test_stage2_feature_cache_gives_the_same_weights_as_the_full_model(
@@ -457,3 +490,119 @@ def test_predict_probs_keeps_every_row_in_dataset_order_whatever_the_batch_sizes
     probs, idx = predict_probs(model, loader, rt, lambda x: x, progress=False)
     assert idx.tolist() == list(range(6))
     torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(model(features), 1).detach())
+
+
+def test_an_unreadable_batch_that_ends_an_accumulation_group_still_steps() -> None:
+    """4 micro-batches, grad_accum 2, the last one all unreadable: both optimiser steps happen (the second with the
+    gradient of batch 3) and no gradient is left to leak into the next epoch."""
+    from fgvc.engine.loop import train_one_epoch
+    from fgvc.engine.runtime import Runtime
+
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.ones(n, 2), torch.zeros(n, dtype=torch.long), torch.arange(n)
+
+    def run(loader: list) -> tuple[torch.nn.Linear, torch.optim.lr_scheduler.LambdaLR]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        train_one_epoch(model, loader, optimizer, scheduler, None, rt, lambda x: x, torch.nn.CrossEntropyLoss(),
+                        grad_accum=2, progress=False)  # fmt: skip
+        return model, scheduler
+
+    model, scheduler = run([batch(4), batch(4), batch(4), batch(0)])
+    assert scheduler.last_epoch == 2
+    assert all(p.grad is None for p in model.parameters())
+    # the second step used batch 3's gradient alone at step 2's lr: as a loader of three batches, whose last group
+    # ends early at the end of the loader
+    reference, _ = run([batch(4), batch(4), batch(4)])
+    torch.testing.assert_close(model.weight, reference.weight)
+    torch.testing.assert_close(model.bias, reference.bias)
+    # an empty group: the schedule still advances
+    _, scheduler = run([batch(4), batch(4), batch(0), batch(0)])
+    assert scheduler.last_epoch == 2
+
+
+def test_a_repeated_stop_signal_within_two_seconds_is_the_same_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fgvc.engine import loop
+
+    with loop.stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's follow-up, SLURM's copy: not "the user insists"
+        assert stop.signum == signal.SIGINT
+        monkeypatch.setattr(loop, "INSIST_AFTER_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):  # a later one is
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_epoch_interrupted_on_its_last_step_keeps_its_whole_row(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM during an epoch's last step: the resumed run has nothing left of that epoch to train, yet its row must
+    report the loss, images and time of the part trained before the stop, as the uninterrupted run's does."""
+    from fgvc.engine.stage import load_split
+
+    straight = tiny_config(tiny_demo_root, tmp_path, stage1={"epochs": 2}, name="straight")
+    run_stage1(straight, progress=False)
+    steps = len(load_split(straight, "train")) // straight.stage1.batch_size  # drop_last: whole batches only
+    calls = {"n": 0}
+    forward = torch.nn.CrossEntropyLoss.forward
+
+    def stop_at_last_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    resumed = straight.model_copy(update={"name": "resumed"})
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.CrossEntropyLoss, "forward", stop_at_last_step)
+        assert run_stage1(resumed, progress=False).interrupted_by == signal.SIGTERM
+    state = load_checkpoint(resumed.run_dir() / "stage1" / LAST)
+    assert (state["epoch"], state["micro_step"]) == (0, steps)
+    run_stage1(resumed, progress=False)
+    a = pd.read_csv(straight.run_dir() / "stage1" / "metrics.csv")
+    b = pd.read_csv(resumed.run_dir() / "stage1" / "metrics.csv")
+    assert b["epoch"].tolist() == [1, 2]
+    pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=1e-4)
+    assert (b["img_per_s"] > 0).all() and (b["seconds"] > 0).all()
+
+
+def test_resume_with_another_seed_is_refused(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """The seed orders every epoch: a resumed epoch with another one repeats some images and never shows others."""
+    cfg = tiny_config(tiny_demo_root, tmp_path, stage1={"epochs": 1})
+    state_dir = cfg.run_dir() / "stage1"
+    state_dir.mkdir(parents=True)
+    saved = cfg.model_dump(mode="json")
+    saved["runtime"]["seed"] = cfg.runtime.seed + 7
+    save_checkpoint(state_dir / LAST, {"config": saved})
+    with pytest.raises(ConfigError, match=r"runtime\.seed"):
+        run_stage1(cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_ddp_bnstats_epoch_with_an_unreadable_batch_on_one_rank(tmp_path: Path) -> None:
+    """`bnstats` runs forward passes only (no optimiser): a rank whose batch was unreadable used to skip the stop
+    check that the other rank ran, and the two processes' collectives no longer matched (gloo aborts, NCCL hangs)."""
+    import shutil
+
+    from fgvc.demo_data import generate_demo
+
+    root = tmp_path / "demo"
+    generate_demo(root, seed=3, num_classes=4, images_per_class=12, test_fraction=0.34)
+    cfg = tiny_config(root, tmp_path / "runs", data={"skip_corrupt": True})
+    run_stage1(cfg, progress=False)
+    cub = root / "CUB_200_2011"
+    paths = dict(line.split() for line in (cub / "images.txt").read_text().splitlines())
+    train_ids = [line.split()[0] for line in (cub / "train_test_split.txt").read_text().splitlines()
+                 if line.split()[1] == "1"]  # fmt: skip
+    for image_id in train_ids[:3]:
+        (cub / "images" / paths[image_id]).write_bytes(b"not a jpeg")
+    stage2 = _fgvc("stage2", "--run", str(cfg.run_dir()), "--test-res", "40", "--tune", "bnstats", "--batch-size", "1",
+                   "--epochs", "1", "--gpus", "2")  # fmt: skip
+    out, _ = stage2.communicate(timeout=600)
+    assert stage2.returncode == 0, out
+    assert (cfg.run_dir() / "stage2-40" / FINISHED).is_file()
+    shutil.rmtree(root)

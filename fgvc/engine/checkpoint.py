@@ -21,25 +21,35 @@ BEST = "best.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG the loop draws from (augmentations are seeded per sample and need none of these)."""
-    np_state = np.random.get_state()
+    """Every RNG the loop draws from (augmentations are seeded per sample and need none of these).
+
+    Plain bytes rather than tensors: ranks exchange it with ``all_gather_object``, whose unpickling of tensor storages
+    fails (torch 2.x: "UntypedStorage has no attribute dtype"), and ``torch.load(weights_only=True)`` reads bytes.
+    """
+    name, keys, *rest = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
+        "numpy": (name, np.asarray(keys, dtype=np.uint32).tobytes(), *rest),
+        "torch": torch.get_rng_state().numpy().tobytes(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def _byte_tensor(value: bytes | torch.Tensor) -> torch.Tensor:
+    """A generator state as torch wants it (checkpoints of earlier fgvc versions hold tensors already)."""
+    return value if isinstance(value, torch.Tensor) else torch.frombuffer(bytearray(value), dtype=torch.uint8)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.frombuffer(keys, dtype=np.uint32)
+    np.random.set_state((name, keys, *rest))
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

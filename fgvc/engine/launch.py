@@ -31,18 +31,23 @@ def already_distributed() -> bool:
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Run ``python -m fgvc ARGV`` under torchrun on this node and return its exit code.
 
-    SIGINT/SIGTERM sent to this process are passed on to torchrun (which passes them to the workers, who save a
-    checkpoint), and this process waits for them instead of leaving them orphaned.
+    SIGINT/SIGTERM (and SIGHUP, as SIGTERM) sent to this process are passed on to torchrun, once, which passes them to
+    the workers, who save a checkpoint; this process waits for them instead of leaving them orphaned. torchrun runs in
+    a session of its own: a Ctrl-C in the terminal reaches this process only. Sent to the whole process group as well,
+    it reached torchrun twice, and the second signal interrupted its shutdown, which then sent the workers a SIGTERM on
+    top of the SIGINT, and a worker that gets two signals aborts without saving.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "fgvc"]
-    child = subprocess.Popen([*cmd, *strip_option(argv, "--gpus")])
+    # "--" ends torchrun's own options: otherwise its parser takes fgvc's --run for an abbreviation of --run-path.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "--"]
+    child = subprocess.Popen([*cmd, "fgvc", *strip_option(argv, "--gpus")], start_new_session=True)
     received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
-        child.send_signal(signum)
+        child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
     try:
         code = child.wait()
     finally:

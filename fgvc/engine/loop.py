@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -37,16 +37,28 @@ class StopFlag:
         return self.signum is not None
 
 
+INSIST_AFTER_S = 2.0  # a second signal sooner than this is the same stop request delivered twice
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[StopFlag]:
-    """Turn SIGINT/SIGTERM into a flag for the duration of training (a second signal aborts at once)."""
+    """Turn SIGINT/SIGTERM into a flag for the duration of training (a second signal aborts at once).
+
+    A second signal within ``INSIST_AFTER_S`` of the first is ignored: launchers and schedulers often deliver one stop
+    twice (torchrun forwards a SIGINT and follows it with a SIGTERM; SLURM signals every process of a job and torchrun
+    forwards it too), and aborting on it would lose the checkpoint that the first one asked for.
+    """
     flag = StopFlag()
     previous = {}
+    first_at = 0.0
 
     def handler(signum: int, _frame: object) -> None:
-        if flag:  # second signal: the user insists
-            raise KeyboardInterrupt
-        flag.signum = signum
+        nonlocal first_at
+        if flag:
+            if time.monotonic() - first_at < INSIST_AFTER_S:
+                return
+            raise KeyboardInterrupt  # a second request, later: the user insists
+        flag.signum, first_at = signum, time.monotonic()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with suppress(ValueError):  # not in the main thread: leave signals alone
@@ -78,6 +90,17 @@ class EpochStats:
     def data_wait_share(self) -> float:
         """Share of the epoch the host spent waiting for batches: near 0 when the loader keeps ahead of the model."""
         return self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
+
+    def after(self, earlier: EpochStats | None) -> EpochStats:
+        """This part of an epoch joined to the part before an interruption (``earlier``, saved in the checkpoint),
+        so that the epoch's row covers all of it: its loss, images, time and skipped images."""
+        if earlier is None:
+            return self
+        images = earlier.images + self.images
+        loss = (earlier.loss * earlier.images + self.loss * self.images) / max(images, 1)
+        return replace(self, loss=loss, images=images, seconds=earlier.seconds + self.seconds,
+                       skipped=earlier.skipped + self.skipped, data_wait_s=earlier.data_wait_s + self.data_wait_s,
+                       first_batch_s=earlier.first_batch_s)  # fmt: skip
 
 
 class BatchWaits:
@@ -144,50 +167,88 @@ def train_one_epoch(
         if batch_size is not None:
             requested = batch_size if samples is None else min(batch_size, samples - i * batch_size)
             skipped += requested - len(labels)
-        # A batch whose images were all unreadable is skipped, by every rank at once (DDP steps in lockstep).
-        empty = len(labels) == 0
-        if rt.distributed and optimizer is not None:
-            empty = any_rank(rt, empty)  # every rank calls it, empty batch or not
-        if empty:
-            micro += 1
-            continue
-        x = prepare(images)
-        y = labels.to(rt.device, non_blocking=True)
         boundary = (i + 1) % grad_accum == 0 or i + 1 == steps_in_loader
-        if optimizer is None:
-            with torch.no_grad(), rt.autocast():
-                loss = criterion(model(x), y)
+        # A batch whose images were all unreadable is skipped, by every rank at once (DDP steps in lockstep).
+        empty = any_rank(rt, len(labels) == 0) if rt.distributed else len(labels) == 0
+        if empty:  # the accumulation group still ends here: its step and the schedule's must not be lost
+            if boundary and optimizer is not None:
+                _step_without_last_batch(optimizer, scaler, scheduler, rt)
         else:
-            sync = model.no_sync() if (rt.distributed and not boundary and hasattr(model, "no_sync")) else _null()
-            with sync:
-                with rt.autocast():
+            x = prepare(images)
+            y = labels.to(rt.device, non_blocking=True)
+            if optimizer is None:
+                with torch.no_grad(), rt.autocast():
                     loss = criterion(model(x), y)
-                scaled = loss / grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            if boundary:
-                optimizer_step(optimizer, scaler, scheduler)
+            else:
+                sync = model.no_sync() if (rt.distributed and not boundary and hasattr(model, "no_sync")) else _null()
+                with sync:
+                    with rt.autocast():
+                        loss = criterion(model(x), y)
+                    scaled = loss / grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                if boundary:
+                    optimizer_step(optimizer, scaler, scheduler)
+            # The loss is read one step late, from a copy that step queued: waiting for it waits for that step only,
+            # while this one is already queued, so the device does not idle while the host prepares the next batch.
+            if pending is not None:
+                batch_loss = _read_loss(pending[0], pending[2])
+                total_loss += batch_loss * pending[1]
+            pending = (to_host_async(loss.detach()), len(labels), micro + 1)
+            seen += len(labels)
         micro += 1
-        # The loss is read one step late, from a copy that step queued: waiting for it waits for that step only, while
-        # this one is already queued, so the device does not idle while the host prepares the next batch.
-        if pending is not None:
-            batch_loss = _read_loss(pending[0], pending[2])
-            total_loss += batch_loss * pending[1]
-        pending = (to_host_async(loss.detach()), len(labels), micro)
-        seen += len(labels)
         elapsed = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
         bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{seen * rt.world_size / elapsed:.0f}")
         if boundary and stop is not None and any_rank(rt, bool(stop)):  # all ranks stop at the same step
-            total_loss += _read_loss(pending[0], pending[2]) * pending[1]
-            return EpochStats(total_loss / max(seen, 1), seen, elapsed, lr, skipped, micro, interrupted=True,
-                              data_wait_s=waits.seconds, first_batch_s=waits.first)  # fmt: skip
+            if pending is not None:
+                total_loss += _read_loss(pending[0], pending[2]) * pending[1]
+            return _epoch_stats(rt, total_loss, seen, skipped, started, lr, micro, waits, interrupted=True)
     if pending is not None:
         total_loss += _read_loss(pending[0], pending[2]) * pending[1]
     lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
-    total_loss, seen, skipped = all_reduce_sum(rt, [total_loss, seen, skipped])  # the epoch over every rank's shard
+    return _epoch_stats(rt, total_loss, seen, skipped, started, lr, micro, waits)
+
+
+def _epoch_stats(
+    rt: Runtime,
+    total_loss: float,
+    seen: int,
+    skipped: int,
+    started: float,
+    lr: float,
+    micro: int,
+    waits: BatchWaits,
+    interrupted: bool = False,
+) -> EpochStats:
+    """The epoch (or its part before an interruption) over every rank's shard; every rank calls it."""
+    total_loss, seen, skipped = all_reduce_sum(rt, [total_loss, seen, skipped])
     seen, skipped = int(seen), int(skipped)
     return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro,
-                      data_wait_s=waits.seconds, first_batch_s=waits.first)  # fmt: skip
+                      interrupted=interrupted, data_wait_s=waits.seconds, first_batch_s=waits.first)  # fmt: skip
+
+
+def _step_without_last_batch(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    rt: Runtime,
+) -> None:
+    """The optimiser step of an accumulation group whose last batch was unreadable on every rank.
+
+    The group's earlier batches left gradients: they are applied, averaged over the ranks by hand, since DDP averages
+    them in the backward pass of a boundary batch, which did not run. Without any, only the schedule advances, so that
+    the learning rate still follows the steps of the epoch.
+    """
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        if scheduler is not None:
+            scheduler.step()
+        return
+    if rt.distributed:
+        for grad in grads:
+            torch.distributed.all_reduce(grad)
+            grad /= rt.world_size
+    optimizer_step(optimizer, scaler, scheduler)
 
 
 HostCopy = tuple[torch.Tensor, "torch.cuda.Event | None"]

@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -302,7 +302,7 @@ def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[
     section = "stage1" if stage == STAGE1 else "stage2"
     out = []
     checks = [("data", "dataset"), ("data", "val_fraction"), ("data", "train_on_all"), ("data", "crop_pct")]
-    checks += [("data", "split_seed")]
+    checks += [("data", "split_seed"), ("runtime", "seed")]  # the seed orders every epoch and seeds the augmentation
     checks += [("model", "arch")] + [(section, key) for key in current[section] if key not in _NOT_COMPARED]
     for sec, key in checks:
         old, new = saved.get(sec, {}).get(key), current[sec][key]
@@ -310,7 +310,7 @@ def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[
             out.append(f"{sec}.{key}: {old} -> {new}")
     old_lr, new_lr = _learning_rate(saved.get(section, {})), _learning_rate(current[section])
     if old_lr != new_lr:  # lr and lr_base compared by their effect: an unused lr_base default is no conflict
-        out.append(f"{section} learning rate: {old_lr} -> {new_lr}")
+        out.append(f"{section}.lr: {old_lr:.4g} -> {new_lr:.4g}")
     return out
 
 
@@ -394,6 +394,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     if stage != STAGE1 and cfg.runtime.cache_features == "on":
         require_cacheable(stage_cfg.augment, stage_cfg.tune, rt.world_size)
     start_epoch, start_micro, best, history, before = 0, 0, -1.0, [], None
+    partial: EpochStats | None = None
     if state is not None:
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -408,7 +409,10 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             )
         start_epoch, start_micro, best = state["epoch"], state["micro_step"], state["best"]
         history, before = state["history"], state.get("before")
-        set_rng_state(state["rng"])
+        if start_micro and state.get("partial"):  # the interrupted epoch's part before the stop
+            partial = EpochStats(**state["partial"])
+        rngs = state["rng"]  # one per rank (a dict: written by an fgvc that saved rank 0's only)
+        set_rng_state(rngs[rt.rank] if isinstance(rngs, list) else rngs)
         log.info("resuming %s from epoch %d, step %d", stage_dir, start_epoch + 1, start_micro)
     else:
         cfg.data.root = str(cfg.data.resolved_root().resolve())  # the run folder must not depend on the cwd
@@ -445,7 +449,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             claimed = True
         save_checkpoint(stage_dir / name, ckpt)
 
-    def checkpoint(epoch: int, micro: int, finished: bool) -> dict[str, Any]:
+    def checkpoint(epoch: int, micro: int, finished: bool, rngs: list[object]) -> dict[str, Any]:
+        """The resumable state; ``rngs`` holds every rank's RNG state (:func:`gather_objects`, called by all)."""
         return {
             "model": unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict() if optimizer else None,
@@ -457,7 +462,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "history": history,
             "before": before,
             "finished": finished,
-            "rng": rng_state(),
+            "rng": rngs,
             "config": cfg.model_dump(mode="json"),
             "arch": cfg.model.arch,
             "num_classes": num_classes,
@@ -498,14 +503,16 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
                 grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro,
                 batch_size=stage_cfg.batch_size, samples=len(train_sampler), desc=desc, progress=progress,
             )  # fmt: skip
+        stats = stats.after(partial if epoch == start_epoch else None)
         bn_reset()
         if rt.distributed:  # each rank saw its own shard: average the BN statistics so the saved model uses them all
             from timm.utils import distribute_bn
 
             distribute_bn(model, rt.world_size, reduce=True)
         if stats.interrupted:
+            rngs = gather_objects(rt, rng_state())
             if rt.is_main:
-                save(LAST, checkpoint(epoch, stats.micro_steps, False))
+                save(LAST, checkpoint(epoch, stats.micro_steps, False, rngs) | {"partial": asdict(stats)})
             log.info("interrupted by signal %s: saved %s (epoch %d, step %d); rerun the same command to resume",
                      stop.signum, stage_dir / LAST, epoch + 1, stats.micro_steps)  # fmt: skip
             result.interrupted_by = stop.signum or signal.SIGTERM
@@ -533,8 +540,9 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         if not input_hint_given and (hint := input_bound_hint(stats, cfg.data.workers, decode, rt.device)):
             log.info(hint)
             input_hint_given = True
+        rngs = gather_objects(rt, rng_state())
         if rt.is_main:
-            state_now = checkpoint(epoch + 1, 0, last_epoch)
+            state_now = checkpoint(epoch + 1, 0, last_epoch, rngs)
             if improved or not len(val_index):
                 keep = ("model", "arch", "num_classes", "classes", "config", "epoch", "res", "stage", "best")
                 save(BEST, {k: state_now[k] for k in keep} | {"metrics": metrics})
@@ -546,13 +554,17 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
                      epoch + 1)  # fmt: skip
             result.interrupted_by = stop.signum or signal.SIGTERM
             return result
-    if stage_cfg.epochs == 0 and rt.is_main:  # evaluation-only stage (e.g. a zero-epoch baseline)
-        save(LAST, checkpoint(0, 0, True))
+    if stage_cfg.epochs == 0:  # evaluation-only stage (e.g. a zero-epoch baseline)
+        rngs = gather_objects(rt, rng_state())
+        if rt.is_main:
+            save(LAST, checkpoint(0, 0, True, rngs))
     result.history = pd.DataFrame(history)
     if result.final is None and history:
         last_row = history[-1]
         result.final = {k[4:]: v for k, v in last_row.items() if k.startswith("val_")} or None
     if rt.is_main:
+        if history and start_epoch >= stage_cfg.epochs:  # resumed from a finished last.pt: the process that wrote it
+            _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")  # may have died before the table
         summary = {"stage": stage, "epochs": stage_cfg.epochs, "res": stage_cfg.res, "best_top1": best,
                    "final": result.final, "before": before, "decode": decode}  # fmt: skip
         atomic_write_text(stage_dir / FINISHED, json.dumps(summary, indent=2))
@@ -565,9 +577,9 @@ def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool)
         (stage_dir / FINISHED).unlink(missing_ok=True)
         (stage_dir / BEST).unlink(missing_ok=True)
         if stage == STAGE1:  # every stage 2 was adapted from the old stage-1 model
-            for old in run_dir.glob("stage2-*"):
-                (old / FINISHED).unlink(missing_ok=True)
-                (old / LAST).unlink(missing_ok=True)
+            for old in run_dir.glob("stage2-*"):  # no checkpoint left: predict and stage 2 cannot pick them up
+                for name in (FINISHED, LAST, BEST):
+                    (old / name).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "predictions", ignore_errors=True)
             for sweep_file in run_dir.glob("sweep-*.*"):
                 sweep_file.unlink()
