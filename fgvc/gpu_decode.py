@@ -46,8 +46,9 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.ops import roi_align
 
 from fgvc.data import FrameFiles, normalize_on_device
-from fgvc.errors import ConfigError
+from fgvc.errors import ConfigError, CorruptImageError
 from fgvc.io import decode_image, is_complete_jpeg, read_image_bytes
+from fgvc.prefetch import PreparedRows
 from fgvc.transforms import TEST2_JITTER, TRAIN_JITTER, TRANSFORM_KINDS, test_resize_size
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class EncodedImageDataset(FrameFiles):
             index, seed = int(key[0]), int(key[1])
         else:
             index, seed = int(key), int(torch.randint(0, 2**31, ()).item())
-        path = self.paths[index]
+        path = self.path(index)
         data = read_image_bytes(Path(path))
         if device_decodable(data):
             payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -198,7 +199,7 @@ class EncodedImageDataset(FrameFiles):
             if image is None:
                 return None
             payload = torch.from_numpy(image)
-        return EncodedSample(payload, self.labels[index], index, seed, sample_draws(seed), path)
+        return EncodedSample(payload, self.label(index), index, seed, sample_draws(seed), path)
 
 
 def collate_encoded(samples: Sequence[EncodedSample | None]) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor]:
@@ -349,6 +350,7 @@ class GpuBatchPreparer:
         crop_pct: float = 0.875,
         channels_last: bool = True,
         canvas_bytes: int = DEFAULT_CANVAS_BYTES,
+        skip_corrupt: bool = False,
     ) -> None:
         if kind not in TRANSFORM_KINDS:
             raise ConfigError(f"unknown transform '{kind}'; choose one of {', '.join(TRANSFORM_KINDS)}")
@@ -362,15 +364,24 @@ class GpuBatchPreparer:
         self.crop_pct = crop_pct
         self.channels_last = channels_last
         self.canvas_bytes = canvas_bytes
+        self.skip_corrupt = skip_corrupt
 
-    def __call__(self, batch: EncodedBatch) -> torch.Tensor:
-        if len(batch) == 0:
+    def __call__(self, batch: EncodedBatch) -> torch.Tensor | PreparedRows:
+        """The batch on the device; with ``skip_corrupt``, a file that passed the workers' check but that no decoder
+        can read is dropped, and the result says which rows remain (:class:`fgvc.prefetch.PreparedRows`)."""
+        decoded = decode_on_device(batch, self.device, self.skip_corrupt) if len(batch) else []
+        images = [image for image in decoded if image is not None]
+        if len(images) == len(batch):
+            return self._prepare(images, batch.draws.numpy())
+        kept = torch.tensor([image is not None for image in decoded], dtype=torch.bool)
+        return PreparedRows(self._prepare(images, batch.draws.numpy()[kept.numpy()]), kept)
+
+    def _prepare(self, images: list[torch.Tensor], draws: np.ndarray) -> torch.Tensor:
+        if not images:
             views = (10,) if self.kind == "tencrop" else ()
             return torch.empty((0, *views, 3, self.res, self.res), dtype=torch.float32, device=self.device)
-        images = decode_on_device(batch, self.device)
         heights = np.array([image.shape[1] for image in images], dtype=np.int64)
         widths = np.array([image.shape[2] for image in images], dtype=np.int64)
-        draws = batch.draws.numpy()
         if self.kind == "train":
             pixels = self._crop(images, sample_rrc_boxes(heights, widths, draws))
             pixels = self._flip_and_jitter(pixels, draws, TRAIN_JITTER)
@@ -401,12 +412,15 @@ class GpuBatchPreparer:
         return f"{type(self).__name__}(kind={self.kind!r}, res={self.res}, device={str(self.device)!r})"
 
 
-def decode_on_device(batch: EncodedBatch, device: torch.device) -> list[torch.Tensor]:
+def decode_on_device(
+    batch: EncodedBatch, device: torch.device, skip_corrupt: bool = False
+) -> list[torch.Tensor | None]:
     """Every payload as a ``(3, H, W)`` uint8 tensor on ``device``; the JPEGs in one batched decoder call.
 
     nvjpeg returns nothing when any image of a batch fails, so a failed batch is retried image by image, and an image
-    the device decoder still rejects is decoded on the CPU by :func:`fgvc.io.decode_image` from its path (which raises
-    :class:`CorruptImageError` naming the file if nothing can read it).
+    the device decoder still rejects is decoded on the CPU by :func:`fgvc.io.decode_image` from its path, which raises
+    :class:`CorruptImageError` naming the file if nothing can read it (its slot is None instead with ``skip_corrupt``:
+    the workers check only a JPEG's markers, so a file with damaged data gets this far).
     """
     decoded: list[torch.Tensor | None] = [None] * len(batch)
     jpeg_slots = [i for i, payload in enumerate(batch.payloads) if payload.dim() == 1]
@@ -414,13 +428,13 @@ def decode_on_device(batch: EncodedBatch, device: torch.device) -> list[torch.Te
         try:
             jpegs = _decode_jpegs([batch.payloads[i] for i in jpeg_slots], device)
         except RuntimeError:
-            jpegs = [_decode_one(batch.payloads[i], batch.paths[i], device) for i in jpeg_slots]
+            jpegs = [_decode_one(batch.payloads[i], batch.paths[i], device, skip_corrupt) for i in jpeg_slots]
         for slot, image in zip(jpeg_slots, jpegs, strict=True):
             decoded[slot] = image
     for slot, payload in enumerate(batch.payloads):
         if payload.dim() == 3:
             decoded[slot] = _to_device(payload, device).permute(2, 0, 1)
-    return decoded  # type: ignore[return-value]  # every slot is filled: payloads are 1-D or 3-D
+    return decoded
 
 
 def _decode_jpegs(payloads: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -447,12 +461,19 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def _decode_one(payload: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:
+def _decode_one(payload: torch.Tensor, path: str, device: torch.device, skip_corrupt: bool) -> torch.Tensor | None:
     try:
         return _decode_jpegs([payload], device)[0]
     except RuntimeError as err:
         log.warning("device JPEG decoder rejected %s (%s); decoding it on the CPU", path, err)
-    return _to_device(torch.from_numpy(decode_image(path)), device).permute(2, 0, 1)
+    try:
+        image = decode_image(path)
+    except CorruptImageError:
+        if not skip_corrupt:
+            raise
+        log.warning("skipping unreadable image %s", path)
+        return None
+    return _to_device(torch.from_numpy(image), device).permute(2, 0, 1)
 
 
 def crop_resize(

@@ -40,6 +40,15 @@ class Prepared:
 
 
 @dataclass
+class PreparedRows:
+    """What a ``prepare`` returns when some images of the batch turned out unreadable while it prepared them (and
+    unreadable images are skipped): the tensor of the others, and which rows of the batch they are."""
+
+    tensor: torch.Tensor
+    kept: torch.Tensor  # (B,) bool
+
+
+@dataclass
 class _Failed:
     error: BaseException
 
@@ -133,6 +142,8 @@ class Prefetcher:
                         ready.record(stream)
                 else:
                     tensor, ready = self.prepare(images), None
+                if isinstance(tensor, PreparedRows):  # the loop sees only the rows that were read
+                    labels, rows, tensor = labels[tensor.kept], rows[tensor.kept], tensor.tensor
                 if not put((Prepared(tensor, ready), labels, rows)):
                     return
         except BaseException as err:  # handed to the loop, which raises it

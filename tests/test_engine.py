@@ -606,3 +606,41 @@ def test_ddp_bnstats_epoch_with_an_unreadable_batch_on_one_rank(tmp_path: Path) 
     assert stage2.returncode == 0, out
     assert (cfg.run_dir() / "stage2-40" / FINISHED).is_file()
     shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_sampler_shards_cover_every_row_with_equal_steps(world_size: int) -> None:
+    """Training: every rank the same number of samples (DDP steps in lockstep), every row in the epoch, even when the
+    ranks outnumber the rows twice over; evaluation: every row exactly once, no padding."""
+    from fgvc.engine.sampling import EpochSampler
+
+    for size in (1, 2, 3, 5, 8, 13, 16):
+        shards = [list(EpochSampler(size, True, seed=1, rank=r, world_size=world_size)) for r in range(world_size)]
+        per_rank = -(-size // world_size)
+        assert [len(shard) for shard in shards] == [per_rank] * world_size, (size, world_size)
+        rows = [row for shard in shards for row, _seed in shard]
+        assert set(rows) == set(range(size))
+        seeds = [seed for shard in shards for _row, seed in shard]
+        assert len(set(seeds)) == len(seeds)  # a padded repeat is still its own augmentation
+        evaluation = [row for r in range(world_size) for row, _ in EpochSampler(size, False, rank=r,
+                                                                                world_size=world_size)]  # fmt: skip
+        assert sorted(evaluation) == list(range(size))
+
+
+def test_ddp_training_batches_are_full_when_a_shard_holds_more_than_one(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """drop_last follows this rank's shard, ceil(N / world size): 17 images on 2 ranks in batches of 8 gave each rank
+    a batch of 8 and a batch of 1 (a BatchNorm statistic from one image)."""
+    from fgvc.datasets.base import DatasetIndex
+    from fgvc.engine.runtime import Runtime
+    from fgvc.engine.stage import load_split, make_loader
+    from fgvc.models import create_model
+
+    cfg = tiny_config(tiny_demo_root, tmp_path)
+    full = load_split(cfg, "train")
+    frame = full.frame.iloc[:17].reset_index(drop=True)
+    index = DatasetIndex(frame, full.class_names, full.category_ids, "demo", "train")
+    meta = get_meta(create_model("timm:test_resnet", full.num_classes, None))
+    for rank in (0, 1):
+        rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False, rank=rank, world_size=2)
+        loader, sampler, _ = make_loader(cfg, rt, index, "train", 32, 8, True, meta)
+        assert len(sampler) == 9 and [len(labels) for _images, labels, _rows in loader] == [8]

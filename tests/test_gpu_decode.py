@@ -621,3 +621,34 @@ def test_explicit_requests_on_cuda(nvjpeg: dict[str, bool]) -> None:
     assert decode_mode("cpu", "cuda", 1e6) == "cpu"
     with pytest.raises(ConfigError, match="unknown decode mode"):
         decode_mode("nvdec", "cuda")
+
+
+@pytest.mark.parametrize("skip_corrupt", [True, False])
+def test_a_jpeg_whose_data_no_decoder_reads_is_skipped_like_on_the_cpu_path(tmp_path: Path, skip_corrupt: bool) -> None:
+    """The workers check a JPEG's markers only; a file with intact markers and damaged data reaches the device decoder
+    and its CPU fallback, and both fail. With skip_corrupt its row leaves the batch (labels and rows with it), as the
+    CPU path drops it; without, the error names the file."""
+    from fgvc.prefetch import Prefetcher, wait_prepared
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"img{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, "JPEG")
+        if i == 1:  # a damaged scan between intact start and end markers
+            data = path.read_bytes()
+            path.write_bytes(data[:400] + rng.integers(0, 255, 2000, dtype=np.uint8).tobytes() + b"\xff\xd9")
+        paths.append(str(path))
+    frame = pd.DataFrame({"path": paths, "label": [5, 6, 7]})
+    loader = DataLoader(EncodedImageDataset(frame, skip_corrupt=skip_corrupt), batch_size=3, collate_fn=collate_encoded)
+    prepare = GpuBatchPreparer("test", 32, MEAN, STD, "cpu", skip_corrupt=skip_corrupt)
+    batches = Prefetcher(loader, prepare, torch.device("cpu"))
+    if not skip_corrupt:
+        with pytest.raises(CorruptImageError, match=r"img1\.jpg"):
+            list(batches)
+        return
+    [(prepared, labels, rows)] = list(batches)
+    assert rows.tolist() == [0, 2] and labels.tolist() == [5, 7]
+    readable = collate_encoded([loader.dataset[0], loader.dataset[2]])[0]
+    expected = GpuBatchPreparer("test", 32, MEAN, STD, "cpu")(readable)
+    torch.testing.assert_close(wait_prepared(prepared), expected)

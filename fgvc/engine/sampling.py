@@ -38,8 +38,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.size, generator=g).tolist()
-            per_rank = -(-self.size // self.world_size)
-            order += order[: per_rank * self.world_size - self.size]
+            total = -(-self.size // self.world_size) * self.world_size
+            order = (order * -(-total // max(self.size, 1)))[:total]  # repeated as often as needed (tiny datasets)
         else:
             order = list(range(self.size))
         return order[self.rank :: self.world_size]

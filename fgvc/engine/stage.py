@@ -145,14 +145,15 @@ def make_loader(
     background thread one batch ahead (:class:`fgvc.prefetch.Prefetcher`).
     """
     sampler = EpochSampler(len(index), shuffle=shuffle, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size)
-    drop_last = shuffle and len(index) // rt.world_size > batch_size
+    drop_last = shuffle and len(sampler) > batch_size  # this rank's shard holds more than one batch
     prepare: Callable[[Any], torch.Tensor]
     if decode == "gpu":
         from fgvc.gpu_decode import EncodedImageDataset, GpuBatchPreparer, collate_encoded
 
         dataset: torch.utils.data.Dataset = EncodedImageDataset(index.frame, skip_corrupt=cfg.data.skip_corrupt)
         collate = collate_encoded
-        prepare = GpuBatchPreparer(kind, res, meta.mean, meta.std, rt.device, cfg.data.crop_pct, rt.channels_last)
+        prepare = GpuBatchPreparer(kind, res, meta.mean, meta.std, rt.device, cfg.data.crop_pct, rt.channels_last,
+                                   skip_corrupt=cfg.data.skip_corrupt)  # fmt: skip
     else:
         transform = build_transform(kind, res, crop_pct=cfg.data.crop_pct, interpolation=meta.interpolation)
         dataset = ImageDataset(index.frame, transform, skip_corrupt=cfg.data.skip_corrupt)
