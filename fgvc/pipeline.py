@@ -125,16 +125,17 @@ def ensemble_recipe(
         weights = resolve_weights("search", val_probs=[p.probs for p in val], labels=val[0].labels, method=ens.method)
         for position in range(len(val)):  # no loop variable left holding a member after `del val`
             report(position, val[position])
-        val_combined = replace(val[0], probs=combine([p.probs for p in val], weights, ens.method))
+        report.ensemble(replace(val[0], probs=combine([p.probs for p in val], weights, ens.method)))
         del val
     else:  # fixed weights: each member's matrix is loaded, scored, added and dropped in turn
         given = [m.weight or 0.0 for m in recipe.members] if ens.weights == "given" else None
         weights = resolve_weights(ens.weights, given=given, method=ens.method, n_members=len(recipe.members))
-        val_members = (member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members)
-        val_combined = combine_members(val_members, weights, ens.method, visit=report) if validate else None
+        if validate:
+            val_members = (member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members)
+            report.ensemble(combine_members(val_members, weights, ens.method, visit=report))
     test_members = (member_probabilities(recipe, m, "test", progress) for m in recipe.members)
     combined = combine_members(test_members, weights, ens.method, visit=None if validate else report)
-    table = report.table(weights, val_combined, ens.method)
+    table = report.table(weights, ens.method)
     combined = replace(
         combined,
         meta={"recipe": recipe.source, "members": [m.name for m in recipe.members], "weights": weights.tolist()},
@@ -177,6 +178,7 @@ class _Report:
         self.members = recipe.members
         self.scored = scored  # False: the rows come from the test split, whose labels (CUB has them) are not shown
         self.rows: list[dict[str, object]] = [{} for _ in self.members]
+        self.ensemble_scores = _scores(None)
 
     def __call__(self, position: int, probs: Probabilities) -> None:
         member = self.members[position]
@@ -184,10 +186,14 @@ class _Report:
         about = {"member": member.name, "stage": member.stage, "res": meta.get("res"), "tta": meta.get("tta")}
         self.rows[position] = about | _scores(probs if self.scored else None)
 
-    def table(self, weights: np.ndarray, combined: Probabilities | None, method: str) -> pd.DataFrame:
+    def ensemble(self, combined: Probabilities) -> None:
+        """The ensemble's validation scores (the matrix can go once they are taken)."""
+        self.ensemble_scores = _scores(combined)
+
+    def table(self, weights: np.ndarray, method: str) -> pd.DataFrame:
         rows = [row | {"weight": round(float(weight), 3)} for row, weight in zip(self.rows, weights, strict=True)]
         rows.append({"member": f"ensemble ({method})", "stage": "", "res": "", "tta": "", "weight": 1.0}
-                    | _scores(combined))  # fmt: skip
+                    | self.ensemble_scores)  # fmt: skip
         return pd.DataFrame(rows)[["member", "stage", "res", "tta", "weight", "val_top1", "val_top5"]]
 
 

@@ -134,3 +134,7 @@ def test_resume_conflicts_compare_the_learning_rate_by_its_effect() -> None:
     saved = scaled.model_dump(mode="json")
     saved["stage1"]["lr_base"] = 0.08
     assert config_conflicts(saved, scaled, STAGE1) == ["stage1.lr: 0.02 -> 0.01"]
+    # 0.1 x 48 / 256 is 0.018750000000000003 in floating point: the same rate as an explicit 0.01875
+    from_base = config_from_dict({"stage2": {"lr_base": 0.1, "batch_size": 48}}).model_dump(mode="json")
+    explicit = config_from_dict({"stage2": {"lr": 0.01875, "lr_base": 0.1, "batch_size": 48}})
+    assert config_conflicts(from_base, explicit, "stage2") == []

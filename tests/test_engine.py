@@ -644,3 +644,28 @@ def test_ddp_training_batches_are_full_when_a_shard_holds_more_than_one(tiny_dem
         rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False, rank=rank, world_size=2)
         loader, sampler, _ = make_loader(cfg, rt, index, "train", 32, 8, True, meta)
         assert len(sampler) == 9 and [len(labels) for _images, labels, _rows in loader] == [8]
+
+
+def test_resume_is_refused_when_other_parameters_would_learn(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The optimiser state is a list in parameter order: resumed onto another set of learning parameters (fgvc chose
+    another last BatchNorm for the architecture since, say) it would silently drive the wrong ones."""
+    cfg = tiny_config(tiny_demo_root, tmp_path, stage1={"epochs": 2})
+    forward = torch.nn.CrossEntropyLoss.forward
+
+    def stop_at_once(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.CrossEntropyLoss, "forward", stop_at_once)
+        assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGTERM
+    path = cfg.run_dir() / "stage1" / LAST
+    state = load_checkpoint(path)
+    assert "fc.weight" in state["learning"] and "layer4.0.bn2.weight" in state["learning"]
+    save_checkpoint(path, state | {"learning": [n for n in state["learning"] if not n.startswith("layer4.0.bn2")]
+                                   + ["old_bn.weight"]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"other parameters learning \(then old_bn\.weight; now "
+                                          r"layer4\.0\.bn2\.weight, layer4\.0\.bn2\.bias\)"):  # fmt: skip
+        run_stage1(cfg, progress=False)

@@ -111,6 +111,17 @@ def test_last_bn_is_the_main_branch_not_the_projected_shortcut(name: str) -> Non
     assert isinstance(model.get_submodule("layer4.0.downsample.2"), nn.BatchNorm2d)  # the one it must not pick
 
 
+def test_a_stage_downsampling_with_no_main_branch_beside_it_stays_the_last_bn() -> None:
+    """EfficientFormer-L7's last stage starts with ``downsample`` (conv + BN) and has no other BatchNorm: that BN is
+    on the path to the pooling, not in a residual shortcut, and stays the answer (names in forward order as timm's
+    models run them; fgvc refuses EfficientFormer itself for its two heads)."""
+    from fgvc.models.registry import _main_path_bn
+
+    assert _main_path_bn(["layer4.0.bn1", "layer4.0.bn2", "layer4.0.downsample.2"]) == "layer4.0.bn2"
+    assert _main_path_bn(["stages.2.blocks.17.mlp.norm2", "stages.3.downsample.norm"]) == "stages.3.downsample.norm"
+    assert _main_path_bn(["s4.b1.conv3.bn", "s4.b1.downsample.bn"]) == "s4.b1.conv3.bn"
+
+
 def test_resnext101_32x48d_is_the_wsl_model_not_timms_32x8d():
     from torchvision.models.resnet import Bottleneck, ResNet
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -39,18 +41,36 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """
     # "--" ends torchrun's own options: otherwise its parser takes fgvc's --run for an abbreviation of --run-path.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "--"]
-    child = subprocess.Popen([*cmd, "fgvc", *strip_option(argv, "--gpus")], start_new_session=True)
     received: list[int] = []
+    child: subprocess.Popen | None = None
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
-        child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        if child is not None:
+            child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    # installed before the child starts: a signal in between would kill this process and leave torchrun running
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        child = subprocess.Popen([*cmd, "fgvc", *strip_option(argv, "--gpus")], start_new_session=True,
+                                 preexec_fn=_terminate_with_parent)  # fmt: skip
+        if received:  # arrived while it started
+            child.send_signal(signal.SIGTERM if received[0] == signal.SIGHUP else received[0])
         code = child.wait()
     finally:
+        if child is not None and child.poll() is None:  # this process is leaving on an exception: so does torchrun
+            child.terminate()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 128 + received[0] if received else code
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before torchrun starts: SIGTERM when this launcher dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG). In a session of its own torchrun no longer hears the terminal; this keeps it from outliving
+    the launcher."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1

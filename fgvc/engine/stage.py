@@ -310,9 +310,16 @@ def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[
         if old != new:
             out.append(f"{sec}.{key}: {old} -> {new}")
     old_lr, new_lr = _learning_rate(saved.get(section, {})), _learning_rate(current[section])
-    if old_lr != new_lr:  # lr and lr_base compared by their effect: an unused lr_base default is no conflict
-        out.append(f"{section}.lr: {old_lr:.4g} -> {new_lr:.4g}")
+    if not math.isclose(old_lr, new_lr, rel_tol=1e-9):  # by their effect: an unused lr_base default is no conflict
+        out.append(f"{section}.lr: {old_lr:.9g} -> {new_lr:.9g}")
     return out
+
+
+def _differ(saved: list[str], now: list[str]) -> str:
+    """The first parameter names only one of two lists has, for a one-line message."""
+    gone, new = [n for n in saved if n not in now][:2], [n for n in now if n not in saved][:2]
+    parts = ([f"then {', '.join(gone)}"] if gone else []) + ([f"now {', '.join(new)}"] if new else [])
+    return "; ".join(parts) or "the same names in another order"
 
 
 _NOT_COMPARED = ("val_every", "lr", "lr_base")
@@ -396,7 +403,13 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         require_cacheable(stage_cfg.augment, stage_cfg.tune, rt.world_size)
     start_epoch, start_micro, best, history, before = 0, 0, -1.0, [], None
     partial: EpochStats | None = None
+    learning = [name for name, param in unwrap(model).named_parameters() if param.requires_grad]
     if state is not None:
+        if state.get("learning", learning) != learning:  # the optimiser state would go to other parameters
+            raise ConfigError(
+                f"{stage_dir}/{LAST} was trained with other parameters learning ({_differ(state['learning'], learning)}"
+                f"): fgvc's choice for {cfg.model.arch} / tune {stage_cfg.tune} changed since; pass --force to restart"
+            )
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -471,6 +484,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "res": stage_cfg.res,
             "stage": stage,
             "world_size": rt.world_size,
+            "learning": learning,
         }
 
     split, cache = None, None

@@ -161,7 +161,7 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
 
     A residual block whose shortcut is projected (timm's ResNets with one block in the last stage) runs its
     ``downsample`` BatchNorm after the main branch's; FixRes tunes the main branch's (``layer4[-1].bn3``), so
-    BatchNorms inside a shortcut module count only when there is no other.
+    a shortcut's BatchNorm gives way to its block's main branch (see :func:`_main_path_bn`).
     """
     names = {id(module): name for name, module in model.named_modules()}
     norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
@@ -182,8 +182,21 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
         for module, training in modes.items():
             module.training = training
     order = seen or [names[id(norm)] for norm in norms]
-    main_path = [name for name in order if not _SHORTCUTS.intersection(name.split("."))]
-    return (main_path or order)[-1]
+    return _main_path_bn(order)
+
+
+def _main_path_bn(order: list[str]) -> str:
+    """The last BatchNorm of ``order``, or, when that one sits in a residual block's shortcut, the last one of the same
+    block's main branch. A module named ``downsample`` with no main branch next to it is a stage's own downsampling
+    (EfficientFormer's last stage has no other BatchNorm): it stays the answer."""
+    last = order[-1]
+    parts = last.split(".")
+    shortcut = next((i for i, part in enumerate(parts) if part in _SHORTCUTS), None)
+    if shortcut is None:
+        return last
+    block = "".join(part + "." for part in parts[:shortcut])
+    main = [name for name in order if name.startswith(block) and not _SHORTCUTS.intersection(name.split("."))]
+    return main[-1] if main else last
 
 
 def _timm_classifier(model: nn.Module) -> str:
