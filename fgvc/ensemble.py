@@ -7,7 +7,7 @@ replacement on a labelled split, so weights are multiples of 1/(number of picks)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -16,7 +16,7 @@ import pandas as pd
 
 from fgvc.errors import ConfigError, DataError
 from fgvc.metrics import LOG_EPS, UNKNOWN_LABEL, log_loss, topk_accuracy
-from fgvc.probs import Probabilities
+from fgvc.probs import Probabilities, row_blocks
 
 Method = Literal["mean", "geometric"]
 WeightMode = Literal["equal", "given", "search"]
@@ -166,21 +166,16 @@ class WeightedSum:
             raise ValueError(f"members must be (N, C) arrays of one shape, got {probs.shape} after {self.total.shape}")
         if not weight:
             return
-        for rows in _blocks(len(probs)):
+        for rows in row_blocks(len(probs)):
             self.total[rows] += np.float32(weight) * _to_method_space(probs[rows], self.method)
 
     def result(self) -> np.ndarray:
         """The combined probabilities (the sum is turned into them in place: call once)."""
         if self.total is None:
             raise ValueError("an ensemble needs at least one member")
-        for rows in _blocks(len(self.total)):
+        for rows in row_blocks(len(self.total)):
             self.total[rows] = _from_method_space(self.total[rows], self.method)
         return self.total
-
-
-def _blocks(n_rows: int, size: int = 4096) -> Iterator[slice]:
-    """Row slices that keep temporaries at a few thousand rows."""
-    return (slice(start, start + size) for start in range(0, n_rows, size))
 
 
 def combine_members(

@@ -17,10 +17,10 @@ import pandas as pd
 
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.stage import STAGE1, config_conflicts, is_finished, load_split, run_stage1, run_stage2, stage2_dirname
-from fgvc.ensemble import align, combine, combine_members, equal_weights, resolve_weights
+from fgvc.ensemble import align, combine, combine_members, resolve_weights
 from fgvc.errors import ConfigError, DataError
 from fgvc.metrics import summarize
-from fgvc.predict import predict_stage
+from fgvc.predict import mean_over_resolutions, predict_stage
 from fgvc.probs import Probabilities
 from fgvc.recipe import Member, Recipe, load_recipe, member_train_command, select_members
 from fgvc.submission import SubmissionError, collect_problems, competition_spec, write_submission
@@ -89,9 +89,8 @@ def member_probabilities(recipe: Recipe, member: Member, split: str, progress: b
     resolutions = member.multi_res or [member.test_res]
     if len(resolutions) == 1:
         return predict_stage(stage_dir, split, resolutions[0], tta, progress=progress).probs
-    parts = (predict_stage(stage_dir, split, r, tta, progress=progress).probs for r in resolutions)
-    mean = combine_members(parts, equal_weights(len(resolutions)))  # one resolution's matrix loaded at a time
-    return replace(mean, meta=mean.meta | {"res": "+".join(map(str, resolutions))})
+    return mean_over_resolutions((predict_stage(stage_dir, split, r, tta, progress=progress).probs
+                                  for r in resolutions), resolutions)  # fmt: skip
 
 
 @dataclass

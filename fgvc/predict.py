@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -228,13 +229,18 @@ def predict(
     parts = (  # one resolution's matrix in memory at a time, next to the running mean
         _noting_cached(predict_stage(stage_dir, split, r, tta, *options), cached) for r in resolutions
     )
-    tag = "+".join(str(r) for r in resolutions)
-    mean = combine_members(parts, equal_weights(len(resolutions)))
-    averaged = replace(mean, meta=mean.meta | {"res": tag})
-    path = prediction_path(run_dir, stage_dir, split, tag, tta)
+    averaged = mean_over_resolutions(parts, resolutions)
+    path = prediction_path(run_dir, stage_dir, split, averaged.meta["res"], tta)
     averaged.save(path)
     metrics = summarize(averaged.probs, averaged.labels) if averaged.has_labels else None
     return PredictResult(path, averaged, metrics, all(cached))
+
+
+def mean_over_resolutions(parts: Iterable[Probabilities], resolutions: list[int]) -> Probabilities:
+    """The mean of one model's probabilities at several test resolutions (meta ``res`` "a+b"), taken one matrix at a
+    time: ``parts`` may be a generator that predicts or loads each."""
+    mean = combine_members(parts, equal_weights(len(resolutions)))
+    return replace(mean, meta=mean.meta | {"res": "+".join(str(r) for r in resolutions)})
 
 
 def _noting_cached(result: PredictResult, cached: list[bool]) -> Probabilities:
