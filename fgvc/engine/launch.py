@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+_PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent dies (Linux)
+
 
 def strip_option(argv: list[str], name: str) -> list[str]:
     """``argv`` without ``name VALUE`` / ``name=VALUE``."""
@@ -72,5 +74,3 @@ def _terminate_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
-
-_PR_SET_PDEATHSIG = 1
