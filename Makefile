@@ -26,4 +26,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) runs submissions datasets/demo
+	rm -rf $(VENV) runs submissions datasets/demo/CUB_200_2011

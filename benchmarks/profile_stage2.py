@@ -1,14 +1,15 @@
-"""Where a stage-2 step spends its device time, next to an inference step and a cached-tail step of the same batch.
+"""Where a stage-2 step spends its time, next to an inference step and a tail-only step of the same batch.
 
-Why: on an H200 a SENet-154 stage-2 epoch at 672 px (``bn+fc``, uncached, frozen trunk under no_grad) took 1.19 x an
-inference pass over the same images, while the tail alone (the feature cache's epochs 2+) costs 2% of it. This prints
-the kernels that make the difference, so that the next fix is aimed, not guessed.
+Why: on an H200 a SENet-154 stage-2 epoch at 672 px (``bn+fc``, uncached) took 1.19 x an inference pass over the same
+images, while the tail alone (the feature cache's epochs 2+) costs 2% of it. This prints, per step, the device's top
+kernels for each variant, then times fgvc's own loops (``train_one_epoch`` against ``predict_probs``) over batches
+already in pinned memory: no DataLoader, so their ratio is the loops' and the model's, free of the loader's effects.
 
     python benchmarks/profile_stage2.py                       # SENet-154 at 672, batch 32, on CUDA
     python benchmarks/profile_stage2.py --arch timm:test_resnet --res 64 --batch 4 --device cpu   # smoke run
 
-It uses fgvc's own pieces: the model, the FixRes policy, the split and FrozenTrunkModel, bf16 autocast and
-channels_last as ``setup_runtime`` chooses them. Random weights and inputs: only the time matters.
+It uses fgvc's own pieces: the model, the FixRes policy, the split, the loops, bf16 autocast and channels_last as
+``setup_runtime`` chooses them. Random weights and inputs: only the time matters.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from fgvc.config import RuntimeConfig
-from fgvc.engine.feature_cache import FrozenTrunkModel, split_model
-from fgvc.engine.runtime import setup_runtime
-from fgvc.models import create_model, set_train_mode, set_trainable
+from fgvc.data import OnDeviceNormalize
+from fgvc.engine.feature_cache import split_model
+from fgvc.engine.loop import predict_probs, train_one_epoch
+from fgvc.engine.runtime import Runtime, setup_runtime
+from fgvc.models import create_model, get_meta, set_train_mode, set_trainable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default=None)
     parser.add_argument("--rows", type=int, default=15, help="kernels listed per variant")
+    parser.add_argument("--loop-batches", type=int, default=20, help="batches per timed loop epoch")
     args = parser.parse_args(argv)
 
     rt = setup_runtime(RuntimeConfig(device=args.device))
@@ -48,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     split = split_model(model, args.tune, x[:2])
     if split is None:
         raise SystemExit(f"{args.arch} cannot be split for {args.tune}")
-    net = FrozenTrunkModel(split)
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
     with torch.no_grad(), rt.autocast():
@@ -73,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     contiguous_features = features.contiguous()
     variants: dict[str, Callable[[], None]] = {
         "inference": infer_step,
-        "stage 2 uncached (FrozenTrunkModel)": lambda: train_step(lambda: net(x)),
-        "stage 2 whole model (autograd through the trunk)": lambda: train_step(lambda: model(x)),
-        "tail only, channels_last features": lambda: train_step(lambda: split.tail(features)),
-        "tail only, contiguous features (as cached)": lambda: train_step(lambda: split.tail(contiguous_features)),
+        "stage 2 uncached (the model, as train_stage runs it)": lambda: train_step(lambda: model(x)),
+        "tail only, channels_last features (as the cache hands them)": lambda: train_step(lambda: split.tail(features)),
+        "tail only, contiguous features": lambda: train_step(lambda: split.tail(contiguous_features)),
     }
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
     sort = "self_cuda_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
@@ -95,7 +97,43 @@ def main(argv: list[str] | None = None) -> int:
             sync(rt.device)
         print(f"\n== {name}: {ms:.1f} ms per step ({args.batch / ms * 1e3:.0f} img/s)")
         print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=70))
+    loops(model, optimizer, criterion, rt, args)
     return 0
+
+
+def loops(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, rt: Runtime,
+          args: argparse.Namespace) -> None:  # fmt: skip
+    """fgvc's training and inference loops over the same pinned uint8 batches, alternating, three rounds each."""
+    meta = get_meta(model)
+    prepare = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
+    pin = rt.device.type == "cuda"
+    images = torch.randint(0, 256, (args.batch, 3, args.res, args.res), dtype=torch.uint8)
+    batch = (images.pin_memory() if pin else images, torch.randint(0, 50, (args.batch,)), torch.arange(args.batch))
+    batches = [batch] * args.loop_batches
+
+    def train_epoch() -> None:
+        set_train_mode(model, args.tune)
+        train_one_epoch(model, batches, optimizer, None, None, rt, prepare, criterion, progress=False)
+
+    def infer_epoch() -> None:
+        predict_probs(model, batches, rt, prepare, progress=False)
+
+    epochs = {"train_one_epoch": train_epoch, "predict_probs": infer_epoch}
+    times: dict[str, list[float]] = {name: [] for name in epochs}
+    for name in epochs:  # warm-up
+        epochs[name]()
+    for round_ in range(3):
+        for name in list(epochs) if round_ % 2 == 0 else list(epochs)[::-1]:
+            sync(rt.device)
+            started = time.perf_counter()
+            epochs[name]()
+            sync(rt.device)
+            times[name].append((time.perf_counter() - started) / args.loop_batches * 1e3)
+    median = {name: sorted(values)[1] for name, values in times.items()}
+    print(f"\n== fgvc's loops over {args.loop_batches} pinned batches (no DataLoader), ms per batch, 3 rounds:")
+    for name, values in times.items():
+        print(f"   {name}: {' / '.join(f'{v:.1f}' for v in values)} (median {median[name]:.1f})")
+    print(f"   train_one_epoch / predict_probs: {median['train_one_epoch'] / median['predict_probs']:.3f}")
 
 
 def sync(device: torch.device) -> None:

@@ -15,6 +15,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 df -h /dev/shm || true  # loader workers hand batches over in shared memory; a small /dev/shm kills them
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true  # each shared tensor in flight holds a file descriptor
 echo "open files: $(ulimit -n); C compiler for Triton: ${CC:-$(command -v gcc || command -v clang || echo none)}"
+# Clocks, power, temperature, utilisation and throttle reasons every 200 ms for the whole run: a window that ran at
+# lower clocks, or with the GPU idle, shows here against the log's timestamps.
+reasons=clocks_event_reasons.active  # older drivers call it clocks_throttle_reasons.active
+nvidia-smi --query-gpu=$reasons --format=csv,noheader >/dev/null 2>&1 || reasons=clocks_throttle_reasons.active
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,$reasons \
+    --format=csv -lms 200 > "$out/gpu-clocks.csv" 2>&1 &
+clocks=$!
+trap 'kill "$clocks" 2>/dev/null || true' EXIT
 # The CUDA-only checks first (seconds): the prefetching thread's stream ordering with nvJPEG on a busy device.
 python3 -m pytest -q -p no:cacheprovider tests/test_prefetch.py 2>&1 | tee "$out/pytest-cuda.log" || true
 if [ -n "${PROFILE_STAGE2:-}" ]; then  # PROFILE_STAGE2=1: where SENet-154's stage-2 step spends its time (~1 min)

@@ -54,7 +54,7 @@ def _maybe_torchrun(gpus: int | None) -> None:
 
 @datasets_app.command("list")
 def datasets_list() -> None:
-    """Dataset names, official class and image counts, and expected layouts."""
+    """Dataset names with their official class and image counts; where each layout is described."""
     from fgvc.datasets import list_datasets
 
     _echo_table(list_datasets().drop(columns=["layout"]))

@@ -26,6 +26,7 @@ from fgvc.engine.stage import (
     STAGE1,
     check_classes,
     find_stage_checkpoint,
+    is_finished,
     load_split,
     load_stage_model,
     make_loader,
@@ -50,7 +51,7 @@ class PredictResult:
 
 
 def stage_dirs(run_dir: Path) -> list[Path]:
-    """Stage folders with a checkpoint: stage1 first, then stage2-<res> by resolution."""
+    """Stage folders with a checkpoint: stage1 first, then stage2-<res> by resolution (finished or not)."""
     found = [
         d
         for d in run_dir.glob("stage*")
@@ -59,22 +60,47 @@ def stage_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda d: (d.name != STAGE1, int(d.name.split("-")[-1]) if "-" in d.name else 0))
 
 
+def unfinished_hint(stage_dir: Path) -> str:
+    """How to finish an interrupted stage, for an error message or a log line."""
+    run_dir = stage_dir.parent
+    if stage_dir.name == STAGE1:
+        return f"{stage_dir} is not finished: rerun `fgvc stage1` with its original settings to finish it"
+    res = stage_dir.name.split("-")[-1]
+    return (
+        f"{stage_dir} is not finished: `fgvc stage2 --run {run_dir} --test-res {res}` with its original settings "
+        "resumes it"
+    )
+
+
 def resolve_stage(run_dir: Path, stage: int | None, res: int | None) -> Path:
-    """The stage folder meant by ``--stage`` (default: stage 2 when present) and ``--res``."""
+    """The stage folder meant by ``--stage`` (default: stage 2 when present) and ``--res``.
+
+    Only finished stages are chosen: an interrupted one's ``last.pt`` is a model halfway through its training. Naming
+    one (``--stage 1``, or ``--res`` equal to its resolution) is an error that says how to finish it.
+    """
     dirs = stage_dirs(run_dir)
     if not dirs:
         raise DataError(f"{run_dir}: no trained stage; run `fgvc stage1` (and `fgvc stage2`) first")
-    stage2 = [d for d in dirs if d.name != STAGE1]
+    stage1, named = run_dir / STAGE1, run_dir / f"stage2-{res}"
+    stage2 = [d for d in dirs if d.name != STAGE1 and is_finished(d)]
+    interrupted = [d for d in dirs if d.name != STAGE1 and not is_finished(d)]
+    if stage != 1:
+        if named in interrupted:
+            raise DataError(f"{unfinished_hint(named)}, or pick another --res")
+        if stage == 2 and not stage2 and interrupted:
+            raise DataError(f"{unfinished_hint(interrupted[-1])}, or predict with --stage 1")
+        for d in interrupted:
+            log.warning("skipped %s", unfinished_hint(d))
     if stage == 1 or (stage is None and not stage2):
-        if dirs[0].name != STAGE1:
+        if stage1 not in dirs:
             raise DataError(f"{run_dir}: stage 1 has no checkpoint; run `fgvc stage1` first")
-        return dirs[0]
+        if not is_finished(stage1):
+            raise DataError(unfinished_hint(stage1))
+        return stage1
     if not stage2:
         raise DataError(f"{run_dir}: no stage-2 run; run `fgvc stage2 --run {run_dir} --test-res R` first")
-    if res is not None:
-        for d in stage2:
-            if d.name == f"stage2-{res}":
-                return d
+    if named in stage2:
+        return named
     return stage2[-1] if res is None else min(stage2, key=lambda d: abs(int(d.name.split("-")[-1]) - res))
 
 
@@ -135,7 +161,7 @@ def predict_stage(
     rt = setup_runtime(cfg.runtime)
     setup_logging(None, rt)
     model, ckpt = load_stage_model(stage_dir)
-    check_classes(ckpt, index, stage_dir)
+    check_classes(ckpt, index, stage_dir, stage_dir / CONFIG_FILE)
     model.to(rt.device, memory_format=rt.memory_format)
     meta = get_meta(model)
     batch = batch_size or cfg.predict.batch_size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -75,6 +76,13 @@ def test_quick_run_writes_table_and_raw_numbers(tmp_path: Path) -> None:
     # The end-to-end rows say how much of their epoch went to waiting for the loader (read next to the ratio).
     for name in ("stage 1 e2e", "stage 2 epoch (bn+fc, test DA)", "inference pass (same loader)", "10-crop predict"):
         assert "waited for data" in rows[name]["note"], name
+    # Stage 2 and its inference pass alternate over three rounds; each row is its median round, the note gives all.
+    for name in ("stage 2 epoch (bn+fc, test DA)", "inference pass (same loader)"):
+        rounds = re.search(r"median of 3 alternating rounds \(([\d.]+) / ([\d.]+) / ([\d.]+) s", rows[name]["note"])
+        assert rounds, rows[name]["note"]
+        assert f"{rows[name]['seconds']:.2f}" == sorted(rounds.groups(), key=float)[1], name
+    assert re.search(r"\d+ tail epochs", rows["stage 2 cached: epoch 2+"]["note"])
+    assert all(row["pinned_new_blocks"] is None for row in raw["rows"])  # a CUDA counter: absent on the CPU
 
     # Ratios are the quotients of the raw numbers.
     def rate(name: str) -> float:
@@ -226,10 +234,10 @@ def test_stage2_profile_script_runs_every_variant(capsys: pytest.CaptureFixture[
     assert module.main([*args, "--rows", "3"]) == 0
     out = capsys.readouterr().out
     assert "cut at layer4.0" in out
-    variants = ["inference", "stage 2 uncached (FrozenTrunkModel)", "stage 2 whole model", "tail only, channels_last",
-                "tail only, contiguous"]  # fmt: skip
+    variants = ["inference", "stage 2 uncached (the model", "tail only, channels_last", "tail only, contiguous"]
     for name in variants:
         assert f"== {name}" in out and "ms per step" in out
+    assert "== fgvc's loops over" in out and "train_one_epoch / predict_probs:" in out
 
 
 def test_ensemble_memory_quick_run_writes_its_table(tmp_path: Path) -> None:

@@ -290,6 +290,16 @@ def test_official_val_is_used_and_train_on_all_merges_it(tmp_path: Path) -> None
     assert merged == truth.ids("train") + truth.ids("val")
 
 
+def test_a_missing_root_names_the_setting_of_every_command(tmp_path: Path) -> None:
+    """Only stage1 and validate-submission have --data-root: recipes and a run's later commands read YAML files."""
+    with pytest.raises(DataError) as caught:
+        load_index("cub", "train", root=tmp_path / "nowhere")
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'nowhere'}: dataset root not found") and "\n" not in message
+    assert "--data-root (stage1, validate-submission)" in message and "data.root in a recipe" in message
+    assert "config.yaml of the run and of its stage folders (stage2, predict, sweep, ensemble)" in message
+
+
 def test_root_comes_from_fgvc_data_then_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FGVC_DATA", str(tmp_path / "data"))
     truth = write_cub(tmp_path / "data" / "cub")

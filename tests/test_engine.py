@@ -54,7 +54,7 @@ def test_stage1_writes_the_run_folder(stage1_run: Path) -> None:
 def test_finished_run_is_not_overwritten_without_force(stage1_run: Path) -> None:
     cfg = load_config(stage1_run / CONFIG_FILE)
     before = (stage1_run / "stage1" / LAST).stat().st_mtime_ns
-    with pytest.raises(RunExistsError, match="--force"):
+    with pytest.raises(RunExistsError, match=r"--force to train it again \(or choose another --name\)$"):
         run_stage1(cfg, progress=False)
     assert (stage1_run / "stage1" / LAST).stat().st_mtime_ns == before
     # --force with a bad input (here a CUB folder that is not there) fails before it retires anything
@@ -151,6 +151,74 @@ def test_stage2_requires_a_finished_stage1(tiny_demo_root: Path, tmp_path: Path)
     save_checkpoint(cfg.run_dir() / "stage1" / LAST, {"epoch": 0})  # stopped before the end: no finished marker
     with pytest.raises(DataError, match="stage 1 is not finished"):
         run_stage2(cfg.run_dir(), {"stage2.res": 48}, progress=False)
+
+
+def test_a_finished_stage_names_the_option_that_picks_another(stage1_run: Path) -> None:
+    """stage2 has no --name (its folder is named by the resolution): the alternative to --force is another one."""
+    zero = {"stage2.res": 36, "stage2.epochs": 0}  # evaluation only: finished at once
+    run_stage2(stage1_run, zero, progress=False)
+    with pytest.raises(RunExistsError, match=r"stage2-36 is finished; .* \(or choose another --test-res\)$"):
+        run_stage2(stage1_run, zero, progress=False)
+
+
+def _record_bn_batches(patch: pytest.MonkeyPatch, batches: list[torch.Tensor], stop_at: int = 0) -> None:
+    """Append to ``batches`` every input of a BatchNorm in training mode (in a bnstats stage 2 only the last BN
+    trains), as the layer sees it; ``stop_at``: SIGTERM during the call that makes it that long, as a Ctrl-C would."""
+    forward = torch.nn.BatchNorm2d.forward
+
+    def recording(self: torch.nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            batches.append(x.detach().clone())
+            if len(batches) == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, x)
+
+    patch.setattr(torch.nn.BatchNorm2d, "forward", recording)
+
+
+def test_bnstats_averages_over_every_pass_and_resumes_the_average(stage1_run: Path, tmp_path: Path) -> None:
+    """`bnstats` with 2 epochs: the last BN's statistics are the average over both passes' batches (with test2 each
+    pass adds differently augmented samples), also when the stage was interrupted at the end of its first epoch."""
+    import shutil
+
+    from fgvc.engine.stage import load_split
+    from fgvc.models import create_model
+
+    runs = {}
+    for name in ("straight", "resumed"):  # two copies of the finished stage-1 run
+        runs[name] = tmp_path / name
+        shutil.copytree(stage1_run / "stage1", runs[name] / "stage1")
+        shutil.copy(stage1_run / CONFIG_FILE, runs[name] / CONFIG_FILE)
+    overrides = {"stage2.tune": "bnstats", "stage2.res": 40, "stage2.epochs": 2, "stage2.augment": "test2"}
+    cfg = load_config(stage1_run / CONFIG_FILE)
+    steps = len(load_split(cfg, "train")) // cfg.stage2.batch_size  # drop_last: whole batches only
+    assert steps >= 2
+    bn = get_meta(create_model("timm:test_resnet", 4, None)).last_bn
+    straight: list[torch.Tensor] = []
+    resumed: list[torch.Tensor] = []
+    with pytest.MonkeyPatch.context() as patch:
+        _record_bn_batches(patch, straight)
+        run_stage2(runs["straight"], overrides, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        _record_bn_batches(patch, resumed, stop_at=steps)  # the last step of the first pass
+        assert run_stage2(runs["resumed"], overrides, progress=False).interrupted_by == signal.SIGTERM
+    assert load_checkpoint(runs["resumed"] / "stage2-40" / LAST)["micro_step"] == steps
+    with pytest.MonkeyPatch.context() as patch:
+        _record_bn_batches(patch, resumed)
+        run_stage2(runs["resumed"], overrides, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True))  # the resumed run saw the same
+    for batches, run in ((straight, runs["straight"]), (resumed, runs["resumed"])):
+        assert len(batches) == 2 * steps
+        state = _state(run / "stage2-40" / LAST)
+        mean = torch.stack([x.mean((0, 2, 3)) for x in batches]).mean(0)  # one equal weight per batch
+        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in batches]).mean(0)
+        torch.testing.assert_close(state[f"{bn}.running_mean"], mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state[f"{bn}.running_var"], var, rtol=1e-5, atol=1e-6)
+        assert int(state[f"{bn}.num_batches_tracked"]) == 2 * steps
+    # test2 draws new augmentations each pass: the second pass's statistics are not the first's
+    first = torch.stack([x.mean((0, 2, 3)) for x in straight[:steps]]).mean(0)
+    second = torch.stack([x.mean((0, 2, 3)) for x in straight[steps:]]).mean(0)
+    assert not torch.allclose(first, second, rtol=1e-4)
 
 
 def test_resume_with_other_settings_is_refused(tiny_demo_root: Path, tmp_path: Path) -> None:
@@ -252,6 +320,26 @@ def test_two_process_ddp_writes_the_same_artefacts(tiny_demo_root: Path, tmp_pat
     out, _ = stage2.communicate(timeout=600)
     assert stage2.returncode == 0, out
     assert (tmp_path / "ddp" / "stage2-40" / FINISHED).is_file()
+
+
+@pytest.mark.slow
+def test_a_rank_error_under_gpus_is_fgvc_one_line_error_and_exit_2(tmp_path: Path) -> None:
+    """A corrupt image under ``--gpus 2``: the command ends like the one-process one (exit 2, ``fgvc: error:``), not
+    with exit 1 and torchrun's traceback and failure report after the error line."""
+    from fgvc.demo_data import generate_demo
+
+    root = tmp_path / "demo"
+    generate_demo(root, seed=3, num_classes=4, images_per_class=6, test_fraction=0.34)
+    cub = root / "CUB_200_2011"
+    for line in (cub / "images.txt").read_text().splitlines():
+        (cub / "images" / line.split()[1]).write_bytes(b"not a jpeg")  # every image: whichever each rank reads first
+    ddp = _fgvc("stage1", "--dataset", "demo", "--data-root", str(root), "--arch", "timm:test_resnet", "--weights",
+                "none", "--res", "32", "--epochs", "1", "--batch-size", "2", "--workers", "0", "--out",
+                str(tmp_path / "runs"), "--device", "cpu", "--gpus", "2")  # fmt: skip
+    out, _ = ddp.communicate(timeout=600)
+    assert ddp.returncode == 2, out
+    assert "fgvc: error:" in out
+    assert "Traceback" not in out and "ChildFailedError" not in out, out
 
 
 @pytest.mark.slow

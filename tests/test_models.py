@@ -7,7 +7,16 @@ import torch
 from torch import nn
 
 from fgvc.errors import ConfigError
-from fgvc.models import REGISTRY, ModelMeta, create_model, get_meta, last_batchnorm, list_models, model_meta
+from fgvc.models import (
+    REGISTRY,
+    ModelMeta,
+    create_model,
+    get_meta,
+    last_batchnorm,
+    list_models,
+    model_meta,
+    trainable_parameters,
+)
 from fgvc.models.registry import model_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,7 +101,7 @@ def test_timm_models_take_meta_from_timm_and_find_head_and_last_bn():
         crop_pct=0.875,
         classifier="classifier",
         last_bn="bn2",
-        last_stage=("blocks.6", "conv_head", "bn2"),
+        last_stage=("blocks.5", "blocks.6", "conv_head", "bn2"),  # every block at the final stride, and the head
         num_classes=1000,
     )
     convnext = model_meta("timm:convnext_base")
@@ -295,6 +304,82 @@ def test_model_spec_is_built_once_per_name():
 
 def test_generic_timm_metadata_for_a_densenet_and_a_distilled_model() -> None:
     meta = model_meta("timm:densenet121")
-    assert meta.last_bn == "features.norm5" and meta.last_stage == ("features.denseblock4", "features.norm5")
+    assert meta.last_bn == "features.norm5"
+    assert meta.last_stage == ("features.transition3", "features.denseblock4", "features.norm5")
     with pytest.raises(ConfigError, match="several classifier heads"):
         model_meta("timm:deit_tiny_distilled_patch16_224")
+
+
+# ByobNets (Identity final_conv), Xception (act4), GhostNet and ReXNet (blocks after the last feature_info entry):
+# timm's last feature_info entry is not the last stage there, and stage+bn+fc used to tune no more than bn+fc.
+@pytest.mark.parametrize("name", ["resnext26ts", "repvgg_a0", "legacy_xception", "ghostnet_100", "rexnet_100",
+                                  "resnet18", "efficientnet_b0", "densenet121"])  # fmt: skip
+def test_the_last_stage_holds_the_last_batchnorm_and_trains_more_than_bn_fc(name: str) -> None:
+    model = build_on_meta(f"timm:{name}", 10)
+    meta = get_meta(model)
+    assert meta.last_bn is not None
+    assert any(meta.last_bn == stage or meta.last_bn.startswith(stage + ".") for stage in meta.last_stage), meta
+    count = {tune: sum(p.numel() for p in trainable_parameters(model, tune)) for tune in ("bn+fc", "stage+bn+fc")}
+    assert count["stage+bn+fc"] > 10 * count["bn+fc"], count
+    pooled_channels = model.get_submodule(meta.last_bn).num_features
+    assert pooled_channels == model.num_features  # the tuned BatchNorm normalises every pooled channel
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("inception_v3", "the last BatchNorm is one branch (192 of 2048 channels) of Mixed_7c's concat"),
+        ("coatnet_0_rw_224", "its last BatchNorm is in stage 1, before the attention stages' LayerNorms"),
+        ("volo_d1_224", "its only BatchNorms are in the patch-embedding stem"),
+    ],
+)
+def test_bn_fc_is_refused_where_no_batchnorm_normalises_the_pooled_features(name: str, why: str) -> None:
+    model = build_on_meta(f"timm:{name}", 10)
+    assert get_meta(model).last_bn is None, why
+    with pytest.raises(ConfigError, match=r"needs a BatchNorm that normalises the pooled features.*stage\+bn\+fc"):
+        trainable_parameters(model, "bn+fc")
+    assert trainable_parameters(model, "stage+bn+fc")  # the last stage is still there to tune
+
+
+def test_a_timm_model_whose_feature_info_names_a_missing_module_still_builds() -> None:
+    """Twins' feature_info names ``block.0``, which does not exist: stage 1 must still work; stage+bn+fc is refused."""
+    model = build_on_meta("timm:twins_svt_small", 10)
+    assert get_meta(model).last_stage == ()
+    with pytest.raises(ConfigError, match="does not know the last stage"):
+        trainable_parameters(model, "stage+bn+fc")
+
+
+def test_vit_family_models_are_built_to_run_at_any_resolution() -> None:
+    """timm fixes ViT/DeiT/Swin's input size unless built with dynamic_img_size; FixRes changes the resolution."""
+    model = create_model("timm:deit_tiny_patch16_224", 3).eval()
+    assert not get_meta(model).fixed_input_size
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_a_model_that_runs_at_one_size_only_is_refused_at_another(tiny_demo_root, tmp_path) -> None:
+    from conftest import tiny_config
+
+    from fgvc.engine.runtime import setup_runtime
+    from fgvc.engine.stage import load_split, make_loader
+
+    meta = model_meta("timm:coatnet_0_rw_224")
+    assert meta.fixed_input_size and meta.input_size == 224
+    cfg = tiny_config(tiny_demo_root, tmp_path)
+    index = load_split(cfg, "train")
+    rt = setup_runtime(cfg.runtime)
+    with pytest.raises(ConfigError, match=r"timm:coatnet_0_rw_224 runs at 224 px only .* not 288 px"):
+        make_loader(cfg, rt, index, "test", 288, 4, False, meta)
+    make_loader(cfg, rt, index, "test", 224, 4, False, meta)  # its own size is fine
+
+
+def test_a_deprecated_timm_name_gets_the_config_of_the_model_timm_maps_it_to() -> None:
+    """timm builds vit_base_patch16_224_in21k as vit_base_patch16_224.augreg_in21k, whose normalisation is 0.5/0.5;
+    the old name has no pretrained config of its own, and fgvc used ImageNet's statistics for it."""
+    import timm
+
+    meta = model_meta("timm:vit_base_patch16_224_in21k")
+    current = timm.models.get_pretrained_cfg("vit_base_patch16_224.augreg_in21k")
+    assert (meta.mean, meta.std, meta.crop_pct) == (tuple(current.mean), tuple(current.std), current.crop_pct)
+    assert meta.arch == "timm:vit_base_patch16_224_in21k"  # the name the user gave stays the model's name
+    assert any("augreg_in21k" in str(place) for place in model_spec(meta.arch).locations())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -140,6 +142,58 @@ def test_sweep_writes_table_and_plot(adapted_run: Path) -> None:
     assert (result.csv_path.name, result.png_path.name) == ("sweep-val.csv", "sweep-val.png")  # one pair per split
     best = result.table.set_index("res")[result.best_model][result.best_res]
     assert best == result.table[["stage1", "stage2-48"]].to_numpy().max() == pytest.approx(result.best_top1)
+
+
+def _copy_with_an_interrupted_stage2(adapted_run: Path, tmp_path: Path) -> Path:
+    """The fixture run plus stage2-64 as an interrupted stage 2 leaves it: last.pt without finished.json."""
+    run = tmp_path / adapted_run.name
+    shutil.copytree(adapted_run, run)
+    shutil.copytree(run / "stage2-48", run / "stage2-64")
+    (run / "stage2-64" / "finished.json").unlink()
+    return run
+
+
+def test_predict_and_sweep_use_only_finished_stages(adapted_run: Path, tmp_path: Path) -> None:
+    """An interrupted stage's last.pt is a half-trained model: never picked by default; named, it is refused with
+    how to finish it (a one-line error)."""
+    run = _copy_with_an_interrupted_stage2(adapted_run, tmp_path)
+    assert predict(run, split="val", tta="none", progress=False).probs.meta["stage"] == "stage2-48"
+    assert predict(run, split="val", stage=2, res=72, tta="none", progress=False).probs.meta["stage"] == "stage2-48"
+    for stage in (None, 2):  # named explicitly (its resolution): refused, with how to finish it
+        with pytest.raises(DataError) as caught:
+            predict(run, split="val", stage=stage, res=64, tta="none", progress=False)
+        message = str(caught.value)
+        assert f"{run / 'stage2-64'} is not finished" in message and "\n" not in message
+        assert f"fgvc stage2 --run {run} --test-res 64" in message and "another --res" in message
+    assert list(sweep(run, [32, 64], split="val", progress=False).table.columns) == ["res", "stage1", "stage2-48"]
+    (run / "stage2-48" / "finished.json").unlink()  # no finished stage 2: --stage 2 names the interrupted one
+    with pytest.raises(DataError, match=r"stage2-64 is not finished: .* or predict with --stage 1$"):
+        predict(run, split="val", stage=2, tta="none", progress=False)
+    assert predict(run, split="val", tta="none", progress=False).probs.meta["stage"] == "stage1"
+    (run / "stage1" / "finished.json").unlink()
+    with pytest.raises(DataError, match=r"stage1 is not finished: rerun `fgvc stage1` with its original settings"):
+        predict(run, split="val", stage=1, tta="none", progress=False)
+    with pytest.raises(DataError, match="no finished stage"):
+        sweep(run, [32], split="val", progress=False)
+
+
+def test_sweep_of_a_run_trained_on_val_warns(
+    adapted_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With data.train_on_all the val split was trained on: a sweep there scores training images."""
+    run = tmp_path / adapted_run.name
+    shutil.copytree(adapted_run, run)
+    logger = logging.getLogger("fgvc")
+    logger.addHandler(caplog.handler)  # fgvc's logger does not propagate to the root one caplog listens to
+    try:
+        sweep(run, [32], split="val", progress=False)
+        assert "train_on_all" not in caplog.text
+        config = run / "config.yaml"
+        config.write_text(config.read_text().replace("train_on_all: false", "train_on_all: true"))
+        sweep(run, [32], split="val", progress=False)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "data.train_on_all is set, so the val split was trained on" in caplog.text
 
 
 def test_suggest_res_matches_eq5_by_hand() -> None:
@@ -304,7 +358,10 @@ def test_predicting_on_a_dataset_whose_classes_changed_is_a_one_line_error(tmp_p
     _load_split.cache_clear()  # as in a new process, which reads the folders again
     with pytest.raises(DataError, match=r"label 0 is 'a' in the model, 'b' in the dataset") as caught:
         predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)
-    assert "\n" not in str(caught.value) and "--data-root" in str(caught.value)
+    assert "\n" not in str(caught.value)  # predict has no --data-root: the fix is the stage's config.yaml
+    assert str(caught.value).endswith(
+        f"set data.root in {cfg.run_dir() / 'stage1' / 'config.yaml'} to the data it was trained on"
+    )
 
 
 def test_predict_without_tta_follows_the_runs_predict_setting(adapted_run: Path) -> None:

@@ -285,7 +285,8 @@ class Payload:
 
 def test_checkpoints_that_would_run_code_are_refused(tmp_path, capsys):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Payload()}, tmp_path / "evil.pth")
-    assert "not a readable" in one_line_error(LITE0, tmp_path / "evil.pth")
+    message = one_line_error(LITE0, tmp_path / "evil.pth")
+    assert "holds a Python object besides tensors (" in message and "print" in message
     assert "this must not run" not in capsys.readouterr().out
 
 
@@ -298,3 +299,52 @@ def test_a_new_classifier_on_pretrained_features_starts_at_zero() -> None:
     assert kept_head.weight.abs().sum() > 0  # the ImageNet classifier itself was loaded
     random_head = create_model("timm:tf_efficientnet_lite0", 16, None).classifier
     assert random_head.weight.abs().sum() > 0  # random init keeps timm's init
+
+
+def test_a_training_checkpoint_with_its_arguments_and_a_numpy_metric_loads(tmp_path: Path) -> None:
+    """timm's train.py stores its argparse.Namespace, many scripts a numpy metric: harmless, and weights_only refused
+    them with advice to re-download."""
+    import argparse
+
+    import numpy as np
+
+    source = create_model("timm:test_resnet", 5)
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": source.state_dict(), "args": argparse.Namespace(lr=0.1), "metric": np.float64(0.5),
+                "epoch": np.int64(3)}, path)  # fmt: skip
+    model = create_model("timm:test_resnet", 5, path)
+    loaded, saved = model.state_dict(), source.state_dict()
+    assert all(torch.equal(loaded[key], saved[key]) for key in saved)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_with_how_to_re_save_it(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.pth"
+    torch.save({"state_dict": create_model("timm:test_resnet", 5).state_dict(), "loss": nn.CrossEntropyLoss()}, path)
+    with pytest.raises(WeightsError, match=r"pickled.pth: holds a Python object besides tensors \(torch.nn.*re-save"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("written_as", ["safetensors", "torch"])
+def test_the_format_is_read_from_the_content_not_the_suffix(tmp_path: Path, written_as: str) -> None:
+    state = create_model("timm:test_resnet", 5).state_dict()
+    path = tmp_path / ("weights.pth" if written_as == "safetensors" else "weights.safetensors")
+    if written_as == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    loaded = read_state_dict(path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_a_checkpoint_of_another_architecture_names_the_one_it_was_trained_as(tmp_path: Path) -> None:
+    """fgvc's own checkpoints carry their arch; timm's converter for the target family (ConvNeXt here) fails on
+    another family's keys, which must still end in the one-line message, not timm's KeyError."""
+    path = tmp_path / "best.pt"
+    torch.save({"model": create_model("timm:resnet18", 5).state_dict(), "arch": "timm:resnet18"}, path)
+    expected = r"best.pt: checkpoint does not fit timm:convnext_atto: .*as timm:resnet18: use --arch timm:resnet18"
+    with pytest.raises(WeightsError, match=expected):
+        create_model("timm:convnext_atto", 5, path)
+    bare = tmp_path / "bare.pth"
+    torch.save(create_model("timm:resnet18", 5).state_dict(), bare)
+    with pytest.raises(WeightsError, match=r"bare.pth: checkpoint does not fit timm:convnext_atto: .*--arch"):
+        create_model("timm:convnext_atto", 5, bare)

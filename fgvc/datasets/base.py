@@ -107,7 +107,11 @@ def make_index(
         raise ConfigError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     root = Path(root)
     if not root.exists():
-        raise DataError(f"{root}: dataset root not found; put the {spec.title} files there or pass --data-root")
+        raise DataError(
+            f"{root}: dataset root not found; put the {spec.title} files there, or name their folder: --data-root "
+            "(stage1, validate-submission), data.root in a recipe, or data.root in the config.yaml of the run and of "
+            "its stage folders (stage2, predict, sweep, ensemble)"
+        )
     official = spec.reader(root)
     train, val = official.train, official.val
     if val is None:

@@ -148,25 +148,6 @@ class Split:
     example_size: tuple[int, int]
 
 
-class FrozenTrunkModel(nn.Module):
-    """``tail(trunk(x))`` with the trunk under ``torch.no_grad()``: stage 2 without the cache (random augmentation,
-    several processes, no room) still spends nothing on autograd in front of the tuned part.
-
-    Only the tail is registered as a submodule, so DDP synchronises and broadcasts the tail alone; the trunk's modules
-    are frozen and in eval mode, the same on every rank.
-    """
-
-    def __init__(self, split: Split) -> None:
-        super().__init__()
-        self.tail = split.tail
-        self.trunk = split.trunk  # a plain callable, not a submodule
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            features = self.trunk(x)
-        return self.tail(features)
-
-
 def split_model(model: nn.Module, tune: str, example: torch.Tensor) -> Split | None:
     """Split ``model`` before the first block that ``tune`` trains, or None (logged) when that is not possible.
 

@@ -42,7 +42,8 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     top of the SIGINT, and a worker that gets two signals aborts without saving.
     """
     # "--" ends torchrun's own options: otherwise its parser takes fgvc's --run for an abbreviation of --run-path.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "--"]
+    # torchrun through _torchrun_main below: a rank's one-line error keeps its exit code 2, without torchrun's report.
+    cmd = [sys.executable, "-m", "fgvc.engine.launch", "--standalone", f"--nproc_per_node={nproc}", "-m", "--"]
     received: list[int] = []
     child: subprocess.Popen | None = None
 
@@ -74,3 +75,25 @@ def _terminate_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
+
+def _torchrun_main() -> None:
+    """torchrun with fgvc's exit codes: a rank's one-line error (exit 2) or a forwarded signal (128 + signal) is the
+    exit code of the whole command, without torchrun's traceback and failure report after the rank's own message."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        torchrun()
+    except ChildFailedError as err:
+        codes = [failure.exitcode for failure in err.failures.values() if failure.exitcode > 0]
+        sys.exit(codes[0] if codes else 1)
+    except SignalException as err:
+        sys.exit(128 + int(err.sigval))
+
+
+if __name__ == "__main__":
+    _torchrun_main()

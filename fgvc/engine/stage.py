@@ -41,7 +41,6 @@ from fgvc.engine.checkpoint import (
 )
 from fgvc.engine.feature_cache import (
     FeatureCache,
-    FrozenTrunkModel,
     Split,
     cache_bytes_estimate,
     cache_dtype,
@@ -144,6 +143,11 @@ def make_loader(
     ``decode="gpu"``: workers only read the file bytes; nvJPEG decodes and the augmentation runs on the device, in a
     background thread one batch ahead (:class:`fgvc.prefetch.Prefetcher`).
     """
+    if meta.fixed_input_size and res != meta.input_size:
+        raise ConfigError(
+            f"{meta.arch} runs at {meta.input_size} px only (timm fixes its input size), not {res} px: FixRes needs a "
+            "model that takes any size (CNNs, or timm's ViT/DeiT/Swin/EVA)"
+        )
     sampler = EpochSampler(len(index), shuffle=shuffle, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size)
     drop_last = shuffle and len(sampler) > batch_size  # this rank's shard holds more than one batch
     prepare: Callable[[Any], torch.Tensor]
@@ -252,9 +256,12 @@ def class_info(index: DatasetIndex) -> dict[str, list]:
     return {"names": list(index.class_names), "category_ids": [plain(c) for c in index.category_ids]}
 
 
-def check_classes(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path) -> None:
+def check_classes(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path, config: Path) -> None:
     """The checkpoint's classes must be the dataset's, in the same order: a renamed, added or removed class folder
-    would otherwise shift every label silently (accuracies, ensembles and submissions would all be wrong)."""
+    would otherwise shift every label silently (accuracies, ensembles and submissions would all be wrong).
+
+    ``config`` is the file whose ``data.root`` was read: every command that gets here reads it from a run's
+    config.yaml, so that is where the fix goes."""
     trained, now = ckpt["classes"], class_info(index)
     if trained == now:
         return
@@ -268,7 +275,7 @@ def check_classes(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path) ->
         why = f"label {i} is {was[i][part]!r} in the model, {is_[i][part]!r} in the dataset"
     raise DataError(
         f"{stage_dir}: the model was trained on other classes than the {index.name} {index.split} split has ({why}); "
-        "point --data-root at the data it was trained on"
+        f"set data.root in {config} to the data it was trained on"
     )
 
 
@@ -352,7 +359,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
 
     state: dict[str, Any] | None = None
     if is_finished(stage_dir) and not force:
-        raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose another --name)")
+        other = "another --name" if stage == STAGE1 else "another --test-res"
+        raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose {other})")
     if (stage_dir / LAST).is_file() and not force:
         state = load_checkpoint(stage_dir / LAST)
         conflicts = config_conflicts(state["config"], cfg, stage)
@@ -371,7 +379,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         source = f"weights {cfg.model.weights}"
     else:
         model, ckpt1 = load_stage_model(run_dir / STAGE1)
-        check_classes(ckpt1, train_index, run_dir / STAGE1)
+        check_classes(ckpt1, train_index, run_dir / STAGE1, run_dir / CONFIG_FILE)
         source = f"stage 1 epoch {ckpt1['epoch']}"
     if state is not None:
         load_model_state(model, state["model"], stage_dir / LAST)
@@ -491,11 +499,13 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     if stage != STAGE1 and start_epoch < stage_cfg.epochs:
         split = stage2_split(cfg, rt, model, stage_cfg)
         cache = _feature_cache(cfg, rt, split, stage_cfg, train_index, meta, decode, progress)
-    net: nn.Module = model
-    if split is not None and cache is None:  # uncached stage 2: no autograd in front of the tuned part
-        net = FrozenTrunkModel(split)
+    net: nn.Module = model  # uncached, autograd starts at the first tuned module: the frozen part records nothing
+    # Stage 2 leaves each rank's tuned BN statistics to its own shard, averaged at each epoch's end (distribute_bn):
+    # DDP's default, rank 0's buffers copied to every rank before each forward, would keep rank 0's shard alone in them.
+    broadcast_buffers = stage == STAGE1
     if rt.distributed and optimizer is not None:
-        net = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        net = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                                      broadcast_buffers=broadcast_buffers)  # fmt: skip
     if cfg.runtime.compile:
         net = torch.compile(net)
     result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before)
@@ -504,7 +514,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         micro = start_micro if epoch == start_epoch else 0
         train_sampler.set_epoch(epoch, start=micro * stage_cfg.batch_size)
         set_train_mode(model, stage_cfg.tune)
-        bn_reset = _prepare_bnstats(model, stage_cfg.tune, restart=micro == 0)
+        bn_reset = _prepare_bnstats(model, stage_cfg.tune, restart=epoch == 0 and micro == 0)
         desc = f"{stage} {epoch + 1}/{stage_cfg.epochs}"
         if cache is not None and split is not None:  # frozen trunk computed once: only the tail runs
             stats = train_one_epoch_cached(
@@ -520,7 +530,9 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             )  # fmt: skip
         stats = stats.after(partial if epoch == start_epoch else None)
         bn_reset()
-        if rt.distributed:  # each rank saw its own shard: average the BN statistics so the saved model uses them all
+        # Each rank saw its own shard: average the BN statistics so that the saved model uses them all. Not after an
+        # interruption in stage 1, whose ranks all hold rank 0's buffers, which are what the run continues from.
+        if rt.distributed and not (stats.interrupted and broadcast_buffers):
             from timm.utils import distribute_bn
 
             distribute_bn(model, rt.world_size, reduce=True)
@@ -652,9 +664,11 @@ def _feature_cache(
 
 
 def _prepare_bnstats(model: nn.Module, tune: str, restart: bool = True) -> Any:
-    """For ``bnstats``: the last BN's statistics as a cumulative average over this pass; returns an undo.
+    """For ``bnstats``: the last BN's statistics as one cumulative average over all the stage's passes; returns an
+    undo (the momentum).
 
-    A pass resumed mid-epoch (``restart=False``) continues the average: ``num_batches_tracked`` is in the checkpoint.
+    Only the stage's start (``restart``) resets them: each later pass, with the random ``test2`` augmentation, adds
+    samples. A resumed stage continues the average: the statistics and ``num_batches_tracked`` are in the checkpoint.
     """
     if tune != "bnstats":
         return lambda: None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from fgvc.config import CONFIG_FILE, load_config
 from fgvc.errors import ConfigError, DataError
 from fgvc.fileio import atomic_write_text
 from fgvc.plots import plot_sweep
+
+log = logging.getLogger("fgvc")
 
 
 def apparent_size_factor(scale: tuple[float, float] = (0.08, 1.0)) -> float:
@@ -62,14 +65,24 @@ def sweep(
     workers: int | None = None,
     progress: bool = True,
 ) -> SweepResult:
-    """Top-1 of the stage-1 model and of every stage-2 model at each test resolution (test augmentation)."""
-    from fgvc.predict import predict_stage, stage_dirs
+    """Top-1 of the stage-1 model and of every finished stage-2 model at each test resolution (test augmentation)."""
+    from fgvc.engine.stage import is_finished
+    from fgvc.predict import predict_stage, stage_dirs, unfinished_hint
 
     if not resolutions:
         raise ConfigError("--res needs at least one resolution, e.g. --res 384,448,512")
-    dirs = stage_dirs(run_dir)
+    dirs = []
+    for stage_dir in stage_dirs(run_dir):
+        if is_finished(stage_dir):
+            dirs.append(stage_dir)
+        else:  # an interrupted stage's last.pt is a model halfway through its training
+            log.warning("skipped %s", unfinished_hint(stage_dir))
     if not dirs:
-        raise DataError(f"{run_dir}: no trained stage; run `fgvc stage1` first")
+        raise DataError(f"{run_dir}: no finished stage; run `fgvc stage1` first")
+    cfg = load_config(run_dir / CONFIG_FILE)
+    if cfg.data.train_on_all and split == "val":
+        log.warning("%s: data.train_on_all is set, so the val split was trained on and this sweep scores training "
+                    "images; sweep a run without it to choose the resolution", run_dir)  # fmt: skip
     table = pd.DataFrame({"res": sorted(resolutions)})
     for stage_dir in dirs:
         column = []
@@ -85,6 +98,5 @@ def sweep(
     # same split replaces its own (a report, recomputed in seconds from the cached probability files).
     csv_path, png_path = run_dir / f"sweep-{split}.csv", run_dir / f"sweep-{split}.png"
     atomic_write_text(csv_path, table.to_csv(index=False))
-    train_res = load_config(run_dir / CONFIG_FILE).stage1.res
-    plot_sweep(table, png_path, train_res, f"{run_dir.name}: top-1 on {split} vs test resolution")
+    plot_sweep(table, png_path, cfg.stage1.res, f"{run_dir.name}: top-1 on {split} vs test resolution")
     return SweepResult(table, str(best["model"]), int(best["res"]), float(best["top1"]), csv_path, png_path)

@@ -36,7 +36,8 @@ def _check_policy(meta: ModelMeta, tune: str) -> None:
         raise ConfigError(f"unknown tune policy '{tune}'; choose one of {', '.join(TUNE_POLICIES)}")
     if tune in _NEEDS_BN and meta.last_bn is None:
         raise ConfigError(
-            f"tune '{tune}' needs a BatchNorm before global pooling and {meta.arch} has none; use 'fc' or 'stage+bn+fc'"
+            f"tune '{tune}' needs a BatchNorm that normalises the pooled features, and {meta.arch} has none (no "
+            "BatchNorm, LayerNorm after it, or it covers one branch only); use 'stage+bn+fc' or 'fc'"
         )
     if tune == "stage+bn+fc" and not meta.last_stage:
         raise ConfigError(f"tune 'stage+bn+fc': fgvc does not know the last stage of {meta.arch}; use 'bn+fc' or 'fc'")

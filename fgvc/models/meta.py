@@ -27,6 +27,8 @@ class ModelMeta:
         last_bn: Name of the last BatchNorm before global pooling, or None for models without BatchNorm.
         last_stage: Names of the modules that form the last stage (FixRes "layer 4"; PNASNet: its last three cells).
         num_classes: Number of classifier outputs.
+        fixed_input_size: The model runs at ``input_size`` only (timm's CoAtNet, MaxViT, BEiT, LeViT...): FixRes's
+            change of resolution cannot apply. ViT, DeiT, Swin and EVA are built with timm's ``dynamic_img_size``.
     """
 
     arch: str
@@ -39,6 +41,7 @@ class ModelMeta:
     last_bn: str | None
     last_stage: tuple[str, ...]
     num_classes: int
+    fixed_input_size: bool = False
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

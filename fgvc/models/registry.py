@@ -96,6 +96,15 @@ def _cadene_spec(
 
 
 def _build_timm(model_name: str, num_classes: int, **kwargs: float) -> nn.Module:
+    """timm's model; one whose pretrained config fixes the input size is built to take any size where timm can
+    (``dynamic_img_size``: ViT, DeiT, Swin, EVA), since stage 2 and the sweep change the resolution."""
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is not None and getattr(cfg, "fixed_input_size", False):
+        try:
+            return timm.create_model(model_name, pretrained=False, num_classes=num_classes, dynamic_img_size=True,
+                                     **kwargs)  # fmt: skip
+        except TypeError:  # no such option: it runs at its pretraining size only (ModelMeta.fixed_input_size)
+            pass
     return timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
@@ -152,8 +161,13 @@ def _wsl_spec() -> ModelSpec:
 _SHORTCUTS = frozenset({"downsample", "shortcut", "short_cut", "skip"})  # module names of residual projections
 
 
+_OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm)  # timm's LayerNorm2d subclasses nn.LayerNorm
+
+
 def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
-    """Name of the last ``BatchNorm2d`` of the main path in forward order, or None if the model has none.
+    """Name of the last ``BatchNorm2d`` of the main path in forward order, or None where no BatchNorm normalises the
+    pooled features: a model without one, or a hybrid whose BatchNorms are followed by LayerNorm/GroupNorm blocks
+    (CoAtNet, MaxViT, VOLO, XCiT), where the last BatchNorm sits in an early stage and tuning it is not FixRes.
 
     Forward order matters where registration order differs from execution order. The probe is one batch-1 forward
     in eval mode on the model's own device: shape-only and free on the meta device (how fgvc calls it), a real
@@ -164,8 +178,8 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
     a shortcut's BatchNorm gives way to its block's main branch (see :func:`_main_path_bn`).
     """
     names = {id(module): name for name, module in model.named_modules()}
-    norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
-    if not norms:
+    norms = [module for module in model.modules() if isinstance(module, (nn.BatchNorm2d, *_OTHER_NORMS))]
+    if not any(isinstance(norm, nn.BatchNorm2d) for norm in norms):
         return None
     seen: list[str] = []
     hooks = [m.register_forward_hook(lambda mod, _i, _o: seen.append(names[id(mod)])) for m in norms]
@@ -182,7 +196,12 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
         for module, training in modes.items():
             module.training = training
     order = seen or [names[id(norm)] for norm in norms]
-    return _main_path_bn(order)
+    batchnorms = [name for name in order if isinstance(model.get_submodule(name), nn.BatchNorm2d)]
+    last = _main_path_bn(batchnorms)
+    after = order[len(order) - 1 - order[::-1].index(batchnorms[-1]) :]
+    if any(isinstance(model.get_submodule(name), _OTHER_NORMS) for name in after):
+        return None  # other norms run after the last BatchNorm: it does not normalise what is pooled
+    return last
 
 
 def _main_path_bn(order: list[str]) -> str:
@@ -211,29 +230,34 @@ def _timm_classifier(model: nn.Module) -> str:
 
 
 def _timm_last_stage(model: nn.Module, classifier: str) -> tuple[str, ...]:
-    """timm's last feature stage plus the parametrised top-level modules after it (EfficientNet's conv_head/bn2,
-    ConvNeXt's head norm): what "layer 4" means for a model that is not a ResNet."""
+    """What "layer 4" means for a model that is not a ResNet: every parametrised module that runs after timm's
+    second-to-last feature map, up to the classifier (ResNet's ``layer4``; EfficientNet's ``blocks.5``, ``blocks.6``,
+    ``conv_head`` and ``bn2``; ConvNeXt's ``stages.3`` and head norm).
+
+    Reading the stage off the last ``feature_info`` entry instead fails where that entry has no parameters (the
+    Identity ``final_conv`` of timm's ByobNets, Xception's ``act4``) or is not the last block (GhostNet, ReXNet):
+    stage 2 then tuned nothing more than ``bn+fc``. Module order is registration order within each parent.
+    """
     feature_info = getattr(model, "feature_info", None)
     if not feature_info:
         return ()
-    stage = feature_info[-1]["module"]
-    norm = model.get_submodule(stage)
-    if "." in stage and isinstance(norm, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm):
-        # DenseNet names its final norm (features.norm5): the stage is the block before it, plus that norm
-        parent, _, last = stage.rpartition(".")
-        siblings = [name for name, _ in model.get_submodule(parent).named_children()]
-        if siblings.index(last) > 0:
-            return (f"{parent}.{siblings[siblings.index(last) - 1]}", stage)
-    children = [name for name, _ in model.named_children()]
-    top = stage.split(".")[0]
-    if top not in children:
-        return (stage,)
-    after = [
+    if len(feature_info) < 2:
+        return (feature_info[-1]["module"],)
+    parts = feature_info[-2]["module"].split(".")
+    following: list[str] = []
+    try:
+        for depth in range(len(parts), 0, -1):  # the entry's later siblings, then its parent's, up to the top level
+            parent = ".".join(parts[: depth - 1])
+            children = [name for name, _ in model.get_submodule(parent).named_children()]
+            later = children[children.index(parts[depth - 1]) + 1 :]
+            following += [f"{parent}.{name}" if parent else name for name in later]
+    except (AttributeError, ValueError):  # feature_info names a module that does not exist (Twins' "block.0")
+        return ()
+    return tuple(
         name
-        for name in children[children.index(top) + 1 :]
+        for name in following
         if name != classifier and any(True for _ in model.get_submodule(name).parameters())
-    ]
-    return (stage, *after)
+    )
 
 
 def _timm_locations(model_name: str) -> list[WeightsLocation]:
@@ -269,11 +293,21 @@ def _unknown_timm_model(model_name: str) -> ConfigError:
 def _timm_spec(model_name: str) -> ModelSpec:
     if not timm.is_model(model_name):
         raise _unknown_timm_model(model_name)
-    cfg = timm.models.get_pretrained_cfg(model_name)
-    size = int(cfg.input_size[-1]) if cfg is not None else 224
     with torch.device("meta"):
         probe = _build_timm(model_name, 1000)
+    # timm still builds its deprecated names (vit_base_patch16_224_in21k -> vit_base_patch16_224.augreg_in21k), but
+    # their configs (normalisation, crop, weights files) are under the current name only
+    cfg_name, cfg = model_name, timm.models.get_pretrained_cfg(model_name)
+    resolved = getattr(probe, "pretrained_cfg", None) or {}
+    if cfg is None and resolved.get("architecture") and resolved.get("tag"):
+        cfg_name = f"{resolved['architecture']}.{resolved['tag']}"
+        cfg = timm.models.get_pretrained_cfg(cfg_name)
+    size = int(cfg.input_size[-1]) if cfg is not None else 224
     classifier = _timm_classifier(probe)
+    last_bn = last_batchnorm(probe, size)
+    pooled = getattr(probe, "num_features", None)
+    if last_bn is not None and isinstance(pooled, int) and probe.get_submodule(last_bn).num_features != pooled:
+        last_bn = None  # one branch of a concat (Inception-V3's Mixed_7c): most pooled channels would not adapt
     meta = ModelMeta(
         arch=TIMM_PREFIX + model_name,
         mean=tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN,
@@ -282,12 +316,13 @@ def _timm_spec(model_name: str) -> ModelSpec:
         interpolation=cfg.interpolation if cfg is not None else "bicubic",
         crop_pct=float(cfg.crop_pct) if cfg is not None else 0.875,
         classifier=classifier,
-        last_bn=last_batchnorm(probe, size),
+        last_bn=last_bn,
         last_stage=_timm_last_stage(probe, classifier),
         num_classes=1000,
+        fixed_input_size=bool(getattr(cfg, "fixed_input_size", False)) and not getattr(probe, "dynamic_img_size", 0),
     )
     return ModelSpec(
-        partial(_build_timm, model_name), meta, partial(_timm_locations, model_name), _timm_download_url(model_name)
+        partial(_build_timm, model_name), meta, partial(_timm_locations, cfg_name), _timm_download_url(cfg_name)
     )
 
 

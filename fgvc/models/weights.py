@@ -9,14 +9,17 @@ backbone trains to a plausible but worse score.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import pickle
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -99,20 +102,57 @@ def read_state_dict(path: str | Path) -> StateDict:
     gives its raw weights before its EMA), and the ``module.``/``_orig_mod.`` prefixes of wrapped models are removed.
     Pickles are read with ``weights_only=True``: a checkpoint can not run code.
     """
+    return _state_of(read_checkpoint(path), path)
+
+
+# What training scripts store beside the weights, harmless to unpickle: timm's train.py saves its argparse.Namespace,
+# many scripts a numpy metric. weights_only refuses them unless they are allowed by name.
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
+_SAFE_GLOBALS = [argparse.Namespace, np.dtype, _NUMPY_CORE.multiarray.scalar]
+_SAFE_GLOBALS += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+
+
+def read_checkpoint(path: str | Path) -> object:
+    """The object a weights file holds (a dict of tensors, or a training checkpoint around one), read by its content:
+    a safetensors file and a torch file are told apart by their first bytes, not by the file name."""
     path = Path(path)
     if not path.is_file():
         what = "a folder, not a weights file" if path.is_dir() else "no such weights file"
         raise WeightsError(f"{path}: {what}; check the path given to --weights")
     try:
-        if path.suffix == ".safetensors":
-            loaded: object = load_file(str(path), device="cpu")
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+        if _is_safetensors(path):
+            return load_file(str(path), device="cpu")
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), path.open("rb") as handle:  # a handle: no suffix rules
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Unsupported global" not in str(err):  # not a pickle of tensors at all
+            raise WeightsError(
+                f"{path}: not a readable PyTorch or safetensors checkpoint ({first_line}); re-download or re-save it"
+            ) from None
+        blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))  # unpickling it could run code
+        raise WeightsError(
+            f"{path}: holds a Python object besides tensors ({blocked.group(1) if blocked else 'unknown'}) that fgvc "
+            "does not unpickle; re-save its weights alone: torch.save(torch.load(f, weights_only=False)"
+            "['state_dict'], 'weights.pth')"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError, IndexError, KeyError, SafetensorError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(
             f"{path}: not a readable PyTorch or safetensors checkpoint ({first_line}); re-download or re-save it"
         ) from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header; torch files start "PK" or 0x80."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return path.suffix == ".safetensors"  # too short for either: let the reader named by the suffix explain
+    return head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _state_of(loaded: object, path: str | Path) -> StateDict:
     state = _unwrap_checkpoint(loaded)
     if state is None:
         raise WeightsError(
@@ -224,28 +264,31 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """
     meta = get_meta(model)
     net = unwrap_model(model)
-    state = read_state_dict(path)
+    loaded = read_checkpoint(path)
+    state = _state_of(loaded, path)
+    written_for = loaded.get("arch") if isinstance(loaded, Mapping) else None  # fgvc's own checkpoints say
     if is_efficientnet_pytorch_state(state):
         state = convert_efficientnet_pytorch(state, net)
-    state = _timm_checkpoint_filter(state, net, path)
+    state = _timm_checkpoint_filter(state, net)
     target = net.state_dict()
     state = _fit_classifier(state, target, meta.classifier + ".")
-    _check_keys(state, target, meta.classifier + ".", meta.arch, path)
+    _check_keys(state, target, meta.classifier + ".", meta.arch, path, written_for)
     _check_shapes(state, target, meta.arch, path)
     net.load_state_dict(state, strict=False)
 
 
-def _timm_checkpoint_filter(state: StateDict, net: nn.Module, path: str | Path) -> StateDict:
+def _timm_checkpoint_filter(state: StateDict, net: nn.Module) -> StateDict:
     """Apply timm's own converter for the model's family (original FB/Google checkpoints -> timm names), as timm's
-    pretrained loader does; it leaves timm-format checkpoints unchanged."""
+    pretrained loader does; it leaves timm-format checkpoints unchanged. A converter that fails on the checkpoint
+    (one of another architecture, typically) leaves it as it is, for :func:`_check_keys` to say what does not fit."""
     module = sys.modules.get(type(net).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None) if type(net).__module__.startswith("timm.") else None
     if filter_fn is None:
         return state
     try:
         return dict(filter_fn(state, net))
-    except (KeyError, RuntimeError, ValueError, IndexError) as err:
-        raise WeightsError(f"{path}: timm could not convert this checkpoint for {type(net).__name__} ({err})") from None
+    except Exception:  # timm's converters assume their own family's keys and fail in many ways
+        return state
 
 
 def _fit_classifier(state: StateDict, target: StateDict, prefix: str) -> StateDict:
@@ -264,14 +307,23 @@ def _has_background_row(checkpoint: torch.Tensor, model: torch.Tensor) -> bool:
     return model.shape[0] == 1000 and checkpoint.shape[0] == 1001 and checkpoint.shape[1:] == model.shape[1:]
 
 
-def _check_keys(state: StateDict, target: StateDict, classifier_prefix: str, arch: str, path: str | Path) -> None:
+def _check_keys(
+    state: StateDict,
+    target: StateDict,
+    classifier_prefix: str,
+    arch: str,
+    path: str | Path,
+    written_for: object = None,
+) -> None:
     optional = ("num_batches_tracked",)  # absent from checkpoints saved before PyTorch 0.4.1 (Cadene's)
     missing = [k for k in target if k not in state and not k.endswith(optional) and not k.startswith(classifier_prefix)]
     unexpected = [k for k in state if k not in target]
     if missing or unexpected:
+        fix = (f"it was trained as {written_for}: use --arch {written_for}" if isinstance(written_for, str)
+               and written_for != arch else "if it is a checkpoint of another architecture, pass that one's --arch")
         raise WeightsError(
             f"{path}: checkpoint does not fit {arch}: {len(missing)} keys missing ({_examples(missing)}), "
-            f"{len(unexpected)} unexpected ({_examples(unexpected)}); is it a checkpoint of another architecture?"
+            f"{len(unexpected)} unexpected ({_examples(unexpected)}); {fix}"
         )
 
 
