@@ -857,7 +857,8 @@ class CaseRun:
         return {
             S2_C1: Measured(images, first.seconds, first.peak_gib,
                             note=f"{note}; its loader's {self.cfg.data.workers} workers start inside the window"),
-            S2_C2: Measured(images_again, second.seconds, second.peak_gib, note=f"{note}; {tail_epochs} tail epochs"),
+            S2_C2: Measured(images_again, second.seconds, second.peak_gib,
+                            note=f"{note}; tail epochs timed: {tail_epochs}"),
         }
 
     # -- (e) 10-crop prediction -----------------------------------------------------------------------------------
@@ -982,6 +983,13 @@ def run_compiled(bench: Bench, case: ModelCase, cfg: RunConfig, index: DatasetIn
     torch._dynamo.reset()
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, tiny images, 2 steps a row")
@@ -993,7 +1001,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="auto: compile the cheap models on CUDA; all: every model; none")  # fmt: skip
     parser.add_argument("--skip", default="", help="comma-separated measurements not to run this time, listed as "
                         f"skipped in the table: {', '.join(STEP_METHODS)}")  # fmt: skip
-    parser.add_argument("--stage2-rounds", type=int, default=3,
+    parser.add_argument("--stage2-rounds", type=_positive, default=3,
                         help="alternating rounds of the stage-2 epoch and the inference pass; each row is its median")
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="start no new measurement after this many seconds (rows left are marked skipped)")

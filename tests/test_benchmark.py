@@ -81,7 +81,7 @@ def test_quick_run_writes_table_and_raw_numbers(tmp_path: Path) -> None:
         rounds = re.search(r"median of 3 alternating rounds \(([\d.]+) / ([\d.]+) / ([\d.]+) s", rows[name]["note"])
         assert rounds, rows[name]["note"]
         assert f"{rows[name]['seconds']:.2f}" == sorted(rounds.groups(), key=float)[1], name
-    assert re.search(r"\d+ tail epochs", rows["stage 2 cached: epoch 2+"]["note"])
+    assert re.search(r"tail epochs timed: \d+", rows["stage 2 cached: epoch 2+"]["note"])
     assert all(row["pinned_new_blocks"] is None for row in raw["rows"])  # a CUDA counter: absent on the CPU
 
     # Ratios are the quotients of the raw numbers.

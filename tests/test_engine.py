@@ -757,3 +757,27 @@ def test_resume_is_refused_when_other_parameters_would_learn(
     with pytest.raises(ConfigError, match=r"other parameters learning \(then old_bn\.weight; now "
                                           r"layer4\.0\.bn2\.weight, layer4\.0\.bn2\.bias\)"):  # fmt: skip
         run_stage1(cfg, progress=False)
+
+
+def test_a_stage_is_reloaded_with_the_input_statistics_it_was_trained_with(stage1_run: Path, tmp_path: Path) -> None:
+    """The registry's normalisation for a name can change (timm's configs, deprecated names); the checkpoint keeps
+    what its weights were trained with, and predict/stage 2 use that."""
+    import shutil
+
+    from fgvc.engine.stage import load_stage_model
+    from fgvc.models import model_meta
+
+    run = tmp_path / "run"
+    shutil.copytree(stage1_run, run)
+    registry = model_meta("timm:test_resnet")
+    for name in (BEST, LAST):
+        path = run / "stage1" / name
+        if path.is_file():
+            ckpt = load_checkpoint(path)
+            assert ckpt["input"] == {"mean": list(registry.mean), "std": list(registry.std),
+                                     "interpolation": registry.interpolation}  # fmt: skip
+            ckpt["input"] = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
+            save_checkpoint(path, ckpt)
+    model, _ckpt = load_stage_model(run / "stage1")
+    meta = get_meta(model)
+    assert (meta.mean, meta.std, meta.interpolation) == ((0.5,) * 3, (0.25,) * 3, "bilinear")

@@ -383,3 +383,26 @@ def test_a_deprecated_timm_name_gets_the_config_of_the_model_timm_maps_it_to() -
     assert (meta.mean, meta.std, meta.crop_pct) == (tuple(current.mean), tuple(current.std), current.crop_pct)
     assert meta.arch == "timm:vit_base_patch16_224_in21k"  # the name the user gave stays the model's name
     assert any("augreg_in21k" in str(place) for place in model_spec(meta.arch).locations())
+
+
+@pytest.mark.parametrize(("name", "last_bn"), [("mobilenetv4_conv_small", "norm_head"),
+                                               ("efficientvit_b0", "head.in_conv.norm")])  # fmt: skip
+def test_a_head_that_widens_after_the_trunk_keeps_bn_fc(name: str, last_bn: str) -> None:
+    """MobileNetV4's head conv widens 960 -> 1280 channels before pooling, and EfficientViT's classifier MLP has a
+    LayerNorm on the pooled vector: neither makes the BatchNorm before pooling a wrong choice."""
+    assert model_meta(f"timm:{name}").last_bn == last_bn
+
+
+def test_a_patch_model_is_refused_at_a_resolution_its_patches_do_not_divide(tiny_demo_root, tmp_path) -> None:
+    from conftest import tiny_config
+
+    from fgvc.engine.runtime import setup_runtime
+    from fgvc.engine.stage import load_split, make_loader
+
+    meta = model_meta("timm:vit_base_patch16_224_in21k")  # a deprecated name: built to take other sizes too
+    assert (meta.fixed_input_size, meta.input_multiple) == (False, 16)
+    cfg = tiny_config(tiny_demo_root, tmp_path)
+    rt, index = setup_runtime(cfg.runtime), load_split(cfg, "train")
+    with pytest.raises(ConfigError, match=r"divisible by its patch size 16, not 40 px: use 32 or 48"):
+        make_loader(cfg, rt, index, "test", 40, 4, False, meta)
+    make_loader(cfg, rt, index, "test", 48, 4, False, meta)

@@ -153,26 +153,30 @@ def _copy_with_an_interrupted_stage2(adapted_run: Path, tmp_path: Path) -> Path:
     return run
 
 
-def test_predict_and_sweep_use_only_finished_stages(adapted_run: Path, tmp_path: Path) -> None:
-    """An interrupted stage's last.pt is a half-trained model: never picked by default; named, it is refused with
-    how to finish it (a one-line error)."""
+def test_predict_and_sweep_use_only_finished_stages_unless_one_is_named(
+    adapted_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An interrupted stage's checkpoint is a half-trained model: never picked by default (a warning says how to
+    finish it); named with --stage, it is used as it is, with that warning (a run stopped early on purpose)."""
     run = _copy_with_an_interrupted_stage2(adapted_run, tmp_path)
-    assert predict(run, split="val", tta="none", progress=False).probs.meta["stage"] == "stage2-48"
-    assert predict(run, split="val", stage=2, res=72, tta="none", progress=False).probs.meta["stage"] == "stage2-48"
-    for stage in (None, 2):  # named explicitly (its resolution): refused, with how to finish it
-        with pytest.raises(DataError) as caught:
-            predict(run, split="val", stage=stage, res=64, tta="none", progress=False)
-        message = str(caught.value)
-        assert f"{run / 'stage2-64'} is not finished" in message and "\n" not in message
-        assert f"fgvc stage2 --run {run} --test-res 64" in message and "another --res" in message
+    hint = f"{run / 'stage2-64'} is not finished: `fgvc stage2 --run {run} --test-res 64`"
+    for res in (None, 72, 64):  # by default: the finished stage 2, whatever --res is nearest to
+        caplog.clear()
+        assert predict(run, split="val", res=res, tta="none", progress=False).probs.meta["stage"] == "stage2-48"
+        assert hint in caplog.text
+    caplog.clear()
+    assert predict(run, split="val", stage=2, res=64, tta="none", progress=False).probs.meta["stage"] == "stage2-64"
+    assert "predicting with an unfinished stage" in caplog.text and hint in caplog.text
     assert list(sweep(run, [32, 64], split="val", progress=False).table.columns) == ["res", "stage1", "stage2-48"]
-    (run / "stage2-48" / "finished.json").unlink()  # no finished stage 2: --stage 2 names the interrupted one
-    with pytest.raises(DataError, match=r"stage2-64 is not finished: .* or predict with --stage 1$"):
-        predict(run, split="val", stage=2, tta="none", progress=False)
+    (run / "stage2-48" / "finished.json").unlink()  # no finished stage 2: the default falls back to stage 1
     assert predict(run, split="val", tta="none", progress=False).probs.meta["stage"] == "stage1"
+    assert predict(run, split="val", stage=2, tta="none", progress=False).probs.meta["stage"] == "stage2-64"
     (run / "stage1" / "finished.json").unlink()
-    with pytest.raises(DataError, match=r"stage1 is not finished: rerun `fgvc stage1` with its original settings"):
-        predict(run, split="val", stage=1, tta="none", progress=False)
+    with pytest.raises(DataError, match=r"stage1 is not finished: rerun `fgvc stage1` .* or name it with --stage 1"):
+        predict(run, split="val", tta="none", progress=False)
+    caplog.clear()
+    assert predict(run, split="val", stage=1, tta="none", progress=False).probs.meta["stage"] == "stage1"
+    assert "predicting with an unfinished stage" in caplog.text
     with pytest.raises(DataError, match="no finished stage"):
         sweep(run, [32], split="val", progress=False)
 

@@ -348,3 +348,29 @@ def test_a_checkpoint_of_another_architecture_names_the_one_it_was_trained_as(tm
     torch.save(create_model("timm:resnet18", 5).state_dict(), bare)
     with pytest.raises(WeightsError, match=r"bare.pth: checkpoint does not fit timm:convnext_atto: .*--arch"):
         create_model("timm:convnext_atto", 5, bare)
+
+
+def test_a_checkpoint_pickled_under_numpy_1_loads(tmp_path: Path) -> None:
+    """numpy 1 pickles a scalar as numpy.core.multiarray.scalar, numpy 2 as numpy._core...: both are allowed."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    state = create_model("timm:test_resnet", 5).state_dict()
+    torch.save({"state_dict": state, "metric": np.float64(0.5)}, buffer, _use_new_zipfile_serialization=False)
+    other = b"numpy.core.multiarray" if b"numpy._core.multiarray" in buffer.getvalue() else b"numpy._core.multiarray"
+    written = buffer.getvalue().replace(b"numpy._core.multiarray\n", other + b"\n").replace(
+        b"numpy.core.multiarray\n", other + b"\n")  # fmt: skip
+    assert other in written
+    (tmp_path / "other_numpy.pth").write_bytes(written)
+    assert read_state_dict(tmp_path / "other_numpy.pth").keys() == state.keys()
+
+
+def test_a_timm_training_checkpoint_is_not_told_to_use_its_class_name_as_arch(tmp_path: Path) -> None:
+    """timm's train.py saves ``arch`` as a bare class name ("resnet"), which is no --arch value."""
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": create_model("timm:resnet18", 5).state_dict(), "arch": "resnet"}, path)
+    with pytest.raises(WeightsError) as caught:
+        create_model("timm:convnext_atto", 5, path)
+    assert "--arch resnet" not in str(caught.value) and "pass that one's --arch" in str(caught.value)

@@ -89,8 +89,9 @@ def _torchrun_main() -> None:
     try:
         torchrun()
     except ChildFailedError as err:
-        codes = [failure.exitcode for failure in err.failures.values() if failure.exitcode > 0]
-        sys.exit(codes[0] if codes else 1)
+        codes = [failure.exitcode for failure in err.failures.values() if failure.exitcode]
+        code = codes[0] if codes else 1
+        sys.exit(code if code > 0 else 128 - code)  # a rank killed by a signal (-9: the OOM killer) -> 137
     except SignalException as err:
         sys.exit(128 + int(err.sigval))
 

@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,11 @@ def make_loader(
             f"{meta.arch} runs at {meta.input_size} px only (timm fixes its input size), not {res} px: FixRes needs a "
             "model that takes any size (CNNs, or timm's ViT/DeiT/Swin/EVA)"
         )
+    if res % meta.input_multiple:
+        step = meta.input_multiple
+        below, above = res // step * step, (res // step + 1) * step
+        raise ConfigError(f"{meta.arch} takes resolutions divisible by its patch size {step}, not {res} px: use "
+                          f"{below} or {above}")  # fmt: skip
     sampler = EpochSampler(len(index), shuffle=shuffle, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size)
     drop_last = shuffle and len(sampler) > batch_size  # this rank's shard holds more than one batch
     prepare: Callable[[Any], torch.Tensor]
@@ -293,7 +298,22 @@ def load_stage_model(stage_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     ckpt = load_checkpoint(path)
     model = create_model(ckpt["arch"], ckpt["num_classes"], None)
     load_model_state(model, ckpt["model"], path)
+    use_saved_input(model, ckpt)
     return model, ckpt
+
+
+def saved_input(meta: ModelMeta) -> dict[str, Any]:
+    """What the weights expect of their input, saved with them: the registry's answer for a name can change (timm's
+    configs, fgvc's resolution of deprecated names), the trained weights' expectation does not."""
+    return {"mean": list(meta.mean), "std": list(meta.std), "interpolation": meta.interpolation}
+
+
+def use_saved_input(model: nn.Module, ckpt: dict[str, Any]) -> None:
+    """Give ``model`` the normalisation and resize interpolation its checkpoint was trained with (where it says)."""
+    saved = ckpt.get("input")
+    if saved:
+        model.fgvc_meta = replace(get_meta(model), mean=tuple(saved["mean"]), std=tuple(saved["std"]),
+                                  interpolation=saved["interpolation"])  # fmt: skip
 
 
 def latest_run(out: str | Path = "runs") -> Path:
@@ -383,6 +403,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         source = f"stage 1 epoch {ckpt1['epoch']}"
     if state is not None:
         load_model_state(model, state["model"], stage_dir / LAST)
+        use_saved_input(model, state)
     meta = get_meta(model)
     set_trainable(model, stage_cfg.tune)
     model.to(rt.device, memory_format=rt.memory_format)
@@ -487,6 +508,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "rng": rngs,
             "config": cfg.model_dump(mode="json"),
             "arch": cfg.model.arch,
+            "input": saved_input(meta),
             "num_classes": num_classes,
             "classes": class_info(train_index),
             "res": stage_cfg.res,
@@ -531,7 +553,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         stats = stats.after(partial if epoch == start_epoch else None)
         bn_reset()
         # Each rank saw its own shard: average the BN statistics so that the saved model uses them all. Not after an
-        # interruption in stage 1, whose ranks all hold rank 0's buffers, which are what the run continues from.
+        # interruption in stage 1: there DDP copies rank 0's buffers to every rank before each forward, so rank 0's
+        # (saved in last.pt) are what an uninterrupted run would have continued from.
         if rt.distributed and not (stats.interrupted and broadcast_buffers):
             from timm.utils import distribute_bn
 
@@ -571,7 +594,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         if rt.is_main:
             state_now = checkpoint(epoch + 1, 0, last_epoch, rngs)
             if improved or not len(val_index):
-                keep = ("model", "arch", "num_classes", "classes", "config", "epoch", "res", "stage", "best")
+                keep = ("model", "arch", "input", "num_classes", "classes", "config", "epoch", "res", "stage", "best")
                 save(BEST, {k: state_now[k] for k in keep} | {"metrics": metrics})
             save(LAST, state_now)
             _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")
@@ -619,7 +642,7 @@ def is_finished(stage_dir: Path) -> bool:
 
 
 def stage2_split(cfg: RunConfig, rt: Runtime, model: nn.Module, stage_cfg: StageConfig) -> Split | None:
-    """The model cut before its tuned part (for the cache and for a no-grad trunk), or None where it cannot be cut.
+    """The model cut before its tuned part (for the feature cache), or None where it cannot be cut.
 
     None under ``--compile`` too: the trunk stops the model's forward with an exception, which compiled code cannot.
     """

@@ -29,6 +29,7 @@ class ModelMeta:
         num_classes: Number of classifier outputs.
         fixed_input_size: The model runs at ``input_size`` only (timm's CoAtNet, MaxViT, BEiT, LeViT...): FixRes's
             change of resolution cannot apply. ViT, DeiT, Swin and EVA are built with timm's ``dynamic_img_size``.
+        input_multiple: Resolutions must be multiples of it (a ViT's patch size; 1 for CNNs).
     """
 
     arch: str
@@ -42,6 +43,7 @@ class ModelMeta:
     last_stage: tuple[str, ...]
     num_classes: int
     fixed_input_size: bool = False
+    input_multiple: int = 1
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -99,7 +99,7 @@ def _build_timm(model_name: str, num_classes: int, **kwargs: float) -> nn.Module
     """timm's model; one whose pretrained config fixes the input size is built to take any size where timm can
     (``dynamic_img_size``: ViT, DeiT, Swin, EVA), since stage 2 and the sweep change the resolution."""
     cfg = timm.models.get_pretrained_cfg(model_name)
-    if cfg is not None and getattr(cfg, "fixed_input_size", False):
+    if cfg is None or getattr(cfg, "fixed_input_size", False):  # None: a deprecated name, whose config is elsewhere
         try:
             return timm.create_model(model_name, pretrained=False, num_classes=num_classes, dynamic_img_size=True,
                                      **kwargs)  # fmt: skip
@@ -182,7 +182,14 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
     if not any(isinstance(norm, nn.BatchNorm2d) for norm in norms):
         return None
     seen: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, _o: seen.append(names[id(mod)])) for m in norms]
+    pooled: set[str] = set()  # norms that ran on pooled (B, C) features, after global pooling
+
+    def record(module: nn.Module, _inputs: tuple, output: object) -> None:
+        seen.append(names[id(module)])
+        if isinstance(output, torch.Tensor) and output.dim() <= 2:
+            pooled.add(names[id(module)])
+
+    hooks = [m.register_forward_hook(record) for m in norms]
     modes = {module: module.training for module in model.modules()}
     device = next(model.parameters()).device
     try:
@@ -197,10 +204,12 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
             module.training = training
     order = seen or [names[id(norm)] for norm in norms]
     batchnorms = [name for name in order if isinstance(model.get_submodule(name), nn.BatchNorm2d)]
+    if not batchnorms:  # none ran in the forward (only other norms did)
+        return None
     last = _main_path_bn(batchnorms)
     after = order[len(order) - 1 - order[::-1].index(batchnorms[-1]) :]
-    if any(isinstance(model.get_submodule(name), _OTHER_NORMS) for name in after):
-        return None  # other norms run after the last BatchNorm: it does not normalise what is pooled
+    if any(isinstance(model.get_submodule(name), _OTHER_NORMS) and name not in pooled for name in after):
+        return None  # LayerNorm/GroupNorm blocks run after the last BatchNorm: it does not normalise what is pooled
     return last
 
 
@@ -260,6 +269,14 @@ def _timm_last_stage(model: nn.Module, classifier: str) -> tuple[str, ...]:
     )
 
 
+def _patch_size(model: nn.Module) -> int:
+    """The multiple a resolution must be of: a ViT's patch size (timm asserts it even with ``dynamic_img_size``)."""
+    size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(size, tuple | list) and size and all(isinstance(v, int) for v in size):
+        return max(size)
+    return size if isinstance(size, int) else 1
+
+
 def _timm_locations(model_name: str) -> list[WeightsLocation]:
     cfg = timm.models.get_pretrained_cfg(model_name)
     found: list[WeightsLocation] = []
@@ -305,8 +322,8 @@ def _timm_spec(model_name: str) -> ModelSpec:
     size = int(cfg.input_size[-1]) if cfg is not None else 224
     classifier = _timm_classifier(probe)
     last_bn = last_batchnorm(probe, size)
-    pooled = getattr(probe, "num_features", None)
-    if last_bn is not None and isinstance(pooled, int) and probe.get_submodule(last_bn).num_features != pooled:
+    trunk_width = getattr(probe, "num_features", None)  # a head conv after it may widen (MobileNetV4), never narrow
+    if last_bn is not None and isinstance(trunk_width, int) and probe.get_submodule(last_bn).num_features < trunk_width:
         last_bn = None  # one branch of a concat (Inception-V3's Mixed_7c): most pooled channels would not adapt
     meta = ModelMeta(
         arch=TIMM_PREFIX + model_name,
@@ -320,6 +337,7 @@ def _timm_spec(model_name: str) -> ModelSpec:
         last_stage=_timm_last_stage(probe, classifier),
         num_classes=1000,
         fixed_input_size=bool(getattr(cfg, "fixed_input_size", False)) and not getattr(probe, "dynamic_img_size", 0),
+        input_multiple=_patch_size(probe),
     )
     return ModelSpec(
         partial(_build_timm, model_name), meta, partial(_timm_locations, cfg_name), _timm_download_url(cfg_name)
@@ -362,6 +380,8 @@ REGISTRY: dict[str, Callable[[], ModelSpec]] = {
         _cadene_spec,
         "pnasnet5large",
         partial(_build_timm, "pnasnet5large", drop_rate=0.5),
+        # bn+fc here tunes one branch's BN of that concat (864 of 4,320 pooled channels), kept for this registry model;
+        # the generic timm rule refuses bn+fc for timm:pnasnet5large. The paper's PNASNet rows use stage+bn+fc.
         "cell_11.comb_iter_4_left.bn_sep_2",
         ("cell_9", "cell_10", "cell_11"),
         "pnasnet5large",

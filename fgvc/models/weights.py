@@ -108,7 +108,10 @@ def read_state_dict(path: str | Path) -> StateDict:
 # What training scripts store beside the weights, harmless to unpickle: timm's train.py saves its argparse.Namespace,
 # many scripts a numpy metric. weights_only refuses them unless they are allowed by name.
 _NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
-_SAFE_GLOBALS = [argparse.Namespace, np.dtype, _NUMPY_CORE.multiarray.scalar]
+_SAFE_GLOBALS: list = [argparse.Namespace, np.dtype, _NUMPY_CORE.multiarray.scalar]
+# a checkpoint pickled under the other numpy major version names the scalar by that version's module path
+_SAFE_GLOBALS += [(_NUMPY_CORE.multiarray.scalar, f"{core}.multiarray.scalar")
+                  for core in ("numpy.core", "numpy._core")]
 _SAFE_GLOBALS += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
 
 
@@ -319,12 +322,20 @@ def _check_keys(
     missing = [k for k in target if k not in state and not k.endswith(optional) and not k.startswith(classifier_prefix)]
     unexpected = [k for k in state if k not in target]
     if missing or unexpected:
-        fix = (f"it was trained as {written_for}: use --arch {written_for}" if isinstance(written_for, str)
-               and written_for != arch else "if it is a checkpoint of another architecture, pass that one's --arch")
+        named = isinstance(written_for, str) and written_for != arch and _is_fgvc_arch(written_for)
+        fix = (f"it was trained as {written_for}: use --arch {written_for}" if named
+               else "if it is a checkpoint of another architecture, pass that one's --arch")
         raise WeightsError(
             f"{path}: checkpoint does not fit {arch}: {len(missing)} keys missing ({_examples(missing)}), "
             f"{len(unexpected)} unexpected ({_examples(unexpected)}); {fix}"
         )
+
+
+def _is_fgvc_arch(name: str) -> bool:
+    """An --arch value (timm's train.py saves ``arch`` too, as a bare class name such as "resnet")."""
+    from fgvc.models.registry import REGISTRY, TIMM_PREFIX
+
+    return name in REGISTRY or name.startswith(TIMM_PREFIX)
 
 
 def _check_shapes(state: StateDict, target: StateDict, arch: str, path: str | Path) -> None:
