@@ -57,7 +57,23 @@ def stage_dirs(run_dir: Path) -> list[Path]:
         for d in run_dir.glob("stage*")
         if re.fullmatch(r"stage1|stage2-\d+", d.name) and ((d / "last.pt").is_file() or (d / "best.pt").is_file())
     ]
-    return sorted(found, key=lambda d: (d.name != STAGE1, int(d.name.split("-")[-1]) if "-" in d.name else 0))
+    return sorted(found, key=lambda d: (d.name != STAGE1, stage2_res(d) if d.name != STAGE1 else 0))
+
+
+def stage2_res(stage_dir: Path) -> int:
+    """The resolution a ``stage2-<res>`` folder was adapted to."""
+    return int(stage_dir.name.split("-")[-1])
+
+
+def finished_stage_dirs(run_dir: Path) -> list[Path]:
+    """:func:`stage_dirs` without the interrupted stages, each skipped with a warning that says how to finish it."""
+    finished = []
+    for stage_dir in stage_dirs(run_dir):
+        if is_finished(stage_dir):
+            finished.append(stage_dir)
+        else:  # its checkpoint is a model halfway through its training
+            log.warning("skipped %s", unfinished_hint(stage_dir))
+    return finished
 
 
 def unfinished_hint(stage_dir: Path) -> str:
@@ -65,9 +81,9 @@ def unfinished_hint(stage_dir: Path) -> str:
     run_dir = stage_dir.parent
     if stage_dir.name == STAGE1:
         return f"{stage_dir} is not finished: rerun `fgvc stage1` with its original settings to finish it"
-    res = stage_dir.name.split("-")[-1]
     return (
-        f"{stage_dir} is not finished: `fgvc stage2 --run {run_dir} --test-res {res}` with its original settings "
+        f"{stage_dir} is not finished: `fgvc stage2 --run {run_dir} --test-res {stage2_res(stage_dir)}` with its "
+        "original settings "
         "resumes it"
     )
 
@@ -98,10 +114,10 @@ def resolve_stage(run_dir: Path, stage: int | None, res: int | None) -> Path:
         return _warn_if_unfinished(named if named in stage2 else stage2[-1])
     for skipped in (d for d in stage2 if d not in finished2):
         log.warning("skipped %s (--stage 2 --res %s uses it as it is)", unfinished_hint(skipped),
-                    skipped.name.split("-")[-1])  # fmt: skip
+                    stage2_res(skipped))  # fmt: skip
     if named in finished2:
         return named
-    return finished2[-1] if res is None else min(finished2, key=lambda d: abs(int(d.name.split("-")[-1]) - res))
+    return finished2[-1] if res is None else min(finished2, key=lambda d: abs(stage2_res(d) - res))
 
 
 def _warn_if_unfinished(stage_dir: Path) -> Path:
@@ -251,7 +267,7 @@ def predict(
             raise ConfigError(f"{name} must be a positive number, not {value}")
     stage_dir = resolve_stage(run_dir, stage, res if not multi_res else multi_res[0])
     cfg = load_config(stage_dir / CONFIG_FILE)
-    default_res = int(stage_dir.name.split("-")[-1]) if stage_dir.name != STAGE1 else cfg.stage1.res
+    default_res = stage2_res(stage_dir) if stage_dir.name != STAGE1 else cfg.stage1.res
     resolutions = multi_res or [res or default_res]
     tta = tta or cfg.predict.tta
     options = (batch_size, workers, force, progress, compile_model)

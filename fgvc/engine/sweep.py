@@ -66,17 +66,11 @@ def sweep(
     progress: bool = True,
 ) -> SweepResult:
     """Top-1 of the stage-1 model and of every finished stage-2 model at each test resolution (test augmentation)."""
-    from fgvc.engine.stage import is_finished
-    from fgvc.predict import predict_stage, stage_dirs, unfinished_hint
+    from fgvc.predict import finished_stage_dirs, predict_stage
 
     if not resolutions:
         raise ConfigError("--res needs at least one resolution, e.g. --res 384,448,512")
-    dirs = []
-    for stage_dir in stage_dirs(run_dir):
-        if is_finished(stage_dir):
-            dirs.append(stage_dir)
-        else:  # an interrupted stage's last.pt is a model halfway through its training
-            log.warning("skipped %s", unfinished_hint(stage_dir))
+    dirs = finished_stage_dirs(run_dir)
     if not dirs:
         raise DataError(f"{run_dir}: no finished stage; run `fgvc stage1` first")
     cfg = load_config(run_dir / CONFIG_FILE)

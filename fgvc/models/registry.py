@@ -207,7 +207,8 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
     if not batchnorms:  # none ran in the forward (only other norms did)
         return None
     last = _main_path_bn(batchnorms)
-    after = order[len(order) - 1 - order[::-1].index(batchnorms[-1]) :]
+    last_run = max(i for i, name in enumerate(order) if name == batchnorms[-1])
+    after = order[last_run + 1 :]
     if any(isinstance(model.get_submodule(name), _OTHER_NORMS) and name not in pooled for name in after):
         return None  # LayerNorm/GroupNorm blocks run after the last BatchNorm: it does not normalise what is pooled
     return last
