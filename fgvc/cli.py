@@ -168,6 +168,7 @@ def stage2(
 ) -> None:
     """Stage 2: freeze all but the tuned parts, fine-tune at the test resolution with the test augmentation."""
     _maybe_torchrun(gpus)
+    from fgvc.engine.runtime import is_main_process
     from fgvc.engine.stage import latest_run, run_stage2
 
     run_dir = run or latest_run()
@@ -180,7 +181,7 @@ def stage2(
     result = run_stage2(run_dir, overrides, force=force)
     if result.interrupted_by:
         raise typer.Exit(128 + result.interrupted_by)
-    if result.before and result.final:
+    if result.before and result.final and is_main_process():
         typer.echo(
             f"{run_dir.name} @ {test_res}px: top-1 {result.before['top1']:.2f} before -> "
             f"{result.final['top1']:.2f} after adaptation"
@@ -194,12 +195,17 @@ def sweep(
     split: str = typer.Option("val", help="Labelled split to score."),
     batch_size: int | None = typer.Option(None),
     workers: int | None = typer.Option(None),
+    gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
     """Top-1 of the stage-1 (and stage-2) models at each test resolution: CSV table + PNG plot."""
+    _maybe_torchrun(gpus)
+    from fgvc.engine.runtime import is_main_process
     from fgvc.engine.stage import latest_run
     from fgvc.engine.sweep import sweep as run_sweep
 
     result = run_sweep(run or latest_run(), _ints(res) or [], split, batch_size, workers)
+    if not is_main_process():
+        return
     _echo_table(result.table)
     typer.echo(
         f"best: {result.best_model} at {result.best_res}px, top-1 {result.best_top1:.2f} "
@@ -240,14 +246,19 @@ def predict(
     compile: bool | None = typer.Option(
         None, "--compile/--no-compile", help="torch.compile the model (default: as the stage was trained)."
     ),
+    gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
     """Per-image class probabilities (a .npz probability file); prints accuracy when the split has labels."""
+    _maybe_torchrun(gpus)
+    from fgvc.engine.runtime import is_main_process
     from fgvc.engine.stage import latest_run
     from fgvc.predict import predict as run_predict
 
     result = run_predict(
         run or latest_run(), split, stage, res, tta, _ints(multi_res), batch_size, workers, force, True, compile
     )
+    if not is_main_process():  # rank 0 wrote the file and reports it
+        return
     note = " (cached)" if result.cached else ""
     typer.echo(f"wrote {result.path}{note}")
     if result.metrics:
@@ -405,4 +416,8 @@ def main() -> None:
     except _ABORTS:
         typer.echo("fgvc: interrupted", err=True)
         sys.exit(130)
+    if "torch.distributed" in sys.modules:  # a command that ran under torchrun (others never import torch)
+        from fgvc.engine.runtime import teardown
+
+        teardown()
     sys.exit(code if isinstance(code, int) else 0)

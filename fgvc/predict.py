@@ -19,8 +19,9 @@ import torch
 
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.datasets.base import DatasetIndex
+from fgvc.engine.launch import already_distributed
 from fgvc.engine.loop import predict_probs
-from fgvc.engine.runtime import Runtime, setup_runtime
+from fgvc.engine.runtime import Runtime, broadcast_from_main, is_main_process, setup_runtime
 from fgvc.engine.stage import (
     FINISHED,
     STAGE1,
@@ -45,7 +46,7 @@ TTA_CHOICES = ("none", "flip", "tencrop")
 @dataclass
 class PredictResult:
     path: Path
-    probs: Probabilities
+    probs: Probabilities | None  # None on the ranks but rank 0 of a DDP run: rank 0 holds and writes the matrix
     metrics: dict[str, float] | None
     cached: bool
 
@@ -176,12 +177,14 @@ def predict_stage(
     if not len(index):
         notes = f" ({'; '.join(index.notes)})" if index.notes else ""
         raise DataError(f"{cfg.data.resolved_root()}: the {split} split has no images{notes}; check the dataset folder")
-    cached = None if force else _cached_probabilities(path, stage_dir, index)
-    if cached is not None:
-        return PredictResult(path, cached, summarize(cached.probs, cached.labels) if cached.has_labels else None, True)
-
+    cached = None if force or not is_main_process() else _cached_probabilities(path, stage_dir, index)
+    if cached is not None and not already_distributed():  # reading the file needs no device
+        return PredictResult(path, cached, _metrics(cached), True)
     rt = setup_runtime(cfg.runtime)
     setup_logging(None, rt)
+    if broadcast_from_main(rt, cached is not None):  # rank 0 decides: every rank must take the same branch
+        return PredictResult(path, cached, broadcast_from_main(rt, _metrics(cached)), True)
+
     model, ckpt = load_stage_model(stage_dir)
     check_classes(ckpt, index, stage_dir, stage_dir / CONFIG_FILE)
     model.to(rt.device, memory_format=rt.memory_format)
@@ -194,6 +197,8 @@ def predict_stage(
     loader, _, prepare = make_loader(cfg, rt, index, kind, res, batch, False, meta, decode)
     net = torch.compile(model) if (cfg.runtime.compile if compile_model is None else compile_model) else model
     scores, idx = predict_probs(net, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
+    if not rt.is_main:  # the metrics come once rank 0 has written the file
+        return PredictResult(path, None, broadcast_from_main(rt, None), False)
     n_images = len(index)
     if len(idx) == n_images:  # every image read (idx is sorted and unique): the rows are already in place
         full = scores
@@ -220,10 +225,13 @@ def predict_stage(
             "checkpoint": _checkpoint_identity(stage_dir),
         },
     )
-    if rt.is_main:
-        probs.save(path)
-    metrics = summarize(probs.probs, probs.labels) if probs.has_labels else None
-    return PredictResult(path, probs, metrics, False)
+    probs.save(path)
+    return PredictResult(path, probs, broadcast_from_main(rt, _metrics(probs)), False)
+
+
+def _metrics(probs: Probabilities | None) -> dict[str, float] | None:
+    """Accuracy figures where the split has labels (None on a DDP rank that holds no matrix)."""
+    return summarize(probs.probs, probs.labels) if probs is not None and probs.has_labels else None
 
 
 def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> Probabilities | None:
@@ -273,15 +281,17 @@ def predict(
     options = (batch_size, workers, force, progress, compile_model)
     if len(resolutions) == 1:
         return predict_stage(stage_dir, split, resolutions[0], tta, *options)
+    path = prediction_path(run_dir, stage_dir, split, "+".join(str(r) for r in resolutions), tta)
+    if not is_main_process():  # this rank helps compute each resolution; rank 0 averages and writes them
+        helped = [predict_stage(stage_dir, split, r, tta, *options).cached for r in resolutions]
+        return PredictResult(path, None, None, all(helped))
     cached: list[bool] = []
     parts = (  # one resolution's matrix in memory at a time, next to the running mean
         _noting_cached(predict_stage(stage_dir, split, r, tta, *options), cached) for r in resolutions
     )
     averaged = mean_over_resolutions(parts, resolutions)
-    path = prediction_path(run_dir, stage_dir, split, averaged.meta["res"], tta)
     averaged.save(path)
-    metrics = summarize(averaged.probs, averaged.labels) if averaged.has_labels else None
-    return PredictResult(path, averaged, metrics, all(cached))
+    return PredictResult(path, averaged, _metrics(averaged), all(cached))
 
 
 def mean_over_resolutions(parts: Iterable[Probabilities], resolutions: list[int]) -> Probabilities:
@@ -294,4 +304,5 @@ def mean_over_resolutions(parts: Iterable[Probabilities], resolutions: list[int]
 def _noting_cached(result: PredictResult, cached: list[bool]) -> Probabilities:
     """``result``'s probabilities, its ``cached`` flag appended to ``cached`` (keeps no reference to the matrix)."""
     cached.append(result.cached)
+    assert result.probs is not None, "only rank 0 averages resolutions"
     return result.probs

@@ -258,3 +258,20 @@ def test_ensemble_memory_quick_run_writes_its_table(tmp_path: Path) -> None:
         for offset, way in ((1, "all at once"), (4, "one at a time")):
             assert row[way]["peak_mib"] > 0
             assert float(cells[offset + 1]) == pytest.approx(row[way]["peak_mib"] / raw["matrix_mib"], abs=0.006)
+
+
+def test_gather_memory_quick_run_writes_its_table(tmp_path: Path) -> None:
+    """benchmarks/gather_memory.py --quick: both ways run on two gloo processes, rank 0 ends with every row in image
+    order (the script checks it and exits non-zero otherwise), and the table lists one line per (way, rank). No memory
+    figure is asserted: that is what the benchmark reports."""
+    script = ROOT / "benchmarks" / "gather_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    [table_file] = list(tmp_path.glob("cpu-gather-memory-*.md"))
+    raw = json.loads(table_file.with_suffix(".json").read_text())
+    held = {way: [rec["rows_held"] for rec in records] for way, records in raw["results"].items()}
+    assert held == {"all ranks": [2_000, 2_000], "rank 0": [2_000, 0]}
+    table_rows = [line for line in table_file.read_text().splitlines() if line.startswith("| all") or
+                  line.startswith("| rank")]  # fmt: skip
+    assert len(table_rows) == 4

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -20,6 +21,7 @@ from fgvc.engine.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from fgvc.engine.stage import FINISHED, run_stage1, run_stage2
 from fgvc.errors import ConfigError, DataError, RunExistsError, WeightsError
 from fgvc.models import get_meta
+from fgvc.probs import Probabilities
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -320,6 +322,28 @@ def test_two_process_ddp_writes_the_same_artefacts(tiny_demo_root: Path, tmp_pat
     out, _ = stage2.communicate(timeout=600)
     assert stage2.returncode == 0, out
     assert (tmp_path / "ddp" / "stage2-40" / FINISHED).is_file()
+    assert out.count("after adaptation") == 1  # one report, not one per rank
+
+    # prediction under --gpus: each rank scores its share, rank 0 writes the file and reports once
+    predict = ("predict", "--run", str(tmp_path / "ddp"), "--split", "val", "--tta", "flip", "--workers", "0")
+    multi = _fgvc(*predict, "--multi-res", "40,48", "--gpus", "2")
+    out, _ = multi.communicate(timeout=600)
+    assert multi.returncode == 0, out
+    assert out.count("wrote ") == 1 and out.count("top-1 ") == 1, out
+    files = {name: Probabilities.load(tmp_path / "ddp" / "predictions" / "stage2-40" / f"val-{name}-flip.npz")
+             for name in ("40", "48", "40+48")}  # fmt: skip
+    for res in ("40", "48"):  # one process recomputes each resolution: the same probabilities
+        alone = _fgvc(*predict, "--res", res, "--force")
+        out, _ = alone.communicate(timeout=600)
+        assert alone.returncode == 0, out
+        single = Probabilities.load(tmp_path / "ddp" / "predictions" / "stage2-40" / f"val-{res}-flip.npz")
+        np.testing.assert_array_equal(single.image_ids, files[res].image_ids)
+        np.testing.assert_allclose(single.probs, files[res].probs, atol=1e-3)  # float16 storage
+    np.testing.assert_allclose(files["40+48"].probs, (files["40"].probs + files["48"].probs) / 2, atol=1e-3)
+    swept = _fgvc("sweep", "--run", str(tmp_path / "ddp"), "--res", "40,48", "--workers", "0", "--gpus", "2")
+    out, _ = swept.communicate(timeout=600)
+    assert swept.returncode == 0, out
+    assert out.count("best: ") == 1 and (tmp_path / "ddp" / "sweep-val.csv").is_file(), out
 
 
 @pytest.mark.slow
@@ -563,6 +587,49 @@ def test_a_diverged_loss_is_a_one_line_error(rows: int) -> None:
     with pytest.raises(TrainingError, match=r"^loss is nan at step 1; lower --lr"):
         train_one_epoch(model, build_loader(data, batch_size=4), optimizer, None, None, rt, lambda x: x.float(),
                         torch.nn.CrossEntropyLoss(), progress=False)  # fmt: skip
+
+
+def _predict_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of three: predict_probs over this rank's evaluation shard, in blocks of 2 rows (5 classes, 40 B)."""
+    import torch.distributed as dist
+
+    import fgvc.engine.runtime
+    from fgvc.engine.loop import predict_probs
+    from fgvc.engine.runtime import Runtime, broadcast_from_main
+    from fgvc.engine.sampling import EpochSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    fgvc.engine.runtime.GATHER_BLOCK_BYTES = 40  # several blocks per share
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False, rank=rank, world_size=3)
+    torch.manual_seed(0)  # the same model and images on every rank
+    features, model = torch.randn(11, 4), torch.nn.Linear(4, 5)
+    shard = [i for i, _seed in EpochSampler(11, shuffle=False, rank=rank, world_size=3)]  # 4, 4, 3 images
+    if rank == 0:
+        shard = []  # images 0, 3, 6, 9 unreadable: dropped like corrupt images, rank 0 scores none
+    if rank == 1:
+        shard = shard[:1]  # image 1 kept, 4, 7, 10 unreadable
+    batches = [shard[i : i + 3] for i in range(0, len(shard), 3)]
+    loader = [(features[b], torch.zeros(len(b)), torch.tensor(b)) for b in batches]
+    probs, idx = predict_probs(model, loader, rt, lambda x: x, progress=False)
+    told = broadcast_from_main(rt, f"rank {rank}")
+    np.savez(Path(out_dir, f"rank{rank}.npz"), probs=probs, idx=idx, expected=torch.softmax(model(features), 1)
+             .detach().numpy(), told=np.array(told))  # fmt: skip
+    dist.destroy_process_group()
+
+
+def test_ddp_predictions_are_gathered_in_dataset_order_on_rank_zero_alone(tmp_path: Path) -> None:
+    """Rank 0 gets every rank's rows in dataset order, unreadable images absent; the other ranks hold nothing (the
+    matrix can be 20 GB: every rank used to receive all of it)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_predict_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=3)
+    main, *others = (np.load(tmp_path / f"rank{r}.npz") for r in range(3))
+    kept = [1, 2, 5, 8]
+    assert main["idx"].tolist() == kept
+    np.testing.assert_allclose(main["probs"], main["expected"][kept], rtol=1e-6)
+    for other in others:
+        assert other["probs"].shape == (0, 5) and len(other["idx"]) == 0
+    assert {str(r["told"]) for r in (main, *others)} == {"rank 0"}  # what rank 0 broadcasts, every rank gets
 
 
 def test_predict_probs_keeps_every_row_in_dataset_order_whatever_the_batch_sizes() -> None:

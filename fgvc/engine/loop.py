@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fgvc.engine.runtime import Runtime, all_reduce_sum, any_rank, gather_objects
+from fgvc.engine.runtime import Runtime, all_reduce_sum, any_rank, gather_rows_on_main
 from fgvc.errors import TrainingError
 
 T = TypeVar("T")
@@ -331,10 +331,11 @@ def predict_probs(
     progress: bool = True,
     waits: BatchWaits | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities for every image of the loader's dataset, gathered across ranks.
+    """Class probabilities for every image of the loader's dataset, gathered on rank 0.
 
     Returns ``(probs (N, C) float32, dataset indices (N,))`` sorted by dataset index; images dropped as corrupt are
-    absent from the indices. ``waits``, when given, times the loader (see :class:`BatchWaits`).
+    absent from the indices. Under DDP the other ranks get empty arrays (:func:`gather_rows_on_main`). ``waits``,
+    when given, times the loader (see :class:`BatchWaits`).
     """
     model.eval()
     rows = _Rows(len(loader))
@@ -354,14 +355,11 @@ def predict_probs(
         indices.append(idx.numpy())
     if pending is not None:
         rows.append(host_value(pending).numpy())
-    local = (rows.filled(), np.concatenate(indices) if indices else np.zeros(0, np.int64))
-    parts = gather_objects(rt, local)
-    if len(parts) == 1:
-        probs_all, idx_all = local
-    else:
-        probs_all = np.concatenate([p for p, _ in parts if len(p)]) if any(len(p) for p, _ in parts) else local[0]
-        idx_all = np.concatenate([i for _, i in parts])
-    if not (np.diff(idx_all) > 0).all():  # one process reads in dataset order: then no reordered copy is made
+    probs_all = rows.filled()
+    idx_all = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    if rt.distributed:  # rank 0 alone holds the whole matrix
+        return gather_rows_on_main(rt, probs_all, idx_all)
+    if not (np.diff(idx_all) > 0).all():  # a loader that reads in dataset order needs no reordered copy
         order = np.argsort(idx_all, kind="stable")
         probs_all, idx_all = probs_all[order], idx_all[order]
     return probs_all, idx_all

@@ -10,7 +10,7 @@ import os
 import random
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +18,8 @@ import torch.distributed as dist
 
 from fgvc.config import RuntimeConfig
 from fgvc.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -114,6 +116,11 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     )
 
 
+def is_main_process() -> bool:
+    """Rank 0, or a process outside torchrun; known before :func:`setup_runtime` (what the CLI prints, who writes)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         dist.barrier()
@@ -150,6 +157,58 @@ def gather_objects(rt: Runtime, obj: object) -> list[object]:
     return out
 
 
-def teardown(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
+def broadcast_from_main(rt: Runtime, obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process): a decision or a result only rank 0 has."""
+    if not rt.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=rt.flag_group)  # on the host under NCCL: no device round trip
+    return box[0]
+
+
+def gather_rows_on_main(rt: Runtime, rows: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's ``rows`` (one per dataset index in ``idx``) as one matrix in dataset order, on rank 0.
+
+    The other ranks get empty arrays. Shares travel point to point over the host group in blocks of about 64 MiB
+    that land in their final rows, so rank 0 holds the matrix plus one block and no other rank more than its own
+    share. ``all_gather_object`` gave every rank every share, their concatenation and its sorted copy: 3.0 matrices
+    per process (``benchmarks/gather_memory.py``), where iNat 2021's test matrix alone is 20 GB.
+    """
+    width = rows.shape[1] if rows.ndim == 2 and len(rows) else 0
+    shares: list[Any] | None = [None] * rt.world_size if rt.is_main else None
+    dist.gather_object((idx, width), shares, dst=0, group=rt.flag_group)
+    width = max(w for _, w in shares) if shares else width
+    if not rt.is_main:
+        for start, stop in _blocks(len(idx), width):
+            dist.send(torch.from_numpy(np.ascontiguousarray(rows[start:stop])), dst=0, group=rt.flag_group)
+        return np.zeros((0, width), np.float32), np.zeros(0, np.int64)
+    every = np.sort(np.concatenate([share_idx for share_idx, _ in shares]))
+    out = np.empty((len(every), width), np.float32)
+    for src, (share_idx, _) in enumerate(shares):
+        where = np.searchsorted(every, share_idx)  # indices are unique: evaluation shards never repeat an image
+        if src == 0:
+            if len(where):  # an empty share may be (0, 0): it has no width to broadcast from
+                out[where] = rows
+            continue
+        for start, stop in _blocks(len(share_idx), width):
+            block = torch.empty((stop - start, width), dtype=torch.float32)
+            dist.recv(block, src=src, group=rt.flag_group)
+            out[where[start:stop]] = block.numpy()
+    return out, every
+
+
+GATHER_BLOCK_BYTES = 64 << 20
+
+
+def _blocks(count: int, width: int) -> list[tuple[int, int]]:
+    """Row ranges of about ``GATHER_BLOCK_BYTES`` of float32 each; sender and receiver compute the same ones."""
+    step = max(1, GATHER_BLOCK_BYTES // max(4 * width, 1))
+    return [(start, min(start + step, count)) for start in range(0, count, step)] if width else []
+
+
+def teardown() -> None:
+    """Leave the process group at the end of a command every rank finished. Left to the interpreter's own exit,
+    gloo's worker threads can abort the process (SIGABRT, "terminate called without an active exception",
+    pytorch#190489): a finished rank then exits 134 instead of 0."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -52,7 +52,7 @@ from fgvc.engine.feature_cache import (
     train_one_epoch_cached,
 )
 from fgvc.engine.loop import EpochStats, StopFlag, predict_probs, stop_on_signals, train_one_epoch
-from fgvc.engine.runtime import Runtime, any_rank, barrier, gather_objects, setup_runtime
+from fgvc.engine.runtime import Runtime, any_rank, barrier, broadcast_from_main, gather_objects, setup_runtime
 from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, DataError, RunExistsError
 from fgvc.fileio import atomic_write_text
@@ -420,7 +420,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     def validate() -> dict[str, float]:
         """Top-1 / top-5 / mean per-class accuracy on the val split at the stage's resolution (test augmentation)."""
         probs, rows = predict_probs(model, val_loader, rt, val_prepare, desc=f"val@{stage_cfg.res}", progress=progress)
-        return summarize(probs, val_index.frame["label"].to_numpy()[rows])
+        metrics = summarize(probs, val_index.frame["label"].to_numpy()[rows]) if rt.is_main else {}
+        return broadcast_from_main(rt, metrics)  # every rank takes the same best-checkpoint decisions
 
     steps_per_epoch = max(1, math.ceil(len(train_loader) / stage_cfg.grad_accum))
     lr = stage_cfg.resolved_lr(rt.world_size)

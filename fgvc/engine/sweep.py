@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from fgvc.config import CONFIG_FILE, load_config
+from fgvc.engine.runtime import is_main_process
 from fgvc.errors import ConfigError, DataError
 from fgvc.fileio import atomic_write_text
 from fgvc.plots import plot_sweep
@@ -91,6 +92,7 @@ def sweep(
     # One pair of files per split: a sweep of the test split does not replace the validation sweep. A rerun on the
     # same split replaces its own (a report, recomputed in seconds from the cached probability files).
     csv_path, png_path = run_dir / f"sweep-{split}.csv", run_dir / f"sweep-{split}.png"
-    atomic_write_text(csv_path, table.to_csv(index=False))
-    plot_sweep(table, png_path, cfg.stage1.res, f"{run_dir.name}: top-1 on {split} vs test resolution")
+    if is_main_process():  # under torchrun every rank has the table; one writes it
+        atomic_write_text(csv_path, table.to_csv(index=False))
+        plot_sweep(table, png_path, cfg.stage1.res, f"{run_dir.name}: top-1 on {split} vs test resolution")
     return SweepResult(table, str(best["model"]), int(best["res"]), float(best["top1"]), csv_path, png_path)
