@@ -416,7 +416,7 @@ def main() -> None:
     except _ABORTS:
         typer.echo("fgvc: interrupted", err=True)
         sys.exit(130)
-    if "torch.distributed" in sys.modules:  # a command that ran under torchrun (others never import torch)
+    if "torch.distributed" in sys.modules:  # only a command that imported torch can have joined a process group
         from fgvc.engine.runtime import teardown
 
         teardown()

@@ -108,6 +108,10 @@ def ensemble_recipe(
     progress: bool = True,
 ) -> EnsembleOutcome:
     """Predict missing members, weight them on the validation split, write and validate the Kaggle CSV."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process combines: the other ranks would hold no matrices
+        raise ConfigError("fgvc ensemble runs in one process, not under torchrun: predict the members on several GPUs "
+                          "first with `fgvc predict --run RUN --split val|test --gpus N` (the files are reused), then "
+                          "run `fgvc ensemble` alone")  # fmt: skip
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     spec = competition_spec(recipe.competition)
     ens = recipe.ensemble

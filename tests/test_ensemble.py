@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +308,12 @@ def test_a_member_is_dropped_before_the_next_one_loads() -> None:
     result = combine_members(load_members(), [1, 1, 1, 1])
     assert len(alive) == 4 and all(ref() is None for ref in alive)
     assert result.probs.shape == (n, c)
+
+
+def test_ensemble_under_torchrun_is_refused_with_the_way_to_use_several_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only rank 0 holds a DDP prediction's matrix: the ensemble would crash on the other ranks."""
+    from fgvc.pipeline import ensemble_recipe
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"not under torchrun.*fgvc predict --run RUN .*--gpus N"):
+        ensemble_recipe(Path("recipes/cub.yaml"))

@@ -74,6 +74,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_flag_group: Any = None  # the host-side group of this process's process group (see Runtime.flag_group)
+
+
 def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     """Initialise the process group when launched by torchrun, pick the device and precision, set seeds.
 
@@ -95,11 +98,11 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    flag_group = None
+    global _flag_group
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if world_size > 1 and device.type == "cuda":
-        flag_group = dist.new_group(backend="gloo")  # collective: every rank creates it here, in the same order
+    if world_size > 1 and device.type == "cuda" and _flag_group is None:  # once per process: sweeps set up many times
+        _flag_group = dist.new_group(backend="gloo")  # collective: every rank creates it here, in the same order
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -112,7 +115,7 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
-        flag_group=flag_group,
+        flag_group=_flag_group if world_size > 1 and device.type == "cuda" else None,
     )
 
 
@@ -180,7 +183,8 @@ def gather_rows_on_main(rt: Runtime, rows: np.ndarray, idx: np.ndarray) -> tuple
     width = max(w for _, w in shares) if shares else width
     if not rt.is_main:
         for start, stop in _blocks(len(idx), width):
-            dist.send(torch.from_numpy(np.ascontiguousarray(rows[start:stop])), dst=0, group=rt.flag_group)
+            block = np.ascontiguousarray(rows[start:stop], dtype=np.float32)  # what rank 0 receives into
+            dist.send(torch.from_numpy(block), dst=0, group=rt.flag_group)
         return np.zeros((0, width), np.float32), np.zeros(0, np.int64)
     every = np.sort(np.concatenate([share_idx for share_idx, _ in shares]))
     out = np.empty((len(every), width), np.float32)
@@ -210,5 +214,7 @@ def teardown() -> None:
     """Leave the process group at the end of a command every rank finished. Left to the interpreter's own exit,
     gloo's worker threads can abort the process (SIGABRT, "terminate called without an active exception",
     pytorch#190489): a finished rank then exits 134 instead of 0."""
+    global _flag_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _flag_group = None

@@ -75,7 +75,7 @@ def sweep(
     if not dirs:
         raise DataError(f"{run_dir}: no finished stage; run `fgvc stage1` first")
     cfg = load_config(run_dir / CONFIG_FILE)
-    if cfg.data.train_on_all and split == "val":
+    if cfg.data.train_on_all and split == "val" and is_main_process():
         log.warning("%s: data.train_on_all is set, so the val split was trained on and this sweep scores training "
                     "images; sweep a run without it to choose the resolution", run_dir)  # fmt: skip
     table = pd.DataFrame({"res": sorted(resolutions)})
