@@ -416,8 +416,9 @@ def main() -> None:
     except _ABORTS:
         typer.echo("fgvc: interrupted", err=True)
         sys.exit(130)
-    if "torch.distributed" in sys.modules:  # only a command that imported torch can have joined a process group
-        from fgvc.engine.runtime import teardown
-
-        teardown()
+    # Only fgvc.engine.runtime joins a process group. Never imported here: a Ctrl-C during the import of torch leaves
+    # torch half-loaded, and importing it again fails with a traceback.
+    runtime = sys.modules.get("fgvc.engine.runtime")
+    if runtime is not None and hasattr(runtime, "teardown"):
+        runtime.teardown()
     sys.exit(code if isinstance(code, int) else 0)

@@ -160,3 +160,28 @@ def test_a_corrupt_image_with_loader_workers_ends_the_process(tiny_demo_root: Pa
                   "32", "--weights", "none", "--workers", "2", "--out", str(tmp_path / "runs"),
                   timeout=120)  # fmt: skip
     assert result.returncode == 2 and "image is corrupt or truncated" in result.stderr
+
+
+def test_main_leaves_torch_alone_when_no_process_group_was_joined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C during `import torch` leaves torch half-loaded with ``torch.distributed`` in ``sys.modules``. main()
+    used to import fgvc.engine.runtime (hence torch) again to leave the process group, and the command died with a
+    traceback and exit 1 instead of exit 130. Simulated here: torch.distributed present, fgvc.engine.runtime not."""
+    import builtins
+    import types
+
+    from fgvc.cli import main
+
+    real_import = builtins.__import__
+
+    def guarded(name: str, *args: object, **kwargs: object) -> object:
+        if name == "fgvc.engine.runtime":
+            raise AssertionError("main() imported fgvc.engine.runtime")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setitem(sys.modules, "torch.distributed", types.ModuleType("torch.distributed"))
+    monkeypatch.delitem(sys.modules, "fgvc.engine.runtime", raising=False)
+    monkeypatch.setattr(sys, "argv", ["fgvc", "suggest-res", "--train-res", "448"])
+    monkeypatch.setattr(builtins, "__import__", guarded)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 0

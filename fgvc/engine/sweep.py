@@ -10,7 +10,6 @@ from pathlib import Path
 import pandas as pd
 
 from fgvc.config import CONFIG_FILE, load_config
-from fgvc.engine.runtime import is_main_process
 from fgvc.errors import ConfigError, DataError
 from fgvc.fileio import atomic_write_text
 from fgvc.plots import plot_sweep
@@ -67,6 +66,7 @@ def sweep(
     progress: bool = True,
 ) -> SweepResult:
     """Top-1 of the stage-1 model and of every finished stage-2 model at each test resolution (test augmentation)."""
+    from fgvc.engine.runtime import is_main_process
     from fgvc.predict import finished_stage_dirs, predict_stage
 
     if not resolutions:
