@@ -29,8 +29,28 @@ log = logging.getLogger("fgvc")
 
 
 def member_stage_dir(member: Member) -> Path:
+    return member_steps(member)[-1][1]
+
+
+def member_steps(member: Member) -> list[tuple[str, Path]]:
+    """The member's stages in training order, each with its folder: stage 1, and stage 2 for a stage-2 member."""
     run_dir = member.config.run_dir()
-    return run_dir / (STAGE1 if member.stage == 1 else stage2_dirname(member.config.stage2.res))
+    steps = [(STAGE1, run_dir / STAGE1)]
+    if member.stage == 2:
+        steps.append(("stage2", run_dir / stage2_dirname(member.config.stage2.res)))
+    return steps
+
+
+def refuse_changed_member(recipe: Recipe, member: Member, stage: str, stage_dir: Path) -> None:
+    """A finished stage trained with settings the recipe no longer has (edited since, or another recipe sharing the
+    run folder) is not the recipe's model: neither skipped by training nor used by the ensemble."""
+    saved = load_config(stage_dir / CONFIG_FILE).model_dump(mode="json")
+    changed = config_conflicts(saved, member.config, stage)
+    if changed:
+        raise ConfigError(
+            f"{recipe.source}: member {member.name}: {stage} finished with other settings "
+            f"({'; '.join(changed)}); retrain it with `{member_train_command(recipe, member)} --force`"
+        )
 
 
 @dataclass
@@ -52,18 +72,9 @@ def train_recipe(
     outcomes: list[TrainOutcome] = []
     for member in select_members(recipe, members):
         cfg, run_dir = member.config, member.config.run_dir()
-        steps = [(STAGE1, run_dir / STAGE1)]
-        if member.stage == 2:
-            steps.append(("stage2", run_dir / stage2_dirname(cfg.stage2.res)))
-        for stage, stage_dir in steps:
+        for stage, stage_dir in member_steps(member):
             if is_finished(stage_dir) and not force:
-                saved = load_config(stage_dir / CONFIG_FILE).model_dump(mode="json")
-                changed = config_conflicts(saved, cfg, stage)
-                if changed:  # the recipe was edited after this stage finished: its model is not the recipe's
-                    raise ConfigError(
-                        f"{recipe.source}: member {member.name}: {stage} finished with other settings "
-                        f"({'; '.join(changed)}); retrain it with `{member_train_command(recipe, member)} --force`"
-                    )
+                refuse_changed_member(recipe, member, stage, stage_dir)
                 outcomes.append(TrainOutcome(member.name, stage, "skipped (finished)"))
                 log.info("%s %s: finished earlier, skipped", member.name, stage)
                 continue
@@ -85,6 +96,9 @@ def member_probabilities(recipe: Recipe, member: Member, split: str, progress: b
     if not is_finished(stage_dir):
         command = member_train_command(recipe, member)
         raise DataError(f"member {member.name}: no finished checkpoint in {stage_dir}; produce it with: {command}")
+    for stage, step_dir in member_steps(member):
+        if is_finished(step_dir):
+            refuse_changed_member(recipe, member, stage, step_dir)
     tta = member.config.predict.tta
     resolutions = member.multi_res or [member.test_res]
     if len(resolutions) == 1:

@@ -403,7 +403,7 @@ members:
     assert not list((tmp_path / "submissions").glob(".*draft"))
 
 
-def test_train_refuses_a_finished_member_whose_recipe_changed(tmp_path: Path) -> None:
+def test_train_and_ensemble_refuse_a_finished_member_whose_recipe_changed(tmp_path: Path) -> None:
     root = _folder_dataset(tmp_path / "data")
     recipe_path = tmp_path / "generic.yaml"
     text = f"""competition: generic
@@ -421,3 +421,7 @@ members:
     with pytest.raises(ConfigError, match=r"member only: stage1 finished with other settings \(stage1.epochs: 1 -> 5\)"
                        r"; retrain it with `fgvc train .* --member only --force`"):  # fmt: skip
         train_recipe(recipe_path, progress=False)
+    # the ensemble would submit the 1-epoch model as the recipe's 5-epoch one: refused the same way, nothing written
+    with pytest.raises(ConfigError, match=r"member only: stage1 finished with other settings \(stage1.epochs: 1 -> 5"):
+        ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
+    assert not (tmp_path / "submissions").exists() or not list((tmp_path / "submissions").iterdir())
