@@ -135,11 +135,7 @@ def stage1(
         "runtime.amp": amp, "runtime.compile": compile, "runtime.seed": seed, "runtime.deterministic": deterministic,
         "runtime.device": device, "out": out, "name": name,
     }  # fmt: skip
-    if weights is not None and weights.lower() == "none":
-        overrides["model.weights"] = None
     cfg = resolve_run_config(recipe, overrides)
-    if weights is not None and weights.lower() == "none":
-        cfg.model.weights = None
     result = run_stage1(cfg, force=force)
     if result.interrupted_by:
         raise typer.Exit(128 + result.interrupted_by)

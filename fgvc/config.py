@@ -62,6 +62,12 @@ class ModelConfig(_Section):
     arch: str = "resnet50"
     weights: str | None = "imagenet"  # "imagenet" (local caches only), a file path, or None for random init
 
+    @field_validator("weights")
+    @classmethod
+    def _none_means_none(cls, value: str | None) -> str | None:
+        """``weights: none`` in a recipe means what ``--weights none`` means (random init), not a file called none."""
+        return None if value is not None and value.lower() == "none" else value
+
 
 class StageConfig(_Section):
     """One training stage. Stage 1 and stage 2 are the same loop with different values."""

@@ -138,3 +138,14 @@ def test_resume_conflicts_compare_the_learning_rate_by_its_effect() -> None:
     from_base = config_from_dict({"stage2": {"lr_base": 0.1, "batch_size": 48}}).model_dump(mode="json")
     explicit = config_from_dict({"stage2": {"lr": 0.01875, "lr_base": 0.1, "batch_size": 48}})
     assert config_conflicts(from_base, explicit, "stage2") == []
+
+
+def test_weights_none_in_a_recipe_means_random_init_as_on_the_command_line(tmp_path: Path) -> None:
+    """`weights: none` in YAML was read as a file called "none" (its error then advised `none`)."""
+    from fgvc.recipe import resolve_run_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {dataset: cub}\nmodel: {arch: resnet50, weights: none}\n")
+    assert resolve_run_config(recipe, {}).model.weights is None
+    assert resolve_run_config(None, {"model.weights": "None"}).model.weights is None  # --weights None
+    assert resolve_run_config(recipe, {"model.weights": "w.pth"}).model.weights == "w.pth"

@@ -144,6 +144,15 @@ def test_sweep_writes_table_and_plot(adapted_run: Path) -> None:
     assert best == result.table[["stage1", "stage2-48"]].to_numpy().max() == pytest.approx(result.best_top1)
 
 
+def test_a_forced_stage2_retires_the_sweeps_that_scored_its_old_model(adapted_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / adapted_run.name
+    shutil.copytree(adapted_run, run)
+    sweep(run, [32, 48], split="val", progress=False)
+    assert (run / "sweep-val.csv").is_file()
+    run_stage2(run, {"stage2.res": 48, "stage2.epochs": 1}, force=True, progress=False)
+    assert not list(run.glob("sweep-*"))  # its stage2-48 column was the old model's
+
+
 def _copy_with_an_interrupted_stage2(adapted_run: Path, tmp_path: Path) -> Path:
     """The fixture run plus stage2-64 as an interrupted stage 2 leaves it: last.pt without finished.json."""
     run = tmp_path / adapted_run.name

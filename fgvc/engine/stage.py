@@ -632,8 +632,8 @@ def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool)
                 for name in (FINISHED, LAST, BEST):
                     (old / name).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "predictions", ignore_errors=True)
-            for sweep_file in run_dir.glob("sweep-*.*"):
-                sweep_file.unlink()
+        for sweep_file in run_dir.glob("sweep-*.*"):  # a column of every sweep is the old model's
+            sweep_file.unlink()
     # predictions of an unfinished or retrained model must not be reused
     shutil.rmtree(run_dir / "predictions" / stage_dir.name, ignore_errors=True)
 
