@@ -272,6 +272,9 @@ def test_unreadable_files_are_weights_errors(tmp_path):
     assert "not a readable PyTorch or safetensors checkpoint" in one_line_error(LITE0, tmp_path / "text.pth")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     assert "not a readable" in one_line_error(LITE0, tmp_path / "junk.safetensors")
+    (tmp_path / "sample_submission.csv").write_text("Id,Predicted\n1,2\n")  # the wrong file passed to --weights
+    message = one_line_error(LITE0, tmp_path / "sample_submission.csv")
+    assert "not a readable" in message and "weights_only" not in message  # not torch's advice to load it unsafely
     torch.save({"epoch": 3, "note": "no tensors"}, tmp_path / "empty.pth")
     assert "holds no state dict" in one_line_error(LITE0, tmp_path / "empty.pth")
 

@@ -128,10 +128,12 @@ def read_checkpoint(path: str | Path) -> object:
         with torch.serialization.safe_globals(_SAFE_GLOBALS), path.open("rb") as handle:  # a handle: no suffix rules
             return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Unsupported global" not in str(err):  # not a pickle of tensors at all
+        if "Unsupported global" not in str(err):  # not a pickle of tensors at all (a CSV, an image...)
+            # torch's own first line advises weights_only=False, which is beside the point here and unsafe
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
+            reason = detail.group(1) if detail else str(err).strip().splitlines()[0] if str(err).strip() else "?"
             raise WeightsError(
-                f"{path}: not a readable PyTorch or safetensors checkpoint ({first_line}); re-download or re-save it"
+                f"{path}: not a readable PyTorch or safetensors checkpoint ({reason}); re-download or re-save it"
             ) from None
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))  # unpickling it could run code
         raise WeightsError(
