@@ -391,7 +391,15 @@ def test_image_without_label_line_is_a_data_error(tmp_path: Path) -> None:
 def test_broken_json_names_file_line_and_column(tmp_path: Path) -> None:
     write_inat(tmp_path, 2019)
     (tmp_path / "val2019.json").write_text('{"images": [\n  {"id": 1,, }\n]}')
-    _one_line_data_error("inat2019", tmp_path, "val2019.json:2:")
+    _one_line_data_error("inat2019", tmp_path, "val2019.json:2:", ": line 2 column")  # json's reason is not cut off
+
+
+def test_a_labelled_image_without_annotation_says_how_to_fix_it(tmp_path: Path) -> None:
+    write_inat(tmp_path, 2019)
+    data = json.loads((tmp_path / "train2019.json").read_text())
+    data["annotations"] = data["annotations"][1:]
+    (tmp_path / "train2019.json").write_text(json.dumps(data))
+    _one_line_data_error("inat2019", tmp_path, "train2019.json", "has no annotation (1 such images)", "re-download")
 
 
 def test_json_with_the_wrong_keys_is_a_data_error(tmp_path: Path) -> None:

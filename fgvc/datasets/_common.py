@@ -135,7 +135,8 @@ def load_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(
-            f"{path}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg}); re-download or re-extract the file"
+            f"{path}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg}: line {exc.lineno} column {exc.colno}); "
+            "re-download or re-extract the file"
         ) from None
 
 
@@ -325,7 +326,10 @@ def coco_frame(
             raise DataError(f"{path}: image ids in 'images' and 'annotations' have different types") from None
     unlabelled = table["category_id"].isna()
     if labelled and unlabelled.any():
-        raise DataError(f"{path}: image id {first(table['image_key'][unlabelled])!r} has no annotation")
+        raise DataError(
+            f"{path}: image id {first(table['image_key'][unlabelled])!r} has no annotation ({int(unlabelled.sum())} "
+            "such images); every image of a labelled split needs one: re-download the file, or remove those images"
+        )
     labels = pd.Series(-1, index=table.index, dtype="int64")
     known = ~unlabelled
     if known.any():
