@@ -475,3 +475,13 @@ def test_folder_class_unknown_to_train_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "val" / "owl").mkdir()
     (tmp_path / "val" / "owl" / "x.jpg").write_bytes((tmp_path / "val" / "crane" / "v.jpg").read_bytes())
     _one_line_data_error("folder", tmp_path, "owl")
+
+
+def test_pets_line_with_another_breeds_class_id_is_a_data_error(tmp_path: Path) -> None:
+    """`Abyssinian_4 38 1 1`: one wrong CLASS-ID made a second "Abyssinian" class that `datasets check` passed."""
+    write_pets(tmp_path)
+    trainval = tmp_path / "annotations" / "trainval.txt"
+    line = next(x for x in trainval.read_text().splitlines() if x.startswith("Abyssinian_3 "))
+    other_id = max(int(x.split()[1]) for x in trainval.read_text().splitlines()) + 1
+    trainval.write_text(trainval.read_text().replace(line, f"Abyssinian_3 {other_id} 1 1"))
+    _one_line_data_error("pets", tmp_path, "trainval.txt", "breed Abyssinian is given several class ids")

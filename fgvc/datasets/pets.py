@@ -67,5 +67,10 @@ def _breed_names(rows: pd.DataFrame, category_ids: list[int], path: Path) -> lis
         class_id = first(breeds["class_id"][clashing])
         found = ", ".join(breeds["breed"][breeds["class_id"] == class_id])
         raise DataError(f"{path}: class id {class_id} is given to several breeds ({found}); re-extract the lists")
+    repeated = breeds["breed"].duplicated()
+    if repeated.any():  # a wrong CLASS-ID on one line: two classes of one breed
+        breed = first(breeds["breed"][repeated])
+        ids = ", ".join(str(c) for c in sorted(breeds["class_id"][breeds["breed"] == breed]))
+        raise DataError(f"{path}: breed {breed} is given several class ids ({ids}); re-extract the lists")
     names = dict(zip(breeds["class_id"], breeds["breed"], strict=True))
     return [names[category] for category in category_ids]
