@@ -7,6 +7,7 @@ next to every checkpoint (``config.yaml``) so that a run folder alone is enough 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -168,23 +169,28 @@ def first_error(err: ValidationError) -> tuple[str, str]:
     return ".".join(str(p) for p in first["loc"]), first["msg"].removeprefix("Value error, ")
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, extra_keys: tuple[str, ...] = ()) -> str:
     key, message = first_error(err)
     if err.errors()[0]["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}'; valid keys there: {', '.join(_valid_keys(err.errors()[0]['loc']))}"
+        loc = err.errors()[0]["loc"]
+        valid = _valid_keys(loc) + (list(extra_keys) if len(loc) == 1 else [])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{source}: unknown key '{key}'{hint}; valid keys there: {', '.join(valid)}"
     return f"{source}: invalid value for '{key}': {message}"
 
 
-def config_from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
+def config_from_dict(values: dict[str, Any], source: str = "config", extra_keys: tuple[str, ...] = ()) -> RunConfig:
     """Build a validated RunConfig; an unknown key or a bad value is a one-line ConfigError naming ``source``.
 
     ``values`` is merged over the defaults key by key, so a recipe that sets only ``stage2.res`` keeps the other
     stage-2 defaults (test augmentation, bn+fc, small learning rate) rather than a plain StageConfig's.
+    ``extra_keys``: the other keys valid at the top level (a recipe's), listed in the unknown-key message.
     """
     try:
         return RunConfig.model_validate(merge(RunConfig().model_dump(), values))
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(_format_validation_error(err, source, extra_keys)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

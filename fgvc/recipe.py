@@ -67,6 +67,8 @@ def load_recipe(path: str | Path) -> Recipe:
 def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
     """Validate a recipe given as a mapping (a parsed YAML file, or one built in code like the demo's)."""
     shared = {k: v for k, v in values.items() if k not in RECIPE_KEYS}
+    # The shared part on its own first: its mistakes are the top level's, not the first member's.
+    config_from_dict(shared, source=f"{source}: top level", extra_keys=RECIPE_KEYS)
     members_raw = values.get("members") or [{}]
     if not isinstance(members_raw, list):
         raise ConfigError(f"{source}: 'members' must be a list of member configs")

@@ -149,3 +149,16 @@ def test_weights_none_in_a_recipe_means_random_init_as_on_the_command_line(tmp_p
     assert resolve_run_config(recipe, {}).model.weights is None
     assert resolve_run_config(None, {"model.weights": "None"}).model.weights is None  # --weights None
     assert resolve_run_config(recipe, {"model.weights": "w.pth"}).model.weights == "w.pth"
+
+
+def test_top_level_recipe_mistakes_are_the_top_levels_not_the_first_members(tmp_path: Path) -> None:
+    from fgvc.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("competition: generic\nensembel: {weights: equal}\nmembers:\n  - {name: a}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: top level: unknown key 'ensembel' \(did you mean 'ensemble'\?\); "
+                       r"valid keys there: .*competition, ensemble, members$"):  # fmt: skip
+        load_recipe(recipe)
+    recipe.write_text("competition: generic\npredict: {tta: tencropp}\nmembers:\n  - {name: a}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: top level: invalid value for 'predict.tta'"):
+        load_recipe(recipe)
