@@ -325,7 +325,7 @@ def validate_submission(
         for problem in problems[:20]:
             typer.echo(f"{file}: {problem}")
         more = " (first 20 shown)" if len(problems) > 20 else ""
-        typer.echo(f"{file}: INVALID, {len(problems)} problems{more}")
+        typer.echo(f"{file}: INVALID, {len(problems)} problem{'s' if len(problems) > 1 else ''}{more}")
         raise typer.Exit(1)
     typer.echo(f"{file}: valid {competition} submission")
 

@@ -396,7 +396,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     num_classes = train_index.num_classes
     if stage == STAGE1:
         model = create_model(cfg.model.arch, num_classes, cfg.model.weights if state is None else None)
-        source = f"weights {cfg.model.weights}"
+        source = f"weights {cfg.model.weights}" if cfg.model.weights else "random initialisation (no weights)"
     else:
         model, ckpt1 = load_stage_model(run_dir / STAGE1)
         check_classes(ckpt1, train_index, run_dir / STAGE1, run_dir / CONFIG_FILE)
