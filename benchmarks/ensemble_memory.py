@@ -139,10 +139,15 @@ def main() -> int:
     raw = {"machine": cpu_name(), "rows": args.rows, "classes": args.classes, "matrix_mib": matrix_mib,
            "quick": args.quick, "python": platform.python_version(), "numpy": np.__version__,
            "results": results}  # fmt: skip
+    write_results(stem, table, raw)
+    return 0
+
+
+def write_results(stem: Path, table: str, raw: dict) -> None:
+    """``stem``.md (the table the README quotes) and ``stem``.json (the raw numbers), each written atomically."""
     atomic_write_text(stem.with_suffix(".md"), table)
     atomic_write_text(stem.with_suffix(".json"), json.dumps(raw, indent=2) + "\n")
     print(f"wrote {stem}.md and {stem}.json")
-    return 0
 
 
 if __name__ == "__main__":

@@ -38,10 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ensemble_memory import cpu_name  # noqa: E402
+from ensemble_memory import cpu_name, write_results  # noqa: E402
 
 from fgvc.engine.runtime import Runtime, gather_objects, gather_rows_on_main  # noqa: E402
-from fgvc.fileio import atomic_write_text  # noqa: E402
 
 WAYS = ("all ranks", "rank 0")
 
@@ -127,9 +126,7 @@ def main() -> int:
     raw = {"machine": cpu_name(), "rows": args.rows, "classes": args.classes, "ranks": args.ranks,
            "matrix_mib": matrix_mib, "quick": args.quick, "python": platform.python_version(),
            "torch": torch.__version__, "results": results}  # fmt: skip
-    atomic_write_text(stem.with_suffix(".md"), table)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(raw, indent=2) + "\n")
-    print(f"wrote {stem}.md and {stem}.json")
+    write_results(stem, table, raw)
     return 0
 
 
