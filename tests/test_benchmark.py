@@ -240,15 +240,19 @@ def test_stage2_profile_script_runs_every_variant(capsys: pytest.CaptureFixture[
     assert "== fgvc's loops over" in out and "train_one_epoch / predict_probs:" in out
 
 
+def _quick_memory_run(script: str, out: Path) -> tuple[Path, dict]:
+    """Run a CPU memory benchmark with ``--quick`` into ``out``: its markdown table and its raw numbers."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    [table_file] = list(out.glob("cpu-*-memory-*.md"))
+    return table_file, json.loads(table_file.with_suffix(".json").read_text())
+
+
 def test_ensemble_memory_quick_run_writes_its_table(tmp_path: Path) -> None:
     """benchmarks/ensemble_memory.py --quick: every (way, members) cell is measured and the table's "matrices" are
     the raw peaks divided by one matrix. No memory figure is asserted: that is what the benchmark reports."""
-    script = ROOT / "benchmarks" / "ensemble_memory.py"
-    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    [table_file] = list(tmp_path.glob("cpu-ensemble-memory-*.md"))
-    raw = json.loads(table_file.with_suffix(".json").read_text())
+    table_file, raw = _quick_memory_run("ensemble_memory.py", tmp_path)
     assert [row["members"] for row in raw["results"]] == [1, 2, 3]
     table_rows = [line for line in table_file.read_text().splitlines() if line.startswith("| ") and "MiB" not in line]
     assert len(table_rows) == 3
@@ -264,12 +268,7 @@ def test_gather_memory_quick_run_writes_its_table(tmp_path: Path) -> None:
     """benchmarks/gather_memory.py --quick: both ways run on two gloo processes, rank 0 ends with every row in image
     order (the script checks it and exits non-zero otherwise), and the table lists one line per (way, rank). No memory
     figure is asserted: that is what the benchmark reports."""
-    script = ROOT / "benchmarks" / "gather_memory.py"
-    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    [table_file] = list(tmp_path.glob("cpu-gather-memory-*.md"))
-    raw = json.loads(table_file.with_suffix(".json").read_text())
+    table_file, raw = _quick_memory_run("gather_memory.py", tmp_path)
     held = {way: [rec["rows_held"] for rec in records] for way, records in raw["results"].items()}
     assert held == {"all ranks": [2_000, 2_000], "rank 0": [2_000, 0]}
     table_rows = [line for line in table_file.read_text().splitlines() if line.startswith("| all") or
