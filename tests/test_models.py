@@ -325,6 +325,16 @@ def test_the_last_stage_holds_the_last_batchnorm_and_trains_more_than_bn_fc(name
     assert pooled_channels == model.num_features  # the tuned BatchNorm normalises every pooled channel
 
 
+def test_the_last_stage_follows_forward_order_where_registration_order_differs() -> None:
+    """Xception registers the last block's shortcut before its main branch and runs it after; registration order
+    left ``block12.skip``/``skipbn`` frozen under stage+bn+fc while the rest of the block trained."""
+    meta = get_meta(build_on_meta("timm:legacy_xception", 10))
+    assert {"block12.skip", "block12.skipbn", "block12.rep.1", "conv4", "bn4"} <= set(meta.last_stage)
+    assert not any(stage.startswith(("block11", "block12.rep.0")) for stage in meta.last_stage)
+    # a ModuleList is never called itself: it counts as after the boundary when all of its children are
+    assert "incre_modules" in model_meta("timm:hrnet_w18_small").last_stage
+
+
 @pytest.mark.parametrize(
     ("name", "why"),
     [

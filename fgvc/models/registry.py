@@ -239,35 +239,104 @@ def _timm_classifier(model: nn.Module) -> str:
     return names[id(head)]
 
 
-def _timm_last_stage(model: nn.Module, classifier: str) -> tuple[str, ...]:
+def _timm_last_stage(model: nn.Module, classifier: str, input_size: int = 224) -> tuple[str, ...]:
     """What "layer 4" means for a model that is not a ResNet: every parametrised module that runs after timm's
     second-to-last feature map, up to the classifier (ResNet's ``layer4``; EfficientNet's ``blocks.5``, ``blocks.6``,
     ``conv_head`` and ``bn2``; ConvNeXt's ``stages.3`` and head norm).
 
     Reading the stage off the last ``feature_info`` entry instead fails where that entry has no parameters (the
     Identity ``final_conv`` of timm's ByobNets, Xception's ``act4``) or is not the last block (GhostNet, ReXNet):
-    stage 2 then tuned nothing more than ``bn+fc``. Module order is registration order within each parent.
+    stage 2 then tuned nothing more than ``bn+fc``. "After" is forward order, from one hooked batch-1 forward (free
+    on the meta device): legacy Xception registers ``block12.skip`` before ``block12.rep`` but runs it after, so
+    registration order left the last block's shortcut frozen. Registration order is the fallback where that forward
+    fails.
     """
     feature_info = getattr(model, "feature_info", None)
     if not feature_info:
         return ()
     if len(feature_info) < 2:
         return (feature_info[-1]["module"],)
-    parts = feature_info[-2]["module"].split(".")
-    following: list[str] = []
+    boundary = feature_info[-2]["module"]
     try:
-        for depth in range(len(parts), 0, -1):  # the entry's later siblings, then its parent's, up to the top level
-            parent = ".".join(parts[: depth - 1])
-            children = [name for name, _ in model.get_submodule(parent).named_children()]
-            later = children[children.index(parts[depth - 1]) + 1 :]
-            following += [f"{parent}.{name}" if parent else name for name in later]
-    except (AttributeError, ValueError):  # feature_info names a module that does not exist (Twins' "block.0")
+        model.get_submodule(boundary)
+    except AttributeError:  # feature_info names a module that does not exist (Twins' "block.0")
         return ()
+    calls = _first_calls(model, boundary, input_size)
+    following = _outermost_after(model, *calls) if calls is not None else _registered_after(model, boundary)
     return tuple(
         name
         for name in following
         if name != classifier and any(True for _ in model.get_submodule(name).parameters())
     )
+
+
+def _first_calls(model: nn.Module, boundary: str, input_size: int) -> tuple[dict[str, int], int] | None:
+    """When each module is first called in one forward pass and when ``boundary``'s first call returns, on one
+    clock; None if the forward fails."""
+    first_call: dict[str, int] = {}
+    boundary_end: list[int] = []
+    clock = iter(range(1 << 62))
+
+    def called(name: str) -> Callable[..., None]:
+        def hook(*_: object) -> None:  # returns None: a pre-hook's return value replaces the module's input
+            first_call.setdefault(name, next(clock))
+
+        return hook
+
+    hooks = [module.register_forward_pre_hook(called(name)) for name, module in model.named_modules()]
+    hooks.append(model.get_submodule(boundary).register_forward_hook(lambda *_: boundary_end.append(next(clock))))
+    modes = {module: module.training for module in model.modules()}
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, input_size, input_size, device=device))
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    return (first_call, boundary_end[0]) if boundary_end else None
+
+
+def _outermost_after(model: nn.Module, first_call: dict[str, int], boundary_end: int) -> list[str]:
+    """The outermost modules wholly after the boundary, in registration order: one first called after it returned,
+    or one never called itself (a ``ModuleList``) whose parametrised children all are."""
+
+    def wholly_after(name: str, module: nn.Module) -> bool:
+        if name in first_call:
+            return first_call[name] > boundary_end
+        if any(True for _ in module.parameters(recurse=False)):
+            return False
+        with_params = [(f"{name}.{child}", sub) for child, sub in module.named_children()
+                       if any(True for _ in sub.parameters())]  # fmt: skip
+        return bool(with_params) and all(wholly_after(*item) for item in with_params)
+
+    found: list[str] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for child, sub in module.named_children():
+            name = prefix + child
+            if wholly_after(name, sub):
+                found.append(name)
+            else:
+                walk(name + ".", sub)
+
+    walk("", model)
+    return found
+
+
+def _registered_after(model: nn.Module, boundary: str) -> list[str]:
+    """The boundary module's later siblings, then its parent's, up to the top level, in registration order."""
+    parts = boundary.split(".")
+    following: list[str] = []
+    for depth in range(len(parts), 0, -1):
+        parent = ".".join(parts[: depth - 1])
+        children = [name for name, _ in model.get_submodule(parent).named_children()]
+        later = children[children.index(parts[depth - 1]) + 1 :]
+        following += [f"{parent}.{name}" if parent else name for name in later]
+    return following
 
 
 def _patch_size(model: nn.Module) -> int:
@@ -335,7 +404,7 @@ def _timm_spec(model_name: str) -> ModelSpec:
         crop_pct=float(cfg.crop_pct) if cfg is not None else 0.875,
         classifier=classifier,
         last_bn=last_bn,
-        last_stage=_timm_last_stage(probe, classifier),
+        last_stage=_timm_last_stage(probe, classifier, size),
         num_classes=1000,
         fixed_input_size=bool(getattr(cfg, "fixed_input_size", False)) and not getattr(probe, "dynamic_img_size", 0),
         input_multiple=_patch_size(probe),
