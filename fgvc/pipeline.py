@@ -9,6 +9,7 @@ import datetime as dt
 import itertools
 import logging
 import os
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,16 +42,28 @@ def member_steps(member: Member) -> list[tuple[str, Path]]:
     return steps
 
 
-def refuse_changed_member(recipe: Recipe, member: Member, stage: str, stage_dir: Path) -> None:
+def refuse_changed_members(recipe: Recipe, members: list[Member]) -> None:
     """A finished stage trained with settings the recipe no longer has (edited since, or another recipe sharing the
-    run folder) is not the recipe's model: neither skipped by training nor used by the ensemble."""
-    saved = load_config(stage_dir / CONFIG_FILE).model_dump(mode="json")
-    changed = config_conflicts(saved, member.config, stage)
-    if changed:
-        raise ConfigError(
-            f"{recipe.source}: member {member.name}: {stage} finished with other settings "
-            f"({'; '.join(changed)}); retrain it with `{member_train_command(recipe, member)} --force`"
-        )
+    run folder) is not the recipe's model: neither skipped by training nor used by the ensemble. Checked for every
+    member before any work starts, so that one error lists them all."""
+    changed: list[tuple[Member, str]] = []
+    for member in members:
+        for stage, stage_dir in member_steps(member):
+            if not is_finished(stage_dir):
+                continue
+            saved = load_config(stage_dir / CONFIG_FILE).model_dump(mode="json")
+            conflicts = config_conflicts(saved, member.config, stage)
+            if conflicts:  # a changed stage 1 is retrained with its stage 2: one line per member is enough
+                changed.append((member, f"member {member.name}: {stage} finished with other settings "
+                                        f"({'; '.join(conflicts)})"))  # fmt: skip
+                break
+    if not changed:
+        return
+    names = [member for member, _ in changed]
+    command = member_train_command(recipe, names[0]) if len(names) == 1 else (
+        f"fgvc train {shlex.quote(recipe.source)} " + " ".join(f"--member {shlex.quote(m.name)}" for m in names))
+    raise ConfigError(f"{recipe.source}: {'; '.join(why for _, why in changed)}; retrain "
+                      f"{'it' if len(names) == 1 else 'them'} with `{command} --force`")  # fmt: skip
 
 
 @dataclass
@@ -69,12 +82,14 @@ def train_recipe(
     Naming members lets an ensemble train on several machines at once, one member each, from the same recipe.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    selected = select_members(recipe, members)
+    if not force:
+        refuse_changed_members(recipe, selected)
     outcomes: list[TrainOutcome] = []
-    for member in select_members(recipe, members):
+    for member in selected:
         cfg, run_dir = member.config, member.config.run_dir()
         for stage, stage_dir in member_steps(member):
             if is_finished(stage_dir) and not force:
-                refuse_changed_member(recipe, member, stage, stage_dir)
                 outcomes.append(TrainOutcome(member.name, stage, "skipped (finished)"))
                 log.info("%s %s: finished earlier, skipped", member.name, stage)
                 continue
@@ -96,9 +111,7 @@ def member_probabilities(recipe: Recipe, member: Member, split: str, progress: b
     if not is_finished(stage_dir):
         command = member_train_command(recipe, member)
         raise DataError(f"member {member.name}: no finished checkpoint in {stage_dir}; produce it with: {command}")
-    for stage, step_dir in member_steps(member):
-        if is_finished(step_dir):
-            refuse_changed_member(recipe, member, stage, step_dir)
+    refuse_changed_members(recipe, [member])
     tta = member.config.predict.tta
     resolutions = member.multi_res or [member.test_res]
     if len(resolutions) == 1:
@@ -127,6 +140,7 @@ def ensemble_recipe(
                           "first with `fgvc predict --run RUN --split val|test --gpus N` (the files are reused), then "
                           "run `fgvc ensemble` alone")  # fmt: skip
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    refuse_changed_members(recipe, recipe.members)  # before hours of prediction, not after
     spec = competition_spec(recipe.competition)
     ens = recipe.ensemble
     # The val split fits the weights (search) or only fills the report: without images it is skipped in the latter case.

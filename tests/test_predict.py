@@ -434,3 +434,32 @@ members:
     with pytest.raises(ConfigError, match=r"member only: stage1 finished with other settings \(stage1.epochs: 1 -> 5"):
         ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
     assert not (tmp_path / "submissions").exists() or not list((tmp_path / "submissions").iterdir())
+
+
+def test_changed_members_are_all_refused_before_any_training(tmp_path: Path) -> None:
+    """Two members edited since they finished and a third not trained yet: one error names both edited members, and
+    the third is not trained first (hours, on a real recipe) only to fail on the others after it."""
+    root = _folder_dataset(tmp_path / "data")
+    recipe_path = tmp_path / "generic.yaml"
+    text = f"""competition: generic
+out: {tmp_path / 'runs'}
+data: {{dataset: folder, root: {root}, workers: 0, val_fraction: 0.0}}
+model: {{arch: "timm:test_resnet", weights: null}}
+stage1: {{res: 28, epochs: 1, batch_size: 4}}
+members:
+  - {{name: a, stage: 1}}
+  - {{name: b, stage: 1, stage1: {{lr: 0.01}}}}
+"""
+    recipe_path.write_text(text)
+    train_recipe(recipe_path, progress=False)
+    edited = text.replace("res: 28, epochs: 1", "res: 28, epochs: 2") + "  - {name: c, stage: 1}\n"
+    recipe_path.write_text(edited)
+    with pytest.raises(ConfigError) as refused:
+        train_recipe(recipe_path, progress=False)
+    message = str(refused.value)
+    assert "member a: stage1 finished with other settings (stage1.epochs: 1 -> 2)" in message
+    assert "member b: stage1 finished with other settings (stage1.epochs: 1 -> 2)" in message
+    assert message.endswith("retrain them with `fgvc train " + str(recipe_path) + " --member a --member b --force`")
+    assert not (tmp_path / "runs" / "c").exists()
+    assert [o.status for o in train_recipe(recipe_path, progress=False, members=["c"])] == ["trained"]
+    assert (tmp_path / "runs" / "c").is_dir()
