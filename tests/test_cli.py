@@ -49,8 +49,10 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stage1: {res: 448, lrr: 0.1}\n")
     assert "unknown key 'stage1.lrr'" in one_line_error(fgvc("stage1", "--recipe", str(recipe)))
-    line = one_line_error(fgvc("stage1", "--dataset", "cub", "--data-root", str(tmp_path / "nowhere")))
+    line = one_line_error(fgvc("stage1", "--dataset", "cub", "--data-root", str(tmp_path / "nowhere"),
+                               "--out", str(tmp_path / "runs")))  # fmt: skip
     assert "nowhere" in line
+    assert not (tmp_path / "runs").exists()  # a start that fails on its arguments leaves no (empty) run folder
     line = one_line_error(fgvc("stage1", "--dataset", "nosuchset", "--data-root", str(tmp_path)))
     assert "cub" in line  # lists the valid names
     assert "run `fgvc stage1` first" in one_line_error(fgvc("stage2", "--test-res", "64", cwd=tmp_path))

@@ -86,6 +86,15 @@ class StageResult:
 # Helpers shared with predict and sweep
 
 
+class _RunLog(logging.FileHandler):
+    """A log file created with its folder on the first message (``delay=True``): a run that fails on its arguments
+    leaves no empty run folder behind."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 def setup_logging(path: Path | None, rt: Runtime) -> None:
     """Console plus a log file in the stage folder (rank 0 only)."""
     log.setLevel(logging.INFO)
@@ -99,8 +108,7 @@ def setup_logging(path: Path | None, rt: Runtime) -> None:
     console.setFormatter(logging.Formatter("%(message)s"))
     handlers: list[logging.Handler] = [console]
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(path)
+        file_handler = _RunLog(path, delay=True)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         handlers.append(file_handler)
     for handler in handlers:
