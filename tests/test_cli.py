@@ -139,7 +139,8 @@ def test_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, capsys:
         (["validate-submission", str(tmp_path), "--competition", "generic"], "it is a folder, name the CSV in it"),
         (["stage1", "--dataset", "demo", "--data-root", str(tmp_path / "typo"), "--out", str(tmp_path / "runs")],
          "no demo data there; check the path, or generate it with `fgvc demo --data-root"),
-        (["stage1", "--dataset", "demo", "--weights", str(tmp_path), "--arch", "timm:test_resnet"],
+        (["stage1", "--dataset", "demo", "--weights", str(tmp_path), "--arch", "timm:test_resnet", "--out",
+          str(tmp_path / "runs")],
          "a folder, not a weights file"),
     ]  # fmt: skip
     for args, expected in cases:
