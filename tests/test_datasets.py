@@ -31,6 +31,7 @@ from dataset_fixtures import (
 )
 
 from fgvc.datasets import DATASETS, get_spec, list_datasets, load_index, resolve_root
+from fgvc.datasets.base import stratified_holdout
 from fgvc.errors import ConfigError, DataError, LayoutError
 
 CASES = {
@@ -274,6 +275,30 @@ def test_holdout_is_deterministic_disjoint_and_stratified(tmp_path: Path) -> Non
     assert load("test").frame["image_id"].tolist() == truth.ids("test")
     assert val.class_names == truth.class_names and val.category_ids == truth.category_ids
     assert (val.name, val.split) == ("cub", "val")
+
+
+def test_holdout_barely_moves_when_an_image_is_added_or_removed() -> None:
+    """A resumed download or a deleted corrupt image between stage 1 and stage 2 must not move the hold-out into
+    training: a re-drawn permutation kept 19 of 200 validation images after one of 2,000 rows was dropped."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 50, 2000)
+    train = pd.DataFrame({"path": [f"{i}.jpg" for i in range(2000)], "label": labels, "image_id": range(2000)})
+    _, val = stratified_holdout(train, 0.1, seed=3)
+    assert len(val) == 200
+    per_class = val["label"].value_counts()
+    share = train["label"].value_counts()[per_class.index] * 0.1
+    assert per_class.index.size == 50 and (per_class - share).abs().max() < 1  # stratified: each class its tenth
+    for changed in (train.drop(index=137), pd.concat([train, train.iloc[[5]].assign(image_id=2000)])):
+        _, val_after = stratified_holdout(changed, 0.1, seed=3)
+        assert len(set(val["image_id"]) ^ set(val_after["image_id"])) <= 3
+    _, other_seed = stratified_holdout(train, 0.1, seed=4)
+    assert len(set(val["image_id"]) & set(other_seed["image_id"])) < 60  # a new seed is a new draw (about 20 shared)
+
+
+def test_holdout_never_takes_a_class_s_only_image() -> None:
+    train = pd.DataFrame({"path": list("abcdef"), "label": [0, 1, 1, 2, 2, 2], "image_id": list("abcdef")})
+    kept, val = stratified_holdout(train, 0.5, seed=0)
+    assert set(kept["label"]) == {0, 1, 2} and 0 not in set(val["label"]) and len(val) == 3
 
 
 def test_train_on_all_adds_the_holdout_back(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from fgvc.errors import ConfigError, DataError
 
@@ -84,14 +84,34 @@ def frame(paths: list[str], labels: list[int], image_ids: list[Any], **extra: An
 
 
 def stratified_holdout(train: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split train into (train, val) deterministically, stratified by label where every class can give one image."""
+    """Split train into (train, val), stratified by label: from each class, the images with the smallest key
+    ``hash(seed, image_id)``, about ``fraction`` of the class (largest remainders first), never a class's last image.
+
+    Keyed on each image's id rather than drawn as a permutation of the rows: adding or removing one image (a resumed
+    download, a deleted corrupt file) between stage 1 and stage 2 moves one or two images between train and val,
+    where a re-drawn permutation moved most of the hold-out into training and the sweep and ensemble weights were then
+    tuned on images the model had trained on.
+    """
     if fraction <= 0 or len(train) < 2:
         return train, train.iloc[:0]
-    counts = train["label"].value_counts()
     n_val = max(1, round(len(train) * fraction))
-    stratify = train["label"] if counts.min() >= 2 and n_val >= counts.size else None
-    tr, va = train_test_split(train, test_size=n_val, random_state=seed, stratify=stratify, shuffle=True)
-    return tr.sort_index(), va.sort_index()
+    counts = train["label"].value_counts().sort_index()
+    exact = counts * fraction  # a class's share depends on its own size only: other classes' changes leave it be
+    cap = (counts - 1).clip(lower=0)
+    quota = np.minimum(np.floor(exact), cap).astype(np.int64)
+    class_key = _keys(pd.Series(counts.index, index=counts.index), seed)  # tie-break among equal remainders
+    order = pd.DataFrame({"remainder": (exact - np.floor(exact)).round(9), "key": class_key})
+    order = order[quota < cap].sort_values(["remainder", "key"], ascending=[False, True])
+    extra = order.index[: max(0, n_val - int(quota.sum()))]
+    quota[extra] += 1
+    rank = _keys(train["image_id"], seed).groupby(train["label"]).rank(method="first")
+    is_val = rank.to_numpy() <= train["label"].map(quota).to_numpy()
+    return train[~is_val].sort_index(), train[is_val].sort_index()
+
+
+def _keys(values: pd.Series, seed: int) -> pd.Series:
+    """A uniform 64-bit key per value, the same in every process and on every machine (pandas' SipHash)."""
+    return pd.util.hash_pandas_object(f"{seed}:" + values.astype(str), index=False)
 
 
 def make_index(

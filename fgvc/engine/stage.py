@@ -118,8 +118,8 @@ def setup_logging(path: Path | None, rt: Runtime) -> None:
 
 
 def load_split(cfg: RunConfig, split: str) -> DatasetIndex:
-    """One split of the run's dataset. The hold-out depends on ``data.split_seed`` only, never on the training seed,
-    so ensemble members trained with different seeds share one validation set."""
+    """One split of the run's dataset. The hold-out depends on ``data.split_seed`` and the image ids only, never on
+    the training seed, so ensemble members trained with different seeds share one validation set."""
     data = cfg.data
     root = data.resolved_root().resolve()
     return _load_split(data.dataset, str(root), split, data.val_fraction, data.split_seed, data.train_on_all)
