@@ -436,6 +436,60 @@ def test_json_with_the_wrong_keys_is_a_data_error(tmp_path: Path) -> None:
     _one_line_data_error("herbarium2022", tmp_path, "train_metadata.json", "'image_id'")
 
 
+@pytest.mark.parametrize(
+    ("mutate", "fragments"),
+    [
+        (lambda data: data["images"][0].update(file_name=7), ("file_name '7' (a number)", "must be a string")),
+        (lambda data: data.update(images=[1, 2]), ("'images' entries must be JSON objects, found a number",)),
+        (lambda data: data["annotations"][0].update(category_id=[1, 2]), ("category_id '[1, 2]' (a list)",)),
+    ],
+    ids=["file-name-number", "images-not-objects", "category-id-list"],
+)
+def test_json_values_of_the_wrong_type_are_data_errors(tmp_path: Path, mutate, fragments: tuple[str, ...]) -> None:
+    """They used to end in a TypeError traceback (exit 1) deep in the reader."""
+    write_inat(tmp_path, 2019)
+    data = json.loads((tmp_path / "train2019.json").read_text())
+    mutate(data)
+    (tmp_path / "train2019.json").write_text(json.dumps(data))
+    _one_line_data_error("inat2019", tmp_path, "train2019.json", *fragments)
+
+
+def test_a_damaged_compressed_mat_is_a_data_error(tmp_path: Path) -> None:
+    """Bit rot inside a compressed variable raised zlib.error: a traceback, exit 1."""
+    write_flowers(tmp_path)
+    labels = tmp_path / "imagelabels.mat"
+    scipy.io.savemat(labels, {"labels": np.arange(1, 2001, dtype=np.uint16)[None] % 102 + 1}, do_compression=True)
+    raw = bytearray(labels.read_bytes())
+    raw[200:216] = bytes(255 - b for b in raw[200:216])
+    labels.write_bytes(bytes(raw))
+    _one_line_data_error("flowers", tmp_path, "imagelabels.mat", "not a readable MATLAB file")
+
+
+def test_flowers_label_outside_1_to_102_is_a_data_error(tmp_path: Path) -> None:
+    write_flowers(tmp_path)
+    labels = scipy.io.loadmat(tmp_path / "imagelabels.mat")["labels"]
+    labels[0, 4] = 0
+    scipy.io.savemat(tmp_path / "imagelabels.mat", {"labels": labels})
+    _one_line_data_error("flowers", tmp_path, "imagelabels.mat", "label 0 outside 1..102", "image_00005")
+
+
+def test_cars_class_that_is_not_a_number_is_a_data_error(tmp_path: Path) -> None:
+    write_cars(tmp_path)
+    annos = tmp_path / "devkit" / "cars_train_annos.mat"
+    data = scipy.io.loadmat(annos)
+    data["annotations"]["class"][0, 1] = np.array(["seven"])
+    scipy.io.savemat(annos, {"annotations": data["annotations"]})
+    _one_line_data_error("cars", tmp_path, "cars_train_annos.mat", "class 'seven' is not a class number")
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path: Path) -> None:
+    """A metadata file re-saved by a Windows editor starts with a BOM; it is not part of the first id."""
+    truth = write_cub(tmp_path)
+    images = tmp_path / "CUB_200_2011" / "images.txt"
+    images.write_bytes(b"\xef\xbb\xbf" + images.read_bytes())
+    assert load_index("cub", "test", root=tmp_path).frame["image_id"].tolist() == truth.ids("test")
+
+
 def test_mat_with_the_wrong_variables_is_a_data_error(tmp_path: Path) -> None:
     write_cars(tmp_path)
     scipy.io.savemat(tmp_path / "devkit" / "cars_meta.mat", {"names": np.zeros((1, 3))})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def read_columns(path: Path, columns: dict[str, Callable[[str], Any]], free_text
     converters = list(columns.values())
     rows: list[list[Any]] = []
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark from a Windows editor is not data
             for lineno, line in enumerate(fh, 1):
                 text = line.strip()
                 if not text or text.startswith("#"):
@@ -147,20 +148,37 @@ def json_records(data: Any, key: str, path: Path, fields: Sequence[str]) -> pd.D
     records = data.get(key) or []
     if not isinstance(records, list):
         raise DataError(f"{path}: '{key}' must be a list, found {type(records).__name__}")
+    not_object = next((record for record in records if not isinstance(record, dict)), None)
+    if not_object is not None:
+        raise DataError(f"{path}: '{key}' entries must be JSON objects, found {_json_type(not_object)} "
+                        f"{str(not_object)[:40]!r}; is this the official file?")  # fmt: skip
     table = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=list(fields))
     missing = [name for name in fields if name not in table.columns]
     if missing:
         raise DataError(f"{path}: '{key}' entries lack the key '{missing[0]}'; is this the right year's file?")
     if table[list(fields)].isna().any().any():
         raise DataError(f"{path}: some '{key}' entries have no value for one of {', '.join(fields)}")
+    for name in fields:  # ids are numbers or strings, file names strings: anything else fails far from here
+        allowed = (str,) if name == "file_name" else (str, int, float, np.integer, np.floating)
+        wrong = table[name][~table[name].map(lambda value, allowed=allowed: isinstance(value, allowed))]
+        if len(wrong):
+            expected = "a string" if name == "file_name" else "a number or a string"
+            raise DataError(f"{path}: '{key}' entry with {name} {str(first(wrong))[:40]!r} ({_json_type(first(wrong))})"
+                            f"; {name} must be {expected}: is this the official file?")  # fmt: skip
     return table
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return next((name for kind, name in names.items() if isinstance(value, kind)), "a number")
 
 
 def load_mat(path: Path, variables: Sequence[str]) -> dict[str, Any]:
     """Load a MATLAB file with ``squeeze_me=False`` (shapes stay as MATLAB wrote them) and check its variables."""
     try:
         data = scipy.io.loadmat(path, squeeze_me=False)
-    except (ValueError, TypeError, OSError, RuntimeError, scipy.io.matlab.MatReadError) as exc:  # v7.3: RuntimeError
+    except (ValueError, TypeError, OSError, RuntimeError, zlib.error, scipy.io.matlab.MatReadError) as exc:
+        # v7.3 (HDF5): RuntimeError; a damaged compressed variable: zlib.error
         raise DataError(
             f"{path}: not a readable MATLAB file ({exc}); re-extract it from the official archive"
         ) from None

@@ -120,6 +120,10 @@ def _annotations(
     table = pd.DataFrame(mat_struct(data, "annotations", path, fields))
     if not has_class:
         table["class"] = 0
+    not_number = pd.to_numeric(table["class"], errors="coerce").isna()
+    if not_number.any():
+        raise DataError(f"{path}: class {first(table['class'][not_number])!r} is not a class number; "
+                        "re-extract the official file")  # fmt: skip
     bad = ~table["class"].between(0 if not has_class else 1, num_classes)
     if bad.any():
         raise DataError(f"{path}: class {first(table['class'][bad])!r} outside 1..{num_classes} (cars_meta.mat)")

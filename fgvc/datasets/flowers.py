@@ -18,6 +18,7 @@ from fgvc.errors import DataError
 NAME = "flowers"
 TITLE = "Oxford 102 Flowers"
 REQUIRED = ("imagelabels.mat", "setid.mat", "jpg")
+CLASSES = 102
 LAYOUT = """\
 flowers/ (102flowers.tgz, imagelabels.mat and setid.mat side by side; a flowers-102/ subfolder is also accepted)
   jpg/image_00001.jpg ... image_08189.jpg
@@ -30,6 +31,10 @@ def read_flowers(root: Path) -> OfficialSplits:
     base = find_base(Path(root), REQUIRED, NAME, TITLE, subdirs=("flowers-102", "flowers102"))
     labels_mat, setid_mat = base / "imagelabels.mat", base / "setid.mat"
     categories = mat_ints(load_mat(labels_mat, ["labels"]), "labels", labels_mat)
+    outside = (categories < 1) | (categories > CLASSES)
+    if outside.any():
+        raise DataError(f"{labels_mat}: label {categories[outside][0]} outside 1..{CLASSES} (image_"
+                        f"{int(np.flatnonzero(outside)[0]) + 1:05d}); re-extract the official file")  # fmt: skip
     setid = load_mat(setid_mat, ["trnid", "valid", "tstid"])
     category_ids = sort_category_ids(categories.tolist())
     mapping = label_map(category_ids)
