@@ -24,6 +24,16 @@ def test_clean_copy_exits_0_with_counts_per_split(tmp_path: Path) -> None:
     text = report.render()
     assert "5994" in text and "5794" in text and "200" in text  # the official counts, for comparison
     assert "result: OK" in text
+    assert "the train metadata lists 8 images where the official release has 5,994" in text
+
+
+def test_metadata_that_lists_no_image_is_a_problem(tmp_path: Path) -> None:
+    """An empty images.txt used to read as two empty splits and 'result: OK'."""
+    write_cub(tmp_path)
+    (tmp_path / "CUB_200_2011" / "images.txt").write_text("")
+    report = check_dataset("cub", root=tmp_path, progress=False)
+    assert report.exit_code == 1 and report.empty_splits == ["train"]  # an empty test split alone is allowed
+    assert "splits without images" in report.render() and "problems found" in report.render()
 
 
 def test_missing_and_corrupt_images_exit_1_and_are_listed(tmp_path: Path) -> None:

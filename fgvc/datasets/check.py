@@ -55,11 +55,16 @@ class CheckReport:
     expected_layout: str | None = None
 
     @property
+    def empty_splits(self) -> list[str]:
+        """Train or val splits whose metadata lists no image (an empty or cut file); an absent test split is a note."""
+        return [split.split for split in self.splits if split.images == 0 and split.split != "test"]
+
+    @property
     def exit_code(self) -> int:
-        """0 clean, 1 missing/unreadable files or duplicate ids, 2 layout not recognised."""
+        """0 clean, 1 missing/unreadable files, duplicate ids or an empty split, 2 layout not recognised."""
         if self.layout_error is not None:
             return 2
-        return 1 if self.missing or self.unreadable or self.duplicate_ids else 0
+        return 1 if self.missing or self.unreadable or self.duplicate_ids or self.empty_splits else 0
 
     def render(self) -> str:
         header = f"{self.title} ({self.name}) at {self.root}"
@@ -78,6 +83,7 @@ class CheckReport:
         unreadable = [reason if reason.startswith(path) else f"{path}: {reason}" for path, reason in self.unreadable]
         lines += _listing("unreadable images", unreadable)
         lines += _listing("image ids listed more than once", self.duplicate_ids)
+        lines += _listing("splits without images (their metadata lists none: re-extract it)", self.empty_splits)
         if not self.decoded:
             lines.append("images were not decoded; add --decode to find unreadable files")
         lines += [f"note: {note}" for note in self.notes]
@@ -150,6 +156,10 @@ def check_dataset(
         )
         repeated = table["image_id"][table["image_id"].duplicated()].unique()
         report.duplicate_ids += [f"{split}: {image_id}" for image_id in repeated]
+    for checked in report.splits:
+        if checked.official and 0 < checked.images < checked.official:
+            report.notes.append(f"the {checked.split} metadata lists {checked.images:,} images where the official "
+                                f"release has {checked.official:,}: a subset, or a cut-short file?")  # fmt: skip
     return report
 
 
