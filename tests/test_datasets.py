@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import types
 from collections import Counter
@@ -547,6 +548,19 @@ def test_csv_label_unknown_to_train_names_the_line(tmp_path: Path) -> None:
 def test_csv_without_label_column_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("file,class\na.jpg,x\n")
     _one_line_data_error("csv", tmp_path, "train.csv", "'path'")
+
+
+@pytest.mark.parametrize("name", ["valid", "validation"])
+def test_folder_val_may_be_named_valid_or_validation(tmp_path: Path, name: str) -> None:
+    """Kaggle's train/valid/test ImageFolder datasets: valid/ used to be ignored and a hold-out drawn from train."""
+    truth = write_folder(tmp_path)
+    (tmp_path / "val").rename(tmp_path / name)
+    val = load_index("folder", "val", root=tmp_path).frame
+    moved = [path.replace(f"{os.sep}val{os.sep}", f"{os.sep}{name}{os.sep}") for path in truth.paths("val")]
+    assert val["path"].tolist() == moved
+    assert sorted(load_index("folder", "train", root=tmp_path).frame["path"]) == sorted(truth.paths("train"))
+    shutil.copytree(tmp_path / name, tmp_path / "val")  # two validation folders: which one is meant?
+    _one_line_data_error("folder", tmp_path, f"both val/ and {name}/ exist")
 
 
 def test_folder_class_unknown_to_train_is_a_data_error(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from fgvc.errors import DataError
 FOLDER_LAYOUT = """\
 <root>/ (any image folder tree; classes are the folder names)
   train/<class>/**/*.jpg       (required)
-  val/<class>/**/*.jpg         (optional; otherwise a stratified hold-out of train)
+  val/<class>/**/*.jpg         (optional, also named valid/ or validation/; otherwise a hold-out of train)
   test/<class>/**/*.jpg        (optional; or test/*.jpg without labels)
 or, without split folders, everything is train:
   <class>/**/*.jpg"""
@@ -37,6 +37,7 @@ CSV_LAYOUT = """\
   val.csv                      (optional) same columns
   test.csv                     (optional) path[,label]
   <the image files the CSVs name>"""
+VAL_DIRS = ("val", "valid", "validation")  # the names Kaggle's ImageFolder datasets use
 _INTEGER = re.compile(r"0|-?[1-9]\d*")  # as int() writes it: "007" stays a string, or a submission would say 7
 
 
@@ -53,12 +54,13 @@ def read_folder(root: Path) -> OfficialSplits:
     notes = []
     if not split_layout:
         notes.append(f"{root}: no train/ folder, so every class folder is train (a hold-out gives val)")
-    val_dir, test_dir = root / "val", root / "test"
+    val_dirs = [root / name for name in VAL_DIRS if (root / name).is_dir()] if split_layout else []
+    if len(val_dirs) > 1:
+        raise DataError(f"{root}: both {val_dirs[0].name}/ and {val_dirs[1].name}/ exist; keep one validation folder")
+    test_dir = root / "test"
     return OfficialSplits(
         train=_folder_frame(root, train_dir, mapping, allow_unlabelled=False),
-        val=_folder_frame(root, val_dir, mapping, allow_unlabelled=False)
-        if split_layout and val_dir.is_dir()
-        else None,
+        val=_folder_frame(root, val_dirs[0], mapping, allow_unlabelled=False) if val_dirs else None,
         test=_folder_frame(root, test_dir, mapping, allow_unlabelled=True)
         if split_layout and test_dir.is_dir()
         else empty_frame(),
