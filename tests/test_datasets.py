@@ -223,6 +223,18 @@ def test_inat_without_test_json_gives_an_empty_test_split(tmp_path: Path) -> Non
     assert any("test2019.json" in note for note in official.notes)
 
 
+def test_inat2018_real_names_come_from_categories_json(tmp_path: Path) -> None:
+    """The 2018 training JSON's names are obfuscated; categories.json (a list, indexed by id) has the real ones."""
+    truth = write_inat(tmp_path, 2018)
+    real = [{"id": category, "name": f"Species {category}", "supercategory": "Plantae"}
+            for category in truth.category_ids[:-1]]  # fmt: skip
+    (tmp_path / "categories.json").write_text(json.dumps(real))
+    official = DATASETS["inat2018"].reader(tmp_path)
+    assert official.class_names[:-1] == [f"Species {category}" for category in truth.category_ids[:-1]]
+    assert official.class_names[-1] == truth.class_names[-1]  # not in categories.json: the training JSON's name
+    assert official.category_ids == truth.category_ids
+
+
 def test_inat_test_json_with_category_less_annotations_is_unlabelled(tmp_path: Path) -> None:
     """A third reading of the unconfirmed 2017-2019 test files: annotations that name the image but no category."""
     truth = write_inat(tmp_path, 2018)

@@ -32,6 +32,7 @@ SPLIT_FILES = {
     2019: ("train2019.json", "val2019.json", "test2019.json"),
     2021: ("train.json", "val.json", "public_test.json"),
 }
+REAL_NAMES = "categories.json"  # categories.json.tar.gz, 2018 and 2019: the real species names
 IMAGE_TREES = {
     2017: "train_val_images/<supercategory>/<species name>/<md5>.jpg   test2017/<md5>.jpg",
     2018: "train_val2018/<supercategory>/<category_id>/<md5>.jpg   test2018/<md5>.jpg",
@@ -43,11 +44,13 @@ IMAGE_TREES = {
 def layout(year: int) -> str:
     train, val, test = SPLIT_FILES[year]
     mini = "   (or train_mini.json)" if year == 2021 else ""
+    names = f"  {REAL_NAMES}   (optional: the real species names)\n" if year in (2018, 2019) else ""
     return (
         f"inat{year}/ (every archive extracted here; file_name in the JSON files is relative to this folder)\n"
         f"  {train}{mini}   images, annotations (image_id, category_id), categories (id, name)\n"
         f"  {val}\n"
         f"  {test}   (optional; images only, no annotations)\n"
+        f"{names}"
         f"  {IMAGE_TREES[year]}"
     )
 
@@ -70,6 +73,7 @@ def read_inat(root: Path, year: int) -> OfficialSplits:
         raise DataError(f"{train_json}: no 'categories'; is this the training JSON of iNaturalist {year}?")
     category_ids = sort_category_ids(categories["id"].tolist())
     names = dict(zip(categories["id"], categories["name"].astype(str), strict=True))
+    names.update(_real_names(base / REAL_NAMES, names))
     mapping = label_map(category_ids)
 
     def split_frame(path: Path, data: object, labelled: bool) -> pd.DataFrame:
@@ -92,6 +96,17 @@ def read_inat(root: Path, year: int) -> OfficialSplits:
         category_ids=category_ids,
         notes=notes,
     )
+
+
+def _real_names(path: Path, names: dict) -> dict:
+    """The de-obfuscated names of ``categories.json`` (2018, 2019: the training JSON's names are codes), for the
+    categories it shares with the training JSON; nothing when the file is absent."""
+    if not path.is_file():
+        return {}
+    data = load_json(path)
+    records = json_records({"categories": data} if isinstance(data, list) else data, "categories", path, ["id", "name"])
+    real = dict(zip(records["id"], records["name"].astype(str), strict=True))
+    return {category: real[category] for category in names if category in real}
 
 
 def read_inat2017(root: Path) -> OfficialSplits:
