@@ -215,6 +215,20 @@ def test_inat2021_falls_back_to_train_mini_with_a_note(tmp_path: Path) -> None:
     assert any("train_mini.json" in note for note in official.notes)
 
 
+def test_inat2021_trains_on_train_mini_when_only_its_images_were_extracted(tmp_path: Path) -> None:
+    """Every JSON extracted but only train_mini.tar.gz: train.json would list 2.7 M images that are not there."""
+    truth = write_inat(tmp_path, 2021)
+    data = json.loads((tmp_path / "train.json").read_text())
+    for image in data["images"]:
+        image["file_name"] = image["file_name"].replace("train/", "train_mini/", 1)
+    (tmp_path / "train_mini.json").write_text(json.dumps(data))
+    (tmp_path / "train").rename(tmp_path / "train_mini")
+    official = DATASETS["inat2021"].reader(tmp_path)
+    expected = [path.replace(f"{os.sep}train{os.sep}", f"{os.sep}train_mini{os.sep}") for path in truth.paths("train")]
+    assert sorted(official.train["path"]) == sorted(expected) and all(map(os.path.isfile, expected))
+    assert any("train_mini/ found" in note for note in official.notes)
+
+
 def test_inat_without_test_json_gives_an_empty_test_split(tmp_path: Path) -> None:
     write_inat(tmp_path, 2019)
     (tmp_path / "test2019.json").unlink()

@@ -61,9 +61,13 @@ def read_inat(root: Path, year: int) -> OfficialSplits:
     name, title = f"inat{year}", f"iNaturalist {year}"
     train_name, val_name, test_name = SPLIT_FILES[year]
     notes = []
-    if year == 2021 and not (root / train_name).exists() and (root / "train_mini.json").exists():
-        train_name = "train_mini.json"
-        notes.append("train.json not found: training on train_mini.json (500,000 images, 50 per class)")
+    if year == 2021 and (root / "train_mini.json").exists():
+        if not (root / train_name).exists():
+            train_name = "train_mini.json"
+            notes.append("train.json not found: training on train_mini.json (500,000 images, 50 per class)")
+        elif not (root / "train").is_dir() and (root / "train_mini").is_dir():  # every JSON, only the mini images
+            train_name = "train_mini.json"
+            notes.append("train/ not found, train_mini/ found: training on train_mini.json (500,000 images)")
     base = find_base(root, (train_name, val_name), name, title)
 
     train_json = base / train_name
