@@ -25,6 +25,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from fgvc.errors import ConfigError, CorruptImageError
 from fgvc.io import decode_image, disable_opencv_threads
 
+# The signals that stop training with a checkpoint (the loop) and that loader workers ignore until then; SIGHUP is a
+# closed terminal. Windows has only SIGINT and SIGTERM.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
 log = logging.getLogger(__name__)
 
 Sample = tuple[torch.Tensor, int, int]
@@ -185,10 +189,10 @@ def seed_worker(worker_id: int) -> None:
     Torch seeds each worker with ``base_seed + worker_id`` (base drawn from the loader's generator); without this,
     forked workers would share the parent's numpy and albumentations streams and augment identically.
     """
-    # A SIGTERM sent to the whole process group (timeout, SLURM) must not kill the workers before the main process
-    # has saved its checkpoint; it ends them itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A SIGTERM sent to the whole process group (timeout, SLURM), or the SIGHUP of a closed terminal, must not kill the
+    # workers before the main process has saved its checkpoint; it ends them itself.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)

@@ -18,7 +18,7 @@ from conftest import tiny_config
 
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
-from fgvc.engine.stage import FINISHED, run_stage1, run_stage2
+from fgvc.engine.stage import FINISHED, load_split, run_stage1, run_stage2
 from fgvc.errors import ConfigError, DataError, RunExistsError, WeightsError
 from fgvc.models import get_meta
 from fgvc.probs import Probabilities
@@ -90,6 +90,42 @@ def test_force_that_fails_in_its_first_epoch_leaves_the_finished_run_as_it_was(
     with pytest.raises(DataError, match="image is corrupt or truncated"):
         run_stage1(retrain, force=True, progress=False)
     assert {path: path.read_bytes() for path in files} == before
+
+
+def test_a_force_run_stopped_in_its_first_epoch_leaves_the_finished_run_as_it_was(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C one step into a mistaken --force: the stop used to save last.pt, and that first checkpoint retired the
+    finished stage 1, every stage 2 built on it and their predictions. Once the new run has finished an epoch, a stop
+    saves and resumes as usual."""
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs", stage1={"epochs": 2})
+    run_stage1(cfg, progress=False)
+    run_stage2(cfg.run_dir(), {"stage2.res": 40}, progress=False)
+    stage_dir, stage2_dir = cfg.run_dir() / "stage1", cfg.run_dir() / "stage2-40"
+    files = [stage_dir / name for name in (FINISHED, BEST, LAST, CONFIG_FILE)]
+    files += [cfg.run_dir() / CONFIG_FILE, stage2_dir / FINISHED, stage2_dir / LAST, stage2_dir / BEST]
+    before = {path: path.read_bytes() for path in files}
+    steps = len(load_split(cfg, "train")) // cfg.stage1.batch_size
+    calls = {"n": 0, "stop_at": 1}
+    forward = torch.nn.CrossEntropyLoss.forward
+
+    def stop_at(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.CrossEntropyLoss, "forward", stop_at)
+        assert run_stage1(cfg, force=True, progress=False).interrupted_by == signal.SIGINT
+        assert {path: path.read_bytes() for path in files} == before
+        calls.update(n=0, stop_at=steps + 1)  # the first step of epoch 2: epoch 1's checkpoint took the folder over
+        assert run_stage1(cfg, force=True, progress=False).interrupted_by == signal.SIGINT
+    state = load_checkpoint(stage_dir / LAST)
+    assert (state["epoch"], state["micro_step"], state["finished"]) == (1, 1, False)
+    assert not (stage_dir / FINISHED).exists() and not (stage2_dir / LAST).exists()
+    assert run_stage1(cfg, progress=False).interrupted_by is None  # resumed without --force, as the log line says
+    assert load_checkpoint(stage_dir / LAST)["finished"]
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -683,6 +719,18 @@ def test_an_unreadable_batch_that_ends_an_accumulation_group_still_steps() -> No
     # an empty group: the schedule still advances
     _, scheduler = run([batch(4), batch(4), batch(0), batch(0)])
     assert scheduler.last_epoch == 2
+
+
+def test_a_closed_terminal_stops_training_like_sigterm() -> None:
+    """SIGHUP (a dropped SSH session) ended the run without a checkpoint; it is a stop request now, which the loader
+    workers ignore like SIGINT and SIGTERM until the main process has saved."""
+    from fgvc.data import STOP_SIGNALS
+    from fgvc.engine import loop
+
+    assert signal.SIGHUP in STOP_SIGNALS
+    with loop.stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert stop.signum == signal.SIGHUP
 
 
 def test_a_repeated_stop_signal_within_two_seconds_is_the_same_request(monkeypatch: pytest.MonkeyPatch) -> None:

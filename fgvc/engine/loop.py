@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fgvc.data import STOP_SIGNALS
 from fgvc.engine.runtime import Runtime, all_reduce_sum, any_rank, gather_rows_on_main
 from fgvc.errors import TrainingError
 
@@ -42,7 +43,8 @@ INSIST_AFTER_S = 2.0  # a second signal sooner than this is the same stop reques
 
 @contextmanager
 def stop_on_signals() -> Iterator[StopFlag]:
-    """Turn SIGINT/SIGTERM into a flag for the duration of training (a second signal aborts at once).
+    """Turn SIGINT/SIGTERM/SIGHUP into a flag for the duration of training (a second signal aborts at once). SIGHUP
+    is a closed terminal or a dropped SSH session: it used to end the run without saving (up to an epoch lost).
 
     A second signal within ``INSIST_AFTER_S`` of the first is ignored: launchers and schedulers often deliver one stop
     twice (torchrun forwards a SIGINT and follows it with a SIGTERM; SLURM signals every process of a job and torchrun
@@ -60,7 +62,7 @@ def stop_on_signals() -> Iterator[StopFlag]:
             raise KeyboardInterrupt  # a second request, later: the user insists
         flag.signum, first_at = signum, time.monotonic()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         with suppress(ValueError):  # not in the main thread: leave signals alone
             previous[sig] = signal.signal(sig, handler)
     try:

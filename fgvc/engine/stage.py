@@ -482,6 +482,10 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     )  # fmt: skip
 
     claimed = False
+    # --force over earlier results: they go at this run's first checkpoint, so an interruption before its first epoch
+    # ends saves nothing rather than claim the folder with a step or two of training
+    guarded = force and _has_results(run_dir, stage_dir, stage)
+    resume_hint = "rerun the same command without --force to resume" if force else "rerun the same command to resume"
 
     def save(name: str, ckpt: dict[str, Any]) -> None:
         """Write a checkpoint of this run (rank 0 only calls it).
@@ -570,11 +574,16 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             distribute_bn(model, rt.world_size, reduce=True)
         if stats.interrupted:
             rngs = gather_objects(rt, rng_state())
+            result.interrupted_by = stop.signum or signal.SIGTERM
+            if guarded and not claimed:  # a Ctrl-C right after a mistaken --force must not cost the old models
+                log.info("interrupted by signal %s before the first epoch of this --force run ended: nothing saved, "
+                         "the earlier results in %s are untouched (rerun with --force to retrain it)", stop.signum,
+                         stage_dir)  # fmt: skip
+                return result
             if rt.is_main:
                 save(LAST, checkpoint(epoch, stats.micro_steps, False, rngs) | {"partial": asdict(stats)})
-            log.info("interrupted by signal %s: saved %s (epoch %d, step %d); rerun the same command to resume",
-                     stop.signum, stage_dir / LAST, epoch + 1, stats.micro_steps)  # fmt: skip
-            result.interrupted_by = stop.signum or signal.SIGTERM
+            log.info("interrupted by signal %s: saved %s (epoch %d, step %d); %s", stop.signum, stage_dir / LAST,
+                     epoch + 1, stats.micro_steps, resume_hint)  # fmt: skip
             return result
         last_epoch = epoch + 1 == stage_cfg.epochs
         row: dict[str, Any] = {
@@ -609,8 +618,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")
         barrier(rt)
         if any_rank(rt, bool(stop)):
-            log.info("interrupted by signal %s after epoch %d; rerun the same command to resume", stop.signum,
-                     epoch + 1)  # fmt: skip
+            log.info("interrupted by signal %s after epoch %d; %s", stop.signum, epoch + 1, resume_hint)
             result.interrupted_by = stop.signum or signal.SIGTERM
             return result
     if stage_cfg.epochs == 0:  # evaluation-only stage (e.g. a zero-epoch baseline)
@@ -644,6 +652,18 @@ def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool)
             sweep_file.unlink()
     # predictions of an unfinished or retrained model must not be reused
     shutil.rmtree(run_dir / "predictions" / stage_dir.name, ignore_errors=True)
+
+
+def _has_results(run_dir: Path, stage_dir: Path, stage: str) -> bool:
+    """Whether :func:`_retire_old_results` with ``force`` would delete anything: a checkpoint of this stage, or, for
+    stage 1, a stage 2 or predictions built on it."""
+    if any((stage_dir / name).is_file() for name in (FINISHED, BEST, LAST)):
+        return True
+    if stage != STAGE1:
+        return False
+    return (run_dir / "predictions").is_dir() or any(
+        (old / name).is_file() for old in run_dir.glob("stage2-*") for name in (FINISHED, BEST, LAST)
+    )
 
 
 def is_finished(stage_dir: Path) -> bool:
