@@ -104,6 +104,9 @@ def resolve_stage(run_dir: Path, stage: int | None, res: int | None) -> Path:
     stage2 = [d for d in dirs if d.name != STAGE1]
     finished2 = [d for d in stage2 if is_finished(d)]
     if stage == 1 or (stage is None and not finished2):
+        for skipped in stage2 if stage is None else []:  # every stage 2 is unfinished: say so, and how to use one
+            log.warning("skipped %s (--stage 2 --res %s uses it as it is)", unfinished_hint(skipped),
+                        stage2_res(skipped))  # fmt: skip
         if stage1 not in dirs:
             raise DataError(f"{run_dir}: stage 1 has no checkpoint; run `fgvc stage1` first")
         if not is_finished(stage1) and stage is None:
@@ -130,7 +133,11 @@ def _warn_if_unfinished(stage_dir: Path) -> Path:
 def stage_decode(stage_dir: Path, rt: Runtime) -> str:
     """Decode test images the way the stage was trained (the GPU path resamples slightly differently)."""
     finished = stage_dir / FINISHED
-    trained = json.loads(finished.read_text()).get("decode", "cpu") if finished.is_file() else "cpu"
+    try:
+        trained = json.loads(finished.read_text()).get("decode", "cpu") if finished.is_file() else "cpu"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise DataError(f"{finished}: damaged; delete it and rerun the command that trained this stage, which "
+                        "rewrites it from the finished last.pt without training again") from None  # fmt: skip
     return "gpu" if trained == "gpu" and rt.device.type == "cuda" else "cpu"
 
 

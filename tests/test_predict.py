@@ -162,6 +162,15 @@ def _copy_with_an_interrupted_stage2(adapted_run: Path, tmp_path: Path) -> Path:
     return run
 
 
+def test_a_damaged_finished_marker_is_a_one_line_error(adapted_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / adapted_run.name
+    shutil.copytree(adapted_run, run)
+    marker = run / "stage2-48" / "finished.json"
+    marker.write_text(marker.read_text()[:10])
+    with pytest.raises(DataError, match=r"finished.json: damaged; delete it and rerun the command that trained"):
+        predict(run, split="val", tta="none", progress=False)
+
+
 def test_predict_and_sweep_use_only_finished_stages_unless_one_is_named(
     adapted_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -178,7 +187,9 @@ def test_predict_and_sweep_use_only_finished_stages_unless_one_is_named(
     assert "predicting with an unfinished stage" in caplog.text and hint in caplog.text
     assert list(sweep(run, [32, 64], split="val", progress=False).table.columns) == ["res", "stage1", "stage2-48"]
     (run / "stage2-48" / "finished.json").unlink()  # no finished stage 2: the default falls back to stage 1
+    caplog.clear()
     assert predict(run, split="val", tta="none", progress=False).probs.meta["stage"] == "stage1"
+    assert hint in caplog.text  # not silently: the user may think the adapted model made these predictions
     assert predict(run, split="val", stage=2, tta="none", progress=False).probs.meta["stage"] == "stage2-64"
     (run / "stage1" / "finished.json").unlink()
     with pytest.raises(DataError, match=r"stage1 is not finished: rerun `fgvc stage1` .* or name it with --stage 1"):
