@@ -14,12 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fgvc.config import RunConfig, config_from_dict, first_error, merge, read_yaml
+from fgvc.config import CONFIG_FILE, RunConfig, config_from_dict, first_error, merge, read_yaml
 from fgvc.errors import ConfigError
 from fgvc.submission import check_top_k, competition_spec
 
 RECIPE_KEYS = ("competition", "ensemble", "members")
 MEMBER_KEYS = ("weight", "stage", "multi_res")
+STAGE1_DIR = "stage1"  # fgvc.engine.stage.STAGE1; not imported: recipes load without torch
 
 
 class EnsembleConfig(BaseModel):
@@ -137,6 +138,19 @@ def member_train_command(recipe: Recipe, member: Member) -> str:
     return f"fgvc train {shlex.quote(recipe.source)} --member {shlex.quote(member.name)}"
 
 
+def _run_folder_of(config_file: Path) -> dict[str, str]:
+    """``out`` and ``name`` of the run folder that holds ``config_file`` (its ``config.yaml``, or its stage 1's), so
+    that `fgvc stage1 --recipe runs/X/config.yaml` resumes that folder wherever it lives now and whatever the current
+    directory; nothing for any other file. The saved ``out`` is the relative path the run was started with."""
+    if config_file.name != CONFIG_FILE:
+        return {}
+    folder = config_file.resolve().parent
+    run_dir = folder.parent if folder.name == STAGE1_DIR else folder
+    if not (run_dir / STAGE1_DIR).is_dir():
+        return {}
+    return {"out": str(run_dir.parent), "name": run_dir.name}
+
+
 def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> RunConfig:
     """Config for one run: a RunConfig file or a one-member recipe, with CLI overrides (unset flags are None)."""
     values: dict[str, Any] = {}
@@ -151,7 +165,7 @@ def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> 
                 )
             values = members[0].config.model_dump(mode="json")
         else:
-            values = raw
+            values = raw | _run_folder_of(Path(recipe))
     flat = {k: v for k, v in overrides.items() if v is not None}
     source = str(recipe) if recipe else "command line"
     return config_from_dict(merge(values, flat, source), source=source)

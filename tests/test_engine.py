@@ -128,6 +128,48 @@ def test_a_force_run_stopped_in_its_first_epoch_leaves_the_finished_run_as_it_wa
     assert load_checkpoint(stage_dir / LAST)["finished"]
 
 
+def test_an_interrupted_run_resumes_from_its_folder_alone_wherever_it_now_lives(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage 1: `--recipe <moved run>/config.yaml` trained a new run in ./runs (the saved `out` is relative). Stage 2:
+    `--run DIR --test-res R` took the run's stage-1-time settings and refused its own interrupted stage 2."""
+    import shutil
+
+    from fgvc.recipe import resolve_run_config
+
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs", stage1={"epochs": 2})
+    steps = len(load_split(cfg, "train")) // cfg.stage1.batch_size
+    calls = {"n": 0, "stop_at": steps + 1}
+    forward = torch.nn.CrossEntropyLoss.forward
+
+    def stop_at(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.CrossEntropyLoss, "forward", stop_at)
+        assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGTERM
+    moved = tmp_path / "elsewhere" / cfg.run_dir().name
+    shutil.move(cfg.run_dir(), moved)
+    monkeypatch.chdir(tmp_path)
+    for saved in (moved / CONFIG_FILE, moved / "stage1" / CONFIG_FILE):
+        assert resolve_run_config(saved, {}).run_dir().resolve() == moved.resolve()
+    assert resolve_run_config(moved / CONFIG_FILE, {"name": "other"}).run_dir().name == "other"  # flags still win
+    assert run_stage1(resolve_run_config(moved / CONFIG_FILE, {}), progress=False).interrupted_by is None
+    assert "resuming" in (moved / "stage1" / "train.log").read_text()
+    assert load_checkpoint(moved / "stage1" / LAST)["finished"] and not (tmp_path / "runs" / moved.name).exists()
+
+    stage2 = {"stage2.res": 40, "stage2.epochs": 2, "stage2.lr": 0.01, "stage2.batch_size": 4}
+    calls.update(n=0, stop_at=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.CrossEntropyLoss, "forward", stop_at)
+        assert run_stage2(moved, stage2, progress=False).interrupted_by == signal.SIGTERM
+    assert run_stage2(moved, {"stage2.res": 40}, progress=False).interrupted_by is None  # its own settings, resumed
+    assert load_config(moved / "stage2-40" / CONFIG_FILE).stage2.epochs == 2
+
+
 def _state(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 

@@ -786,12 +786,20 @@ def run_stage1(cfg: RunConfig, force: bool = False, progress: bool = True) -> St
 
 
 def stage2_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
-    """The run's saved config with the stage-2 section (and runtime knobs) overridden."""
+    """The run's saved config with the stage-2 section (and runtime knobs) overridden.
+
+    Where a stage 2 at the requested resolution has a checkpoint (interrupted, or finished), its saved stage-2 section
+    is the base: `fgvc stage2 --run DIR --test-res R` resumes it with the settings it was started with, without
+    retyping every flag.
+    """
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise DataError(f"{run_dir}: no {CONFIG_FILE}; pass --run with a folder written by `fgvc stage1`")
-    cfg = load_config(cfg_path)
-    values = cfg.model_dump(mode="json")
+    values = load_config(cfg_path).model_dump(mode="json")
+    res = overrides.get("stage2.res") or (overrides.get("stage2") or {}).get("res") or values["stage2"]["res"]
+    started = run_dir / stage2_dirname(res)
+    if (started / LAST).is_file() and (started / CONFIG_FILE).is_file():
+        values["stage2"] = load_config(started / CONFIG_FILE).model_dump(mode="json")["stage2"]
     from fgvc.config import config_from_dict, merge
 
     flat = {k: v for k, v in overrides.items() if v is not None}
