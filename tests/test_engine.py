@@ -157,8 +157,11 @@ def test_an_interrupted_run_resumes_from_its_folder_alone_wherever_it_now_lives(
     for saved in (moved / CONFIG_FILE, moved / "stage1" / CONFIG_FILE):
         assert resolve_run_config(saved, {}).run_dir().resolve() == moved.resolve()
     assert resolve_run_config(moved / CONFIG_FILE, {"name": "other"}).run_dir().name == "other"  # flags still win
+    stale = moved / "stage1" / ".last.pt.k3x9q2ab.tmp"  # what a SIGKILL in the middle of a checkpoint write leaves
+    stale.write_bytes(b"\0" * 1000)
     assert run_stage1(resolve_run_config(moved / CONFIG_FILE, {}), progress=False).interrupted_by is None
     assert "resuming" in (moved / "stage1" / "train.log").read_text()
+    assert not stale.exists()  # removed when the resumed run wrote its first checkpoint (GBs each for large models)
     assert load_checkpoint(moved / "stage1" / LAST)["finished"] and not (tmp_path / "runs" / moved.name).exists()
 
     stage2 = {"stage2.res": 40, "stage2.epochs": 2, "stage2.lr": 0.01, "stage2.batch_size": 4}

@@ -497,6 +497,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         nonlocal claimed
         if not claimed:
             _retire_old_results(run_dir, stage_dir, stage, force)
+            for stale in stage_dir.glob(".*.tmp"):  # half-written files of a process killed mid-write (SIGKILL, OOM)
+                stale.unlink(missing_ok=True)
             if state is None:
                 stage_dir.mkdir(parents=True, exist_ok=True)
                 save_config(cfg, stage_dir / CONFIG_FILE)
