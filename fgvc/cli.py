@@ -178,10 +178,17 @@ def stage2(
     if result.interrupted_by:
         raise typer.Exit(128 + result.interrupted_by)
     if result.before and result.final and is_main_process():
-        typer.echo(
-            f"{run_dir.name} @ {test_res}px: top-1 {result.before['top1']:.2f} before -> "
-            f"{result.final['top1']:.2f} after adaptation"
-        )
+        typer.echo(f"{run_dir.name} @ {test_res}px: top-1 {result.before['top1']:.2f} before -> "
+                   f"{_adapted_score(result)}")  # fmt: skip
+
+
+def _adapted_score(result: Any) -> str:
+    """The score of best.pt, the model sweep and predict use, and the last epoch's where that is another one."""
+    best, last_top1 = result.best_epoch(), result.final["top1"]
+    if best is None:
+        return f"{last_top1:.2f} after adaptation"
+    last = "" if best["epoch"] == result.history["epoch"].iloc[-1] else f"; last epoch {last_top1:.2f}"
+    return f"{best['val_top1']:.2f} after adaptation (best.pt, epoch {int(best['epoch'])}{last})"
 
 
 @app.command()

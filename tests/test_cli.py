@@ -188,3 +188,19 @@ def test_main_leaves_torch_alone_when_no_process_group_was_joined(monkeypatch: p
     with pytest.raises(SystemExit) as exited:
         main()
     assert exited.value.code == 0
+
+
+def test_the_stage2_summary_scores_the_model_that_sweep_and_predict_use() -> None:
+    """It reported the last epoch, while best.pt (what every later command loads) is the first epoch with the best
+    validation top-1: 'before -> after' could show a loss for a model that had gained."""
+    import pandas as pd
+
+    from fgvc.cli import _adapted_score
+    from fgvc.engine.stage import StageResult
+
+    history = pd.DataFrame({"epoch": [1, 2, 3], "val_top1": [41.67, 41.67, 37.5]})
+    result = StageResult(stage_dir=Path("x"), history=history, final={"top1": 37.5})
+    assert _adapted_score(result) == "41.67 after adaptation (best.pt, epoch 1; last epoch 37.50)"
+    result.history = pd.DataFrame({"epoch": [1, 2], "val_top1": [30.0, 40.0]})
+    result.final = {"top1": 40.0}
+    assert _adapted_score(result) == "40.00 after adaptation (best.pt, epoch 2)"

@@ -81,6 +81,12 @@ class StageResult:
     interrupted_by: int | None = None  # signal number when stopped by SIGINT/SIGTERM
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def best_epoch(self) -> dict[str, Any] | None:
+        """The history row of the epoch ``best.pt`` holds (the first with the best validation top-1), if validated."""
+        if "val_top1" not in self.history or self.history["val_top1"].isna().all():
+            return None
+        return self.history.loc[self.history["val_top1"].idxmax()].to_dict()
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers shared with predict and sweep
