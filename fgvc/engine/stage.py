@@ -471,7 +471,10 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             partial = EpochStats(**state["partial"])
         rngs = state["rng"]  # one per rank (a dict: written by an fgvc that saved rank 0's only)
         set_rng_state(rngs[rt.rank] if isinstance(rngs, list) else rngs)
-        log.info("resuming %s from epoch %d, step %d", stage_dir, start_epoch + 1, start_micro)
+        if start_epoch >= stage_cfg.epochs:  # the process that saved the last epoch stopped before finished.json
+            log.info("%s: training had finished (epoch %d); writing its results", stage_dir, start_epoch)
+        else:
+            log.info("resuming %s from epoch %d, step %d", stage_dir, start_epoch + 1, start_micro)
     else:
         cfg.data.root = str(cfg.data.resolved_root().resolve())  # the run folder must not depend on the cwd
         if stage != STAGE1 and len(val_index):
