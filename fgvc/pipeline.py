@@ -86,7 +86,7 @@ def train_recipe(
     if not force:
         refuse_changed_members(recipe, selected)
     outcomes: list[TrainOutcome] = []
-    for member in selected:
+    for position, member in enumerate(selected):
         cfg, run_dir = member.config, member.config.run_dir()
         for stage, stage_dir in member_steps(member):
             if is_finished(stage_dir) and not force:
@@ -100,6 +100,12 @@ def train_recipe(
                 result = run_stage2(run_dir, overrides, force=force, progress=progress)
             if result.interrupted_by:
                 outcomes.append(TrainOutcome(member.name, stage, "interrupted", result.interrupted_by))
+                not_reached = selected[position + 1 :]
+                if force and not_reached:  # a rerun without --force resumes this member and skips these
+                    log.info("not retrained yet by this --force run: %s; after resuming %s, retrain them with "
+                             "`fgvc train %s --force %s`", ", ".join(m.name for m in not_reached), member.name,
+                             shlex.quote(recipe.source),
+                             " ".join(f"--member {shlex.quote(m.name)}" for m in not_reached))  # fmt: skip
                 return outcomes
             outcomes.append(TrainOutcome(member.name, stage, "trained"))
     return outcomes

@@ -26,6 +26,7 @@ from fgvc.engine.stage import (
     FINISHED,
     STAGE1,
     check_classes,
+    check_holdout,
     find_stage_checkpoint,
     is_finished,
     load_split,
@@ -81,12 +82,8 @@ def unfinished_hint(stage_dir: Path) -> str:
     """How to finish an interrupted stage, for an error message or a log line."""
     run_dir = stage_dir.parent
     if stage_dir.name == STAGE1:
-        return f"{stage_dir} is not finished: rerun `fgvc stage1` with its original settings to finish it"
-    return (
-        f"{stage_dir} is not finished: `fgvc stage2 --run {run_dir} --test-res {stage2_res(stage_dir)}` with its "
-        "original settings "
-        "resumes it"
-    )
+        return f"{stage_dir} is not finished: `fgvc stage1 --recipe {run_dir / CONFIG_FILE}` resumes it"
+    return f"{stage_dir} is not finished: `fgvc stage2 --run {run_dir} --test-res {stage2_res(stage_dir)}` resumes it"
 
 
 def resolve_stage(run_dir: Path, stage: int | None, res: int | None) -> Path:
@@ -194,6 +191,7 @@ def predict_stage(
 
     model, ckpt = load_stage_model(stage_dir)
     check_classes(ckpt, index, stage_dir, stage_dir / CONFIG_FILE)
+    check_holdout(ckpt, index, stage_dir)
     model.to(rt.device, memory_format=rt.memory_format)
     meta = get_meta(model)
     batch = batch_size or cfg.predict.batch_size

@@ -146,8 +146,9 @@ def _run_folder_of(config_file: Path) -> dict[str, str]:
         return {}
     folder = config_file.resolve().parent
     run_dir = folder.parent if folder.name == STAGE1_DIR else folder
-    if not (run_dir / STAGE1_DIR).is_dir():
-        return {}
+    stage1 = run_dir / STAGE1_DIR
+    if not ((stage1 / CONFIG_FILE).is_file() and any((stage1 / name).is_file() for name in ("last.pt", "best.pt"))):
+        return {}  # not a folder fgvc trained in: a user's own config.yaml keeps its out and name
     return {"out": str(run_dir.parent), "name": run_dir.name}
 
 

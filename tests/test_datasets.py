@@ -587,6 +587,11 @@ def test_folder_val_may_be_named_valid_or_validation(tmp_path: Path, name: str) 
     assert sorted(load_index("folder", "train", root=tmp_path).frame["path"]) == sorted(truth.paths("train"))
     shutil.copytree(tmp_path / name, tmp_path / "val")  # two validation folders: which one is meant?
     _one_line_data_error("folder", tmp_path, f"both val/ and {name}/ exist")
+    shutil.rmtree(tmp_path / "val")
+    shutil.rmtree(tmp_path / name)
+    (tmp_path / name).mkdir()  # empty: not a validation split of no images, but a hold-out of train, with a note
+    official = DATASETS["folder"].reader(tmp_path)
+    assert official.val is None and any(f"{name}: no images" in note for note in official.notes)
 
 
 def test_folder_class_unknown_to_train_is_a_data_error(tmp_path: Path) -> None:

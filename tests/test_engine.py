@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -157,6 +158,10 @@ def test_an_interrupted_run_resumes_from_its_folder_alone_wherever_it_now_lives(
     for saved in (moved / CONFIG_FILE, moved / "stage1" / CONFIG_FILE):
         assert resolve_run_config(saved, {}).run_dir().resolve() == moved.resolve()
     assert resolve_run_config(moved / CONFIG_FILE, {"name": "other"}).run_dir().name == "other"  # flags still win
+    mine = tmp_path / "configs" / "stage1" / CONFIG_FILE  # a user's own file in a folder that happens to be "stage1"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(f"out: {tmp_path / 'mine'}\nname: mine\n")
+    assert resolve_run_config(mine, {}).run_dir() == tmp_path / "mine" / "mine"
     stale = moved / "stage1" / ".last.pt.k3x9q2ab.tmp"  # what a SIGKILL in the middle of a checkpoint write leaves
     stale.write_bytes(b"\0" * 1000)
     assert run_stage1(resolve_run_config(moved / CONFIG_FILE, {}), progress=False).interrupted_by is None
@@ -171,6 +176,33 @@ def test_an_interrupted_run_resumes_from_its_folder_alone_wherever_it_now_lives(
         assert run_stage2(moved, stage2, progress=False).interrupted_by == signal.SIGTERM
     assert run_stage2(moved, {"stage2.res": 40}, progress=False).interrupted_by is None  # its own settings, resumed
     assert load_config(moved / "stage2-40" / CONFIG_FILE).stage2.epochs == 2
+
+
+def test_classes_are_their_category_ids_names_may_change(stage1_run: Path) -> None:
+    """iNat 2018's categories.json replaces the training JSON's coded names: the same classes, not a new dataset."""
+    from fgvc.engine.stage import check_classes
+
+    cfg = load_config(stage1_run / CONFIG_FILE)
+    index = load_split(cfg, "train")
+    ckpt = load_checkpoint(stage1_run / "stage1" / BEST)
+    renamed = dataclasses.replace(index, class_names=[f"real {name}" for name in index.class_names])
+    check_classes(ckpt, renamed, stage1_run / "stage1", stage1_run / CONFIG_FILE)
+    shifted = dataclasses.replace(index, category_ids=[*index.category_ids[1:], index.category_ids[0]])
+    with pytest.raises(DataError, match="trained on other classes"):
+        check_classes(ckpt, shifted, stage1_run / "stage1", stage1_run / CONFIG_FILE)
+
+
+def test_stage2_force_starts_from_the_run_settings_not_the_old_stage2_flags(stage1_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from fgvc.engine.stage import stage2_config
+
+    run = tmp_path / stage1_run.name
+    shutil.copytree(stage1_run, run)
+    run_stage2(run, {"stage2.res": 40, "stage2.epochs": 2, "stage2.tune": "fc"}, progress=False)
+    assert stage2_config(run, {"stage2.res": 40}).stage2.tune == "fc"  # resuming: its own settings
+    default = load_config(run / CONFIG_FILE).stage2.tune
+    assert stage2_config(run, {"stage2.res": 40}, resume=False).stage2.tune == default
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -522,13 +554,14 @@ def test_device_decoding_trains_and_predicts_through_the_same_loops(tiny_demo_ro
 
 @pytest.mark.slow
 def test_stage1_beats_chance_on_the_demo_data(tmp_path: Path) -> None:
-    """Three epochs of EfficientNet-Lite0 from its real ImageNet weights at 64 px, on the full demo dataset."""
+    """Six epochs of EfficientNet-Lite0 from its real ImageNet weights at 64 px, on the full demo dataset (three, with
+    the cosine schedule at zero by the third, left it at 11.6 % on one hold-out: learning, but too close to call)."""
     from fgvc.demo_data import generate_demo
     from fgvc.predict import predict_stage
 
     generate_demo(tmp_path / "demo")
     lite0 = {"arch": "timm:tf_efficientnet_lite0", "weights": "imagenet"}
-    stage1 = {"res": 64, "epochs": 3, "batch_size": 32, "lr": 0.01}
+    stage1 = {"res": 64, "epochs": 6, "batch_size": 32, "lr": 0.01}
     cfg = tiny_config(tmp_path / "demo", tmp_path / "runs", model=lite0, stage1=stage1)
     run_stage1(cfg, progress=False)
     result = predict_stage(cfg.run_dir() / "stage1", "test", 64, "none", progress=False)
@@ -776,6 +809,20 @@ def test_a_closed_terminal_stops_training_like_sigterm() -> None:
     with loop.stop_on_signals() as stop:
         os.kill(os.getpid(), signal.SIGHUP)
         assert stop.signum == signal.SIGHUP
+
+
+def test_an_ignored_stop_signal_stays_ignored() -> None:
+    """`nohup fgvc ...` ignores SIGHUP so that the run outlives the terminal: catching it anyway stopped the run."""
+    from fgvc.engine import loop
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with loop.stop_on_signals() as stop:
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not stop
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_repeated_stop_signal_within_two_seconds_is_the_same_request(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -167,8 +167,38 @@ def test_a_damaged_finished_marker_is_a_one_line_error(adapted_run: Path, tmp_pa
     shutil.copytree(adapted_run, run)
     marker = run / "stage2-48" / "finished.json"
     marker.write_text(marker.read_text()[:10])
+    shutil.rmtree(run / "predictions", ignore_errors=True)  # a cached file is reused without reading the marker
     with pytest.raises(DataError, match=r"finished.json: damaged; delete it and rerun the command that trained"):
         predict(run, split="val", tta="none", progress=False)
+
+
+def test_a_model_trained_beside_another_hold_out_is_flagged_on_val(
+    adapted_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run from before the hold-out was keyed on image ids (no fingerprint in its checkpoints) validated on images it
+    had trained on, silently; so would a run whose dataset gained or lost images since."""
+    from fgvc.config import load_config
+    from fgvc.engine.checkpoint import BEST, load_checkpoint, save_checkpoint
+    from fgvc.engine.stage import holdout_digest, load_split
+
+    cfg = load_config(adapted_run / "config.yaml")
+    val = load_split(cfg, "val")
+    assert val.holdout and load_checkpoint(adapted_run / "stage1" / BEST)["holdout"] == holdout_digest(val)
+    assert not load_split(cfg, "test").holdout
+    caplog.clear()
+    predict(adapted_run, split="val", stage=1, tta="none", progress=False)
+    assert "hold-out" not in caplog.text
+    for change, expected in ((lambda c: c.pop("holdout"), "older than 2026-11-27"),
+                             (lambda c: c.update(holdout="0123456789abcdef"), "hold-out changed since")):  # fmt: skip
+        run = tmp_path / expected.split()[0]
+        shutil.copytree(adapted_run, run)
+        shutil.rmtree(run / "predictions", ignore_errors=True)
+        ckpt = load_checkpoint(run / "stage1" / BEST)
+        change(ckpt)
+        save_checkpoint(run / "stage1" / BEST, ckpt)
+        caplog.clear()
+        predict(run, split="val", stage=1, tta="none", progress=False)
+        assert expected in caplog.text, caplog.text
 
 
 def test_predict_and_sweep_use_only_finished_stages_unless_one_is_named(
@@ -192,7 +222,8 @@ def test_predict_and_sweep_use_only_finished_stages_unless_one_is_named(
     assert hint in caplog.text  # not silently: the user may think the adapted model made these predictions
     assert predict(run, split="val", stage=2, tta="none", progress=False).probs.meta["stage"] == "stage2-64"
     (run / "stage1" / "finished.json").unlink()
-    with pytest.raises(DataError, match=r"stage1 is not finished: rerun `fgvc stage1` .* or name it with --stage 1"):
+    resumes = r"stage1 is not finished: `fgvc stage1 --recipe .*config.yaml` resumes it, or name it with --stage 1"
+    with pytest.raises(DataError, match=resumes):
         predict(run, split="val", tta="none", progress=False)
     caplog.clear()
     assert predict(run, split="val", stage=1, tta="none", progress=False).probs.meta["stage"] == "stage1"

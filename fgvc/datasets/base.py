@@ -32,6 +32,8 @@ class DatasetIndex:
         category_ids: index -> the dataset's original category id (what submissions report).
         name: dataset name; split: "train", "val" or "test".
         notes: things the reader noticed and the user should hear about (e.g. "312 listed images not downloaded").
+        holdout: val split only: True when it is fgvc's hold-out of train (the benchmark has no val split, and
+            train_on_all is off), which a model's own training split must not overlap.
     """
 
     frame: pd.DataFrame
@@ -40,6 +42,7 @@ class DatasetIndex:
     name: str
     split: str
     notes: list[str] = field(default_factory=list)
+    holdout: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -146,4 +149,5 @@ def make_index(
         name=spec.name,
         split=split,
         notes=list(official.notes),
+        holdout=split == "val" and official.val is None and not train_on_all and len(val) > 0,
     )

@@ -55,6 +55,9 @@ def read_folder(root: Path) -> OfficialSplits:
     if not split_layout:
         notes.append(f"{root}: no train/ folder, so every class folder is train (a hold-out gives val)")
     val_dirs = [root / name for name in VAL_DIRS if (root / name).is_dir()] if split_layout else []
+    for empty in [folder for folder in val_dirs if not list_images(folder, recursive=True)]:
+        notes.append(f"{empty}: no images, so the validation split is a hold-out of train")
+        val_dirs.remove(empty)
     if len(val_dirs) > 1:
         raise DataError(f"{root}: both {val_dirs[0].name}/ and {val_dirs[1].name}/ exist; keep one validation folder")
     test_dir = root / "test"

@@ -63,6 +63,8 @@ def stop_on_signals() -> Iterator[StopFlag]:
         flag.signum, first_at = signum, time.monotonic()
 
     for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_IGN:  # `nohup` (SIGHUP), a background job (SIGINT): stay ignored
+            continue
         with suppress(ValueError):  # not in the main thread: leave signals alone
             previous[sig] = signal.signal(sig, handler)
     try:

@@ -7,6 +7,7 @@ test resolution with the test-time augmentation. Both resume from ``last.pt`` af
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -279,10 +280,11 @@ def check_classes(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path, co
     """The checkpoint's classes must be the dataset's, in the same order: a renamed, added or removed class folder
     would otherwise shift every label silently (accuracies, ensembles and submissions would all be wrong).
 
-    ``config`` is the file whose ``data.root`` was read: every command that gets here reads it from a run's
-    config.yaml, so that is where the fix goes."""
+    A class is its category id: names alone may change (iNat 2018/2019's real names from categories.json replace the
+    training JSON's codes). ``config`` is the file whose ``data.root`` was read: every command that gets here reads it
+    from a run's config.yaml, so that is where the fix goes."""
     trained, now = ckpt["classes"], class_info(index)
-    if trained == now:
+    if trained["category_ids"] == now["category_ids"]:
         return
     was = list(zip(trained["names"], trained["category_ids"], strict=True))
     is_ = list(zip(now["names"], now["category_ids"], strict=True))
@@ -296,6 +298,32 @@ def check_classes(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path, co
         f"{stage_dir}: the model was trained on other classes than the {index.name} {index.split} split has ({why}); "
         f"set data.root in {config} to the data it was trained on"
     )
+
+
+HOLDOUT_KEYED = "2026-11-27"  # fgvc drew the hold-out as a permutation of train before this date (see check_holdout)
+
+
+def holdout_digest(index: DatasetIndex) -> str | None:
+    """A fingerprint of a val split that fgvc held out of train (None for a benchmark's own val split)."""
+    if not index.holdout:
+        return None
+    ids = "\n".join(sorted(map(str, index.frame["image_id"])))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def check_holdout(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path) -> None:
+    """Warn when ``index`` (a val split) is not the hold-out the model was trained beside: some of its images may then
+    have been training images, and val scores, sweeps and ensemble weights on it are optimistic."""
+    now = holdout_digest(index)
+    if now is None or ckpt.get("holdout", "") == now:
+        return
+    if "holdout" not in ckpt:
+        log.warning("%s was trained by an fgvc older than %s, which drew the validation hold-out differently: most of "
+                    "today's %s val images were training images for it, so scores on val are optimistic; retrain "
+                    "stage 1 with --force for a clean hold-out", stage_dir, HOLDOUT_KEYED, index.name)  # fmt: skip
+    else:
+        log.warning("%s: the validation hold-out changed since this model was trained (images were added to or removed "
+                    "from the dataset): a few val images may have been training images for it", stage_dir)  # fmt: skip
 
 
 def find_stage_checkpoint(stage_dir: Path) -> Path:
@@ -405,6 +433,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             )
 
     train_index, val_index = load_split(cfg, "train"), load_split(cfg, "val")
+    if state is not None:
+        check_holdout(state, val_index, stage_dir)
     for note in train_index.notes:
         log.info("note: %s", note)
     num_classes = train_index.num_classes
@@ -414,6 +444,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     else:
         model, ckpt1 = load_stage_model(run_dir / STAGE1)
         check_classes(ckpt1, train_index, run_dir / STAGE1, run_dir / CONFIG_FILE)
+        check_holdout(ckpt1, val_index, run_dir / STAGE1)
         source = f"stage 1 epoch {ckpt1['epoch']}"
     if state is not None:
         load_model_state(model, state["model"], stage_dir / LAST)
@@ -535,6 +566,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "input": saved_input(meta),
             "num_classes": num_classes,
             "classes": class_info(train_index),
+            "holdout": holdout_digest(val_index),
             "res": stage_cfg.res,
             "stage": stage,
             "world_size": rt.world_size,
@@ -623,7 +655,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         if rt.is_main:
             state_now = checkpoint(epoch + 1, 0, last_epoch, rngs)
             if improved or not len(val_index):
-                keep = ("model", "arch", "input", "num_classes", "classes", "config", "epoch", "res", "stage", "best")
+                keep = ("model", "arch", "input", "num_classes", "classes", "holdout", "config", "epoch", "res",
+                        "stage", "best")  # fmt: skip
                 save(BEST, {k: state_now[k] for k in keep} | {"metrics": metrics})
             save(LAST, state_now)
             _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")
@@ -668,7 +701,9 @@ def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool)
 def _has_results(run_dir: Path, stage_dir: Path, stage: str) -> bool:
     """Whether :func:`_retire_old_results` with ``force`` would delete anything: a checkpoint of this stage, or, for
     stage 1, a stage 2 or predictions built on it."""
-    if any((stage_dir / name).is_file() for name in (FINISHED, BEST, LAST)):
+    if any((stage_dir / name).is_file() for name in (FINISHED, BEST, LAST)) or any(run_dir.glob("sweep-*.*")):
+        return True
+    if (run_dir / "predictions" / stage_dir.name).is_dir():
         return True
     if stage != STAGE1:
         return False
@@ -796,12 +831,12 @@ def run_stage1(cfg: RunConfig, force: bool = False, progress: bool = True) -> St
     return train_stage(cfg, STAGE1, force=force, progress=progress)
 
 
-def stage2_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
+def stage2_config(run_dir: Path, overrides: dict[str, Any], resume: bool = True) -> RunConfig:
     """The run's saved config with the stage-2 section (and runtime knobs) overridden.
 
-    Where a stage 2 at the requested resolution has a checkpoint (interrupted, or finished), its saved stage-2 section
-    is the base: `fgvc stage2 --run DIR --test-res R` resumes it with the settings it was started with, without
-    retyping every flag.
+    With ``resume`` (not --force), where a stage 2 at the requested resolution has a checkpoint, its saved stage-2
+    section is the base: `fgvc stage2 --run DIR --test-res R` resumes it with the settings it was started with, without
+    retyping every flag. A --force run starts from the run's settings and the flags given.
     """
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
@@ -809,7 +844,7 @@ def stage2_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
     values = load_config(cfg_path).model_dump(mode="json")
     res = overrides.get("stage2.res") or (overrides.get("stage2") or {}).get("res") or values["stage2"]["res"]
     started = run_dir / stage2_dirname(res)
-    if (started / LAST).is_file() and (started / CONFIG_FILE).is_file():
+    if resume and (started / LAST).is_file() and (started / CONFIG_FILE).is_file():
         values["stage2"] = load_config(started / CONFIG_FILE).model_dump(mode="json")["stage2"]
     from fgvc.config import config_from_dict, merge
 
@@ -820,7 +855,7 @@ def stage2_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
 
 
 def run_stage2(run_dir: Path, overrides: dict[str, Any], force: bool = False, progress: bool = True) -> StageResult:
-    cfg = stage2_config(run_dir, overrides)
+    cfg = stage2_config(run_dir, overrides, resume=not force)
     if not (run_dir / STAGE1 / LAST).is_file():
         raise DataError(f"{run_dir}: stage 1 has no checkpoint; run `fgvc stage1` first")
     if not is_finished(run_dir / STAGE1):
