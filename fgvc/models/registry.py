@@ -249,7 +249,7 @@ def _timm_last_stage(model: nn.Module, classifier: str, input_size: int = 224) -
     stage 2 then tuned nothing more than ``bn+fc``. "After" is forward order, from one hooked batch-1 forward (free
     on the meta device): legacy Xception registers ``block12.skip`` before ``block12.rep`` but runs it after, so
     registration order left the last block's shortcut frozen. Registration order is the fallback where that forward
-    fails.
+    fails or never calls the boundary module itself (CoaT's is a ``ModuleList``).
     """
     feature_info = getattr(model, "feature_info", None)
     if not feature_info:
