@@ -63,8 +63,9 @@ def stop_on_signals() -> Iterator[StopFlag]:
         flag.signum, first_at = signum, time.monotonic()
 
     for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) == signal.SIG_IGN:  # `nohup` (SIGHUP), a background job (SIGINT): stay ignored
-            continue
+        if sig == getattr(signal, "SIGHUP", None) and signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # `nohup`: the run is meant to outlive the terminal. (A shell's background job ignores SIGINT
+            # too, yet an explicit `kill -INT` should still save a checkpoint: SIGINT and SIGTERM are always caught.)
         with suppress(ValueError):  # not in the main thread: leave signals alone
             previous[sig] = signal.signal(sig, handler)
     try:
