@@ -93,6 +93,26 @@ def test_force_that_fails_in_its_first_epoch_leaves_the_finished_run_as_it_was(
     assert {path: path.read_bytes() for path in files} == before
 
 
+class _StopAtStep:
+    """Patch the loss so that its ``at``-th call sends ``signum`` to this process: a stop request that arrives in the
+    middle of that training step, as a Ctrl-C or a scheduler's SIGTERM does. ``restart`` counts again for a new run."""
+
+    def __init__(self, patch: pytest.MonkeyPatch, signum: int, at: int) -> None:
+        self.signum, self.at, self.calls = signum, at, 0
+        forward = torch.nn.CrossEntropyLoss.forward
+
+        def stop_at(module: torch.nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == self.at:
+                os.kill(os.getpid(), self.signum)
+            return forward(module, *args, **kwargs)
+
+        patch.setattr(torch.nn.CrossEntropyLoss, "forward", stop_at)
+
+    def restart(self, at: int) -> None:
+        self.calls, self.at = 0, at
+
+
 def test_a_force_run_stopped_in_its_first_epoch_leaves_the_finished_run_as_it_was(
     tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,20 +127,11 @@ def test_a_force_run_stopped_in_its_first_epoch_leaves_the_finished_run_as_it_wa
     files += [cfg.run_dir() / CONFIG_FILE, stage2_dir / FINISHED, stage2_dir / LAST, stage2_dir / BEST]
     before = {path: path.read_bytes() for path in files}
     steps = len(load_split(cfg, "train")) // cfg.stage1.batch_size
-    calls = {"n": 0, "stop_at": 1}
-    forward = torch.nn.CrossEntropyLoss.forward
-
-    def stop_at(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == calls["stop_at"]:
-            os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(torch.nn.CrossEntropyLoss, "forward", stop_at)
+        stop = _StopAtStep(patch, signal.SIGINT, at=1)
         assert run_stage1(cfg, force=True, progress=False).interrupted_by == signal.SIGINT
         assert {path: path.read_bytes() for path in files} == before
-        calls.update(n=0, stop_at=steps + 1)  # the first step of epoch 2: epoch 1's checkpoint took the folder over
+        stop.restart(at=steps + 1)  # the first step of epoch 2: epoch 1's checkpoint took the folder over
         assert run_stage1(cfg, force=True, progress=False).interrupted_by == signal.SIGINT
     state = load_checkpoint(stage_dir / LAST)
     assert (state["epoch"], state["micro_step"], state["finished"]) == (1, 1, False)
@@ -140,17 +151,8 @@ def test_an_interrupted_run_resumes_from_its_folder_alone_wherever_it_now_lives(
 
     cfg = tiny_config(tiny_demo_root, tmp_path / "runs", stage1={"epochs": 2})
     steps = len(load_split(cfg, "train")) // cfg.stage1.batch_size
-    calls = {"n": 0, "stop_at": steps + 1}
-    forward = torch.nn.CrossEntropyLoss.forward
-
-    def stop_at(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == calls["stop_at"]:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(torch.nn.CrossEntropyLoss, "forward", stop_at)
+        _StopAtStep(patch, signal.SIGTERM, at=steps + 1)
         assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGTERM
     moved = tmp_path / "elsewhere" / cfg.run_dir().name
     shutil.move(cfg.run_dir(), moved)
@@ -170,9 +172,8 @@ def test_an_interrupted_run_resumes_from_its_folder_alone_wherever_it_now_lives(
     assert load_checkpoint(moved / "stage1" / LAST)["finished"] and not (tmp_path / "runs" / moved.name).exists()
 
     stage2 = {"stage2.res": 40, "stage2.epochs": 2, "stage2.lr": 0.01, "stage2.batch_size": 4}
-    calls.update(n=0, stop_at=2)
     with monkeypatch.context() as patch:
-        patch.setattr(torch.nn.CrossEntropyLoss, "forward", stop_at)
+        _StopAtStep(patch, signal.SIGTERM, at=2)
         assert run_stage2(moved, stage2, progress=False).interrupted_by == signal.SIGTERM
     assert run_stage2(moved, {"stage2.res": 40}, progress=False).interrupted_by is None  # its own settings, resumed
     assert load_config(moved / "stage2-40" / CONFIG_FILE).stage2.epochs == 2
@@ -847,18 +848,9 @@ def test_an_epoch_interrupted_on_its_last_step_keeps_its_whole_row(
     straight = tiny_config(tiny_demo_root, tmp_path, stage1={"epochs": 2}, name="straight")
     run_stage1(straight, progress=False)
     steps = len(load_split(straight, "train")) // straight.stage1.batch_size  # drop_last: whole batches only
-    calls = {"n": 0}
-    forward = torch.nn.CrossEntropyLoss.forward
-
-    def stop_at_last_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == steps:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, *args, **kwargs)
-
     resumed = straight.model_copy(update={"name": "resumed"})
     with monkeypatch.context() as patch:
-        patch.setattr(torch.nn.CrossEntropyLoss, "forward", stop_at_last_step)
+        _StopAtStep(patch, signal.SIGTERM, at=steps)  # the epoch's last step
         assert run_stage1(resumed, progress=False).interrupted_by == signal.SIGTERM
     state = load_checkpoint(resumed.run_dir() / "stage1" / LAST)
     assert (state["epoch"], state["micro_step"]) == (0, steps)

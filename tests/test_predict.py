@@ -454,7 +454,8 @@ members:
     assert not list((tmp_path / "submissions").glob(".*draft"))
 
 
-def test_train_and_ensemble_refuse_a_finished_member_whose_recipe_changed(tmp_path: Path) -> None:
+def _one_epoch_recipe(tmp_path: Path, members: str) -> tuple[Path, str]:
+    """A generic recipe of one-epoch stage-1 members on a small folder dataset: its path and its text."""
     root = _folder_dataset(tmp_path / "data")
     recipe_path = tmp_path / "generic.yaml"
     text = f"""competition: generic
@@ -463,9 +464,13 @@ data: {{dataset: folder, root: {root}, workers: 0, val_fraction: 0.0}}
 model: {{arch: "timm:test_resnet", weights: null}}
 stage1: {{res: 28, epochs: 1, batch_size: 4}}
 members:
-  - {{name: only, stage: 1}}
-"""
+{members}"""
     recipe_path.write_text(text)
+    return recipe_path, text
+
+
+def test_train_and_ensemble_refuse_a_finished_member_whose_recipe_changed(tmp_path: Path) -> None:
+    recipe_path, text = _one_epoch_recipe(tmp_path, "  - {name: only, stage: 1}\n")
     train_recipe(recipe_path, progress=False)
     assert {o.status for o in train_recipe(recipe_path, progress=False)} == {"skipped (finished)"}
     recipe_path.write_text(text.replace("epochs: 1", "epochs: 5"))
@@ -481,18 +486,8 @@ members:
 def test_changed_members_are_all_refused_before_any_training(tmp_path: Path) -> None:
     """Two members edited since they finished and a third not trained yet: one error names both edited members, and
     the third is not trained first (hours, on a real recipe) only to fail on the others after it."""
-    root = _folder_dataset(tmp_path / "data")
-    recipe_path = tmp_path / "generic.yaml"
-    text = f"""competition: generic
-out: {tmp_path / 'runs'}
-data: {{dataset: folder, root: {root}, workers: 0, val_fraction: 0.0}}
-model: {{arch: "timm:test_resnet", weights: null}}
-stage1: {{res: 28, epochs: 1, batch_size: 4}}
-members:
-  - {{name: a, stage: 1}}
-  - {{name: b, stage: 1, stage1: {{lr: 0.01}}}}
-"""
-    recipe_path.write_text(text)
+    members = "  - {name: a, stage: 1}\n  - {name: b, stage: 1, stage1: {lr: 0.01}}\n"
+    recipe_path, text = _one_epoch_recipe(tmp_path, members)
     train_recipe(recipe_path, progress=False)
     edited = text.replace("res: 28, epochs: 1", "res: 28, epochs: 2") + "  - {name: c, stage: 1}\n"
     recipe_path.write_text(edited)
