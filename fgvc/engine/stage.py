@@ -524,7 +524,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     claimed = False
     # --force over earlier results: they go at this run's first checkpoint, so an interruption before its first epoch
     # ends saves nothing rather than claim the folder with a step or two of training
-    guarded = force and _has_results(run_dir, stage_dir, stage)
+    guarded = force and (bool(_built_on_old_model(run_dir, stage_dir, stage)) or (stage_dir / LAST).is_file())
     resume_hint = "rerun the same command without --force to resume" if force else "rerun the same command to resume"
 
     def save(name: str, ckpt: dict[str, Any]) -> None:
@@ -685,31 +685,23 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
 def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool) -> None:
     """Results the training about to start makes stale: with ``force`` the old model, and whatever was built on it."""
     if force:  # called when the new run writes its first checkpoint: from then on the old one is not "the" result
-        (stage_dir / FINISHED).unlink(missing_ok=True)
-        (stage_dir / BEST).unlink(missing_ok=True)
-        if stage == STAGE1:  # every stage 2 was adapted from the old stage-1 model
-            for old in run_dir.glob("stage2-*"):  # no checkpoint left: predict and stage 2 cannot pick them up
-                for name in (FINISHED, LAST, BEST):
-                    (old / name).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / "predictions", ignore_errors=True)
-        for sweep_file in run_dir.glob("sweep-*.*"):  # a column of every sweep is the old model's
-            sweep_file.unlink()
+        for path in _built_on_old_model(run_dir, stage_dir, stage):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     # predictions of an unfinished or retrained model must not be reused
     shutil.rmtree(run_dir / "predictions" / stage_dir.name, ignore_errors=True)
 
 
-def _has_results(run_dir: Path, stage_dir: Path, stage: str) -> bool:
-    """Whether :func:`_retire_old_results` with ``force`` would delete anything: a checkpoint of this stage, or, for
-    stage 1, a stage 2 or predictions built on it."""
-    if any((stage_dir / name).is_file() for name in (FINISHED, BEST, LAST)) or any(run_dir.glob("sweep-*.*")):
-        return True
-    if (run_dir / "predictions" / stage_dir.name).is_dir():
-        return True
-    if stage != STAGE1:
-        return False
-    return (run_dir / "predictions").is_dir() or any(
-        (old / name).is_file() for old in run_dir.glob("stage2-*") for name in (FINISHED, BEST, LAST)
-    )
+def _built_on_old_model(run_dir: Path, stage_dir: Path, stage: str) -> list[Path]:
+    """What a --force run retires: the stage's finished model, every sweep (one of its columns is that model), and for
+    stage 1 every stage 2 adapted from it (no checkpoint left: predict and stage 2 cannot pick them up) and all
+    predictions."""
+    paths = [stage_dir / FINISHED, stage_dir / BEST, *run_dir.glob("sweep-*.*")]
+    if stage == STAGE1:
+        paths += [old / name for old in run_dir.glob("stage2-*") for name in (FINISHED, LAST, BEST)]
+        paths.append(run_dir / "predictions")
+    else:
+        paths.append(run_dir / "predictions" / stage_dir.name)
+    return [path for path in paths if path.exists()]
 
 
 def is_finished(stage_dir: Path) -> bool:
