@@ -9,7 +9,6 @@ import datetime as dt
 import itertools
 import logging
 import os
-import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -59,11 +58,9 @@ def refuse_changed_members(recipe: Recipe, members: list[Member]) -> None:
                 break
     if not changed:
         return
-    names = [member for member, _ in changed]
-    command = member_train_command(recipe, names[0]) if len(names) == 1 else (
-        f"fgvc train {shlex.quote(recipe.source)} " + " ".join(f"--member {shlex.quote(m.name)}" for m in names))
+    command = member_train_command(recipe, *(member for member, _ in changed))
     raise ConfigError(f"{recipe.source}: {'; '.join(why for _, why in changed)}; retrain "
-                      f"{'it' if len(names) == 1 else 'them'} with `{command} --force`")  # fmt: skip
+                      f"{'it' if len(changed) == 1 else 'them'} with `{command} --force`")  # fmt: skip
 
 
 @dataclass
@@ -103,9 +100,8 @@ def train_recipe(
                 not_reached = selected[position + 1 :]
                 if force and not_reached:  # a rerun without --force resumes this member and skips these
                     log.info("not retrained yet by this --force run: %s; after resuming %s, retrain them with "
-                             "`fgvc train %s --force %s`", ", ".join(m.name for m in not_reached), member.name,
-                             shlex.quote(recipe.source),
-                             " ".join(f"--member {shlex.quote(m.name)}" for m in not_reached))  # fmt: skip
+                             "`%s --force`", ", ".join(m.name for m in not_reached), member.name,
+                             member_train_command(recipe, *not_reached))  # fmt: skip
                 return outcomes
             outcomes.append(TrainOutcome(member.name, stage, "trained"))
     return outcomes

@@ -133,9 +133,10 @@ def select_members(recipe: Recipe, names: list[str] | None) -> list[Member]:
     return [m for m in recipe.members if m.name in names]
 
 
-def member_train_command(recipe: Recipe, member: Member) -> str:
-    """The command that trains exactly this member's stages from the recipe (every config key, flag or not)."""
-    return f"fgvc train {shlex.quote(recipe.source)} --member {shlex.quote(member.name)}"
+def member_train_command(recipe: Recipe, *members: Member) -> str:
+    """The command that trains exactly these members' stages from the recipe (every config key, flag or not)."""
+    named = " ".join(f"--member {shlex.quote(member.name)}" for member in members)
+    return f"fgvc train {shlex.quote(recipe.source)} {named}"
 
 
 def _run_folder_of(config_file: Path) -> dict[str, str]:
