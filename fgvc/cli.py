@@ -310,7 +310,8 @@ def validate_submission(
     dataset: str | None = typer.Option(None, help="Check ids and categories against this dataset's test split."),
     data_root: Path | None = typer.Option(None, help="Dataset folder for --dataset."),
 ) -> None:
-    """Header, one row per test image, unique known ids, predictions per row, valid categories. Exit 1 if invalid."""
+    """Header, one row per test image, unique known ids, predictions per row, valid categories (with --dataset).
+    Exit 1 if invalid, 2 if unreadable."""
     from fgvc.datasets import load_index
     from fgvc.submission import collect_problems, competition_spec
 
@@ -334,7 +335,8 @@ def validate_submission(
         more = " (first 20 shown)" if len(problems) > 20 else ""
         typer.echo(f"{file}: INVALID, {len(problems)} problem{'s' if len(problems) > 1 else ''}{more}")
         raise typer.Exit(1)
-    typer.echo(f"{file}: valid {competition} submission")
+    unchecked = "" if categories is not None else " (categories not checked: the sample lists none; add --dataset NAME)"
+    typer.echo(f"{file}: valid {competition} submission{unchecked}")
 
 
 @app.command()

@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 
 from fgvc.errors import ConfigError, DataError
-from fgvc.metrics import LOG_EPS, UNKNOWN_LABEL, log_loss, topk_accuracy
+from fgvc.metrics import LOG_EPS, UNKNOWN_LABEL, log_loss, macro_f1, topk_accuracy, topk_indices
 from fgvc.probs import Probabilities, row_blocks
 
 Method = Literal["mean", "geometric"]
 WeightMode = Literal["equal", "given", "search"]
 METHODS: tuple[str, ...] = ("mean", "geometric")
 WEIGHT_MODES: tuple[str, ...] = ("equal", "given", "search")
+SEARCH_METRICS: tuple[str, ...] = ("top1", "top3", "top5", "macro_f1")  # what a leaderboard scores
 DEFAULT_SEARCH_STEPS = 50  # Caruana et al. plateau within a few dozen picks for a handful of members
 _SHOWN_IDS = 5  # how many offending ids an error message quotes
 
@@ -266,8 +267,10 @@ def hill_climb(
     steps: int = DEFAULT_SEARCH_STEPS,
     method: Method = "mean",
     start: Literal["equal", "best"] = "equal",
+    metric: str = "top1",
 ) -> np.ndarray:
-    """Ensemble-selection weights (sum 1) that maximise top-1 accuracy on a labelled split, log-loss breaking ties.
+    """Ensemble-selection weights (sum 1) that maximise ``metric`` on a labelled split, log-loss breaking ties: the
+    competition's own (top-5 for iNat 2017, top-3 for 2018, macro F1 for Herbarium 2020-22), not always top-1.
 
     Starts from one pick of every member (``equal``) or from the best single member alone (``best``), then
     ``steps`` times adds one more pick of whichever member helps most (lowest index on exact ties), and returns the
@@ -279,13 +282,15 @@ def hill_climb(
     _check_method(method)
     if start not in ("equal", "best"):
         raise ConfigError(f"hill-climb start {start!r} is not one of equal, best")
+    if metric not in SEARCH_METRICS:
+        raise ConfigError(f"ensemble search metric {metric!r} is not one of {', '.join(SEARCH_METRICS)}")
     arrays, labels = _labelled_rows(arrays, labels)
     in_method_space = [_to_method_space(array, method) for array in arrays]
 
     def score_of(summed: np.ndarray, n_picks: int) -> tuple[float, float]:
-        return _score(_from_method_space(summed / np.float32(n_picks), method), labels)
+        return _score(_from_method_space(summed / np.float32(n_picks), method), labels, metric)
 
-    picks = _starting_picks(arrays, labels, start)
+    picks = _starting_picks(arrays, labels, start, metric)
     summed = np.zeros(arrays[0].shape, dtype=np.float32)
     for count, member in zip(picks, in_method_space, strict=True):
         summed += np.float32(count) * member
@@ -299,7 +304,8 @@ def hill_climb(
             best_picks, best_score = picks.copy(), trial_scores[chosen]
     searched = best_picks / best_picks.sum()
     equal = equal_weights(len(arrays))
-    if _score(combine(arrays, searched, method), labels) >= _score(combine(arrays, equal, method), labels):
+    if _score(combine(arrays, searched, method), labels, metric) >= _score(combine(arrays, equal, method), labels,
+                                                                            metric):
         return searched
     return equal
 
@@ -316,19 +322,23 @@ def _labelled_rows(arrays: list[np.ndarray], labels: np.ndarray) -> tuple[list[n
     return [array[known] for array in arrays], labels[known]
 
 
-def _starting_picks(arrays: list[np.ndarray], labels: np.ndarray, start: str) -> np.ndarray:
+def _starting_picks(arrays: list[np.ndarray], labels: np.ndarray, start: str, metric: str) -> np.ndarray:
     if start == "equal":
         return np.ones(len(arrays), dtype=np.int64)
-    single_scores = [_score(array.astype(np.float32, copy=False), labels) for array in arrays]
+    single_scores = [_score(array.astype(np.float32, copy=False), labels, metric) for array in arrays]
     best = max(range(len(arrays)), key=lambda index: (single_scores[index], -index))
     picks = np.zeros(len(arrays), dtype=np.int64)
     picks[best] = 1
     return picks
 
 
-def _score(combined: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Higher is better: (top-1 accuracy, minus log-loss), compared lexicographically."""
-    return topk_accuracy(combined, labels, 1), -log_loss(combined, labels)
+def _score(combined: np.ndarray, labels: np.ndarray, metric: str = "top1") -> tuple[float, float]:
+    """Higher is better: (the metric, minus log-loss), compared lexicographically."""
+    if metric == "macro_f1":
+        primary = macro_f1(topk_indices(combined, 1)[:, 0], labels)
+    else:
+        primary = topk_accuracy(combined, labels, int(metric[3:]))
+    return primary, -log_loss(combined, labels)
 
 
 def resolve_weights(
@@ -340,6 +350,7 @@ def resolve_weights(
     n_members: int | None = None,
     steps: int = DEFAULT_SEARCH_STEPS,
     start: Literal["equal", "best"] = "equal",
+    metric: str = "top1",
 ) -> np.ndarray:
     """Member weights (sum 1) for a recipe's weight mode.
 
@@ -359,5 +370,5 @@ def resolve_weights(
     if mode == "search":
         if val_probs is None or labels is None:
             raise ConfigError("ensemble weights mode 'search' needs labelled validation probabilities of every member")
-        return hill_climb(val_probs, labels, steps=steps, method=method, start=start)
+        return hill_climb(val_probs, labels, steps=steps, method=method, start=start, metric=metric)
     raise ConfigError(f"ensemble weights mode {mode!r} is not one of {', '.join(WEIGHT_MODES)}")

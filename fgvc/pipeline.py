@@ -23,7 +23,7 @@ from fgvc.metrics import summarize
 from fgvc.predict import mean_over_resolutions, predict_stage
 from fgvc.probs import Probabilities
 from fgvc.recipe import Member, Recipe, load_recipe, member_train_command, select_members
-from fgvc.submission import SubmissionError, collect_problems, competition_spec, write_submission
+from fgvc.submission import SubmissionError, collect_problems, competition_spec, read_sample, write_submission
 
 log = logging.getLogger("fgvc")
 
@@ -155,7 +155,8 @@ def ensemble_recipe(
         val = align([member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members])
         if not (val[0].labels >= 0).any():
             raise ConfigError(f"{recipe.source}: ensemble.weights 'search' needs a labelled {ens.val_split} split")
-        weights = resolve_weights("search", val_probs=[p.probs for p in val], labels=val[0].labels, method=ens.method)
+        weights = resolve_weights("search", val_probs=[p.probs for p in val], labels=val[0].labels, method=ens.method,
+                                  metric=spec.metric)  # fmt: skip
         for position in range(len(val)):  # no loop variable left holding a member after `del val`
             report(position, val[position])
         report.ensemble(replace(val[0], probs=combine([p.probs for p in val], weights, ens.method)))
@@ -176,7 +177,8 @@ def ensemble_recipe(
     path = _new_submission_path(Path(out_dir), recipe.competition)
     draft = path.with_name(f".{path.name}.{os.getpid()}.draft")  # one per process: runs never share a draft
     try:  # the final name appears only once the file passed every check
-        write_submission(combined, spec.name, draft, k=ens.top_k)
+        header = read_sample(Path(sample))[0] if sample is not None else None  # the sample's header wins
+        write_submission(combined, spec.name, draft, k=ens.top_k, header=header)
         test = load_split(recipe.members[0].config, "test")  # the ids come from the dataset, not from the members
         named = spec.predictions == "name"
         categories = test.class_names if named else test.category_ids

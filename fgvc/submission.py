@@ -49,6 +49,7 @@ class CompetitionSpec:
         id_type: ``int`` image ids, or ``str`` (written as given).
         id_pattern: regex a ``str`` id must match in full (None: any non-empty text).
         predictions: ``category_id`` (original integer ids, space-separated) or ``name`` (one class name).
+        metric: the leaderboard's metric: ``top1``, ``top3``, ``top5`` or ``macro_f1``.
     """
 
     name: str
@@ -60,6 +61,7 @@ class CompetitionSpec:
     predictions: Literal["category_id", "name"]
     id_pattern: str | None = None
     id_example: str = "12345"
+    metric: str = "top1"  # what the leaderboard scores (fgvc.ensemble.SEARCH_METRICS): ensemble weights aim at it
 
     def count_rule(self) -> str:
         if self.max_k == self.min_k:
@@ -73,9 +75,9 @@ COMPETITIONS: dict[str, CompetitionSpec] = {
     spec.name: spec
     for spec in (
         # top-5 error; "5 category ids, separated by spaces"
-        CompetitionSpec("inat2017", ("id", "predicted"), 5, 5, 5, "int", "category_id"),
+        CompetitionSpec("inat2017", ("id", "predicted"), 5, 5, 5, "int", "category_id", metric="top5"),
         # top-3 error; "3 category ids ... sort your predictions from most confident to least"
-        CompetitionSpec("inat2018", ("id", "predicted"), 3, 3, 3, "int", "category_id"),
+        CompetitionSpec("inat2018", ("id", "predicted"), 3, 3, 3, "int", "category_id", metric="top3"),
         # top-1 error on the first id; "we encourage you to predict more categories labels (sorted by confidence)"
         CompetitionSpec("inat2019", ("id", "predicted"), 5, 1, None, "int", "category_id"),
         # "must have 5 category predictions per image or the Kaggle evaluation will fail"
@@ -93,9 +95,9 @@ COMPETITIONS: dict[str, CompetitionSpec] = {
             id_example="00123.jpg",
         ),
         # macro F1 on one category id per image
-        CompetitionSpec("herbarium2020", ("Id", "Predicted"), 1, 1, 1, "int", "category_id"),
-        CompetitionSpec("herbarium2021", ("Id", "Predicted"), 1, 1, 1, "int", "category_id"),
-        CompetitionSpec("herbarium2022", ("Id", "Predicted"), 1, 1, 1, "int", "category_id"),
+        CompetitionSpec("herbarium2020", ("Id", "Predicted"), 1, 1, 1, "int", "category_id", metric="macro_f1"),
+        CompetitionSpec("herbarium2021", ("Id", "Predicted"), 1, 1, 1, "int", "category_id", metric="macro_f1"),
+        CompetitionSpec("herbarium2022", ("Id", "Predicted"), 1, 1, 1, "int", "category_id", metric="macro_f1"),
         # not a competition: a readable top-1 file for any dataset, with class names
         CompetitionSpec("generic", ("id", "label"), 1, 1, 1, "str", "name", id_example="image_0001"),
     )
@@ -130,15 +132,27 @@ def predictions_to_frame(probs: Probabilities, competition: str, k: int | None =
     return pd.DataFrame({id_column: ids, prediction_column: predicted})
 
 
-def write_submission(probs: Probabilities, competition: str, path: str | Path, k: int | None = None) -> Path:
-    """Write the Kaggle CSV atomically (header, ``\\n`` line ends, no index column) after validating it in memory."""
+def write_submission(
+    probs: Probabilities,
+    competition: str,
+    path: str | Path,
+    k: int | None = None,
+    header: tuple[str, ...] | None = None,
+) -> Path:
+    """Write the Kaggle CSV atomically (header, ``\\n`` line ends, no index column) after validating it in memory.
+
+    ``header``: the sample submission's, when it has two columns: it wins over the built-in one, as in validation.
+    """
     spec = competition_spec(competition)
-    text = predictions_to_frame(probs, competition, k).to_csv(index=False, lineterminator="\n")
+    table = predictions_to_frame(probs, competition, k)
+    if header is not None and len(header) == 2:
+        table.columns = list(header)
+    text = table.to_csv(index=False, lineterminator="\n")
     categories = probs.class_names if spec.predictions == "name" else probs.category_ids
     problems = _collect(
         io.StringIO(text, newline=""),
         spec,
-        header=spec.columns,
+        header=tuple(table.columns),
         reference_ids=_normalised_ids(probs.image_ids, spec),
         reference_kind="test set",
         valid_categories=_normalised_categories(categories, spec),
@@ -233,23 +247,28 @@ def collect_problems(
     spec = competition_spec(competition)
     header: tuple[str, ...] = spec.columns
     reference_ids, reference_kind = None, "test set"
+    setup: list[str] = []
     if sample is not None:
-        header, sample_ids = _read_sample(Path(sample))
+        header, sample_ids = read_sample(Path(sample))
         reference_ids, reference_kind = _normalised_ids(sample_ids, spec), "sample submission"
+        if test_ids is not None and set(reference_ids) != set(_normalised_ids(test_ids, spec)):
+            setup.append(f"the sample submission's {len(reference_ids)} ids are not the test split's: is it another "
+                         "competition's (or year's) sample, or another copy of the dataset?")  # fmt: skip
     elif test_ids is not None:
         reference_ids = _normalised_ids(test_ids, spec)
     categories = _normalised_categories(valid_categories, spec) if valid_categories is not None else None
     path = Path(path)
     try:
         with open(path, encoding="utf-8", newline="") as fh:
-            return _collect(fh, spec, header, reference_ids, reference_kind, categories)
+            return setup + _collect(fh, spec, header, reference_ids, reference_kind, categories)
     except FileNotFoundError:
         raise SubmissionError(f"{path}: submission file not found") from None
     except UnicodeDecodeError as err:
         raise SubmissionError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
 
 
-def _read_sample(sample: Path) -> tuple[tuple[str, ...], list[str]]:
+def read_sample(sample: Path) -> tuple[tuple[str, ...], list[str]]:
+    """The header and the ids (first column) of a Kaggle sample submission."""
     try:
         with open(sample, encoding="utf-8-sig", newline="") as fh:
             rows = list(csv.reader(fh))

@@ -89,6 +89,7 @@ def test_validate_submission_exit_codes(tmp_path: Path, valid: bool) -> None:
     result = fgvc("validate-submission", str(path), "--competition", "inat2019", "--sample", str(sample))
     if valid:
         assert result.returncode == 0 and "valid" in result.stdout
+        assert "categories not checked" in result.stdout  # a sample lists no category set: not a silent "valid"
     else:
         assert result.returncode == 1 and "line 1" in result.stdout and "line 3" in result.stdout
 

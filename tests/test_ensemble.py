@@ -194,6 +194,20 @@ def test_hill_climb_picks_the_right_member_by_hand() -> None:
     np.testing.assert_allclose(hill_climb([right, wrong], labels, steps=50), [51 / 52, 1 / 52])
 
 
+def test_hill_climb_aims_at_the_competition_metric() -> None:
+    """iNat 2017 scores top-5, 2018 top-3, Herbarium 2020-22 macro F1: weights tuned for top-1 can lose there. A is
+    right on two images and ranks the label last on the others; B never ranks it first but always in its top 3."""
+    labels = np.array([0, 1, 2, 3])
+    a = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.4, 0.3, 0.01, 0.29], [0.4, 0.3, 0.29, 0.01]])
+    b = np.array([[0.3, 0.4, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.1, 0.2]])
+    np.testing.assert_allclose(hill_climb([a, b], labels, steps=0, start="best", metric="top3"), [0, 1])
+    top1 = hill_climb([a, b], labels, steps=0, start="best", metric="top1")
+    assert top1[1] < 1  # for top-1, A alone or equal weights; B alone is right on no image
+    assert hill_climb([a, b], labels, steps=3, metric="macro_f1").sum() == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="top1, top3, top5, macro_f1"):
+        hill_climb([a, b], labels, metric="top2")
+
+
 def test_hill_climb_falls_back_to_equal_weights() -> None:
     # every member is wrong on a different image; their equal mean is right on all three, the best single is not
     labels = np.array([0, 0, 0])

@@ -312,6 +312,18 @@ def test_a_sample_header_overrides_the_competition_default(tmp_path: Path) -> No
     validate_submission(path, "herbarium2022", sample=sample)
 
 
+def test_the_writer_takes_the_sample_header_and_both_id_lists_are_checked(tmp_path: Path) -> None:
+    """`fgvc ensemble --sample` wrote the built-in header and then refused its own file when the sample's differs."""
+    probs = Probabilities(probs=np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32), image_ids=np.array([10, 11]),
+                          labels=np.array([-1, -1]), class_names=["a", "b"], category_ids=[5, 7])  # fmt: skip
+    sample = write_text(tmp_path, "Id,predicted\n10,0\n11,0\n", name="sample_submission.csv")
+    out = write_submission(probs, "herbarium2022", tmp_path / "sub.csv", header=("Id", "predicted"))
+    assert out.read_text() == "Id,predicted\n10,5\n11,7\n"
+    validate_submission(out, "herbarium2022", sample=sample)
+    problems = collect_problems(out, "herbarium2022", test_ids=[10, 12], sample=sample)
+    assert len(problems) == 1 and "sample submission's 2 ids are not the test split's" in problems[0]
+
+
 def test_missing_files_are_submission_errors(tmp_path: Path) -> None:
     with pytest.raises(SubmissionError, match="not found"):
         validate_submission(tmp_path / "nope.csv", "inat2019")
