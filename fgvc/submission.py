@@ -252,8 +252,8 @@ def collect_problems(
         header, sample_ids = read_sample(Path(sample))
         reference_ids, reference_kind = _normalised_ids(sample_ids, spec), "sample submission"
         if test_ids is not None and set(reference_ids) != set(_normalised_ids(test_ids, spec)):
-            setup.append(f"the sample submission's {len(reference_ids)} ids are not the test split's: is it another "
-                         "competition's (or year's) sample, or another copy of the dataset?")  # fmt: skip
+            setup.append(f"the {len(reference_ids)} ids of the sample {sample} are not the test split's: is it "
+                         "another competition's (or year's) sample, or another copy of the dataset?")  # fmt: skip
     elif test_ids is not None:
         reference_ids = _normalised_ids(test_ids, spec)
     categories = _normalised_categories(valid_categories, spec) if valid_categories is not None else None

@@ -30,7 +30,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +41,7 @@ from fgvc.engine.loop import EpochStats, StopFlag, train_one_epoch
 from fgvc.engine.runtime import Runtime
 from fgvc.errors import ConfigError
 from fgvc.models import set_train_mode, trainable_parameters, unwrap_model
+from fgvc.models.meta import modes_restored
 
 log = logging.getLogger("fgvc")
 
@@ -204,7 +204,7 @@ def _tuned_modules(net: nn.Module, tune: str) -> set[int]:
     """Ids of the modules ``tune`` changes: owners of trainable parameters and modules put in train mode."""
     learning = {id(p) for p in trainable_parameters(net, tune)}
     tuned = {id(m) for m in net.modules() if any(id(p) in learning for p in m.parameters(recurse=False))}
-    with _modes_restored(net):
+    with modes_restored(net):
         set_train_mode(net, tune)
         tuned |= {id(m) for m in net.modules() if m.training and not _is_container(m)}
     return tuned
@@ -258,7 +258,7 @@ def _execution_order(
         for name, module in elements.items()
     ]
     try:
-        with _modes_restored(net), torch.no_grad():
+        with modes_restored(net), torch.no_grad():
             net.eval()
             if api is None:
                 net(example)
@@ -279,7 +279,7 @@ def _execution_order(
 
 def _verify(net: nn.Module, trunk: Trunk, tail: Tail, example: torch.Tensor, cut: str) -> torch.Tensor:
     """Check ``tail(trunk(x)) == model(x)`` in eval mode; returns the trunk output."""
-    with _modes_restored(net), torch.no_grad():
+    with modes_restored(net), torch.no_grad():
         net.eval()
         reference = net(example)
         try:
@@ -295,16 +295,6 @@ def _verify(net: nn.Module, trunk: Trunk, tail: Tail, example: torch.Tensor, cut
         raise _NotAChain(f"tail(trunk(x)) differs from model(x) by {error:.3g} (scale {scale:.3g}) with the cut at "
                          f"{cut}: the forward is not a chain of blocks")  # fmt: skip
     return features
-
-
-@contextmanager
-def _modes_restored(net: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in net.modules()}
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -496,7 +486,7 @@ def compute_cache(
     present = torch.zeros(n_rows, dtype=torch.bool)
     started = time.perf_counter()
     bar = tqdm(loader, desc="caching features", disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
-    with _modes_restored(trunk.model), torch.no_grad():
+    with modes_restored(trunk.model), torch.no_grad():
         trunk.model.eval()
         for images, batch_labels, rows in bar:
             if len(rows) == 0:

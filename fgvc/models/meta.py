@@ -7,6 +7,8 @@ native resolution, which module is the classifier, the last BatchNorm before poo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -63,3 +65,14 @@ def get_meta(model: nn.Module) -> ModelMeta:
     if not isinstance(meta, ModelMeta):
         raise ValueError(f"{type(model).__name__} carries no fgvc_meta; build it with fgvc.models.create_model")
     return meta
+
+
+@contextmanager
+def modes_restored(net: nn.Module) -> Iterator[None]:
+    """Every module's train/eval flag as it was, after probing forwards that switch the model to eval mode."""
+    modes = {module: module.training for module in net.modules()}
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training

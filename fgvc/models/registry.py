@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fgvc.errors import ConfigError, WeightsError
-from fgvc.models.meta import ModelMeta
+from fgvc.models.meta import ModelMeta, modes_restored
 from fgvc.models.weights import WeightsLocation, hf_file, hub_file, lite0_package_file, load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -189,19 +189,8 @@ def last_batchnorm(model: nn.Module, input_size: int = 224) -> str | None:
         if isinstance(output, torch.Tensor) and output.dim() <= 2:
             pooled.add(names[id(module)])
 
-    hooks = [m.register_forward_hook(record) for m in norms]
-    modes = {module: module.training for module in model.modules()}
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, input_size, input_size, device=device))
-    except (RuntimeError, TypeError, ValueError):  # also ops without a meta kernel
+    if not _probe(model, input_size, [m.register_forward_hook(record) for m in norms]):
         seen = []
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, training in modes.items():
-            module.training = training
     order = seen or [names[id(norm)] for norm in norms]
     batchnorms = [name for name in order if isinstance(model.get_submodule(name), nn.BatchNorm2d)]
     if not batchnorms:  # none ran in the forward (only other norms did)
@@ -285,19 +274,24 @@ def _first_calls(model: nn.Module, boundary: str, input_size: int) -> tuple[dict
 
     hooks = [module.register_forward_pre_hook(called(name)) for name, module in model.named_modules()]
     hooks.append(model.get_submodule(boundary).register_forward_hook(lambda *_: boundary_end.append(next(clock))))
-    modes = {module: module.training for module in model.modules()}
+    if not _probe(model, input_size, hooks) or not boundary_end:
+        return None
+    return first_call, boundary_end[0]
+
+
+def _probe(model: nn.Module, input_size: int, hooks: list[torch.utils.hooks.RemovableHandle]) -> bool:
+    """One batch-1 eval forward for ``hooks`` (removed after it): shape-only and free on the meta device, a real
+    forward otherwise; train/eval flags are restored. False where it fails (also ops without a meta kernel)."""
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
+        with modes_restored(model), torch.no_grad():
             model.eval()(torch.zeros(1, 3, input_size, input_size, device=device))
     except (RuntimeError, TypeError, ValueError):
-        return None
+        return False
     finally:
         for hook in hooks:
             hook.remove()
-        for module, training in modes.items():
-            module.training = training
-    return (first_call, boundary_end[0]) if boundary_end else None
+    return True
 
 
 def _outermost_after(model: nn.Module, first_call: dict[str, int], boundary_end: int) -> list[str]:
