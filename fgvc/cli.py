@@ -249,6 +249,9 @@ def predict(
     compile: bool | None = typer.Option(
         None, "--compile/--no-compile", help="torch.compile the model (default: as the stage was trained)."
     ),
+    skip_corrupt: bool = typer.Option(
+        False, "--skip-corrupt", help="Give unreadable images uniform probabilities instead of stopping."
+    ),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
     """Per-image class probabilities (a .npz probability file); prints accuracy when the split has labels."""
@@ -258,12 +261,15 @@ def predict(
     from fgvc.predict import predict as run_predict
 
     result = run_predict(
-        run or latest_run(), split, stage, res, tta, _ints(multi_res), batch_size, workers, force, True, compile
-    )
+        run or latest_run(), split=split, stage=stage, res=res, tta=tta, multi_res=_ints(multi_res),
+        batch_size=batch_size, workers=workers, force=force, compile_model=compile, skip_corrupt=skip_corrupt or None,
+    )  # fmt: skip
     if not is_main_process():  # rank 0 wrote the file and reports it
         return
-    note = " (cached)" if result.cached else ""
-    typer.echo(f"wrote {result.path}{note}")
+    if result.cached and not multi_res:
+        typer.echo(f"reused {result.path} (computed earlier by this checkpoint; --force recomputes it)")
+    else:
+        typer.echo(f"wrote {result.path}")
     if result.metrics:
         m = result.metrics
         typer.echo(f"top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  mean per class {m['mean_per_class']:.2f}")
@@ -312,30 +318,16 @@ def validate_submission(
 ) -> None:
     """Header, one row per test image, unique known ids, predictions per row, valid categories (with --dataset).
     Exit 1 if invalid, 2 if unreadable."""
-    from fgvc.datasets import load_index
-    from fgvc.submission import collect_problems, competition_spec
+    from fgvc.submission import validate_submission_file
 
-    if not file.is_file():
-        raise FgvcError(f"{file}: no such file" + ("; it is a folder, name the CSV in it" if file.is_dir() else ""))
-    if not dataset and not sample:
-        raise FgvcError(
-            f"{file}: nothing to check the ids and categories against; pass --dataset NAME (its test split) or "
-            "--sample sample_submission.csv"
-        )
-    test_ids = categories = None
-    if dataset:
-        index = load_index(dataset, "test", root=data_root)
-        test_ids = index.frame["image_id"].tolist()
-        named = competition_spec(competition).predictions == "name"
-        categories = index.class_names if named else index.category_ids
-    problems = collect_problems(file, competition, test_ids, categories, sample)
+    problems = validate_submission_file(file, competition, sample, dataset, data_root)
     if problems:
         for problem in problems[:20]:
             typer.echo(f"{file}: {problem}")
         more = " (first 20 shown)" if len(problems) > 20 else ""
         typer.echo(f"{file}: INVALID, {len(problems)} problem{'s' if len(problems) > 1 else ''}{more}")
         raise typer.Exit(1)
-    unchecked = "" if categories is not None else " (categories not checked: the sample lists none; add --dataset NAME)"
+    unchecked = "" if dataset else " (categories not checked: the sample lists none; add --dataset NAME)"
     typer.echo(f"{file}: valid {competition} submission{unchecked}")
 
 
@@ -424,6 +416,6 @@ def main() -> None:
     # Only fgvc.engine.runtime joins a process group. Never imported here: a Ctrl-C during the import of torch leaves
     # torch half-loaded, and importing it again fails with a traceback.
     runtime = sys.modules.get("fgvc.engine.runtime")
-    if runtime is not None and hasattr(runtime, "teardown"):
+    if runtime is not None and hasattr(runtime, "teardown"):  # it too may be half-loaded by such a Ctrl-C
         runtime.teardown()
     sys.exit(code if isinstance(code, int) else 0)

@@ -249,11 +249,10 @@ def merge(base: dict[str, Any], overrides: dict[str, Any], source: str = "config
     return out
 
 
-def resolve_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults <- recipe file <- CLI overrides (None values are ignored, so unset flags keep the recipe's value)."""
-    values: dict[str, Any] = read_yaml(recipe) if recipe else {}
-    flat = {k: v for k, v in (overrides or {}).items() if v is not None}
-    source = str(recipe) if recipe else "command line"
+def with_overrides(values: dict[str, Any], overrides: dict[str, Any], source: str) -> RunConfig:
+    """Defaults <- ``values`` (a recipe's, a saved run's) <- command-line ``overrides``, validated. Overrides may be
+    dotted or nested; None values are ignored, so an unset flag keeps the recipe's value."""
+    flat = {k: v for k, v in overrides.items() if v is not None}
     return config_from_dict(merge(values, flat, source), source=source)
 
 

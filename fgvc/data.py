@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from fgvc.errors import ConfigError, CorruptImageError
+from fgvc.errors import CorruptImageError
 from fgvc.io import decode_image, disable_opencv_threads
 
 # The signals that stop training with a checkpoint (the loop) and that loader workers ignore until then; SIGHUP is a
@@ -123,23 +122,17 @@ def build_loader(
     shuffle: bool = False,
     workers: int = 0,
     drop_last: bool = False,
-    distributed: bool = False,
     seed: int = 0,
     sampler: Sampler | Iterable | None = None,
     collate_fn: Callable[[Sequence[Any]], Any] = collate_skip_none,
 ) -> DataLoader:
     """A DataLoader with reproducible shuffling, per-worker augmentation seeds and pinned memory where CUDA is present.
 
-    With ``distributed`` each rank reads its own shard through a ``DistributedSampler``; call :func:`set_epoch`
-    before every epoch so the shards reshuffle. A ``sampler`` given by the caller (e.g. one yielding
-    ``(row, sample_seed)`` pairs) replaces both and owns shuffling and sharding.
+    Training passes its :class:`fgvc.engine.sampling.EpochSampler` as ``sampler`` (``(row, sample_seed)`` pairs):
+    it owns shuffling, sharding across ranks and the position inside an epoch, so ``shuffle`` must then be False.
     """
-    if sampler is not None and (shuffle or distributed):
-        raise ValueError("a caller's sampler owns shuffling and sharding; pass shuffle=False and distributed=False")
-    if distributed:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ConfigError("distributed loading needs an initialised process group; launch with torchrun")
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    if sampler is not None and shuffle:
+        raise ValueError("a caller's sampler owns shuffling and sharding; pass shuffle=False")
     generator = torch.Generator()
     generator.manual_seed(seed)
     if workers > 0:
@@ -201,13 +194,6 @@ def seed_worker(worker_id: int) -> None:
     reseed = getattr(info.dataset, "reseed", None) if info is not None else None
     if reseed is not None:
         reseed(worker_seed)
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Tell the sampler the epoch where it has a ``set_epoch`` (``DistributedSampler`` shuffles with seed + epoch)."""
-    sampler_set_epoch = getattr(loader.sampler, "set_epoch", None)
-    if sampler_set_epoch is not None:
-        sampler_set_epoch(epoch)
 
 
 def normalize_on_device(

@@ -266,22 +266,17 @@ def hill_climb(
     labels: np.ndarray,
     steps: int = DEFAULT_SEARCH_STEPS,
     method: Method = "mean",
-    start: Literal["equal", "best"] = "equal",
     metric: str = "top1",
 ) -> np.ndarray:
     """Ensemble-selection weights (sum 1) that maximise ``metric`` on a labelled split, log-loss breaking ties: the
     competition's own (top-5 for iNat 2017, top-3 for 2018, macro F1 for Herbarium 2020-22), not always top-1.
 
-    Starts from one pick of every member (``equal``) or from the best single member alone (``best``), then
-    ``steps`` times adds one more pick of whichever member helps most (lowest index on exact ties), and returns the
-    best ensemble seen. The result is compared with equal weights at the end and replaced by them unless at least as
-    good, so it is never worse than equal weights on this split. With ``equal`` no member falls below
-    1 / (steps + members); ``best`` lets a useless member keep weight 0. Rows labelled -1 are ignored.
+    Starts from one pick of every member (equal weights), then ``steps`` times adds one more pick of whichever member
+    helps most (lowest index on exact ties), and returns the best ensemble seen: never worse than equal weights on
+    this split, and no member below 1 / (steps + members). Rows labelled -1 are ignored.
     """
     arrays = _as_stack(val_probs)
     _check_method(method)
-    if start not in ("equal", "best"):
-        raise ConfigError(f"hill-climb start {start!r} is not one of equal, best")
     if metric not in SEARCH_METRICS:
         raise ConfigError(f"ensemble search metric {metric!r} is not one of {', '.join(SEARCH_METRICS)}")
     arrays, labels = _labelled_rows(arrays, labels)
@@ -290,10 +285,10 @@ def hill_climb(
     def score_of(summed: np.ndarray, n_picks: int) -> tuple[float, float]:
         return _score(_from_method_space(summed / np.float32(n_picks), method), labels, metric)
 
-    picks = _starting_picks(arrays, labels, start, metric)
+    picks = np.ones(len(arrays), dtype=np.int64)
     summed = np.zeros(arrays[0].shape, dtype=np.float32)
-    for count, member in zip(picks, in_method_space, strict=True):
-        summed += np.float32(count) * member
+    for member in in_method_space:
+        summed += member
     best_picks, best_score = picks.copy(), score_of(summed, int(picks.sum()))
     for _ in range(steps):
         trial_scores = [score_of(summed + member, int(picks.sum()) + 1) for member in in_method_space]
@@ -302,12 +297,7 @@ def hill_climb(
         summed = summed + in_method_space[chosen]
         if trial_scores[chosen] > best_score:
             best_picks, best_score = picks.copy(), trial_scores[chosen]
-    searched = best_picks / best_picks.sum()
-    equal = equal_weights(len(arrays))
-    if _score(combine(arrays, searched, method), labels, metric) >= _score(combine(arrays, equal, method), labels,
-                                                                            metric):
-        return searched
-    return equal
+    return best_picks / best_picks.sum()
 
 
 def _labelled_rows(arrays: list[np.ndarray], labels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
@@ -320,16 +310,6 @@ def _labelled_rows(arrays: list[np.ndarray], labels: np.ndarray) -> tuple[list[n
     if known.all():
         return arrays, labels
     return [array[known] for array in arrays], labels[known]
-
-
-def _starting_picks(arrays: list[np.ndarray], labels: np.ndarray, start: str, metric: str) -> np.ndarray:
-    if start == "equal":
-        return np.ones(len(arrays), dtype=np.int64)
-    single_scores = [_score(array.astype(np.float32, copy=False), labels, metric) for array in arrays]
-    best = max(range(len(arrays)), key=lambda index: (single_scores[index], -index))
-    picks = np.zeros(len(arrays), dtype=np.int64)
-    picks[best] = 1
-    return picks
 
 
 def _score(combined: np.ndarray, labels: np.ndarray, metric: str = "top1") -> tuple[float, float]:
@@ -349,7 +329,6 @@ def resolve_weights(
     method: Method = "mean",
     n_members: int | None = None,
     steps: int = DEFAULT_SEARCH_STEPS,
-    start: Literal["equal", "best"] = "equal",
     metric: str = "top1",
 ) -> np.ndarray:
     """Member weights (sum 1) for a recipe's weight mode.
@@ -370,5 +349,5 @@ def resolve_weights(
     if mode == "search":
         if val_probs is None or labels is None:
             raise ConfigError("ensemble weights mode 'search' needs labelled validation probabilities of every member")
-        return hill_climb(val_probs, labels, steps=steps, method=method, start=start, metric=metric)
+        return hill_climb(val_probs, labels, steps=steps, method=method, metric=metric)
     raise ConfigError(f"ensemble weights mode {mode!r} is not one of {', '.join(WEIGHT_MODES)}")

@@ -12,6 +12,8 @@ the same whichever OpenCV is installed.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 
 import cv2
@@ -48,8 +50,8 @@ def decode_image(path: str | Path) -> np.ndarray:
     fallback = _decode_with_pillow(data)
     if fallback is None:
         raise CorruptImageError(
-            f"{path}: image is corrupt or truncated; re-download it, or skip unreadable images (stage1 --skip-corrupt, "
-            "or data.skip_corrupt: true in the run's config.yaml)"
+            f"{path}: image is corrupt or truncated; re-download it, or skip unreadable images with --skip-corrupt "
+            "(fgvc stage1, fgvc predict) or data.skip_corrupt: true in the recipe"
         )
     # OpenCV's result is complete once Pillow has read all the data; prefer it so every file goes through one decoder.
     return image if image is not None else fallback
@@ -96,3 +98,18 @@ def _decode_with_pillow(data: bytes) -> np.ndarray | None:
             return np.array(upright.convert("RGB"), dtype=np.uint8)
     except Exception:  # Pillow's decoders raise many exception types on malformed input; all mean "unreadable"
         return None
+
+
+def typical_source_pixels(paths: Sequence[str | Path] | np.ndarray, samples: int = 16) -> float | None:
+    """Median stored width x height over ``samples`` evenly spaced files, from their headers only (Pillow reads the
+    size without decoding); None when none can be read. Decoding time grows with it, so ``--decode auto`` scales its
+    CPU estimate by it."""
+    if not len(paths):
+        return None
+    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(samples, len(paths))).round().astype(int))
+    sizes = []
+    for i in picks:
+        # a missing or odd file is the loader's business, not this estimate's
+        with suppress(Exception), Image.open(paths[i]) as opened:
+            sizes.append(opened.size[0] * opened.size[1])
+    return float(np.median(sizes)) if sizes else None

@@ -23,7 +23,14 @@ from fgvc.metrics import summarize
 from fgvc.predict import mean_over_resolutions, predict_stage
 from fgvc.probs import Probabilities
 from fgvc.recipe import Member, Recipe, load_recipe, member_train_command, select_members
-from fgvc.submission import SubmissionError, collect_problems, competition_spec, read_sample, write_submission
+from fgvc.submission import (
+    SubmissionError,
+    check_submission,
+    competition_spec,
+    foreign_header,
+    read_sample,
+    write_submission,
+)
 
 log = logging.getLogger("fgvc")
 
@@ -115,11 +122,10 @@ def member_probabilities(recipe: Recipe, member: Member, split: str, progress: b
         raise DataError(f"member {member.name}: no finished checkpoint in {stage_dir}; produce it with: {command}")
     refuse_changed_members(recipe, [member])
     tta = member.config.predict.tta
+    skip = member.config.data.skip_corrupt or None  # the recipe may allow it for prediction alone
     resolutions = member.multi_res or [member.test_res]
-    if len(resolutions) == 1:
-        return predict_stage(stage_dir, split, resolutions[0], tta, progress=progress).probs
-    return mean_over_resolutions((predict_stage(stage_dir, split, r, tta, progress=progress).probs
-                                  for r in resolutions), resolutions)  # fmt: skip
+    parts = (predict_stage(stage_dir, split, r, tta, progress=progress, skip_corrupt=skip).probs for r in resolutions)
+    return next(parts) if len(resolutions) == 1 else mean_over_resolutions(parts, resolutions)
 
 
 @dataclass
@@ -145,6 +151,16 @@ def ensemble_recipe(
     refuse_changed_members(recipe, recipe.members)  # before hours of prediction, not after
     spec = competition_spec(recipe.competition)
     ens = recipe.ensemble
+    missing = [m for m in recipe.members if not is_finished(member_stage_dir(m))]
+    if missing:  # all of them, now: not one per run after the others' predictions
+        command = member_train_command(recipe, *missing)
+        raise DataError(f"{recipe.source}: no finished checkpoint for {', '.join(m.name for m in missing)} "
+                        f"({', '.join(str(member_stage_dir(m)) for m in missing)}); produce "
+                        f"{'it' if len(missing) == 1 else 'them'} with: {command}")  # fmt: skip
+    header = read_sample(Path(sample))[0] if sample is not None else None  # the sample's header wins
+    foreign = foreign_header(Path(sample), header, spec) if sample is not None and header is not None else None
+    if foreign:
+        raise SubmissionError(foreign)
     # The val split fits the weights (search) or only fills the report: without images it is skipped in the latter case.
     search = ens.weights == "search"
     validate = search or bool(len(load_split(recipe.members[0].config, ens.val_split)))
@@ -177,13 +193,9 @@ def ensemble_recipe(
     path = _new_submission_path(Path(out_dir), recipe.competition)
     draft = path.with_name(f".{path.name}.{os.getpid()}.draft")  # one per process: runs never share a draft
     try:  # the final name appears only once the file passed every check
-        header = read_sample(Path(sample))[0] if sample is not None else None  # the sample's header wins
         write_submission(combined, spec.name, draft, k=ens.top_k, header=header)
         test = load_split(recipe.members[0].config, "test")  # the ids come from the dataset, not from the members
-        named = spec.predictions == "name"
-        categories = test.class_names if named else test.category_ids
-        test_ids = test.frame["image_id"].tolist()
-        problems = collect_problems(draft, spec.name, test_ids=test_ids, valid_categories=categories, sample=sample)
+        problems = check_submission(draft, spec.name, test, sample)
         if problems:  # named after the file it would have become, and what it was checked against
             against = f"the sample {sample}" if sample is not None else f"the {spec.name} test split"
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""

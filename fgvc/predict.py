@@ -11,6 +11,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from fgvc.engine.stage import (
 )
 from fgvc.ensemble import combine_members, equal_weights
 from fgvc.errors import ConfigError, DataError
+from fgvc.io import decode_image
 from fgvc.metrics import summarize
 from fgvc.models import get_meta
 from fgvc.probs import Probabilities, as_stored
@@ -164,11 +166,14 @@ def predict_stage(
     force: bool = False,
     progress: bool = True,
     compile_model: bool | None = None,
+    skip_corrupt: bool | None = None,
 ) -> PredictResult:
     """Probabilities of one stage's model on one split at one resolution (cached).
 
     ``compile_model``: ``torch.compile`` the network (None: as the stage was trained, ``runtime.compile``); it pays
     when the test set is large enough to amortise the compilation (see the README's Performance section).
+    ``skip_corrupt``: give unreadable images uniform probabilities instead of stopping (None: as the stage was
+    trained); the file records them, and a later call recomputes it once any of them reads.
     """
     if tta not in TTA_CHOICES:
         raise ConfigError(f"unknown --tta '{tta}'; choose one of {', '.join(TTA_CHOICES)}")
@@ -177,6 +182,8 @@ def predict_stage(
     cfg = load_config(stage_dir / CONFIG_FILE)
     if workers is not None:
         cfg.data.workers = workers
+    if skip_corrupt is not None:
+        cfg.data.skip_corrupt = skip_corrupt
     index = load_split(cfg, split)
     if not len(index):
         notes = f" ({'; '.join(index.notes)})" if index.notes else ""
@@ -205,13 +212,15 @@ def predict_stage(
     if not rt.is_main:  # the metrics come once rank 0 has written the file
         return PredictResult(path, None, broadcast_from_main(rt, None), False)
     n_images = len(index)
+    unreadable: list[int] = []
     if len(idx) == n_images:  # every image read (idx is sorted and unique): the rows are already in place
         full = scores
     else:
         full = np.full((n_images, index.num_classes), 1.0 / index.num_classes, dtype=np.float32)
         if len(idx):
             full[idx] = scores
-        log.warning("%d unreadable images got uniform probabilities so that every id has a row", n_images - len(idx))
+        unreadable = np.setdiff1d(np.arange(n_images), idx).tolist()
+        log.warning("%d unreadable images got uniform probabilities so that every id has a row", len(unreadable))
     frame = index.frame
     probs = Probabilities(
         probs=as_stored(full, in_place=True),  # exactly what the file holds, so reruns agree with it
@@ -228,6 +237,7 @@ def predict_stage(
             "res": res,
             "tta": tta,
             "checkpoint": _checkpoint_identity(stage_dir),
+            "unreadable": unreadable,  # rows: the file is recomputed once one of them reads
         },
     )
     probs.save(path)
@@ -251,7 +261,7 @@ def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> P
     same_images = _same_ids(probs.image_ids, index.frame["image_id"].to_numpy())
     same_classes = _same_ids(probs.category_ids, np.asarray(index.category_ids))  # else check_classes explains
     if probs.meta.get("checkpoint") == _checkpoint_identity(stage_dir) and same_images and same_classes:
-        return probs
+        return probs if _still_unreadable(path, probs, index) else None
     log.info("%s was computed by another checkpoint or for other images or classes: recomputing", path)
     return None
 
@@ -268,6 +278,7 @@ def predict(
     force: bool = False,
     progress: bool = True,
     compile_model: bool | None = None,
+    skip_corrupt: bool | None = None,
 ) -> PredictResult:
     """`fgvc predict`: one stage, one split, one or several resolutions (their softmax outputs averaged).
 
@@ -283,7 +294,7 @@ def predict(
     default_res = stage2_res(stage_dir) if stage_dir.name != STAGE1 else cfg.stage1.res
     resolutions = multi_res or [res or default_res]
     tta = tta or cfg.predict.tta
-    options = (batch_size, workers, force, progress, compile_model)
+    options = (batch_size, workers, force, progress, compile_model, skip_corrupt)
     if len(resolutions) == 1:
         return predict_stage(stage_dir, split, resolutions[0], tta, *options)
     path = prediction_path(run_dir, stage_dir, split, "+".join(str(r) for r in resolutions), tta)
@@ -311,3 +322,23 @@ def _noting_cached(result: PredictResult, cached: list[bool]) -> Probabilities:
     cached.append(result.cached)
     assert result.probs is not None, "only rank 0 averages resolutions"
     return result.probs
+
+
+def _still_unreadable(path: Path, probs: Probabilities, index: DatasetIndex) -> bool:
+    """Whether the images ``path`` gave uniform probabilities (unreadable then) are all still unreadable: a file
+    re-downloaded since makes the cached rows wrong, so the file is recomputed."""
+    rows = probs.meta.get("unreadable") or []
+    if not rows:
+        return True
+    paths = index.frame["path"].to_numpy()
+    readable = 0
+    for row in rows:
+        with suppress(DataError):
+            decode_image(paths[row])
+            readable += 1
+    if readable:
+        log.info("%s: %d of the %d images unreadable when it was computed read now: recomputing", path, readable,
+                 len(rows))  # fmt: skip
+        return False
+    log.warning("%s: reused with %d unreadable images at uniform probabilities", path, len(rows))
+    return True

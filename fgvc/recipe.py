@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fgvc.config import CONFIG_FILE, RunConfig, config_from_dict, first_error, merge, read_yaml
+from fgvc.config import CONFIG_FILE, RunConfig, config_from_dict, first_error, merge, read_yaml, with_overrides
 from fgvc.errors import ConfigError
-from fgvc.submission import check_top_k, competition_spec
+from fgvc.submission import COMPETITIONS, check_top_k, competition_spec
 
 RECIPE_KEYS = ("competition", "ensemble", "members")
 MEMBER_KEYS = ("weight", "stage", "multi_res")
@@ -94,13 +94,35 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{source}: several members write to the same run folder {duplicates}; give each a 'name'")
-    competition = values.get("competition") or "generic"
+    competition = _competition(source, values.get("competition"), members)
     try:  # checked now, not after hours of predicting
         check_top_k(competition_spec(competition), ensemble.top_k)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     _check_weights(source, ensemble, members)
     return Recipe(source=source, competition=competition, ensemble=ensemble, members=members)
+
+
+def _competition(source: str, given: object, members: list[Member]) -> str:
+    """The competition whose CSV the ensemble writes: the members' dataset's own when the recipe names none (a
+    Herbarium 2022 ensemble must not write class names into a generic file), else the one named, which must score
+    that dataset; ``generic`` (a readable top-1 file) fits any dataset."""
+    datasets = list(dict.fromkeys(m.config.data.dataset for m in members))
+    if len(datasets) > 1:
+        raise ConfigError(f"{source}: the members read different datasets ({', '.join(datasets)}); an ensemble "
+                          "combines predictions for one test set")  # fmt: skip
+    own = datasets[0] if datasets[0] in COMPETITIONS else "generic"
+    if given is None:
+        return own
+    competition = str(given)
+    try:
+        competition_spec(competition)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    if competition not in ("generic", datasets[0]):
+        raise ConfigError(f"{source}: competition {competition} scores the {competition} test set, but the members "
+                          f"read {datasets[0]}; set competition: {own}, or leave it out")  # fmt: skip
+    return competition
 
 
 def _check_weights(source: str, ensemble: EnsembleConfig, members: list[Member]) -> None:
@@ -168,6 +190,4 @@ def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> 
             values = members[0].config.model_dump(mode="json")
         else:
             values = raw | _run_folder_of(Path(recipe))
-    flat = {k: v for k, v in overrides.items() if v is not None}
-    source = str(recipe) if recipe else "command line"
-    return config_from_dict(merge(values, flat, source), source=source)
+    return with_overrides(values, overrides, str(recipe) if recipe else "command line")

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,9 @@ from fgvc.errors import ConfigError, DataError
 from fgvc.fileio import atomic_write_text
 from fgvc.metrics import topk_indices
 from fgvc.probs import Probabilities
+
+if TYPE_CHECKING:
+    from fgvc.datasets.base import DatasetIndex
 
 _SHOWN_IDS = 5  # how many missing ids a message quotes
 _INTEGER = re.compile(r"\d+")
@@ -231,6 +234,41 @@ def validate_submission(
         raise SubmissionError(f"{path}: {problems[0]}{more}")
 
 
+def check_submission(
+    path: str | Path, competition: str, test: DatasetIndex | None = None, sample: str | Path | None = None
+) -> list[str]:
+    """Every problem of the CSV at ``path`` against the dataset's ``test`` split (its image ids, and its categories as
+    this competition names them: class names for a generic CSV, the dataset's category ids otherwise) and/or Kaggle's
+    ``sample`` (header and ids). Without ``test`` the categories are not checked."""
+    test_ids = categories = None
+    if test is not None:
+        test_ids = test.frame["image_id"].tolist()
+        categories = test.class_names if competition_spec(competition).predictions == "name" else test.category_ids
+    return collect_problems(path, competition, test_ids, categories, sample)
+
+
+def validate_submission_file(
+    path: Path,
+    competition: str,
+    sample: Path | None = None,
+    dataset: str | None = None,
+    data_root: Path | None = None,
+) -> list[str]:
+    """`fgvc validate-submission`: the problems of ``path`` against ``dataset``'s test split and/or ``sample``; a
+    missing file or no reference at all is a one-line :class:`DataError`."""
+    from fgvc.datasets import load_index
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" + ("; it is a folder, name the CSV in it" if path.is_dir() else ""))
+    if not dataset and not sample:
+        raise DataError(
+            f"{path}: nothing to check the ids and categories against; pass --dataset NAME (its test split) or "
+            "--sample sample_submission.csv"
+        )
+    test = load_index(dataset, "test", root=data_root) if dataset else None
+    return check_submission(path, competition, test, sample)
+
+
 def collect_problems(
     path: str | Path,
     competition: str,
@@ -251,6 +289,9 @@ def collect_problems(
     if sample is not None:
         header, sample_ids = read_sample(Path(sample))
         reference_ids, reference_kind = _normalised_ids(sample_ids, spec), "sample submission"
+        foreign = foreign_header(Path(sample), header, spec)
+        if foreign:
+            setup.append(foreign)
         if test_ids is not None and set(reference_ids) != set(_normalised_ids(test_ids, spec)):
             setup.append(f"the {len(reference_ids)} ids of the sample {sample} are not the test split's: is it "
                          "another competition's (or year's) sample, or another copy of the dataset?")  # fmt: skip
@@ -277,6 +318,15 @@ def read_sample(sample: Path) -> tuple[tuple[str, ...], list[str]]:
     if not rows:
         raise SubmissionError(f"{sample}: the sample submission is empty; download it again")
     return tuple(rows[0]), [row[0] for row in rows[1:] if row]
+
+
+def foreign_header(sample: Path, header: tuple[str, ...], spec: CompetitionSpec) -> str | None:
+    """Why ``sample`` cannot be this competition's sample submission, judged by its header; None when it can. Kaggle's
+    own file wins over the built-in header where the two differ only in letter case; ``generic`` takes any header."""
+    if spec.name == "generic" or [c.lower() for c in header] == [c.lower() for c in spec.columns]:
+        return None
+    return (f"{sample}: its header {','.join(header)} is not a {spec.name} submission's ({','.join(spec.columns)}): "
+            "is it another competition's sample?")  # fmt: skip
 
 
 def _normalised_ids(ids: Iterable[object], spec: CompetitionSpec) -> dict[str, None]:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fgvc.config import RunConfig, config_from_dict, load_config, merge, resolve_config, save_config
+from fgvc.config import RunConfig, config_from_dict, load_config, merge, save_config
 from fgvc.errors import ConfigError
 from fgvc.recipe import load_recipe, resolve_run_config, select_members
+from fgvc.submission import COMPETITIONS
 
 
 def test_a_partial_section_keeps_that_sections_defaults() -> None:
@@ -44,7 +45,7 @@ def test_yaml_round_trip_and_file_errors(tmp_path: Path) -> None:
 def test_cli_overrides_win_and_unset_flags_keep_the_recipe(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {arch: resnet50}\nstage1: {res: 384, epochs: 5}\n")
-    cfg = resolve_config(recipe, {"stage1.epochs": 7, "stage1.lr": None})
+    cfg = resolve_run_config(recipe, {"stage1.epochs": 7, "stage1.lr": None})
     assert (cfg.model.arch, cfg.stage1.res, cfg.stage1.epochs, cfg.stage1.lr) == ("resnet50", 384, 7, None)
     assert merge({"a": {"b": 1, "c": 2}}, {"a.b": 3}) == {"a": {"b": 3, "c": 2}}
 
@@ -84,7 +85,9 @@ def test_a_multi_member_recipe_is_not_a_stage1_config() -> None:
 
 def _recipe_file(tmp_path: Path, ensemble: str, members: str, competition: str = "inat2019") -> Path:
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"competition: {competition}\nensemble: {ensemble}\nmembers:\n{members}")
+    dataset = competition if competition in COMPETITIONS else "demo"
+    path.write_text(f"competition: {competition}\ndata: {{dataset: {dataset}}}\nensemble: {ensemble}\n"
+                    f"members:\n{members}")
     return path
 
 
@@ -116,6 +119,26 @@ def test_top_k_and_competition_are_checked_when_the_recipe_loads(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"recipe.yaml: unknown competition 'kaggle'"):
         load_recipe(_recipe_file(tmp_path, "{}", members, "kaggle"))
     assert load_recipe(_recipe_file(tmp_path, "{top_k: 3}", members, "inat2019")).ensemble.top_k == 3
+
+
+def test_the_competition_follows_the_members_dataset(tmp_path: Path) -> None:
+    """Without a competition key a Herbarium 2022 ensemble wrote class names into a generic CSV; a competition of
+    another dataset wrote that competition's format. Both are decided when the recipe loads."""
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {dataset: herbarium2022}\nmembers:\n  - {name: a}\n")
+    assert load_recipe(path).competition == "herbarium2022"
+    path.write_text("data: {dataset: cub}\nmembers:\n  - {name: a}\n")
+    assert load_recipe(path).competition == "generic"
+    path.write_text("competition: generic\ndata: {dataset: herbarium2022}\nmembers:\n  - {name: a}\n")
+    assert load_recipe(path).competition == "generic"  # asked for: a readable top-1 file
+    path.write_text("competition: inat2019\ndata: {dataset: herbarium2022}\nmembers:\n  - {name: a}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: competition inat2019 scores the inat2019 test set, but the "
+                                          r"members read herbarium2022; set competition: herbarium2022"):
+        load_recipe(path)
+    path.write_text("competition: inat2019\nmembers:\n  - {name: a, data: {dataset: inat2019}}\n"
+                    "  - {name: b, data: {dataset: inat2018}}\n")
+    with pytest.raises(ConfigError, match=r"members read different datasets \(inat2019, inat2018\)"):
+        load_recipe(path)
 
 
 def test_resume_conflicts_compare_the_learning_rate_by_its_effect() -> None:

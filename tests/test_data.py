@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DistributedSampler
 
-from fgvc.data import ImageDataset, build_loader, collate_skip_none, normalize_on_device, set_epoch
-from fgvc.errors import ConfigError, CorruptImageError
+from fgvc.data import ImageDataset, build_loader, collate_skip_none, normalize_on_device
+from fgvc.errors import CorruptImageError
 from fgvc.transforms import build_transform
 
 RES = 16
@@ -173,14 +169,10 @@ def test_sample_seed_key_fixes_the_augmentation(tmp_path: Path) -> None:
 
 
 class PairSampler:
-    """A minimal seeded sampler: fixed ``(row, seed)`` pairs per epoch, recording the epochs it was told."""
+    """A minimal seeded sampler: fixed ``(row, seed)`` pairs."""
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
-        self.epochs: list[int] = []
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epochs.append(epoch)
 
     def __iter__(self):
         return iter([(row, 1000 + 7 * row) for row in reversed(range(self.rows))])
@@ -200,58 +192,10 @@ def test_seeded_sampler_batches_do_not_depend_on_workers(tmp_path: Path) -> None
     assert not torch.equal(runs[0][0], runs[0][1])
 
 
-def test_set_epoch_reaches_a_callers_sampler(image_frame: pd.DataFrame) -> None:
-    sampler = PairSampler(len(image_frame))
-    loader = build_loader(ImageDataset(image_frame, build_transform("test", RES)), 2, sampler=sampler)
-    set_epoch(loader, 4)
-    assert sampler.epochs == [4]
-
-
 def test_callers_sampler_excludes_shuffle(image_frame: pd.DataFrame) -> None:
     dataset = ImageDataset(image_frame, build_transform("test", RES))
     with pytest.raises(ValueError, match="sampler"):
         build_loader(dataset, 2, shuffle=True, sampler=PairSampler(len(image_frame)))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def process_group() -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def test_distributed_loader_uses_a_distributed_sampler(image_frame: pd.DataFrame, process_group: None) -> None:
-    dataset = ImageDataset(image_frame, build_transform("test", RES))
-    loader = build_loader(dataset, 7, shuffle=True, workers=0, distributed=True, seed=5)
-    assert isinstance(loader.sampler, DistributedSampler)
-    assert (loader.sampler.seed, loader.sampler.shuffle) == (5, True)
-    orders = []
-    for epoch in (0, 1, 0):
-        set_epoch(loader, epoch)
-        assert loader.sampler.epoch == epoch
-        rows = collect(loader)[2]
-        assert sorted(rows) == list(range(7))
-        orders.append(list(rows))
-    assert orders[0] == orders[2]
-    assert orders[0] != orders[1]
-
-
-def test_distributed_without_process_group_is_an_error(image_frame: pd.DataFrame) -> None:
-    dataset = ImageDataset(image_frame, build_transform("test", RES))
-    with pytest.raises(ConfigError, match="torchrun"):
-        build_loader(dataset, 2, shuffle=True, workers=0, distributed=True)
-
-
-def test_set_epoch_ignores_plain_loaders(image_frame: pd.DataFrame) -> None:
-    loader = build_loader(ImageDataset(image_frame, build_transform("test", RES)), 2, shuffle=True, workers=0)
-    set_epoch(loader, 3)
-    assert not isinstance(loader.sampler, DistributedSampler)
 
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -140,6 +140,22 @@ def test_cub_root_may_be_the_extracted_folder_or_its_parent(tmp_path: Path) -> N
     assert inner.category_ids == [1, 2, 3, 10]
 
 
+@pytest.mark.parametrize("name", ["inat2021", "herbarium2022"])
+def test_the_parent_data_folder_is_accepted_and_a_deeper_copy_is_named(tmp_path: Path, name: str) -> None:
+    """``--root datasets`` (the parent) works for every dataset; an archive unzipped one level too deep (into a folder
+    named after the Kaggle competition) is not guessed at, but the error names the folder to pass."""
+    write = {"inat2021": lambda root: write_inat(root, 2021), "herbarium2022": write_herbarium2022}[name]
+    truth = write(tmp_path / "datasets" / name)
+    assert_split(DATASETS[name].reader(tmp_path / "datasets").train, truth, "train")
+    deep = tmp_path / "kaggle" / name
+    (tmp_path / "datasets" / name).rename(tmp_path / "kaggle-download")
+    deep.parent.mkdir()
+    deep.mkdir()
+    (tmp_path / "kaggle-download").rename(deep / "fgvc-competition-files")
+    with pytest.raises(LayoutError, match=f"{deep / 'fgvc-competition-files'} holds it: pass --root"):
+        DATASETS[name].reader(deep)
+
+
 def test_cub_boxes_become_corner_columns(tmp_path: Path) -> None:
     truth = write_cub(tmp_path)
     test = DATASETS["cub"].reader(tmp_path).test

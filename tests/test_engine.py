@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -657,6 +660,27 @@ def test_input_bound_hint_names_the_remedy_for_the_device() -> None:
     assert on_cpu is not None and "--decode gpu" not in on_cpu and "now 2" in on_cpu
 
 
+def test_auto_decode_weighs_the_cpu_estimate_by_the_stored_image_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cv2
+
+    import fgvc.engine.stage as stage_module
+    import fgvc.gpu_decode
+    from fgvc.config import RunConfig
+    from fgvc.engine.runtime import Runtime
+
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), np.zeros((1200, 1600, 3), np.uint8))  # 4x the 800x600 the CPU rate was measured on
+    monkeypatch.setattr(stage_module, "measure_images_per_s", lambda *args: 2000.0)
+    monkeypatch.setattr(fgvc.gpu_decode, "gpu_decode_available", lambda device: True)
+    rt = Runtime(device=torch.device("cuda", 0), amp_dtype=None, channels_last=False)
+    cfg = RunConfig.model_validate({"data": {"decode": "auto", "workers": 16}})
+    # 16 workers decode ~4,000 800x600 images/s but ~1,000 of these: a 2,000 img/s model needs the GPU decoder
+    assert stage_module.resolve_decode(cfg, rt, torch.nn.Linear(2, 2), 32, 4, np.array([str(path)])) == "gpu"
+    assert stage_module.resolve_decode(cfg, rt, torch.nn.Linear(2, 2), 32, 4) == "cpu"  # sizes unknown: 800x600
+
+
 def _decode_choice_on_rank(rank: int, init_file: str, out_dir: str) -> None:
     """One rank of a two-process gloo group whose ranks would choose different decoders by themselves."""
     import torch.distributed as dist
@@ -778,26 +802,58 @@ def test_an_unreadable_batch_that_ends_an_accumulation_group_still_steps() -> No
     def batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.ones(n, 2), torch.zeros(n, dtype=torch.long), torch.arange(n)
 
-    def run(loader: list) -> tuple[torch.nn.Linear, torch.optim.lr_scheduler.LambdaLR]:
+    def run(
+        loader: list, grad_accum: int = 2, schedule: Callable[[int], float] = lambda step: 1.0 / (1 + step)
+    ) -> tuple[torch.nn.Linear, torch.optim.lr_scheduler.LambdaLR]:
         torch.manual_seed(0)
         model = torch.nn.Linear(2, 2)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         train_one_epoch(model, loader, optimizer, scheduler, None, rt, lambda x: x, torch.nn.CrossEntropyLoss(),
-                        grad_accum=2, progress=False)  # fmt: skip
+                        grad_accum=grad_accum, progress=False)  # fmt: skip
         return model, scheduler
 
     model, scheduler = run([batch(4), batch(4), batch(4), batch(0)])
     assert scheduler.last_epoch == 2
     assert all(p.grad is None for p in model.parameters())
-    # the second step used batch 3's gradient alone at step 2's lr: as a loader of three batches, whose last group
-    # ends early at the end of the loader
-    reference, _ = run([batch(4), batch(4), batch(4)])
+    # the second step used batch 3's gradient at step 2's lr, averaged over its group of two micro-batches (the empty
+    # one still counts): the batches are identical, so that is one batch per step with step 2's lr halved
+    reference, _ = run([batch(4), batch(4)], 1, lambda step: (1.0, 0.25, 0.0)[step])
     torch.testing.assert_close(model.weight, reference.weight)
     torch.testing.assert_close(model.bias, reference.bias)
     # an empty group: the schedule still advances
     _, scheduler = run([batch(4), batch(4), batch(0), batch(0)])
     assert scheduler.last_epoch == 2
+
+
+def test_the_epochs_last_accumulation_group_averages_over_its_own_micro_batches() -> None:
+    """grad_accum k over micro-batches of b is one batch of k*b per step, also for the epoch's last group when the
+    loader's length is not a multiple of k: 5 micro-batches of 4 with k = 2 are steps on 8, 8 and 4 images (the last
+    one used to be divided by k, a step at half the learning rate)."""
+    from fgvc.engine.loop import train_one_epoch
+    from fgvc.engine.runtime import Runtime
+
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(20, 5, generator=generator), torch.randint(0, 3, (20,), generator=generator)
+    torch.manual_seed(0)
+    initial = torch.nn.Linear(5, 3)
+
+    model = copy.deepcopy(initial)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    micro = [(x[i : i + 4], y[i : i + 4], torch.arange(i, i + 4)) for i in range(0, 20, 4)]
+    train_one_epoch(model, micro, optimizer, None, None, rt, lambda batch: batch, torch.nn.CrossEntropyLoss(),
+                    grad_accum=2, progress=False)  # fmt: skip
+
+    reference = copy.deepcopy(initial)
+    for start, stop in ((0, 8), (8, 16), (16, 20)):  # plain SGD, one step per group on the group's mean loss
+        reference.zero_grad()
+        torch.nn.functional.cross_entropy(reference(x[start:stop]), y[start:stop]).backward()
+        with torch.no_grad():
+            for param in reference.parameters():
+                param -= 0.5 * param.grad
+    torch.testing.assert_close(model.weight, reference.weight)
+    torch.testing.assert_close(model.bias, reference.bias)
 
 
 def test_a_closed_terminal_stops_training_like_sigterm() -> None:
@@ -985,3 +1041,32 @@ def test_a_stage_is_reloaded_with_the_input_statistics_it_was_trained_with(stage
     model, _ckpt = load_stage_model(run / "stage1")
     meta = get_meta(model)
     assert (meta.mean, meta.std, meta.interpolation) == ((0.5,) * 3, (0.25,) * 3, "bilinear")
+
+
+@pytest.mark.parametrize(
+    ("warmup_epochs", "steps_per_epoch", "warmup_steps"),
+    [(0.0, 10, 0), (1.0, 4, 4), (0.3, 10, 3), (0.1, 5, 1), (0.5, 3, 2)],  # fractions round up to whole steps
+)
+def test_schedule_warms_up_linearly_to_the_peak_then_decays_to_zero(
+    warmup_epochs: float, steps_per_epoch: int, warmup_steps: int
+) -> None:
+    from fgvc.config import StageConfig
+    from fgvc.engine.stage import build_scheduler
+
+    epochs = 3
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    stage = StageConfig(epochs=epochs, warmup_epochs=warmup_epochs, sched="cosine")
+    scheduler = build_scheduler(optimizer, stage, steps_per_epoch)
+    lrs = []
+    for _ in range(epochs * steps_per_epoch):  # the lr each optimiser step uses
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    ramp = [(i + 1) / (warmup_steps + 1) for i in range(warmup_steps)]
+    assert lrs[:warmup_steps] == pytest.approx(ramp)
+    assert lrs[warmup_steps] == 1.0  # the peak, once
+    decay = lrs[warmup_steps:]
+    assert all(a > b for a, b in itertools.pairwise(decay))
+    cosine_steps = epochs * steps_per_epoch - warmup_steps
+    assert decay[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * (cosine_steps - 1) / cosine_steps)))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # after the last step

@@ -126,7 +126,6 @@ def toy_meta() -> ModelMeta:
         std=(0.5, 0.5, 0.5),
         input_size=32,
         interpolation="bilinear",
-        crop_pct=0.875,
         classifier="fc",
         last_bn="bn",
         last_stage=("bn",),
@@ -304,7 +303,7 @@ def test_compute_cache_stores_the_trunk_output_by_dataset_row(image_frame):
     torch.manual_seed(0)
     model = create_model("timm:test_resnet", NUM_CLASSES)
     meta = model.fgvc_meta
-    transform = build_transform("test", RES, crop_pct=meta.crop_pct, interpolation=meta.interpolation)
+    transform = build_transform("test", RES, interpolation=meta.interpolation)
     dataset = ImageDataset(image_frame, transform, skip_corrupt=True)
     loader = build_loader(dataset, batch_size=7, sampler=EpochSampler(N_IMAGES, shuffle=False))
     prepare = OnDeviceNormalize(meta.mean, meta.std, "cpu", channels_last=False)
@@ -337,7 +336,7 @@ def _run(
     """Stage-2-like training (test transform, seeded shuffled sampler, drop_last, grad accumulation, SGD + schedule);
     epochs from ``cached_from`` on run through the cache, the others through the model."""
     meta = model.fgvc_meta
-    transform = build_transform("test", RES, crop_pct=meta.crop_pct, interpolation=meta.interpolation)
+    transform = build_transform("test", RES, interpolation=meta.interpolation)
     dataset = ImageDataset(frame, transform, skip_corrupt=True)
     sampler = EpochSampler(len(dataset), shuffle=True, seed=11)
     loader = build_loader(dataset, batch_size=BATCH, sampler=sampler, drop_last=True)

@@ -221,3 +221,19 @@ def test_missing_file_is_data_error(tmp_path: Path) -> None:
 def test_directory_is_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=str(tmp_path.name)):
         decode_image(tmp_path)
+
+
+def test_typical_source_pixels_is_the_median_stored_size_read_from_headers(tmp_path: Path) -> None:
+    sizes = [(40, 30), (80, 60), (80, 60), (160, 120)]  # (width, height)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        path = tmp_path / f"{i}.jpg"
+        cv2.imwrite(str(path), np.zeros((h, w, 3), np.uint8))
+        paths.append(str(path))
+    paths.append(str(tmp_path / "missing.jpg"))  # ignored, as is a file that is not an image
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    paths.append(str(tmp_path / "junk.jpg"))
+    assert fgvc_io.typical_source_pixels(np.array(paths, dtype=object)) == 80 * 60
+    assert fgvc_io.typical_source_pixels(paths[:1] * 100, samples=3) == 40 * 30
+    assert fgvc_io.typical_source_pixels(paths[-2:]) is None
+    assert fgvc_io.typical_source_pixels([]) is None

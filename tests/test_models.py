@@ -98,7 +98,6 @@ def test_timm_models_take_meta_from_timm_and_find_head_and_last_bn():
         std=HALF,
         input_size=224,
         interpolation="bicubic",
-        crop_pct=0.875,
         classifier="classifier",
         last_bn="bn2",
         last_stage=("blocks.5", "blocks.6", "conv_head", "bn2"),  # every block at the final stride, and the head
@@ -107,7 +106,7 @@ def test_timm_models_take_meta_from_timm_and_find_head_and_last_bn():
     convnext = model_meta("timm:convnext_base")
     assert (convnext.classifier, convnext.last_bn, convnext.last_stage) == ("head.fc", None, ("stages.3", "head"))
     tagged = model_meta("timm:resnet50.a1_in1k")
-    assert (tagged.classifier, tagged.last_bn, tagged.crop_pct) == ("fc", "layer4.2.bn3", 0.95)
+    assert (tagged.classifier, tagged.last_bn) == ("fc", "layer4.2.bn3")
 
 
 @pytest.mark.parametrize("name", ["timm:test_resnet", "timm:resnet10t"])
@@ -390,7 +389,7 @@ def test_a_deprecated_timm_name_gets_the_config_of_the_model_timm_maps_it_to() -
 
     meta = model_meta("timm:vit_base_patch16_224_in21k")
     current = timm.models.get_pretrained_cfg("vit_base_patch16_224.augreg_in21k")
-    assert (meta.mean, meta.std, meta.crop_pct) == (tuple(current.mean), tuple(current.std), current.crop_pct)
+    assert (meta.mean, meta.std, meta.interpolation) == (tuple(current.mean), tuple(current.std), current.interpolation)
     assert meta.arch == "timm:vit_base_patch16_224_in21k"  # the name the user gave stays the model's name
     assert any("augreg_in21k" in str(place) for place in model_spec(meta.arch).locations())
 

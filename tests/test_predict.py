@@ -337,21 +337,26 @@ def test_ensemble_on_fixture_runs_writes_a_valid_csv(tmp_path: Path, competition
 def test_missing_member_prints_the_command_that_produces_it(tmp_path: Path, tiny_demo_root: Path) -> None:
     from fgvc.errors import DataError
 
-    recipe_path = _recipe(tmp_path, "inat2019", "demo", tiny_demo_root, "equal")
+    recipe_path = _recipe(tmp_path, "generic", "demo", tiny_demo_root, "equal")
     with pytest.raises(DataError) as err:
         ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
-    message = str(err.value)
-    assert message.endswith(f"produce it with: fgvc train {recipe_path} --member inat2019-a")
+    message = str(err.value)  # every missing member, before any prediction
+    assert message.endswith(f"produce them with: fgvc train {recipe_path} --member generic-a --member generic-b")
     assert "\n" not in message
     assert not (tmp_path / "submissions").exists()
 
-    # the printed command trains that member and nothing else; then the next missing one is named
-    outcomes = train_recipe(recipe_path, progress=False, members=["inat2019-a"])
+    # the printed command for one member trains that member and nothing else; then only the other one is named
+    outcomes = train_recipe(recipe_path, progress=False, members=["generic-a"])
     assert [(o.member, o.stage, o.status) for o in outcomes] == [
-        ("inat2019-a", "stage1", "trained"), ("inat2019-a", "stage2", "trained")
+        ("generic-a", "stage1", "trained"), ("generic-a", "stage2", "trained")
     ]  # fmt: skip
-    with pytest.raises(DataError, match=r"--member inat2019-b$"):
+    assert not (tmp_path / "runs" / "generic-a" / "predictions").exists()
+    with pytest.raises(DataError, match=r"produce it with: fgvc train \S+ --member generic-b$"):
         ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
+    train_recipe(recipe_path, progress=False, members=["generic-b"])
+    with pytest.raises(DataError, match=r"sample_submision\.csv: sample submission not found"):  # a typo, early
+        ensemble_recipe(recipe_path, tmp_path / "submissions", tmp_path / "sample_submision.csv", progress=False)
+    assert not list((tmp_path / "runs").glob("*/predictions"))
 
 
 def test_predictions_of_a_retrained_model_are_not_reused(tiny_demo_root: Path, tmp_path: Path) -> None:
@@ -401,6 +406,26 @@ def test_a_cached_prediction_file_that_cannot_be_read_is_recomputed(adapted_run:
     assert not again.cached
     np.testing.assert_array_equal(again.probs.probs, first.probs.probs)
     assert predict(adapted_run, split="val", stage=1, tta="none", progress=False).cached
+
+
+def test_an_unreadable_test_image_is_skipped_on_request_and_recomputed_once_it_reads(tmp_path: Path) -> None:
+    root = _folder_dataset(tmp_path / "data")
+    cfg = tiny_config(root, tmp_path / "runs", data={"dataset": "folder", "val_fraction": 0.0}, stage1={"res": 28})
+    run_stage1(cfg, progress=False)
+    image = root / "test" / "b" / "b1.png"
+    good = image.read_bytes()
+    image.write_bytes(good[: len(good) // 3])  # a download cut short
+    with pytest.raises(DataError, match="--skip-corrupt"):
+        predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)
+    skipped = predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False, skip_corrupt=True)
+    row = skipped.probs.image_ids.tolist().index("test/b/b1.png")
+    assert skipped.probs.meta["unreadable"] == [row]
+    np.testing.assert_allclose(skipped.probs.probs[row], [0.5, 0.5])
+    assert predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False).cached  # still unreadable
+    image.write_bytes(good)  # re-downloaded: the uniform row is stale
+    fixed = predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)
+    assert not fixed.cached and fixed.probs.meta["unreadable"] == []
+    assert not np.allclose(fixed.probs.probs[row], [0.5, 0.5])
 
 
 def test_predicting_on_a_dataset_whose_classes_changed_is_a_one_line_error(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import torchvision.transforms.functional as tvf
 from PIL import Image
 from timm.data import ImageNetInfo
 
+from fgvc.config import DataConfig
 from fgvc.data import normalize_on_device
 from fgvc.io import decode_image
 from fgvc.models import create_model, get_meta
@@ -39,7 +40,8 @@ def fgvc_input(photo, tmp_path, model: torch.nn.Module) -> torch.Tensor:
     meta = get_meta(model)
     path = tmp_path / "photo.png"
     Image.fromarray(photo).save(path)  # lossless, so decoding is the only difference from the array
-    image = build_transform("test", meta.input_size, meta.crop_pct, meta.interpolation)(decode_image(path))
+    crop_pct = DataConfig().crop_pct  # what fgvc predicts with unless a recipe says otherwise
+    image = build_transform("test", meta.input_size, crop_pct, meta.interpolation)(decode_image(path))
     return normalize_on_device(image.unsqueeze(0), meta.mean, meta.std, "cpu")
 
 

@@ -312,6 +312,16 @@ def test_a_sample_header_overrides_the_competition_default(tmp_path: Path) -> No
     validate_submission(path, "herbarium2022", sample=sample)
 
 
+def test_a_sample_of_another_competition_is_refused(tmp_path: Path) -> None:
+    """Herbarium 2019's sample (Id,Category) for an iNat 2021 file: its header won, and the file passed."""
+    sample = write_text(tmp_path, "Id,Category\n10,0\n", name="sample_submission.csv")
+    path = write_text(tmp_path, "Id,Category\n10,3 4 5 6 7\n")
+    problem = the_problem(path, "inat2021", test_ids=None, valid_categories=None, sample=sample)
+    assert problem == (f"{sample}: its header Id,Category is not a inat2021 submission's (Id,Predicted): is it another "
+                       "competition's sample?")
+    assert collect_problems(path, "generic", sample=sample) == []  # any header for a generic file
+
+
 def test_the_writer_takes_the_sample_header_and_both_id_lists_are_checked(tmp_path: Path) -> None:
     """`fgvc ensemble --sample` wrote the built-in header and then refused its own file when the sample's differs."""
     probs = Probabilities(probs=np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32), image_ids=np.array([10, 11]),

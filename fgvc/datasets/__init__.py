@@ -101,12 +101,6 @@ def resolve_root(name: str, root: str | Path | None = None) -> Path:
     return (Path(base).expanduser() if base else Path("datasets")).absolute() / name
 
 
-def read_official(name: str, root: str | Path | None = None) -> tuple[Path, OfficialSplits]:
-    """The resolved root and the benchmark's own splits, without any hold-out (for ``check`` and reports)."""
-    resolved = _ready_root(name, resolve_root(name, root))
-    return resolved, get_spec(name).reader(resolved)
-
-
 def load_index(
     name: str,
     split: str,
@@ -160,6 +154,5 @@ __all__ = [
     "get_spec",
     "list_datasets",
     "load_index",
-    "read_official",
     "resolve_root",
 ]

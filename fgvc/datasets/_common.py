@@ -29,26 +29,30 @@ def readme(name: str) -> str:
     return f"datasets/{name}/README.md"
 
 
-def layout_error(root: Path, missing: str, name: str, title: str) -> LayoutError:
+def layout_error(root: Path, missing: str, name: str, title: str, found: Path | None = None) -> LayoutError:
+    hint = f"; {found} holds it: pass --root {found} (or data.root in the recipe)" if found else ""
     return LayoutError(
-        f"{root}: {missing} not found, so this is not the {title} layout; "
+        f"{root}: {missing} not found, so this is not the {title} layout{hint}; "
         f"see {readme(name)} or run `fgvc datasets check {name}` for the expected tree"
     )
 
 
 def find_base(root: Path, required: Sequence[str], name: str, title: str, subdirs: Sequence[str] = ()) -> Path:
-    """Return ``root`` or the first ``root/<subdir>`` holding every required entry.
+    """Return ``root`` or the first ``root/<subdir>`` (or ``root/<name>``) holding every required entry.
 
-    Users point the root either at the folder the archive extracts to or at its parent, so both are accepted. The
-    error names the first missing entry in the candidate that came closest.
+    Users point the root either at the folder the archive extracts to or at its parent (``datasets/``), so both are
+    accepted. The error names the first missing entry in the candidate that came closest, and a folder one level
+    further down that holds everything (an archive unzipped into a folder named after the Kaggle competition).
     """
-    candidates = [root, *(root / sub for sub in subdirs)]
+    candidates = list(dict.fromkeys([root, *(root / sub for sub in subdirs), root / name]))
     for base in candidates:
         if all((base / entry).exists() for entry in required):
             return base
     closest = max(candidates, key=lambda base: sum((base / entry).exists() for entry in required))
     missing = next(entry for entry in required if not (closest / entry).exists())
-    raise layout_error(closest, missing, name, title)
+    deeper = (child for base in candidates if base.is_dir() for child in sorted(base.iterdir()) if child.is_dir())
+    found = next((child for child in deeper if all((child / entry).exists() for entry in required)), None)
+    raise layout_error(closest, missing, name, title, found)
 
 
 def first(values: pd.Series) -> Any:

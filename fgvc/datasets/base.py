@@ -62,6 +62,7 @@ class OfficialSplits:
     category_ids: list[Any]
     val: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # official image counts of a variant read (iNat train_mini)
 
 
 Reader = Callable[[Path], OfficialSplits]

@@ -149,7 +149,7 @@ def check_dataset(
                 images=len(table),
                 classes=int(table.loc[table["label"] >= 0, "label"].nunique()),
                 labelled=int((table["label"] >= 0).sum()),
-                official=spec.counts.get(split),
+                official=official.counts.get(split, spec.counts.get(split)),
                 missing=int((~table["path"].map(present)).sum()),
                 unreadable=int(table["path"].isin(failures).sum()) if decode else None,
             )

@@ -61,6 +61,8 @@ def read_inat(root: Path, year: int) -> OfficialSplits:
     name, title = f"inat{year}", f"iNaturalist {year}"
     train_name, val_name, test_name = SPLIT_FILES[year]
     notes = []
+    if not (root / val_name).exists() and (root / name / val_name).exists():  # the parent folder (``datasets/``)
+        root = root / name
     if year == 2021 and (root / "train_mini.json").exists():
         if not (root / train_name).exists():
             train_name = "train_mini.json"
@@ -99,6 +101,7 @@ def read_inat(root: Path, year: int) -> OfficialSplits:
         class_names=[names[category] for category in category_ids],
         category_ids=category_ids,
         notes=notes,
+        counts={"train": 500_000} if train_name == "train_mini.json" else {},  # 50 images of each of 10,000 species
     )
 
 

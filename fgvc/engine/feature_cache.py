@@ -470,14 +470,13 @@ def compute_cache(
     loader: DataLoader,
     prepare: Callable[[torch.Tensor], torch.Tensor],
     rt: Runtime,
-    budget_bytes: int | None = None,
     progress: bool = True,
 ) -> FeatureCache:
     """Run the frozen trunk (eval mode, no grad, AMP as configured) over every image of ``loader``.
 
     ``loader`` must yield ``(images, labels, rows)`` with the deterministic test transform (e.g. an unshuffled
-    :class:`fgvc.data.ImageDataset` loader). The features stay on the accelerator when they fit in ``budget_bytes``
-    (default :func:`default_budget_bytes`), else in pinned CPU memory.
+    :class:`fgvc.data.ImageDataset` loader). The features stay on the accelerator when they fit in
+    :func:`default_budget_bytes`, else in pinned CPU memory.
     """
     n_rows = len(loader.dataset)
     dtype = cache_dtype(rt)
@@ -494,7 +493,7 @@ def compute_cache(
             with rt.autocast():
                 out = trunk(prepare(images))
             if features is None:
-                features = _allocate(n_rows, tuple(out.shape[1:]), dtype, rt, budget_bytes)
+                features = _allocate(n_rows, tuple(out.shape[1:]), dtype, rt)
             features[rows.to(features.device)] = out.to(features.device, dtype)
             labels[rows] = batch_labels.to(torch.int64)
             present[rows] = True
@@ -508,14 +507,11 @@ def compute_cache(
     return cache
 
 
-def _allocate(
-    n_rows: int, shape: tuple[int, ...], dtype: torch.dtype, rt: Runtime, budget_bytes: int | None
-) -> torch.Tensor:
+def _allocate(n_rows: int, shape: tuple[int, ...], dtype: torch.dtype, rt: Runtime) -> torch.Tensor:
     """Storage for every row: on the accelerator when it fits the budget, else pinned host memory."""
     needed = n_rows * math.prod(shape) * dtype.itemsize
     if rt.device.type == "cuda":
-        budget = default_budget_bytes(rt.device) if budget_bytes is None else budget_bytes
-        if needed <= budget:
+        if needed <= default_budget_bytes(rt.device):
             return torch.zeros((n_rows, *shape), dtype=dtype, device=rt.device)
         return torch.zeros((n_rows, *shape), dtype=dtype, pin_memory=True)
     return torch.zeros((n_rows, *shape), dtype=dtype)

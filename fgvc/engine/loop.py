@@ -10,7 +10,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -173,6 +173,9 @@ def train_one_epoch(
             requested = batch_size if samples is None else min(batch_size, samples - i * batch_size)
             skipped += requested - len(labels)
         boundary = (i + 1) % grad_accum == 0 or i + 1 == steps_in_loader
+        # each optimiser step averages its own group's losses: the epoch's last group may hold fewer than grad_accum
+        # micro-batches (a resume starts on a group boundary, so the groups are the same as an unbroken run's)
+        group = min(grad_accum, steps_in_loader - (i - i % grad_accum))
         # A batch whose images were all unreadable is skipped, by every rank at once (DDP steps in lockstep).
         empty = any_rank(rt, len(labels) == 0) if rt.distributed else len(labels) == 0
         if empty:  # the accumulation group still ends here: its step and the schedule's must not be lost
@@ -185,11 +188,12 @@ def train_one_epoch(
                 with torch.no_grad(), rt.autocast():
                     loss = criterion(model(x), y)
             else:
-                sync = model.no_sync() if (rt.distributed and not boundary and hasattr(model, "no_sync")) else _null()
+                defer_sync = rt.distributed and not boundary and hasattr(model, "no_sync")
+                sync = model.no_sync() if defer_sync else nullcontext()
                 with sync:
                     with rt.autocast():
                         loss = criterion(model(x), y)
-                    scaled = loss / grad_accum
+                    scaled = loss / group
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 if boundary:
                     optimizer_step(optimizer, scaler, scheduler)
@@ -304,11 +308,6 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
 
 
 def _views_probs(model: nn.Module, x: torch.Tensor, tta: str, channels_last: bool) -> torch.Tensor:

@@ -31,7 +31,6 @@ class Runtime:
     channels_last: bool
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     flag_group: Any = None  # a gloo group for per-step flags under NCCL: agreeing on one needs no GPU synchronisation
 
     @property
@@ -114,7 +113,6 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
         channels_last=cfg.channels_last,
         rank=rank,
         world_size=world_size,
-        local_rank=local_rank,
         flag_group=_flag_group if world_size > 1 and device.type == "cuda" else None,
     )
 

@@ -15,18 +15,19 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgvc.config import CONFIG_FILE, RunConfig, StageConfig, load_config, save_config
+from fgvc.config import CONFIG_FILE, RunConfig, StageConfig, load_config, save_config, with_overrides
 from fgvc.data import ImageDataset, OnDeviceNormalize, TenCropNormalize, build_loader, collate_skip_none
 from fgvc.datasets import load_index
 from fgvc.datasets.base import DatasetIndex
@@ -57,6 +58,7 @@ from fgvc.engine.runtime import Runtime, any_rank, barrier, broadcast_from_main,
 from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, DataError, RunExistsError
 from fgvc.fileio import atomic_write_text
+from fgvc.io import typical_source_pixels
 from fgvc.metrics import summarize
 from fgvc.models import ModelMeta, create_model, get_meta, set_train_mode, set_trainable
 from fgvc.plots import plot_training_curves
@@ -80,7 +82,6 @@ class StageResult:
     before: dict[str, float] | None = None  # stage 2: the stage-1 model at the test resolution
     final: dict[str, float] | None = None  # validation metrics of the last epoch
     interrupted_by: int | None = None  # signal number when stopped by SIGINT/SIGTERM
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def best_epoch(self) -> dict[str, Any] | None:
         """The history row of the epoch ``best.pt`` holds (the first with the best validation top-1), if validated."""
@@ -195,16 +196,21 @@ def make_loader(
     return loader, sampler, prepare
 
 
-def resolve_decode(cfg: RunConfig, rt: Runtime, model: nn.Module, res: int, batch_size: int) -> str:
-    """``data.decode`` for this device; ``auto`` times a few synthetic steps to see if the CPU would be the limit."""
+def resolve_decode(
+    cfg: RunConfig, rt: Runtime, model: nn.Module, res: int, batch_size: int, paths: Sequence[str] | np.ndarray = ()
+) -> str:
+    """``data.decode`` for this device; ``auto`` times a few synthetic steps to see if the CPU would be the limit,
+    for images the size of a sample of ``paths`` (the training files)."""
     from fgvc.gpu_decode import decode_mode
 
-    estimate = None
+    estimate = pixels = None
     if cfg.data.decode == "auto" and rt.device.type == "cuda":
         estimate = measure_images_per_s(model, rt, res, batch_size)
-    mode = decode_mode(cfg.data.decode, rt.device, estimate, cfg.data.workers)
+        pixels = typical_source_pixels(paths)
+    mode = decode_mode(cfg.data.decode, rt.device, estimate, cfg.data.workers, pixels)
     if estimate is not None:
-        log.info("decode %s: the model steps at ~%.0f img/s per process at %d px", mode, estimate, res)
+        stored = f", stored images ~{pixels / 1e6:.2f} Mpx" if pixels else ""
+        log.info("decode %s: the model steps at ~%.0f img/s per process at %d px%s", mode, estimate, res, stored)
     if rt.distributed:  # timings differ a little per rank; every rank must build the same kind of loader
         mode = str(gather_objects(rt, mode)[0])
     return mode
@@ -241,13 +247,14 @@ def _synchronize(rt: Runtime) -> None:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, stage: StageConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule: linear warmup, then cosine / step (/10 every ``step_epochs``) / constant."""
+    """Per-step schedule: linear warmup to the peak, reached on the first step after it (a fractional warmup rounds up
+    to whole steps, so 0.1 epoch is never none), then cosine / step (/10 every ``step_epochs``) / constant."""
     total = max(1, stage.epochs * steps_per_epoch)
-    warmup = int(stage.warmup_epochs * steps_per_epoch)
+    warmup = math.ceil(stage.warmup_epochs * steps_per_epoch - 1e-9)  # 0.3 * 10 is 3.0000000000000004
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return (step + 1) / (warmup + 1)
         if stage.sched == "cosine":
             progress = (step - warmup) / max(1, total - warmup)
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
@@ -453,7 +460,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     set_trainable(model, stage_cfg.tune)
     model.to(rt.device, memory_format=rt.memory_format)
 
-    decode = resolve_decode(cfg, rt, model, stage_cfg.res, stage_cfg.batch_size)
+    decode = resolve_decode(cfg, rt, model, stage_cfg.res, stage_cfg.batch_size, train_index.frame["path"].to_numpy())
     train_loader, train_sampler, prepare = make_loader(
         cfg, rt, train_index, stage_cfg.augment, stage_cfg.res, stage_cfg.batch_size, True, meta, decode
     )
@@ -838,10 +845,7 @@ def stage2_config(run_dir: Path, overrides: dict[str, Any], resume: bool = True)
     started = run_dir / stage2_dirname(res)
     if resume and (started / LAST).is_file() and (started / CONFIG_FILE).is_file():
         values["stage2"] = load_config(started / CONFIG_FILE).model_dump(mode="json")["stage2"]
-    from fgvc.config import config_from_dict, merge
-
-    flat = {k: v for k, v in overrides.items() if v is not None}
-    cfg = config_from_dict(merge(values, flat), source="command line")
+    cfg = with_overrides(values, overrides, "command line")
     # The run folder is the one given, wherever it lives now.
     return cfg.model_copy(update={"name": run_dir.name, "out": str(run_dir.parent)})
 

@@ -24,7 +24,6 @@ class ModelMeta:
         std: Per-channel standard deviation in 0..1 units, RGB order.
         input_size: Native (pretraining) resolution in pixels.
         interpolation: ``"bicubic"`` or ``"bilinear"``, as the weights were trained.
-        crop_pct: Centre-crop fraction the weights were evaluated with.
         classifier: Name of the classifier module in ``named_modules()``.
         last_bn: Name of the last BatchNorm before global pooling, or None for models without BatchNorm.
         last_stage: Names of the modules that form the last stage (FixRes "layer 4"; PNASNet: its last three cells).
@@ -39,7 +38,6 @@ class ModelMeta:
     std: tuple[float, float, float]
     input_size: int
     interpolation: str
-    crop_pct: float
     classifier: str
     last_bn: str | None
     last_stage: tuple[str, ...]

@@ -82,7 +82,6 @@ def _cadene_spec(
         std=tuple(settings["std"]),
         input_size=int(settings["input_size"][-1]),
         interpolation="bilinear",  # Cadene's and the FixRes code's evaluation transform
-        crop_pct=0.875,
         classifier="last_linear",
         last_bn=last_bn,
         last_stage=last_stage,
@@ -115,7 +114,6 @@ def _resnet_meta(name: str) -> ModelMeta:
         std=IMAGENET_STD,
         input_size=224,
         interpolation="bilinear",
-        crop_pct=0.875,
         classifier="fc",
         last_bn="layer4.2.bn3",
         last_stage=("layer4",),
@@ -395,7 +393,6 @@ def _timm_spec(model_name: str) -> ModelSpec:
         std=tuple(cfg.std) if cfg is not None else IMAGENET_STD,
         input_size=size,
         interpolation=cfg.interpolation if cfg is not None else "bicubic",
-        crop_pct=float(cfg.crop_pct) if cfg is not None else 0.875,
         classifier=classifier,
         last_bn=last_bn,
         last_stage=_timm_last_stage(probe, classifier, size),
