@@ -22,6 +22,8 @@ CONFIG_FILE = "config.yaml"
 Tune = Literal["all", "fc", "bn+fc", "bnstats+fc", "stage+bn+fc", "bnstats"]
 Augment = Literal["train", "test", "test2"]
 TTA = Literal["none", "flip", "tencrop"]
+Decode = Literal["cpu", "gpu", "auto"]
+CacheFeatures = Literal["auto", "on", "off"]
 
 
 class _Section(BaseModel):
@@ -47,7 +49,7 @@ class DataConfig(_Section):
     workers: int = Field(default_factory=lambda: min(8, os.cpu_count() or 1), ge=0)
     skip_corrupt: bool = False  # skip and count unreadable images instead of failing
     crop_pct: float = Field(0.875, gt=0.0, le=1.0)  # test resize = floor(res / crop_pct)
-    decode: Literal["cpu", "gpu", "auto"] = "auto"  # where JPEGs are decoded (gpu: nvjpeg, only on CUDA)
+    decode: Decode = "auto"  # where JPEGs are decoded (gpu: nvjpeg, only on CUDA)
 
     def resolved_root(self) -> Path:
         """The dataset folder: explicit root, else $FGVC_DATA/<dataset>, else ./datasets/<dataset>."""
@@ -119,7 +121,7 @@ class RuntimeConfig(_Section):
     seed: int = 0
     deterministic: bool = False
     device: str | None = None  # None: cuda if available, else cpu
-    cache_features: Literal["auto", "on", "off"] = "auto"  # stage 2: frozen-trunk output computed once when it fits
+    cache_features: CacheFeatures = "auto"  # stage 2: frozen-trunk output computed once when it fits
 
     @field_validator("device")
     @classmethod
@@ -209,6 +211,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML{where}{problem}; fix the syntax") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    if not values:  # every default (the demo dataset, 30 epochs of resnet50) is not what an empty file meant
+        raise ConfigError(f"{path}: no settings in it; a recipe names at least its dataset (see recipes/*.yaml)")
     return values
 
 

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -45,22 +45,21 @@ from PIL import ExifTags, Image
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.ops import roi_align
 
+from fgvc.config import Decode
 from fgvc.data import FrameFiles, normalize_on_device
 from fgvc.errors import ConfigError, CorruptImageError
 from fgvc.io import decode_image, is_complete_jpeg, read_image_bytes
 from fgvc.prefetch import PreparedRows
-from fgvc.transforms import TEST2_JITTER, TRAIN_JITTER, TRANSFORM_KINDS, test_resize_size
+from fgvc.transforms import RRC_RATIO, RRC_SCALE, TEST2_JITTER, TRAIN_JITTER, TRANSFORM_KINDS, test_resize_size
 
 log = logging.getLogger(__name__)
 
 DecodeMode = Literal["cpu", "gpu"]
-DECODE_MODES = ("cpu", "gpu", "auto")
+DECODE_MODES: tuple[str, ...] = get_args(Decode)
 CPU_IMAGES_PER_S_PER_WORKER = 250.0  # decode + crop of an 800x600 JPEG with OpenCV on one core (289 measured)
 REFERENCE_SOURCE_PIXELS = 800 * 600  # the image size that figure was measured on
 DEFAULT_CANVAS_BYTES = 2 << 30  # float32 scratch for one roi_align call; larger batches are split into chunks
 
-RRC_SCALE = (0.08, 1.0)
-RRC_RATIO = (3 / 4, 4 / 3)
 RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes before falling back to a centre crop
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, what cv2.COLOR_RGB2GRAY and torchvision use
 

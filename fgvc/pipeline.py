@@ -169,7 +169,7 @@ def ensemble_recipe(
     report = _Report(recipe, scored=validate)
     if search:  # the search compares every member on every row: these matrices are all held at once
         val = align([member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members])
-        if not (val[0].labels >= 0).any():
+        if not val[0].has_labels:
             raise ConfigError(f"{recipe.source}: ensemble.weights 'search' needs a labelled {ens.val_split} split")
         weights = resolve_weights("search", val_probs=[p.probs for p in val], labels=val[0].labels, method=ens.method,
                                   metric=spec.metric)  # fmt: skip
@@ -245,7 +245,7 @@ class _Report:
 
 
 def _scores(probs: Probabilities | None) -> dict[str, float | None]:
-    if probs is None or not (probs.labels >= 0).any():
+    if probs is None or not probs.has_labels:
         return {"val_top1": None, "val_top5": None}
     m = summarize(probs.probs, probs.labels)
     return {"val_top1": round(m["top1"], 2), "val_top5": round(m["top5"], 2)}

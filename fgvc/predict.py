@@ -14,11 +14,12 @@ from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 
-from fgvc.config import CONFIG_FILE, load_config
+from fgvc.config import CONFIG_FILE, TTA, load_config
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.launch import already_distributed
 from fgvc.engine.loop import predict_probs
@@ -43,7 +44,7 @@ from fgvc.models import get_meta
 from fgvc.probs import Probabilities, as_stored
 
 log = logging.getLogger("fgvc")
-TTA_CHOICES = ("none", "flip", "tencrop")
+TTA_CHOICES: tuple[str, ...] = get_args(TTA)
 
 
 @dataclass
@@ -286,6 +287,8 @@ def predict(
     """
     if stage not in (None, 1, 2):
         raise ConfigError(f"--stage is 1 or 2, not {stage}")
+    if res is not None and multi_res:
+        raise ConfigError("--res and --multi-res both choose the resolution; give one (--multi-res 640,672 averages)")
     for name, value in (("--res", res), ("--batch-size", batch_size), *(("--multi-res", r) for r in multi_res or [])):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be a positive number, not {value}")

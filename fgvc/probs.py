@@ -49,7 +49,8 @@ class Probabilities:
 
     @property
     def has_labels(self) -> bool:
-        return bool(len(self.labels)) and bool((self.labels >= 0).all())
+        """Some rows are labelled: metrics (over those rows) and weight search apply."""
+        return bool((self.labels >= 0).any())
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file + rename)."""

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from fgvc.config import CONFIG_FILE, RunConfig, config_from_dict, first_error, merge, read_yaml, with_overrides
 from fgvc.errors import ConfigError
@@ -28,7 +28,7 @@ class EnsembleConfig(BaseModel):
 
     weights: Literal["equal", "given", "search"] = "equal"
     method: Literal["mean", "geometric"] = "mean"
-    val_split: str = "val"  # where member weights are searched and accuracies reported
+    val_split: Literal["val", "test"] = "val"  # where member weights are searched and accuracies reported
     top_k: int | None = None  # predictions per row; None: the competition's default
 
 
@@ -40,7 +40,7 @@ class Member(BaseModel):
     config: RunConfig
     weight: float | None = Field(None, gt=0)  # only with ensemble.weights: given, and then on every member
     stage: Literal[1, 2] = 2
-    multi_res: list[int] | None = None
+    multi_res: list[PositiveInt] | None = Field(None, min_length=1)
 
     @property
     def name(self) -> str:
@@ -70,9 +70,13 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
     shared = {k: v for k, v in values.items() if k not in RECIPE_KEYS}
     # The shared part on its own first: its mistakes are the top level's, not the first member's.
     config_from_dict(shared, source=f"{source}: top level", extra_keys=RECIPE_KEYS)
-    members_raw = values.get("members") or [{}]
+    members_raw = values.get("members", [{}])
     if not isinstance(members_raw, list):
         raise ConfigError(f"{source}: 'members' must be a list of member configs")
+    if not members_raw:
+        raise ConfigError(f"{source}: 'members' is empty; list at least one, or leave the key out for a single run")
+    if not isinstance(values.get("ensemble") or {}, dict):
+        raise ConfigError(f"{source}: 'ensemble' must be a mapping of keys (weights, method, val_split, top_k)")
     try:
         ensemble = EnsembleConfig.model_validate(values.get("ensemble") or {})
     except ValidationError as err:
@@ -190,4 +194,8 @@ def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> 
             values = members[0].config.model_dump(mode="json")
         else:
             values = raw | _run_folder_of(Path(recipe))
+    data = values.get("data") if isinstance(values.get("data"), dict) else {}
+    dataset = overrides.get("data.dataset")
+    if dataset is not None and dataset != data.get("dataset") and overrides.get("data.root") is None:
+        values = merge(values, {"data.root": None})  # a saved run's absolute root belongs to its own dataset
     return with_overrides(values, overrides, str(recipe) if recipe else "command line")

@@ -35,6 +35,8 @@ INTERPOLATIONS = {
 }
 DOWNSCALE = "image"  # shrinking uses INTER_AREA: bicubic alone aliases fine texture (800 px photos -> 224..448 crops)
 TRAIN_JITTER = 0.3
+RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop's area fraction; fgvc.engine.sweep's eq. 5 defaults (kept light) repeat it
+RRC_RATIO = (3 / 4, 4 / 3)
 TEST2_JITTER = 0.05
 
 ImageTransformFn = Callable[[np.ndarray], torch.Tensor]
@@ -138,7 +140,7 @@ def build_transform(
     if kind not in TRANSFORM_KINDS:
         raise ConfigError(f"unknown transform '{kind}'; choose one of {', '.join(TRANSFORM_KINDS)}")
     if res < 1:
-        raise ConfigError(f"resolution must be a positive number of pixels, got {res}; fix the recipe")
+        raise ConfigError(f"resolution must be a positive number of pixels, not {res}")
     flag = _interpolation_flag(interpolation)
     if kind == "train":
         steps = _train_steps(res, flag)
@@ -157,7 +159,7 @@ def build_transform(
 def _train_steps(res: int, flag: int) -> list[A.BasicTransform]:
     return [
         A.RandomResizedCrop(
-            size=(res, res), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=flag, area_for_downscale=DOWNSCALE
+            size=(res, res), scale=RRC_SCALE, ratio=RRC_RATIO, interpolation=flag, area_for_downscale=DOWNSCALE
         ),
         A.HorizontalFlip(p=0.5),
         A.ColorJitter(brightness=TRAIN_JITTER, contrast=TRAIN_JITTER, saturation=TRAIN_JITTER, hue=0.0, p=1.0),

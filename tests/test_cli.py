@@ -138,6 +138,10 @@ def test_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, capsys:
         (["suggest-res", "--train-res", "448", "--crop-pct", "2"], "--crop-pct must be in (0, 1]"),
         (["suggest-res", "--train-res", "448", "--scale-min", "-1"], "must satisfy 0 < min < max <= 1"),
         (["validate-submission", str(tmp_path), "--competition", "generic"], "it is a folder, name the CSV in it"),
+        (["predict", "--run", str(tmp_path), "--res", "40", "--multi-res", "32,48"], "--res and --multi-res both"),
+        (["sweep", "--run", str(tmp_path), "--res", "32", "--batch-size", "0"], "--batch-size takes positive numbers"),
+        (["sweep", "--run", str(tmp_path), "--res", "0,32"], "--res takes positive numbers, not 0, 32"),
+        (["stage1", "--gpus", "-2"], "--gpus -2: give the number of GPUs"),
         (["stage1", "--dataset", "demo", "--data-root", str(tmp_path / "typo"), "--out", str(tmp_path / "runs")],
          "no demo data there; check the path, or generate it with `fgvc demo --data-root"),
         (["stage1", "--dataset", "demo", "--weights", str(tmp_path), "--arch", "timm:test_resnet", "--out",
@@ -196,12 +200,11 @@ def test_the_stage2_summary_scores_the_model_that_sweep_and_predict_use() -> Non
     validation top-1: 'before -> after' could show a loss for a model that had gained."""
     import pandas as pd
 
-    from fgvc.cli import _adapted_score
     from fgvc.engine.stage import StageResult
 
     history = pd.DataFrame({"epoch": [1, 2, 3], "val_top1": [41.67, 41.67, 37.5]})
     result = StageResult(stage_dir=Path("x"), history=history, final={"top1": 37.5})
-    assert _adapted_score(result) == "41.67 after adaptation (best.pt, epoch 1; last epoch 37.50)"
+    assert result.adapted_score() == "41.67 after adaptation (best.pt, epoch 1; last epoch 37.50)"
     result.history = pd.DataFrame({"epoch": [1, 2], "val_top1": [30.0, 40.0]})
     result.final = {"top1": 40.0}
-    assert _adapted_score(result) == "40.00 after adaptation (best.pt, epoch 2)"
+    assert result.adapted_score() == "40.00 after adaptation (best.pt, epoch 2)"

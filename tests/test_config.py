@@ -141,6 +141,42 @@ def test_the_competition_follows_the_members_dataset(tmp_path: Path) -> None:
         load_recipe(path)
 
 
+def test_other_starting_weights_are_another_model() -> None:
+    """A recipe member whose weights changed was skipped as finished and ensembled."""
+    from fgvc.engine.stage import STAGE1, config_conflicts
+
+    saved = config_from_dict({"model": {"weights": "imagenet"}}).model_dump(mode="json")
+    now = config_from_dict({"model": {"weights": "none"}})
+    assert config_conflicts(saved, now, STAGE1) == ["model.weights: imagenet -> None"]
+
+
+def test_another_dataset_on_the_command_line_leaves_the_saved_root_behind(tmp_path: Path) -> None:
+    saved = tmp_path / "config.yaml"
+    save_config(config_from_dict({"data": {"dataset": "demo", "root": "/data/demo"}}), saved)
+    assert resolve_run_config(saved, {"data.dataset": "cub"}).data.root is None  # datasets/cub, not demo's images
+    assert resolve_run_config(saved, {"data.dataset": "demo"}).data.root == "/data/demo"
+    chosen = resolve_run_config(saved, {"data.dataset": "cub", "data.root": "/data/cub"})
+    assert chosen.data.root == "/data/cub"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", r"no settings in it"),
+        ("# only a comment\n", r"no settings in it"),
+        ("members: []\n", r"'members' is empty"),
+        ("ensemble: [1]\nmembers: [{name: a}]\n", r"'ensemble' must be a mapping"),
+        ("ensemble: {val_split: tset}\nmembers: [{name: a}]\n", r"ensemble.val_split: Input should be 'val' or"),
+        ("members: [{name: a, multi_res: [0, 448]}]\n", r"members\[0\].multi_res.0: Input should be greater than 0"),
+    ],
+)
+def test_empty_or_malformed_recipes_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"r\.yaml: {message}"):
+        load_recipe(path)
+
+
 def test_resume_conflicts_compare_the_learning_rate_by_its_effect() -> None:
     """An explicit lr makes lr_base unused: a changed lr_base default must not block resuming or `fgvc train`."""
     from fgvc.engine.stage import STAGE1, config_conflicts

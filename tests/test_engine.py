@@ -203,10 +203,15 @@ def test_stage2_force_starts_from_the_run_settings_not_the_old_stage2_flags(stag
 
     run = tmp_path / stage1_run.name
     shutil.copytree(stage1_run, run)
-    run_stage2(run, {"stage2.res": 40, "stage2.epochs": 2, "stage2.tune": "fc"}, progress=False)
-    assert stage2_config(run, {"stage2.res": 40}).stage2.tune == "fc"  # resuming: its own settings
-    default = load_config(run / CONFIG_FILE).stage2.tune
-    assert stage2_config(run, {"stage2.res": 40}, resume=False).stage2.tune == default
+    run_stage2(run, {"stage2.res": 40, "stage2.epochs": 2, "stage2.tune": "fc", "runtime.cache_features": "off",
+                     "data.workers": 1}, progress=False)  # fmt: skip
+    resumed = stage2_config(run, {"stage2.res": 40})  # resuming: its own settings, runtime and loader ones too
+    assert (resumed.stage2.tune, resumed.runtime.cache_features, resumed.data.workers) == ("fc", "off", 1)
+    run_cfg = load_config(run / CONFIG_FILE)
+    forced = stage2_config(run, {"stage2.res": 40}, resume=False)
+    assert (forced.stage2.tune, forced.runtime.cache_features) == (run_cfg.stage2.tune, run_cfg.runtime.cache_features)
+    ckpt = load_checkpoint(run / "stage2-40" / LAST)
+    assert ckpt["decode"] == "cpu" and ckpt["source"].startswith("stage 1 epoch")  # a resume keeps both
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

@@ -214,3 +214,14 @@ def test_unknown_kind_names_the_valid_ones() -> None:
 def test_unknown_interpolation_names_the_valid_ones() -> None:
     with pytest.raises(ConfigError, match="bicubic, bilinear, area, nearest"):
         build_transform("test", 224, interpolation="lanczos")
+
+
+def test_the_eq5_defaults_are_the_scale_fgvc_trains_with() -> None:
+    """`fgvc suggest-res` solves eq. 5 for the RandomResizedCrop range of the train transform (both CPU and GPU)."""
+    import inspect
+
+    from fgvc.engine.sweep import apparent_size_factor, suggest_test_res
+    from fgvc.transforms import RRC_SCALE
+
+    for function in (apparent_size_factor, suggest_test_res):
+        assert inspect.signature(function).parameters["scale"].default == RRC_SCALE

@@ -15,6 +15,7 @@ import torch
 
 from fgvc.errors import DataError, WeightsError
 from fgvc.fileio import atomic_write
+from fgvc.models.meta import unwrap_model
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -69,21 +70,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:
     """Load an fgvc checkpoint's weights, with a one-line error when it was written for another model."""
     try:
-        result = unwrap(model).load_state_dict(state_dict, strict=False)
+        result = unwrap_model(model).load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches
         first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
         raise WeightsError(f"{source}: checkpoint does not fit this model ({first}); check --arch") from None

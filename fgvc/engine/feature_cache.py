@@ -31,12 +31,14 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fgvc.config import CacheFeatures
 from fgvc.engine.loop import EpochStats, StopFlag, train_one_epoch
 from fgvc.engine.runtime import Runtime
 from fgvc.errors import ConfigError
@@ -45,7 +47,7 @@ from fgvc.models.meta import modes_restored
 
 log = logging.getLogger("fgvc")
 
-CACHE_MODES = ("auto", "on", "off")
+CACHE_MODES: tuple[str, ...] = get_args(CacheFeatures)
 CACHEABLE_AUGMENT = "test"  # the only deterministic stage-2 augmentation
 CACHEABLE_TUNES = ("fc", "bn+fc", "bnstats+fc", "stage+bn+fc", "bnstats")  # every policy but "all"
 BUDGET_FRACTION = 0.25  # of free accelerator memory (CUDA) or available RAM (CPU)

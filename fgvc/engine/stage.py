@@ -39,7 +39,6 @@ from fgvc.engine.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    unwrap,
 )
 from fgvc.engine.feature_cache import (
     FeatureCache,
@@ -60,7 +59,15 @@ from fgvc.errors import ConfigError, DataError, RunExistsError
 from fgvc.fileio import atomic_write_text
 from fgvc.io import typical_source_pixels
 from fgvc.metrics import summarize
-from fgvc.models import ModelMeta, create_model, get_meta, set_train_mode, set_trainable
+from fgvc.models import (
+    ModelMeta,
+    create_model,
+    get_meta,
+    set_train_mode,
+    set_trainable,
+    unwrap_model,
+    weights_file,
+)
 from fgvc.plots import plot_training_curves
 from fgvc.transforms import build_transform
 
@@ -88,6 +95,14 @@ class StageResult:
         if "val_top1" not in self.history or self.history["val_top1"].isna().all():
             return None
         return self.history.loc[self.history["val_top1"].idxmax()].to_dict()
+
+    def adapted_score(self) -> str:
+        """Top-1 of best.pt (the model sweep and predict use), and the last epoch's where that is another epoch."""
+        best, last_top1 = self.best_epoch(), (self.final or {}).get("top1", float("nan"))
+        if best is None:
+            return f"{last_top1:.2f} after adaptation"
+        last = "" if best["epoch"] == self.history["epoch"].iloc[-1] else f"; last epoch {last_top1:.2f}"
+        return f"{best['val_top1']:.2f} after adaptation (best.pt, epoch {int(best['epoch'])}{last})"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -380,7 +395,8 @@ def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[
     out = []
     checks = [("data", "dataset"), ("data", "val_fraction"), ("data", "train_on_all"), ("data", "crop_pct")]
     checks += [("data", "split_seed"), ("runtime", "seed")]  # the seed orders every epoch and seeds the augmentation
-    checks += [("model", "arch")] + [(section, key) for key in current[section] if key not in _NOT_COMPARED]
+    checks += [("model", "arch"), ("model", "weights")]  # another start is another model
+    checks += [(section, key) for key in current[section] if key not in _NOT_COMPARED]
     for sec, key in checks:
         old, new = saved.get(sec, {}).get(key), current[sec][key]
         if old != new:
@@ -447,7 +463,10 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     num_classes = train_index.num_classes
     if stage == STAGE1:
         model = create_model(cfg.model.arch, num_classes, cfg.model.weights if state is None else None)
+        started_from = weights_file(cfg.model.arch, cfg.model.weights) if state is None else None
         source = f"weights {cfg.model.weights}" if cfg.model.weights else "random initialisation (no weights)"
+        if started_from is not None:  # "imagenet" is whichever cache holds the file: record which one it was
+            source += f" ({started_from}, {started_from.stat().st_size:,} bytes)"
     else:
         model, ckpt1 = load_stage_model(run_dir / STAGE1)
         check_classes(ckpt1, train_index, run_dir / STAGE1, run_dir / CONFIG_FILE)
@@ -456,11 +475,18 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     if state is not None:
         load_model_state(model, state["model"], stage_dir / LAST)
         use_saved_input(model, state)
+        source = state.get("source", source)
     meta = get_meta(model)
     set_trainable(model, stage_cfg.tune)
     model.to(rt.device, memory_format=rt.memory_format)
 
-    decode = resolve_decode(cfg, rt, model, stage_cfg.res, stage_cfg.batch_size, train_index.frame["path"].to_numpy())
+    if state is not None and cfg.data.decode == "auto" and state.get("decode") in ("cpu", "gpu"):
+        from fgvc.gpu_decode import decode_mode  # a resume keeps the pixels it started with (the choice is timed)
+
+        decode = decode_mode("auto" if state["decode"] == "gpu" else "cpu", rt.device, math.inf, cfg.data.workers)
+    else:
+        decode = resolve_decode(cfg, rt, model, stage_cfg.res, stage_cfg.batch_size,
+                                train_index.frame["path"].to_numpy())  # fmt: skip
     train_loader, train_sampler, prepare = make_loader(
         cfg, rt, train_index, stage_cfg.augment, stage_cfg.res, stage_cfg.batch_size, True, meta, decode
     )
@@ -485,7 +511,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         require_cacheable(stage_cfg.augment, stage_cfg.tune, rt.world_size)
     start_epoch, start_micro, best, history, before = 0, 0, -1.0, [], None
     partial: EpochStats | None = None
-    learning = [name for name, param in unwrap(model).named_parameters() if param.requires_grad]
+    learning = [name for name, param in unwrap_model(model).named_parameters() if param.requires_grad]
     if state is not None:
         if state.get("learning", learning) != learning:  # the optimiser state would go to other parameters
             raise ConfigError(
@@ -557,7 +583,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     def checkpoint(epoch: int, micro: int, finished: bool, rngs: list[object]) -> dict[str, Any]:
         """The resumable state; ``rngs`` holds every rank's RNG state (:func:`gather_objects`, called by all)."""
         return {
-            "model": unwrap(model).state_dict(),
+            "model": unwrap_model(model).state_dict(),
             "optimizer": optimizer.state_dict() if optimizer else None,
             "scheduler": scheduler.state_dict() if scheduler else None,
             "scaler": scaler.state_dict() if scaler else None,
@@ -578,6 +604,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "stage": stage,
             "world_size": rt.world_size,
             "learning": learning,
+            "decode": decode,
+            "source": source,  # the starting point, with the weights file "imagenet" was on this machine
         }
 
     split, cache = None, None
@@ -684,7 +712,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         if history and start_epoch >= stage_cfg.epochs:  # resumed from a finished last.pt: the process that wrote it
             _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")  # may have died before the table
         summary = {"stage": stage, "epochs": stage_cfg.epochs, "res": stage_cfg.res, "best_top1": best,
-                   "final": result.final, "before": before, "decode": decode}  # fmt: skip
+                   "final": result.final, "before": before, "decode": decode, "source": source}  # fmt: skip
         atomic_write_text(stage_dir / FINISHED, json.dumps(summary, indent=2))
     return result
 
@@ -833,9 +861,10 @@ def run_stage1(cfg: RunConfig, force: bool = False, progress: bool = True) -> St
 def stage2_config(run_dir: Path, overrides: dict[str, Any], resume: bool = True) -> RunConfig:
     """The run's saved config with the stage-2 section (and runtime knobs) overridden.
 
-    With ``resume`` (not --force), where a stage 2 at the requested resolution has a checkpoint, its saved stage-2
-    section is the base: `fgvc stage2 --run DIR --test-res R` resumes it with the settings it was started with, without
-    retyping every flag. A --force run starts from the run's settings and the flags given.
+    With ``resume`` (not --force), where a stage 2 at the requested resolution has a checkpoint, its saved config is
+    the base (its stage-2 section, runtime knobs, loader settings): `fgvc stage2 --run DIR --test-res R` resumes it with
+    the settings it was started with, without retyping every flag. A --force run starts from the run's settings and
+    the flags given.
     """
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
@@ -844,7 +873,7 @@ def stage2_config(run_dir: Path, overrides: dict[str, Any], resume: bool = True)
     res = overrides.get("stage2.res") or (overrides.get("stage2") or {}).get("res") or values["stage2"]["res"]
     started = run_dir / stage2_dirname(res)
     if resume and (started / LAST).is_file() and (started / CONFIG_FILE).is_file():
-        values["stage2"] = load_config(started / CONFIG_FILE).model_dump(mode="json")["stage2"]
+        values = load_config(started / CONFIG_FILE).model_dump(mode="json")
     cfg = with_overrides(values, overrides, "command line")
     # The run folder is the one given, wherever it lives now.
     return cfg.model_copy(update={"name": run_dir.name, "out": str(run_dir.parent)})

@@ -71,6 +71,9 @@ def sweep(
 
     if not resolutions:
         raise ConfigError("--res needs at least one resolution, e.g. --res 384,448,512")
+    for name, values in (("--res", resolutions), ("--batch-size", [batch_size] if batch_size is not None else [])):
+        if any(value < 1 for value in values):
+            raise ConfigError(f"{name} takes positive numbers, not {', '.join(str(v) for v in values)}")
     dirs = finished_stage_dirs(run_dir)
     if not dirs:
         raise DataError(f"{run_dir}: no finished stage; run `fgvc stage1` first")

@@ -14,6 +14,7 @@ from fgvc.models.registry import (
     last_batchnorm,
     list_models,
     model_meta,
+    weights_file,
 )
 from fgvc.models.weights import load_weights, read_state_dict
 
@@ -37,4 +38,5 @@ __all__ = [
     "set_trainable",
     "trainable_parameters",
     "unwrap_model",
+    "weights_file",
 ]

@@ -19,14 +19,14 @@ Choices made here (the engine relies on them):
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 from torch import nn
 
+from fgvc.config import Tune
 from fgvc.errors import ConfigError
 from fgvc.models.meta import ModelMeta, get_meta, unwrap_model
 
-Tune = Literal["all", "fc", "bn+fc", "bnstats+fc", "stage+bn+fc", "bnstats"]
 TUNE_POLICIES: tuple[str, ...] = get_args(Tune)
 _NEEDS_BN = ("bn+fc", "bnstats+fc", "bnstats")
 

@@ -524,7 +524,7 @@ def create_model(name: str, num_classes: int, weights: str | Path | None = None)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     spec = model_spec(name)
-    path = _weights_path(name, weights)  # before building: a missing file should not cost a 115M-parameter init
+    path = weights_file(name, weights)  # before building: a missing file should not cost a 115M-parameter init
     model = spec.build(num_classes)
     model.fgvc_meta = replace(spec.meta, num_classes=num_classes)
     if path is not None:
@@ -547,7 +547,9 @@ def _zero_init(head: nn.Module) -> None:
             param.zero_()
 
 
-def _weights_path(name: str, weights: str | Path | None) -> Path | None:
+def weights_file(name: str, weights: str | Path | None) -> Path | None:
+    """The file ``weights`` means for ``name`` (None for random init); ``imagenet`` depends on the machine's caches,
+    so training records which file it was."""
     if weights is None:
         return None
     if str(weights) == "imagenet":
