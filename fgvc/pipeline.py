@@ -157,10 +157,12 @@ def ensemble_recipe(
         raise DataError(f"{recipe.source}: no finished checkpoint for {', '.join(m.name for m in missing)} "
                         f"({', '.join(str(member_stage_dir(m)) for m in missing)}); produce "
                         f"{'it' if len(missing) == 1 else 'them'} with: {command}")  # fmt: skip
-    header = read_sample(Path(sample))[0] if sample is not None else None  # the sample's header wins
-    foreign = foreign_header(Path(sample), header, spec) if sample is not None and header is not None else None
-    if foreign:
-        raise SubmissionError(foreign)
+    header = None  # the sample's header, when given, wins over the built-in one
+    if sample is not None:  # read now: a missing file or another competition's sample fails before any prediction
+        header = read_sample(Path(sample))[0]
+        foreign = foreign_header(Path(sample), header, spec)
+        if foreign:
+            raise SubmissionError(foreign)
     # The val split fits the weights (search) or only fills the report: without images it is skipped in the latter case.
     search = ens.weights == "search"
     validate = search or bool(len(load_split(recipe.members[0].config, ens.val_split)))
