@@ -289,9 +289,7 @@ def predict(
         raise ConfigError(f"--stage is 1 or 2, not {stage}")
     if res is not None and multi_res:
         raise ConfigError("--res and --multi-res both choose the resolution; give one (--multi-res 640,672 averages)")
-    for name, value in (("--res", res), ("--batch-size", batch_size), *(("--multi-res", r) for r in multi_res or [])):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be a positive number, not {value}")
+    require_positive(("--res", res), ("--batch-size", batch_size), *(("--multi-res", r) for r in multi_res or []))
     stage_dir = resolve_stage(run_dir, stage, res if not multi_res else multi_res[0])
     cfg = load_config(stage_dir / CONFIG_FILE)
     default_res = stage2_res(stage_dir) if stage_dir.name != STAGE1 else cfg.stage1.res
@@ -311,6 +309,13 @@ def predict(
     averaged = mean_over_resolutions(parts, resolutions)
     averaged.save(path)
     return PredictResult(path, averaged, _metrics(averaged), all(cached))
+
+
+def require_positive(*named: tuple[str, int | None]) -> None:
+    """A one-line error for the first option given a value below 1 (None: not given)."""
+    for name, value in named:
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be a positive number, not {value}")
 
 
 def mean_over_resolutions(parts: Iterable[Probabilities], resolutions: list[int]) -> Probabilities:

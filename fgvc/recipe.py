@@ -114,7 +114,7 @@ def _competition(source: str, given: object, members: list[Member]) -> str:
     datasets = list(dict.fromkeys(m.config.data.dataset for m in members))
     if len(datasets) > 1:
         raise ConfigError(f"{source}: the members read different datasets ({', '.join(datasets)}); an ensemble "
-                          "combines predictions for one test set")  # fmt: skip
+                          "combines one test set's predictions: give every member the same data.dataset")  # fmt: skip
     own = datasets[0] if datasets[0] in COMPETITIONS else "generic"
     if given is None:
         return own

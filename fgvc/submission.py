@@ -326,7 +326,7 @@ def foreign_header(sample: Path, header: tuple[str, ...], spec: CompetitionSpec)
     if spec.name == "generic" or [c.lower() for c in header] == [c.lower() for c in spec.columns]:
         return None
     return (f"{sample}: its header {','.join(header)} is not a {spec.name} submission's ({','.join(spec.columns)}): "
-            "is it another competition's sample?")  # fmt: skip
+            f"is it another competition's sample? Use the {spec.name} sample_submission.csv")  # fmt: skip
 
 
 def _normalised_ids(ids: Iterable[object], spec: CompetitionSpec) -> dict[str, None]:

@@ -686,6 +686,30 @@ def test_auto_decode_weighs_the_cpu_estimate_by_the_stored_image_size(
     assert stage_module.resolve_decode(cfg, rt, torch.nn.Linear(2, 2), 32, 4) == "cpu"  # sizes unknown: 800x600
 
 
+def test_a_resumed_auto_run_keeps_the_decoder_it_started_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--decode auto`` times the model; timed again at a resume it could switch the pixels mid-run."""
+    import fgvc.engine.stage as stage_module
+    import fgvc.gpu_decode
+    from fgvc.config import RunConfig
+    from fgvc.engine.runtime import Runtime
+
+    def no_timing(*args: object) -> float:
+        raise AssertionError("a resume with a saved decoder must not time the model")
+
+    nvjpeg = {"available": True}
+    monkeypatch.setattr(stage_module, "measure_images_per_s", no_timing)
+    monkeypatch.setattr(fgvc.gpu_decode, "gpu_decode_available", lambda device: nvjpeg["available"])
+    rt = Runtime(device=torch.device("cuda", 0), amp_dtype=None, channels_last=False)
+    auto, net = RunConfig.model_validate({"data": {"decode": "auto"}}), torch.nn.Linear(2, 2)
+    assert stage_module.resolve_decode(auto, rt, net, 32, 4, started_with="gpu") == "gpu"
+    assert stage_module.resolve_decode(auto, rt, net, 32, 4, started_with="cpu") == "cpu"
+    explicit = RunConfig.model_validate({"data": {"decode": "cpu"}})
+    assert stage_module.resolve_decode(explicit, rt, net, 32, 4, started_with="gpu") == "cpu"  # a flag still wins
+    nvjpeg["available"] = False  # resumed on a machine without nvJPEG: decided afresh (no estimate needed: cpu)
+    monkeypatch.setattr(stage_module, "measure_images_per_s", lambda *args: 1.0)
+    assert stage_module.resolve_decode(auto, rt, net, 32, 4, started_with="gpu") == "cpu"
+
+
 def _decode_choice_on_rank(rank: int, init_file: str, out_dir: str) -> None:
     """One rank of a two-process gloo group whose ranks would choose different decoders by themselves."""
     import torch.distributed as dist

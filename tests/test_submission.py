@@ -318,7 +318,7 @@ def test_a_sample_of_another_competition_is_refused(tmp_path: Path) -> None:
     path = write_text(tmp_path, "Id,Category\n10,3 4 5 6 7\n")
     problem = the_problem(path, "inat2021", test_ids=None, valid_categories=None, sample=sample)
     assert problem == (f"{sample}: its header Id,Category is not a inat2021 submission's (Id,Predicted): is it another "
-                       "competition's sample?")
+                       "competition's sample? Use the inat2021 sample_submission.csv")
     assert collect_problems(path, "generic", sample=sample) == []  # any header for a generic file
 
 

@@ -212,12 +212,23 @@ def make_loader(
 
 
 def resolve_decode(
-    cfg: RunConfig, rt: Runtime, model: nn.Module, res: int, batch_size: int, paths: Sequence[str] | np.ndarray = ()
+    cfg: RunConfig,
+    rt: Runtime,
+    model: nn.Module,
+    res: int,
+    batch_size: int,
+    paths: Sequence[str] | np.ndarray = (),
+    started_with: str | None = None,
 ) -> str:
     """``data.decode`` for this device; ``auto`` times a few synthetic steps to see if the CPU would be the limit,
-    for images the size of a sample of ``paths`` (the training files)."""
-    from fgvc.gpu_decode import decode_mode
+    for images the size of a sample of ``paths`` (the training files). A resumed ``auto`` run keeps the decoder it
+    ``started_with`` (saved in its checkpoint) where the device still has it: a new timing could switch the pixels."""
+    from fgvc.gpu_decode import decode_mode, gpu_decode_available
 
+    if cfg.data.decode == "auto" and (
+        started_with == "cpu" or (started_with == "gpu" and gpu_decode_available(rt.device))
+    ):
+        return started_with
     estimate = pixels = None
     if cfg.data.decode == "auto" and rt.device.type == "cuda":
         estimate = measure_images_per_s(model, rt, res, batch_size)
@@ -480,13 +491,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     set_trainable(model, stage_cfg.tune)
     model.to(rt.device, memory_format=rt.memory_format)
 
-    if state is not None and cfg.data.decode == "auto" and state.get("decode") in ("cpu", "gpu"):
-        from fgvc.gpu_decode import decode_mode  # a resume keeps the pixels it started with (the choice is timed)
-
-        decode = decode_mode("auto" if state["decode"] == "gpu" else "cpu", rt.device, math.inf, cfg.data.workers)
-    else:
-        decode = resolve_decode(cfg, rt, model, stage_cfg.res, stage_cfg.batch_size,
-                                train_index.frame["path"].to_numpy())  # fmt: skip
+    decode = resolve_decode(cfg, rt, model, stage_cfg.res, stage_cfg.batch_size, train_index.frame["path"].to_numpy(),
+                            started_with=state.get("decode") if state is not None else None)  # fmt: skip
     train_loader, train_sampler, prepare = make_loader(
         cfg, rt, train_index, stage_cfg.augment, stage_cfg.res, stage_cfg.batch_size, True, meta, decode
     )

@@ -67,13 +67,11 @@ def sweep(
 ) -> SweepResult:
     """Top-1 of the stage-1 model and of every finished stage-2 model at each test resolution (test augmentation)."""
     from fgvc.engine.runtime import is_main_process
-    from fgvc.predict import finished_stage_dirs, predict_stage
+    from fgvc.predict import finished_stage_dirs, predict_stage, require_positive
 
     if not resolutions:
         raise ConfigError("--res needs at least one resolution, e.g. --res 384,448,512")
-    for name, values in (("--res", resolutions), ("--batch-size", [batch_size] if batch_size is not None else [])):
-        if any(value < 1 for value in values):
-            raise ConfigError(f"{name} takes positive numbers, not {', '.join(str(v) for v in values)}")
+    require_positive(("--batch-size", batch_size), *(("--res", r) for r in resolutions))
     dirs = finished_stage_dirs(run_dir)
     if not dirs:
         raise DataError(f"{run_dir}: no finished stage; run `fgvc stage1` first")
