@@ -193,18 +193,20 @@ def sweep(
     workers: int | None = typer.Option(None),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
-    """Top-1 of the stage-1 (and stage-2) models at each test resolution: CSV table + PNG plot."""
+    """The leaderboard metric (top-1; macro F1 for Herbarium 2020-22) of the stage-1 (and stage-2) models at each test
+    resolution: CSV table + PNG plot."""
     _maybe_torchrun(gpus)
     from fgvc.engine.runtime import is_main_process
     from fgvc.engine.stage import latest_run
     from fgvc.engine.sweep import sweep as run_sweep
+    from fgvc.metrics import METRIC_LABELS
 
     result = run_sweep(run or latest_run(), _ints(res) or [], split, batch_size, workers)
     if not is_main_process():
         return
     _echo_table(result.table)
     typer.echo(
-        f"best: {result.best_model} at {result.best_res}px, top-1 {result.best_top1:.2f} "
+        f"best: {result.best_model} at {result.best_res}px, {METRIC_LABELS[result.metric]} {result.best_score:.2f} "
         f"({result.csv_path}, {result.png_path})"
     )
 
@@ -331,6 +333,7 @@ def demo(
 ) -> None:
     """The whole method on the procedural demo data: stage 1, stage 2, sweep, 10-crop, ensemble, CSV."""
     from fgvc.demo import Interrupted, run_demo
+    from fgvc.metrics import METRIC_LABELS
 
     try:
         result = run_demo(data_root, out)
@@ -340,11 +343,12 @@ def demo(
     typer.echo("")
     typer.echo(result.table.to_string(na_rep=""))
     sweep_result = result.sweep
-    typer.echo(f"\ntest top-1 (%) of {sweep_result.png_path.parent.name} versus test resolution:")
+    label = METRIC_LABELS[sweep_result.metric]
+    typer.echo(f"\ntest {label} (%) of {sweep_result.png_path.parent.name} versus test resolution:")
     typer.echo(sweep_result.table.to_string(index=False))
     typer.echo(
         f"sweep: best {sweep_result.best_model} at {sweep_result.best_res}px "
-        f"(top-1 {sweep_result.best_top1:.1f}); {sweep_result.csv_path}, {sweep_result.png_path}"
+        f"({label} {sweep_result.best_score:.1f}); {sweep_result.csv_path}, {sweep_result.png_path}"
     )
     weights = ", ".join(f"{w:.2f}" for w in result.ensemble.weights)
     typer.echo(f"ensemble weights (hill climbing on val): {weights}; wrote {result.ensemble.submission}")

@@ -213,7 +213,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     if not values:  # every default (the demo dataset, 30 epochs of resnet50) is not what an empty file meant
         raise ConfigError(f"{path}: no settings in it; a recipe names at least its dataset (see recipes/*.yaml)")
+    if twice := _written_twice(values):
+        raise ConfigError(f"{path}: {twice} is set twice, as a dotted key and inside its section; keep one")
     return values
+
+
+def _written_twice(values: dict[Any, Any]) -> str | None:
+    """The first setting a mapping gives twice, once as a dotted key (``stage1.epochs: 3``) and once nested
+    (``stage1: {epochs: 5}``): which one won would depend on their order in the file. Each list item (a recipe's
+    members) is checked on its own."""
+    seen: set[str] = set()
+    pending: list[tuple[str, object]] = [(str(k), v) for k, v in values.items()]
+    while pending:
+        key, value = pending.pop(0)
+        if isinstance(value, dict) and value:
+            pending += [(f"{key}.{k}", v) for k, v in value.items()]
+            continue
+        if key in seen:
+            return key
+        seen.add(key)
+        for i, item in enumerate(value if isinstance(value, list) else ()):
+            if isinstance(item, dict) and (twice := _written_twice(item)):
+                return f"{key}[{i}].{twice}"
+    return None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -6,7 +6,8 @@ the fallback for what OpenCV cannot read (e.g. odd files named ``.jpg``) and the
 Truncation policy: a JPEG whose data does not end with the end-of-image marker, or that OpenCV refuses, is kept only if
 Pillow can load it completely (trailing bytes after a complete image are harmless); otherwise it is corrupt. Older
 OpenCV builds return a half-grey image for a truncated JPEG with only a warning, so the marker check keeps the policy
-the same whichever OpenCV is installed.
+the same whichever OpenCV is installed. A JPEG that runs into padding (zeros) with no end marker before it is corrupt
+without asking Pillow, which reads the zeros as image data: a download cut off into a file allocated at full size.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ _JPEG_START = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
 _PADDING = b"\x00\r\n\t "  # bytes some writers append after the end-of-image marker
 
-# Libjpeg/libpng warnings go through OpenCV's logger; a broken file is reported by our own exception instead.
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+# Libjpeg/libpng messages go through OpenCV's logger (its ERROR level included, e.g. "imdecode_(''): can't read
+# header" for a cut-off GIF); a broken file is reported by our own exception instead, with its name.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
 def disable_opencv_threads() -> None:
@@ -44,17 +46,23 @@ def decode_image(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     data = read_image_bytes(path)
+    if cut_off_and_padded(data):
+        raise _corrupt(path)
     image = _decode_with_opencv(data)
     if image is not None and not looks_truncated(data):
         return image
     fallback = _decode_with_pillow(data)
     if fallback is None:
-        raise CorruptImageError(
-            f"{path}: image is corrupt or truncated; re-download it, or skip unreadable images with --skip-corrupt "
-            "(fgvc stage1, fgvc predict) or data.skip_corrupt: true in the recipe"
-        )
+        raise _corrupt(path)
     # OpenCV's result is complete once Pillow has read all the data; prefer it so every file goes through one decoder.
     return image if image is not None else fallback
+
+
+def _corrupt(path: Path) -> CorruptImageError:
+    return CorruptImageError(
+        f"{path}: image is corrupt or truncated; re-download it, or skip unreadable images with --skip-corrupt "
+        "(fgvc stage1, fgvc predict) or data.skip_corrupt: true in the recipe"
+    )
 
 
 def read_image_bytes(path: Path) -> bytes:
@@ -87,6 +95,12 @@ def is_complete_jpeg(data: bytes) -> bool:
 def looks_truncated(data: bytes) -> bool:
     """A JPEG that does not end with the end-of-image marker lost its tail (or carries trailing bytes)."""
     return data.startswith(_JPEG_START) and not is_complete_jpeg(data)
+
+
+def cut_off_and_padded(data: bytes) -> bool:
+    """A JPEG whose data runs into padding with no end-of-image marker before it (see the module's policy)."""
+    stripped = data.rstrip(_PADDING)
+    return data.startswith(_JPEG_START) and len(stripped) < len(data) and not stripped.endswith(_JPEG_END)
 
 
 def _decode_with_pillow(data: bytes) -> np.ndarray | None:

@@ -168,7 +168,7 @@ def ensemble_recipe(
     validate = search or bool(len(load_split(recipe.members[0].config, ens.val_split)))
     if not validate:
         log.info("the %s split has no images: the table has no validation scores", ens.val_split)
-    report = _Report(recipe, scored=validate)
+    report = _Report(recipe, scored=validate, metric=spec.metric)
     if search:  # the search compares every member on every row: these matrices are all held at once
         val = align([member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members])
         if not val[0].has_labels:
@@ -192,30 +192,48 @@ def ensemble_recipe(
         combined,
         meta={"recipe": recipe.source, "members": [m.name for m in recipe.members], "weights": weights.tolist()},
     )
-    path = _new_submission_path(Path(out_dir), recipe.competition)
-    draft = path.with_name(f".{path.name}.{os.getpid()}.draft")  # one per process: runs never share a draft
+    out = Path(out_dir)
+    draft = out / f".{recipe.competition}.{os.getpid()}.draft"  # one per process: runs never share a draft
     try:  # the final name appears only once the file passed every check
         write_submission(combined, spec.name, draft, k=ens.top_k, header=header)
         test = load_split(recipe.members[0].config, "test")  # the ids come from the dataset, not from the members
         problems = check_submission(draft, spec.name, test, sample)
-        if problems:  # named after the file it would have become, and what it was checked against
+        if problems:  # named after what it was checked against
             against = f"the sample {sample}" if sample is not None else f"the {spec.name} test split"
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise SubmissionError(f"{path}: not written, it does not match {against}: {problems[0]}{more}")
-        combined.save(path.with_suffix(".npz"))
-        os.replace(draft, path)
+            raise SubmissionError(f"{out}: no submission written, it does not match {against}: {problems[0]}{more}")
+        path = _publish(draft, combined, out, recipe.competition)
     finally:
         draft.unlink(missing_ok=True)
     return EnsembleOutcome(table, weights, path, combined)
 
 
-def _new_submission_path(out_dir: Path, competition: str) -> Path:
-    """``<competition>-<date>-<time>.csv``, with ``-2``, ``-3``... when that name (or its .npz) is already taken."""
+def _publish(draft: Path, combined: Probabilities, out_dir: Path, competition: str) -> Path:
+    """Give the checked CSV its name, ``<competition>-<date>-<time>.csv`` (``-2``, ``-3``... when that name or its
+    .npz is taken), and save the probabilities it came from next to it under the same stem.
+
+    The name is claimed with a hard link, which fails on an existing file: two ensembles finishing in the same second
+    keep both submissions, where checking the name and then renaming onto it lets the second replace the first.
+    """
     stem = f"{competition}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     for n in itertools.count(1):
         path = out_dir / (f"{stem}.csv" if n == 1 else f"{stem}-{n}.csv")
-        if not path.exists() and not path.with_suffix(".npz").exists():
-            return path
+        if path.with_suffix(".npz").exists():
+            continue
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            continue
+        except OSError:  # a file system without hard links: the name was free a moment ago
+            if path.exists():
+                continue
+            os.replace(draft, path)
+        try:
+            combined.save(path.with_suffix(".npz"))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
     raise AssertionError("unreachable")
 
 
@@ -223,31 +241,29 @@ class _Report:
     """The ensemble's table, one row per member, filled while each member's probabilities are loaded (the only time
     they are in memory), then the ensemble's row."""
 
-    def __init__(self, recipe: Recipe, scored: bool) -> None:
+    def __init__(self, recipe: Recipe, scored: bool, metric: str) -> None:
         self.members = recipe.members
         self.scored = scored  # False: the rows come from the test split, whose labels (CUB has them) are not shown
+        self.metrics = list(dict.fromkeys(("top1", "top5", metric)))  # and the leaderboard's (macro F1, top-3)
         self.rows: list[dict[str, object]] = [{} for _ in self.members]
-        self.ensemble_scores = _scores(None)
+        self.ensemble_scores = self._scores(None)
 
     def __call__(self, position: int, probs: Probabilities) -> None:
         member = self.members[position]
         meta = probs.meta
         about = {"member": member.name, "stage": member.stage, "res": meta.get("res"), "tta": meta.get("tta")}
-        self.rows[position] = about | _scores(probs if self.scored else None)
+        self.rows[position] = about | self._scores(probs if self.scored else None)
 
     def ensemble(self, combined: Probabilities) -> None:
         """The ensemble's validation scores (the matrix can go once they are taken)."""
-        self.ensemble_scores = _scores(combined)
+        self.ensemble_scores = self._scores(combined)
 
     def table(self, weights: np.ndarray, method: str) -> pd.DataFrame:
         rows = [row | {"weight": round(float(weight), 3)} for row, weight in zip(self.rows, weights, strict=True)]
         rows.append({"member": f"ensemble ({method})", "stage": "", "res": "", "tta": "", "weight": 1.0}
                     | self.ensemble_scores)  # fmt: skip
-        return pd.DataFrame(rows)[["member", "stage", "res", "tta", "weight", "val_top1", "val_top5"]]
+        return pd.DataFrame(rows)[["member", "stage", "res", "tta", "weight", *(f"val_{m}" for m in self.metrics)]]
 
-
-def _scores(probs: Probabilities | None) -> dict[str, float | None]:
-    if probs is None or not probs.has_labels:
-        return {"val_top1": None, "val_top5": None}
-    m = summarize(probs.probs, probs.labels)
-    return {"val_top1": round(m["top1"], 2), "val_top5": round(m["top5"], 2)}
+    def _scores(self, probs: Probabilities | None) -> dict[str, float | None]:
+        scores = summarize(probs.probs, probs.labels) if probs is not None and probs.has_labels else {}
+        return {f"val_{m}": round(scores[m], 2) if scores else None for m in self.metrics}

@@ -35,15 +35,15 @@ def plot_training_curves(history: pd.DataFrame, path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def plot_sweep(table: pd.DataFrame, path: Path, train_res: int, title: str) -> None:
-    """Accuracy versus test resolution, one line per model (the paper's Figure 5)."""
+def plot_sweep(table: pd.DataFrame, path: Path, train_res: int, title: str, metric: str = "top-1") -> None:
+    """A metric (top-1 accuracy by default) versus test resolution, one line per model (the paper's Figure 5)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for column in table.columns:
         if column == "res":
             continue
         ax.plot(table["res"], table[column], marker="o", label=column)
     ax.axvline(train_res, color="grey", linestyle=":", label=f"train res {train_res}")
-    ax.set(xlabel="test resolution (px)", ylabel="top-1 accuracy (%)", title=title)
+    ax.set(xlabel="test resolution (px)", ylabel=f"{metric} (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)

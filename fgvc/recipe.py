@@ -9,6 +9,7 @@ optional ``weight``, ``stage`` and ``multi_res``. A plain RunConfig file (no ``m
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from fgvc.submission import COMPETITIONS, check_top_k, competition_spec
 
 RECIPE_KEYS = ("competition", "ensemble", "members")
 MEMBER_KEYS = ("weight", "stage", "multi_res")
-STAGE1_DIR = "stage1"  # fgvc.engine.stage.STAGE1; not imported: recipes load without torch
+STAGE1_DIR = "stage1"  # fgvc.engine.stage.STAGE1; not imported: this module imports without torch
 
 
 class EnsembleConfig(BaseModel):
@@ -89,6 +90,8 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
         extras = {k: raw[k] for k in MEMBER_KEYS if k in raw}
         run_values = merge(shared, {k: v for k, v in raw.items() if k not in MEMBER_KEYS}, f"{source}: members[{i}]")
         cfg = config_from_dict(run_values, source=f"{source}: members[{i}]")
+        prefix = f"{source}: members[{i}]." if "members" in values else f"{source}: "
+        check_names(cfg, lambda key, prefix=prefix: prefix + key)
         try:
             members.append(Member(config=cfg, **extras))
         except ValidationError as err:
@@ -198,4 +201,20 @@ def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> 
     dataset = overrides.get("data.dataset")
     if dataset is not None and dataset != data.get("dataset") and overrides.get("data.root") is None:
         values = merge(values, {"data.root": None})  # a saved run's absolute root belongs to its own dataset
-    return with_overrides(values, overrides, str(recipe) if recipe else "command line")
+    cfg = with_overrides(values, overrides, str(recipe) if recipe else "command line")
+    flags = {"data.dataset": "--dataset", "model.arch": "--arch"}
+    check_names(cfg, lambda key: flags[key] if overrides.get(key) is not None else f"{recipe or 'command line'}: {key}")
+    return cfg
+
+
+def check_names(cfg: RunConfig, where: Callable[[str], str]) -> None:
+    """An unknown dataset or architecture is an error when the recipe loads, naming where it was written
+    (``where(key)``: the file and key, or the flag), not when the run reaches it."""
+    from fgvc.datasets import get_spec
+    from fgvc.models.registry import model_spec
+
+    for key, check, value in (("data.dataset", get_spec, cfg.data.dataset), ("model.arch", model_spec, cfg.model.arch)):
+        try:
+            check(value)
+        except ConfigError as err:
+            raise ConfigError(f"{where(key)}: {err}") from None

@@ -107,6 +107,12 @@ COMPETITIONS: dict[str, CompetitionSpec] = {
 }
 
 
+def leaderboard_metric(dataset: str) -> str:
+    """What the dataset's leaderboard ranks (top-3 for iNat 2018, macro F1 for Herbarium 2020-22), ``top1`` for a
+    dataset without a competition: the metric best.pt, the resolution sweep and ensemble weights are chosen on."""
+    return COMPETITIONS[dataset].metric if dataset in COMPETITIONS else "top1"
+
+
 def competition_spec(competition: str) -> CompetitionSpec:
     try:
         return COMPETITIONS[competition]

@@ -168,6 +168,10 @@ def test_another_dataset_on_the_command_line_leaves_the_saved_root_behind(tmp_pa
         ("ensemble: [1]\nmembers: [{name: a}]\n", r"'ensemble' must be a mapping"),
         ("ensemble: {val_split: tset}\nmembers: [{name: a}]\n", r"ensemble.val_split: Input should be 'val' or"),
         ("members: [{name: a, multi_res: [0, 448]}]\n", r"members\[0\].multi_res.0: Input should be greater than 0"),
+        ("stage1.epochs: 3\nstage1: {epochs: 5}\n", r"stage1.epochs is set twice, as a dotted key and inside its"),
+        ("members: [{stage2.res: 40, stage2: {res: 50}}]\n", r"members\[0\].stage2.res is set twice"),
+        ("data: {dataset: cubb}\n", r"data.dataset: unknown dataset 'cubb'; choose one of cub, "),
+        ("members: [{model: {arch: timm:resnet5x}}]\n", r"members\[0\].model.arch: unknown timm model 'resnet5x'"),
     ],
 )
 def test_empty_or_malformed_recipes_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -175,6 +179,18 @@ def test_empty_or_malformed_recipes_are_one_line_errors(tmp_path: Path, text: st
     path.write_text(text)
     with pytest.raises(ConfigError, match=rf"r\.yaml: {message}"):
         load_recipe(path)
+
+
+def test_a_misspelt_name_on_the_command_line_names_the_flag_not_the_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {dataset: cub}\nmodel: {arch: resnet50}\n")
+    with pytest.raises(ConfigError, match=r"^--arch: unknown architecture 'resnet5'"):
+        resolve_run_config(recipe, {"model.arch": "resnet5"})
+    with pytest.raises(ConfigError, match=r"^--dataset: unknown dataset 'cbu'"):
+        resolve_run_config(recipe, {"data.dataset": "cbu"})
+    recipe.write_text("data: {dataset: cbu}\n")
+    with pytest.raises(ConfigError, match=rf"^{recipe}: data.dataset: unknown dataset 'cbu'"):
+        resolve_run_config(recipe, {})
 
 
 def test_resume_conflicts_compare_the_learning_rate_by_its_effect() -> None:

@@ -351,6 +351,23 @@ def test_train_on_all_adds_the_holdout_back(tmp_path: Path) -> None:
     assert len(load_index("cub", "val", root=tmp_path, val_fraction=0.2, train_on_all=True)) == 4
 
 
+def test_every_split_comes_from_one_reading_of_the_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader parses every split's files (a minute for iNat 2021): a stage's train and val must not cost two."""
+    import dataclasses
+
+    from fgvc.datasets import load_indices
+
+    write_cub(tmp_path, per_class=10)
+    spec, reads = get_spec("cub"), []
+    counting = dataclasses.replace(spec, reader=lambda root: reads.append(root) or spec.reader(root))
+    monkeypatch.setitem(DATASETS, "cub", counting)
+    splits = load_indices("cub", root=tmp_path, val_fraction=0.2)
+    assert len(reads) == 1 and list(splits) == ["train", "val", "test"]
+    for split, index in splits.items():
+        pd.testing.assert_frame_equal(index.frame, load_index("cub", split, root=tmp_path, val_fraction=0.2).frame)
+        assert (index.split, index.holdout) == (split, split == "val")
+
+
 def test_official_val_is_used_and_train_on_all_merges_it(tmp_path: Path) -> None:
     truth = write_flowers(tmp_path)
     assert load_index("flowers", "val", root=tmp_path).frame["image_id"].tolist() == truth.ids("val")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 import math
 import os
 import signal
@@ -180,6 +181,27 @@ def test_an_interrupted_run_resumes_from_its_folder_alone_wherever_it_now_lives(
         assert run_stage2(moved, stage2, progress=False).interrupted_by == signal.SIGTERM
     assert run_stage2(moved, {"stage2.res": 40}, progress=False).interrupted_by is None  # its own settings, resumed
     assert load_config(moved / "stage2-40" / CONFIG_FILE).stage2.epochs == 2
+
+
+@pytest.mark.parametrize(("metric", "kept_epoch"), [("top1", 2), ("macro_f1", 1)])
+def test_best_pt_is_the_epoch_the_leaderboard_ranks_highest(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metric: str, kept_epoch: int
+) -> None:
+    """Herbarium's leaderboard ranks macro F1: an epoch with a better top-1 and a worse F1 is not the one to submit."""
+    import fgvc.engine.stage as stage_module
+
+    scores = {"top1": [50.0, 60.0], "top3": [55.0, 65.0], "top5": [60.0, 70.0], "mean_per_class": [45.0, 55.0],
+              "macro_f1": [40.0, 30.0]}  # fmt: skip
+    epochs = iter(range(2))
+    monkeypatch.setattr(stage_module, "summarize", lambda *_: (lambda e: {k: v[e] for k, v in scores.items()})(
+        next(epochs)))  # fmt: skip
+    monkeypatch.setattr(stage_module, "leaderboard_metric", lambda dataset: metric)
+    cfg = tiny_config(tiny_demo_root, tmp_path, stage1={"epochs": 2})
+    result = run_stage1(cfg, progress=False)
+    stage_dir = cfg.run_dir() / "stage1"
+    assert load_checkpoint(stage_dir / BEST)["epoch"] == kept_epoch == result.best_epoch()["epoch"]
+    assert json.loads((stage_dir / FINISHED).read_text())["best"] == {metric: scores[metric][kept_epoch - 1]}
+    assert ("macro F1" in result.adapted_score()) == (metric == "macro_f1")
 
 
 def test_classes_are_their_category_ids_names_may_change(stage1_run: Path) -> None:

@@ -331,3 +331,28 @@ def test_ensemble_under_torchrun_is_refused_with_the_way_to_use_several_gpus(mon
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"not under torchrun.*fgvc predict --run RUN .*--gpus N"):
         ensemble_recipe(Path("recipes/cub.yaml"))
+
+
+def test_an_ensemble_never_replaces_a_submission_another_one_wrote_in_the_same_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ensembles finishing in the same second: the name the other process took after any check is not reused."""
+    import datetime as dt
+
+    from fgvc import pipeline
+
+    class Clock(dt.datetime):
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> Clock:
+            return cls(2026, 11, 27, 8, 0, 0)
+
+    monkeypatch.setattr(pipeline.dt, "datetime", Clock)
+    theirs = tmp_path / "cub-20261127-080000.csv"
+    theirs.write_text("the other process's submission")
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # it appeared after any check of the name
+    draft = tmp_path / ".draft"
+    draft.write_text("this submission")
+    path = pipeline._publish(draft, make_member([1, 2], np.full((2, 3), 1 / 3)), tmp_path, "cub")
+    assert path.name == "cub-20261127-080000-2.csv" and path.read_text() == "this submission"
+    assert theirs.read_text() == "the other process's submission"
+    assert Probabilities.load(path.with_suffix(".npz")).probs.shape == (2, 3)

@@ -203,6 +203,20 @@ def test_truncated_jpeg_is_corrupt_even_if_opencv_returns_pixels(tmp_path: Path,
         decode_image(cut)
 
 
+def test_a_cut_off_jpeg_padded_with_zeros_to_its_full_size_is_corrupt(tmp_path: Path) -> None:
+    """Downloaders that allocate the whole file first (aria2, torrent clients) leave zeros where the tail never came;
+    Pillow decodes those zeros as image data, so the file must not be judged by whether Pillow reads it."""
+    cut = truncated_jpeg(tmp_path)
+    full_size = (tmp_path / "full.jpg").stat().st_size
+    padded = tmp_path / "preallocated.jpg"
+    padded.write_bytes(cut.read_bytes().ljust(full_size, b"\0"))
+    with pytest.raises(CorruptImageError, match=re.escape(str(padded))):
+        decode_image(padded)
+    complete = tmp_path / "complete-then-zeros.jpg"  # zeros after the end marker are still harmless
+    complete.write_bytes((tmp_path / "full.jpg").read_bytes() + b"\0" * 64)
+    np.testing.assert_array_equal(decode_image(complete), decode_image(tmp_path / "full.jpg"))
+
+
 @pytest.mark.parametrize("content", [b"this is not an image\n", b""], ids=["text", "empty"])
 def test_non_image_is_corrupt(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "notes.jpg"
@@ -237,3 +251,14 @@ def test_typical_source_pixels_is_the_median_stored_size_read_from_headers(tmp_p
     assert fgvc_io.typical_source_pixels(paths[:1] * 100, samples=3) == 40 * 30
     assert fgvc_io.typical_source_pixels(paths[-2:]) is None
     assert fgvc_io.typical_source_pixels([]) is None
+
+
+def test_a_corrupt_file_is_reported_once_by_fgvc_not_by_opencvs_logger(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    gif = tmp_path / "cut.gif"
+    Image.fromarray(stripes([RED, BLUE])).save(gif)
+    gif.write_bytes(gif.read_bytes()[:20])
+    with pytest.raises(CorruptImageError, match=re.escape(str(gif))):
+        decode_image(gif)
+    assert "imdecode" not in capfd.readouterr().err

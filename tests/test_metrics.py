@@ -101,6 +101,12 @@ def test_summarize_in_percent_ignoring_unknown_labels() -> None:
     assert summary["macro_f1"] == pytest.approx(100 * (0 + 0.5 + 1) / 3)
 
 
+def test_summarize_reports_top3_for_inat2018s_leaderboard() -> None:
+    scores = np.array([[0.5, 0.2, 0.15, 0.1, 0.05], [0.5, 0.2, 0.15, 0.1, 0.05]])
+    summary = summarize(scores, np.array([2, 3]))  # ranked 3rd and 4th
+    assert (summary["top1"], summary["top3"], summary["top5"]) == pytest.approx((0.0, 50.0, 100.0))
+
+
 def test_summarize_needs_labelled_rows() -> None:
     with pytest.raises(ValueError, match="no labelled rows"):
         summarize(SCORES, np.full(4, -1))
@@ -110,3 +116,22 @@ def test_summarize_needs_labelled_rows() -> None:
 def test_bad_labels_are_rejected(bad_labels: np.ndarray) -> None:
     with pytest.raises(ValueError):
         topk_accuracy(SCORES, bad_labels, 1)
+
+
+@pytest.mark.parametrize("n_classes", [2, 7, 300])
+def test_mean_per_class_accuracy_is_sklearns_balanced_accuracy(n_classes: int) -> None:
+    """Counted per class (no C x C matrix, which would not fit at Herbarium 2021's 64,500 classes), same value."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(n_classes)
+    labels = rng.integers(0, n_classes, 4000)
+    pred = np.where(rng.random(4000) < 0.5, labels, rng.integers(0, n_classes + 3, 4000))  # some never labelled
+    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):
+        expected = balanced_accuracy_score(labels, pred)
+    assert mean_per_class_accuracy(pred, labels) == pytest.approx(expected)
+
+
+def test_top1_ranking_is_the_first_of_equal_scores_like_the_full_ranking() -> None:
+    scores = np.array([[0.2, 0.4, 0.4], [0.5, 0.5, 0.0], [0.1, 0.1, 0.1]], dtype=np.float32)
+    np.testing.assert_array_equal(topk_indices(scores, 1)[:, 0], [1, 0, 0])
+    np.testing.assert_array_equal(topk_indices(scores, 1), topk_indices(scores, 2)[:, :1])

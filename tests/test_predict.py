@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_config
 from dataset_fixtures import write_herbarium2019, write_inat
 
-from fgvc.engine.stage import _load_split, run_stage1, run_stage2
+from fgvc.engine.stage import _load_splits, run_stage1, run_stage2
 from fgvc.engine.sweep import apparent_size_factor, suggest_test_res, sweep
 from fgvc.errors import ConfigError, DataError
 from fgvc.io import decode_image
@@ -141,7 +141,24 @@ def test_sweep_writes_table_and_plot(adapted_run: Path) -> None:
     assert result.csv_path.is_file() and result.png_path.read_bytes()[:4] == b"\x89PNG"
     assert (result.csv_path.name, result.png_path.name) == ("sweep-val.csv", "sweep-val.png")  # one pair per split
     best = result.table.set_index("res")[result.best_model][result.best_res]
-    assert best == result.table[["stage1", "stage2-48"]].to_numpy().max() == pytest.approx(result.best_top1)
+    assert best == result.table[["stage1", "stage2-48"]].to_numpy().max() == pytest.approx(result.best_score)
+    assert result.metric == "top1"  # the demo has no leaderboard
+
+
+def test_sweep_scores_the_datasets_leaderboard_metric(
+    adapted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a Herbarium run the resolution to submit at is the one with the best macro F1, not the best top-1."""
+    import fgvc.engine.sweep as sweep_module
+
+    run = tmp_path / adapted_run.name
+    shutil.copytree(adapted_run, run)
+    monkeypatch.setattr(sweep_module, "leaderboard_metric", lambda dataset: "macro_f1")
+    result = sweep(run, [32, 40], split="val", progress=False)
+    for res in (32, 40):
+        scored = predict(run, split="val", stage=1, res=res, tta="none", progress=False).metrics
+        assert result.table.set_index("res")["stage1"][res] == pytest.approx(scored["macro_f1"], abs=1e-3)
+    assert result.metric == "macro_f1" and result.best_score == result.table[["stage1", "stage2-48"]].to_numpy().max()
 
 
 def test_a_forced_stage2_retires_the_sweeps_that_scored_its_old_model(adapted_run: Path, tmp_path: Path) -> None:
@@ -435,7 +452,7 @@ def test_predicting_on_a_dataset_whose_classes_changed_is_a_one_line_error(tmp_p
     predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)  # a cached file does not hide it
     for split in ("train", "test"):
         (root / split / "a").rename(root / split / "z")  # same count, every label shifted
-    _load_split.cache_clear()  # as in a new process, which reads the folders again
+    _load_splits.cache_clear()  # as in a new process, which reads the folders again
     with pytest.raises(DataError, match=r"label 0 is 'a' in the model, 'b' in the dataset") as caught:
         predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)
     assert "\n" not in str(caught.value)  # predict has no --data-root: the fix is the stage's config.yaml

@@ -139,6 +139,13 @@ def test_non_integer_image_ids_are_rejected_for_integer_competitions() -> None:
         predictions_to_frame(make_probs(FILE_IDS), "inat2019")
 
 
+def test_the_leaderboard_metric_is_the_competitions_and_top1_elsewhere() -> None:
+    from fgvc.submission import leaderboard_metric
+
+    assert [leaderboard_metric(d) for d in ("inat2017", "inat2018", "inat2021", "herbarium2022", "cub", "demo")] == [
+        "top5", "top3", "top1", "macro_f1", "top1", "top1"]  # fmt: skip
+
+
 def test_unknown_competition_names_the_choices() -> None:
     with pytest.raises(ConfigError, match="inat2019"):
         predictions_to_frame(make_probs(), "inat2020")

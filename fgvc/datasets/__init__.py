@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from fgvc.datasets import birdsnap, cars, cub, flowers, generic, herbarium, inat, nabirds, pets
-from fgvc.datasets.base import SPLITS, DatasetIndex, DatasetSpec, OfficialSplits, Reader, make_index
+from fgvc.datasets.base import SPLITS, DatasetIndex, DatasetSpec, OfficialSplits, Reader, make_index, make_indices
 from fgvc.errors import ConfigError, LayoutError
 
 DEMO_LAYOUT = (
@@ -115,6 +115,14 @@ def load_index(
     return make_index(spec, resolved, split, val_fraction=val_fraction, seed=seed, train_on_all=train_on_all)
 
 
+def load_indices(
+    name: str, root: str | Path | None = None, val_fraction: float = 0.1, seed: int = 0, train_on_all: bool = False
+) -> dict[str, DatasetIndex]:
+    """Every split of dataset ``name`` (train, val, test) from one reading of its metadata."""
+    resolved = _ready_root(name, resolve_root(name, root))
+    return make_indices(get_spec(name), resolved, val_fraction=val_fraction, seed=seed, train_on_all=train_on_all)
+
+
 def _ready_root(name: str, root: Path) -> Path:
     """Generate the demo data on first use at its default place; every other dataset must already be on disk.
 
@@ -154,5 +162,6 @@ __all__ = [
     "get_spec",
     "list_datasets",
     "load_index",
+    "load_indices",
     "resolve_root",
 ]

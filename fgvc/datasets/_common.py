@@ -136,6 +136,7 @@ def load_json(path: Path) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
+    del raw  # not held next to the text and the parsed objects: ~2 GB for iNat 2021's train.json
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

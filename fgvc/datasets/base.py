@@ -129,6 +129,14 @@ def make_index(
     """Read ``root`` with ``spec.reader`` and return the requested split."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    return make_indices(spec, root, val_fraction, seed, train_on_all)[split]
+
+
+def make_indices(
+    spec: DatasetSpec, root: Path, val_fraction: float = 0.1, seed: int = 0, train_on_all: bool = False
+) -> dict[str, DatasetIndex]:
+    """Every split from one reading of ``root``: iNat 2021's metadata takes about a minute to parse, and a reader
+    parses the train, val and test files whichever split is asked for."""
     root = Path(root)
     if not root.exists():
         raise DataError(
@@ -142,13 +150,16 @@ def make_index(
         train, val = stratified_holdout(train, val_fraction, seed)
     if train_on_all:
         train = pd.concat([train, val]).sort_index() if official.val is None else pd.concat([train, val])
-    chosen = {"train": train, "val": val, "test": official.test}[split]
-    return DatasetIndex(
-        frame=chosen.reset_index(drop=True),
-        class_names=list(official.class_names),
-        category_ids=list(official.category_ids),
-        name=spec.name,
-        split=split,
-        notes=list(official.notes),
-        holdout=split == "val" and official.val is None and not train_on_all and len(val) > 0,
-    )
+    frames = {"train": train, "val": val, "test": official.test}
+    return {
+        split: DatasetIndex(
+            frame=chosen.reset_index(drop=True),
+            class_names=list(official.class_names),
+            category_ids=list(official.category_ids),
+            name=spec.name,
+            split=split,
+            notes=list(official.notes),
+            holdout=split == "val" and official.val is None and not train_on_all and len(val) > 0,
+        )
+        for split, chosen in frames.items()
+    }

@@ -136,7 +136,7 @@ def check_dataset(
     report.notes = list(official.notes)
     report.decoded = decode
 
-    paths = list(dict.fromkeys(path for table in frames.values() for path in table["path"]))
+    paths = list(dict.fromkeys(path for table in frames.values() for path in table["path"].to_numpy()))  # not per row
     present = {path: os.path.isfile(path) for path in tqdm(paths, desc="listing", disable=not progress, unit="file")}
     report.missing = [path for path in paths if not present[path]]
     failures = _decode_all([path for path in paths if present[path]], workers, progress) if decode else {}

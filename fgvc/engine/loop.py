@@ -208,7 +208,8 @@ def train_one_epoch(
         elapsed = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
         shown = "-" if math.isnan(batch_loss) else f"{batch_loss:.3f}"  # nan: the first loss is read a step late
-        bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{seen * rt.world_size / elapsed:.0f}")
+        # shown at the bar's own refresh (10 per second): refreshing at every step writes ~100 bytes per step to stderr
+        bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{seen * rt.world_size / elapsed:.0f}", refresh=False)
         if boundary and stop is not None and any_rank(rt, bool(stop)):  # all ranks stop at the same step
             if pending is not None:
                 total_loss += _read_loss(pending[0], pending[2]) * pending[1]

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fgvc.config import CONFIG_FILE, RunConfig, StageConfig, load_config, save_config, with_overrides
 from fgvc.data import ImageDataset, OnDeviceNormalize, TenCropNormalize, build_loader, collate_skip_none
-from fgvc.datasets import load_index
+from fgvc.datasets import SPLITS, load_indices
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import (
     BEST,
@@ -58,7 +58,7 @@ from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, DataError, RunExistsError
 from fgvc.fileio import atomic_write_text
 from fgvc.io import typical_source_pixels
-from fgvc.metrics import summarize
+from fgvc.metrics import METRIC_LABELS, summarize
 from fgvc.models import (
     ModelMeta,
     create_model,
@@ -69,6 +69,7 @@ from fgvc.models import (
     weights_file,
 )
 from fgvc.plots import plot_training_curves
+from fgvc.submission import leaderboard_metric
 from fgvc.transforms import build_transform
 
 log = logging.getLogger("fgvc")
@@ -89,20 +90,23 @@ class StageResult:
     before: dict[str, float] | None = None  # stage 2: the stage-1 model at the test resolution
     final: dict[str, float] | None = None  # validation metrics of the last epoch
     interrupted_by: int | None = None  # signal number when stopped by SIGINT/SIGTERM
+    metric: str = "top1"  # what best.pt was chosen on: the dataset's leaderboard metric
 
     def best_epoch(self) -> dict[str, Any] | None:
-        """The history row of the epoch ``best.pt`` holds (the first with the best validation top-1), if validated."""
-        if "val_top1" not in self.history or self.history["val_top1"].isna().all():
+        """The history row of the epoch ``best.pt`` holds (the first with the best validation ``metric``), if any."""
+        column = f"val_{self.metric}"
+        if column not in self.history or self.history[column].isna().all():
             return None
-        return self.history.loc[self.history["val_top1"].idxmax()].to_dict()
+        return self.history.loc[self.history[column].idxmax()].to_dict()
 
     def adapted_score(self) -> str:
         """Top-1 of best.pt (the model sweep and predict use), and the last epoch's where that is another epoch."""
         best, last_top1 = self.best_epoch(), (self.final or {}).get("top1", float("nan"))
         if best is None:
             return f"{last_top1:.2f} after adaptation"
+        chosen = "" if self.metric == "top1" else f", {METRIC_LABELS[self.metric]} {best[f'val_{self.metric}']:.2f}"
         last = "" if best["epoch"] == self.history["epoch"].iloc[-1] else f"; last epoch {last_top1:.2f}"
-        return f"{best['val_top1']:.2f} after adaptation (best.pt, epoch {int(best['epoch'])}{last})"
+        return f"{best['val_top1']:.2f} after adaptation (best.pt, epoch {int(best['epoch'])}{chosen}{last})"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,16 +149,19 @@ def load_split(cfg: RunConfig, split: str) -> DatasetIndex:
     the training seed, so ensemble members trained with different seeds share one validation set."""
     data = cfg.data
     root = data.resolved_root().resolve()
-    return _load_split(data.dataset, str(root), split, data.val_fraction, data.split_seed, data.train_on_all)
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    return _load_splits(data.dataset, str(root), data.val_fraction, data.split_seed, data.train_on_all)[split]
 
 
-@lru_cache(maxsize=8)
-def _load_split(
-    dataset: str, root: str, split: str, val_fraction: float, split_seed: int, train_on_all: bool
-) -> DatasetIndex:
-    """Cached per process: a sweep or an ensemble reads the same (possibly large) metadata files many times."""
-    return load_index(dataset, split, root=Path(root), val_fraction=val_fraction, seed=split_seed,
-                      train_on_all=train_on_all)  # fmt: skip
+@lru_cache(maxsize=4)
+def _load_splits(
+    dataset: str, root: str, val_fraction: float, split_seed: int, train_on_all: bool
+) -> dict[str, DatasetIndex]:
+    """Cached per process, every split from one reading: a stage reads train and val, a sweep or an ensemble the same
+    (possibly large) metadata files many times."""
+    return load_indices(dataset, root=Path(root), val_fraction=val_fraction, seed=split_seed,
+                        train_on_all=train_on_all)  # fmt: skip
 
 
 def make_loader(
@@ -516,6 +523,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     if stage != STAGE1 and cfg.runtime.cache_features == "on":
         require_cacheable(stage_cfg.augment, stage_cfg.tune, rt.world_size)
     start_epoch, start_micro, best, history, before = 0, 0, -1.0, [], None
+    metric = leaderboard_metric(cfg.data.dataset)  # best.pt is the epoch the leaderboard would rank highest
     partial: EpochStats | None = None
     learning = [name for name, param in unwrap_model(model).named_parameters() if param.requires_grad]
     if state is not None:
@@ -535,8 +543,9 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
                 f"{rt.world_size}: the schedule and data position would not match; resume with "
                 f"{state.get('world_size', 1)} processes or pass --force"
             )
-        start_epoch, start_micro, best = state["epoch"], state["micro_step"], state["best"]
+        start_epoch, start_micro = state["epoch"], state["micro_step"]
         history, before = state["history"], state.get("before")
+        best = max((row[f"val_{metric}"] for row in history if f"val_{metric}" in row), default=-1.0)
         if start_micro and state.get("partial"):  # the interrupted epoch's part before the stop
             partial = EpochStats(**state["partial"])
         rngs = state["rng"]  # one per rank (a dict: written by an fgvc that saved rank 0's only)
@@ -549,7 +558,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         cfg.data.root = str(cfg.data.resolved_root().resolve())  # the run folder must not depend on the cwd
         if stage != STAGE1 and len(val_index):
             before = validate()
-            log.info("stage-1 model at %d px before adaptation: %s", stage_cfg.res, _fmt(before))
+            log.info("stage-1 model at %d px before adaptation: %s", stage_cfg.res, _fmt(before, metric))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
@@ -595,7 +604,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "scaler": scaler.state_dict() if scaler else None,
             "epoch": epoch,
             "micro_step": micro,
-            "best": best,
+            "best": {metric: best},
             "history": history,
             "before": before,
             "finished": finished,
@@ -627,7 +636,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
                                       broadcast_buffers=broadcast_buffers)  # fmt: skip
     if cfg.runtime.compile:
         net = torch.compile(net)
-    result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before)
+    result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before, metric=metric)
     input_hint_given = False
     for epoch in range(start_epoch, stage_cfg.epochs):
         micro = start_micro if epoch == start_epoch else 0
@@ -684,11 +693,11 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             metrics = validate()
             row.update({f"val_{k}": round(v, 3) for k, v in metrics.items()})
         history.append(row)
-        improved = metrics is not None and metrics["top1"] > best
+        improved = metrics is not None and metrics[metric] > best
         if improved:
-            best = metrics["top1"]
+            best = metrics[metric]
         result.final = metrics or result.final
-        log.info(_epoch_line(row, stage_cfg.epochs))
+        log.info(_epoch_line(row, stage_cfg.epochs, metric))
         if not input_hint_given and (hint := input_bound_hint(stats, cfg.data.workers, decode, rt.device)):
             log.info(hint)
             input_hint_given = True
@@ -717,7 +726,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     if rt.is_main:
         if history and start_epoch >= stage_cfg.epochs:  # resumed from a finished last.pt: the process that wrote it
             _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")  # may have died before the table
-        summary = {"stage": stage, "epochs": stage_cfg.epochs, "res": stage_cfg.res, "best_top1": best,
+        summary = {"stage": stage, "epochs": stage_cfg.epochs, "res": stage_cfg.res, "best": {metric: best},
                    "final": result.final, "before": before, "decode": decode, "source": source}  # fmt: skip
         atomic_write_text(stage_dir / FINISHED, json.dumps(summary, indent=2))
     return result
@@ -815,16 +824,18 @@ def _prepare_bnstats(model: nn.Module, tune: str, restart: bool = True) -> Any:
     return restore
 
 
-def _fmt(metrics: dict[str, float] | None) -> str:
+def _fmt(metrics: dict[str, float] | None, metric: str) -> str:
+    """Top-1, top-5, mean per-class accuracy, and the leaderboard's ``metric`` (best.pt's choice) if another."""
     if not metrics:
         return "n/a"
-    return f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  mean/class {metrics['mean_per_class']:.2f}"
+    shown = list(dict.fromkeys(("top1", "top5", "mean_per_class", metric)))
+    return "  ".join(f"{METRIC_LABELS[name]} {metrics[name]:.2f}" for name in shown)
 
 
-def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+def _epoch_line(row: dict[str, Any], epochs: int, metric: str) -> str:
     val = ""
     if "val_top1" in row:
-        val = " | val " + _fmt({k[4:]: v for k, v in row.items() if k.startswith("val_")})
+        val = " | val " + _fmt({k[4:]: v for k, v in row.items() if k.startswith("val_")}, metric)
     return (
         f"epoch {row['epoch']}/{epochs} | loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
         f"{row['img_per_s']:.0f} img/s  {row['seconds']:.0f} s  data wait {row.get('data_wait', 0.0):.0%}{val}"

@@ -12,7 +12,9 @@ import pandas as pd
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.errors import ConfigError, DataError
 from fgvc.fileio import atomic_write_text
+from fgvc.metrics import METRIC_LABELS
 from fgvc.plots import plot_sweep
+from fgvc.submission import leaderboard_metric
 
 log = logging.getLogger("fgvc")
 
@@ -49,10 +51,11 @@ def suggest_test_res(
 
 @dataclass
 class SweepResult:
-    table: pd.DataFrame  # one row per resolution, one column per model (top-1 %)
+    table: pd.DataFrame  # one row per resolution, one column per model (``metric``, %)
+    metric: str  # the dataset's leaderboard metric (fgvc.submission.leaderboard_metric)
     best_model: str
     best_res: int
-    best_top1: float
+    best_score: float
     csv_path: Path
     png_path: Path
 
@@ -65,7 +68,8 @@ def sweep(
     workers: int | None = None,
     progress: bool = True,
 ) -> SweepResult:
-    """Top-1 of the stage-1 model and of every finished stage-2 model at each test resolution (test augmentation)."""
+    """The leaderboard metric (top-1 for most datasets, macro F1 for Herbarium 2020-22) of the stage-1 model and of
+    every finished stage-2 model at each test resolution (test augmentation)."""
     from fgvc.engine.runtime import is_main_process
     from fgvc.predict import finished_stage_dirs, predict_stage, require_positive
 
@@ -76,6 +80,7 @@ def sweep(
     if not dirs:
         raise DataError(f"{run_dir}: no finished stage; run `fgvc stage1` first")
     cfg = load_config(run_dir / CONFIG_FILE)
+    metric = leaderboard_metric(cfg.data.dataset)
     if cfg.data.train_on_all and split == "val" and is_main_process():
         log.warning("%s: data.train_on_all is set, so the val split was trained on and this sweep scores training "
                     "images; sweep a run without it to choose the resolution", run_dir)  # fmt: skip
@@ -86,14 +91,15 @@ def sweep(
             result = predict_stage(stage_dir, split, int(res), "none", batch_size, workers, progress=progress)
             if result.metrics is None:
                 raise DataError(f"{run_dir}: the {split} split has no labels; sweep needs a labelled split")
-            column.append(round(result.metrics["top1"], 3))
+            column.append(round(result.metrics[metric], 3))
         table[stage_dir.name] = column
-    long = table.melt(id_vars="res", var_name="model", value_name="top1")
-    best = long.loc[long["top1"].idxmax()]
+    long = table.melt(id_vars="res", var_name="model", value_name="score")
+    best = long.loc[long["score"].idxmax()]
     # One pair of files per split: a sweep of the test split does not replace the validation sweep. A rerun on the
     # same split replaces its own (a report, recomputed in seconds from the cached probability files).
     csv_path, png_path = run_dir / f"sweep-{split}.csv", run_dir / f"sweep-{split}.png"
     if is_main_process():  # under torchrun every rank has the table; one writes it
         atomic_write_text(csv_path, table.to_csv(index=False))
-        plot_sweep(table, png_path, cfg.stage1.res, f"{run_dir.name}: top-1 on {split} vs test resolution")
-    return SweepResult(table, str(best["model"]), int(best["res"]), float(best["top1"]), csv_path, png_path)
+        label = METRIC_LABELS[metric]
+        plot_sweep(table, png_path, cfg.stage1.res, f"{run_dir.name}: {label} on {split} vs test resolution", label)
+    return SweepResult(table, metric, str(best["model"]), int(best["res"]), float(best["score"]), csv_path, png_path)
