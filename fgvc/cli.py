@@ -28,6 +28,21 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
 
 
+def _print_version(requested: bool) -> None:
+    if requested:
+        from fgvc import __version__
+
+        typer.echo(f"fgvc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Fine-grained classification with FixRes: stage1 -> stage2 -> predict -> ensemble -> Kaggle CSV."""
+
+
 def _echo_table(frame: Any) -> None:
     typer.echo(frame.to_string(index=False))
 

@@ -195,11 +195,28 @@ def config_from_dict(values: dict[str, Any], source: str = "config", extra_keys:
         raise ConfigError(_format_validation_error(err, source, extra_keys)) from None
 
 
+SHIPPED_RECIPES = Path(__file__).parent / "recipes"  # the repository's recipes/, packaged with fgvc
+
+
+def shipped_recipe(name: str | Path) -> Path | None:
+    """The recipe fgvc ships under ``name``, written as in the README (``recipes/cub.yaml``) or bare (``cub``), so the
+    README's commands also work from an installed fgvc outside the repository; None for any other path."""
+    path = Path(name)
+    if len(path.parts) != 1 and path.parent != Path("recipes"):
+        return None
+    candidate = SHIPPED_RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return candidate if candidate.is_file() else None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with one-line errors for a missing or malformed file."""
+    """Read a YAML mapping, with one-line errors for a missing or malformed file. A path that is not there may name a
+    shipped recipe (:func:`shipped_recipe`)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such recipe/config file; check the path")
+        path = shipped_recipe(path) or path
+    if not path.is_file():
+        names = ", ".join(sorted(recipe.stem for recipe in SHIPPED_RECIPES.glob("*.yaml")))
+        raise ConfigError(f"{path}: no such recipe/config file; check the path (shipped recipes: {names})")
     try:
         values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError:

@@ -115,9 +115,9 @@ def summarize(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     hits = topk_indices(scores, 5) == labels[:, None]  # one ranking for every k (ranks are nested)
     pred = topk_indices(scores, 1)[:, 0]
     return {
-        "top1": 100.0 * hits[:, :1].any(axis=1).mean(),
-        "top3": 100.0 * hits[:, :3].any(axis=1).mean(),
-        "top5": 100.0 * hits.any(axis=1).mean(),
+        "top1": 100.0 * float(hits[:, :1].any(axis=1).mean()),  # plain floats: checkpoints load with weights_only
+        "top3": 100.0 * float(hits[:, :3].any(axis=1).mean()),
+        "top5": 100.0 * float(hits.any(axis=1).mean()),
         "mean_per_class": 100.0 * mean_per_class_accuracy(pred, labels),
         "macro_f1": 100.0 * macro_f1(pred, labels),
     }

@@ -11,6 +11,8 @@ from fgvc.errors import ConfigError
 from fgvc.recipe import load_recipe, resolve_run_config, select_members
 from fgvc.submission import COMPETITIONS
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_a_partial_section_keeps_that_sections_defaults() -> None:
     cfg = config_from_dict({"stage2": {"res": 512}, "stage1": {"epochs": 3}})
@@ -179,6 +181,24 @@ def test_empty_or_malformed_recipes_are_one_line_errors(tmp_path: Path, text: st
     path.write_text(text)
     with pytest.raises(ConfigError, match=rf"r\.yaml: {message}"):
         load_recipe(path)
+
+
+def test_shipped_recipes_are_found_by_the_readmes_path_or_name_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed fgvc run outside the repository: `--recipe recipes/cub.yaml` (the README's) and `--recipe cub`."""
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_config("recipes/cub.yaml", {}).data.dataset == "cub"
+    assert resolve_run_config("cub", {}).stage1.res == resolve_run_config("recipes/cub.yaml", {}).stage1.res
+    assert [m.name for m in load_recipe("recipes/inat2019.yaml").members] == [
+        m.name for m in load_recipe(REPO / "recipes" / "inat2019.yaml").members
+    ]
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "cub.yaml").write_text("data: {dataset: cars}\n")  # a file of the user's own wins
+    assert resolve_run_config("recipes/cub.yaml", {}).data.dataset == "cars"
+    with pytest.raises(ConfigError, match=r"^mine/cub.yaml: no such recipe/config file; check the path \(shipped "
+                                          r"recipes: birdsnap, cars, cub, "):  # fmt: skip
+        load_recipe("mine/cub.yaml")  # another folder is the user's path, not a shipped recipe
 
 
 def test_a_misspelt_name_on_the_command_line_names_the_flag_not_the_recipe(tmp_path: Path) -> None:

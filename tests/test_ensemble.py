@@ -356,3 +356,15 @@ def test_an_ensemble_never_replaces_a_submission_another_one_wrote_in_the_same_s
     assert path.name == "cub-20261127-080000-2.csv" and path.read_text() == "this submission"
     assert theirs.read_text() == "the other process's submission"
     assert Probabilities.load(path.with_suffix(".npz")).probs.shape == (2, 3)
+
+
+def test_hill_climb_gives_an_exact_tie_to_the_lower_index() -> None:
+    """Two identical good members and a poor one: every pick of a twin is a tie between them, which the documented
+    rule gives to the first, so the result does not depend on anything else."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 40)
+    good = np.full((40, 4), 0.1, np.float32)
+    good[np.arange(40), labels] = 0.7
+    poor = rng.dirichlet(np.ones(4), size=40).astype(np.float32)
+    weights = hill_climb([good, good.copy(), poor], labels, steps=6)
+    assert weights[0] > weights[1] > 0 and weights[2] > 0  # the twins' extra picks all went to the first

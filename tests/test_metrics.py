@@ -105,6 +105,7 @@ def test_summarize_reports_top3_for_inat2018s_leaderboard() -> None:
     scores = np.array([[0.5, 0.2, 0.15, 0.1, 0.05], [0.5, 0.2, 0.15, 0.1, 0.05]])
     summary = summarize(scores, np.array([2, 3]))  # ranked 3rd and 4th
     assert (summary["top1"], summary["top3"], summary["top5"]) == pytest.approx((0.0, 50.0, 100.0))
+    assert all(type(value) is float for value in summary.values())  # numpy scalars would not load from a checkpoint
 
 
 def test_summarize_needs_labelled_rows() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -390,6 +391,11 @@ def test_predictions_of_a_retrained_model_are_not_reused(tiny_demo_root: Path, t
     assert not [name for name in ("finished.json", "last.pt", "best.pt") if (stale / name).exists()]
     default = predict(cfg.run_dir(), split="val", tta="none", progress=False)  # the latest stage with a checkpoint
     assert default.probs.meta["stage"] == "stage1"
+    # a checkpoint replaced behind fgvc's back (copied in from another machine): the file, not the folder, decides
+    best = cfg.run_dir() / "stage1" / "best.pt"
+    best.write_bytes(best.read_bytes())
+    os.utime(best, ns=(best.stat().st_atime_ns, best.stat().st_mtime_ns + 10**9))
+    assert not predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False).cached
 
 
 def test_stored_probabilities_keep_their_relative_precision_down_the_tail(tmp_path: Path) -> None:
@@ -542,3 +548,45 @@ def test_changed_members_are_all_refused_before_any_training(tmp_path: Path) -> 
     assert not (tmp_path / "runs" / "c").exists()
     assert [o.status for o in train_recipe(recipe_path, progress=False, members=["c"])] == ["trained"]
     assert (tmp_path / "runs" / "c").is_dir()
+
+
+class _LeftAndTop(torch.nn.Module):
+    """Two logits, 10 x the mean of the image's left half and of its top half: a horizontal flip changes the first, a
+    vertical flip the second, and every image gives its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return 10 * torch.stack([x[..., : w // 2].mean((1, 2, 3)), x[..., : h // 2, :].mean((1, 2, 3))], dim=1)
+
+
+def test_flip_and_tencrop_average_each_images_own_views() -> None:
+    from fgvc.engine.loop import _views_probs
+
+    torch.manual_seed(0)
+    model = _LeftAndTop()
+
+    def soft(x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(x), 1)
+
+    images = torch.rand(3, 3, 8, 8)
+    mirrored = (soft(images) + soft(images.flip(-1))) / 2
+    torch.testing.assert_close(_views_probs(model, images, "flip", False), mirrored)
+    assert not torch.allclose(mirrored, (soft(images) + soft(images.flip(-2))) / 2, atol=1e-3)  # flips tell apart
+    views = torch.rand(3, 10, 3, 8, 8)  # ten-crop: (images, views, ...) from the loader
+    own = torch.stack([soft(views[i]).mean(0) for i in range(3)])
+    torch.testing.assert_close(_views_probs(model, views, "tencrop", False), own)
+    assert not torch.allclose(own, soft(views.flatten(0, 1)).view(10, 3, -1).mean(0), atol=1e-3)  # mixing would show
+
+
+def test_digit_string_ids_keep_their_leading_zeros(tmp_path: Path) -> None:
+    """Herbarium 2019 ids are file names, a folder dataset's may be zero-padded numbers: written back as given."""
+    ids, categories = np.array(["0001", "0002"]), np.array(["0", "007"])
+    path = tmp_path / "p.npz"
+    Probabilities(np.full((2, 2), 0.5, np.float32), ids, np.full(2, -1), categories, categories).save(path)
+    loaded = Probabilities.load(path)
+    assert loaded.image_ids.tolist() == ["0001", "0002"] and loaded.category_ids.tolist() == ["0", "007"]
+    numbers = tmp_path / "n.npz"
+    Probabilities(np.full((2, 2), 0.5, np.float32), np.array(["12", "3"]), np.full(2, -1), categories, categories).save(
+        numbers
+    )
+    assert Probabilities.load(numbers).image_ids.tolist() == [12, 3]  # plain integers stay integers (Kaggle's ids)

