@@ -87,6 +87,8 @@ class StageConfig(_Section):
     step_epochs: int = Field(30, gt=0)  # "step": divide the lr by 10 every step_epochs
     warmup_epochs: float = Field(0.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    mixup: float = Field(0.0, ge=0.0)  # Mixup's alpha (timm's Mixup, soft targets); 0: off. Stage 1 only
+    cutmix: float = Field(0.0, ge=0.0)  # CutMix's alpha; with mixup too, each batch uses one of the two at random
     grad_accum: int = Field(1, gt=0)
     augment: Augment = "train"
     tune: Tune = "all"
@@ -142,6 +144,15 @@ class RunConfig(_Section):
     stage2: StageConfig = Field(default_factory=_stage2_default)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("stage2")
+    @classmethod
+    def _stage2_does_not_mix(cls, value: StageConfig) -> StageConfig:
+        """FixRes' stage 2 fine-tunes on the test-time views; images mixed with others are not what it adapts to."""
+        if value.mixup or value.cutmix:
+            raise ValueError("Mixup/CutMix are stage-1 augmentations (stage 2 adapts to the test views): set them "
+                             "under stage1, and 0 here")  # fmt: skip
+        return value
 
     def run_name(self) -> str:
         if self.name:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from tqdm import tqdm
 from fgvc.data import STOP_SIGNALS
 from fgvc.engine.runtime import Runtime, all_reduce_sum, any_rank, gather_rows_on_main
 from fgvc.errors import TrainingError
+
+if TYPE_CHECKING:
+    from fgvc.engine.mixing import Mix
 
 T = TypeVar("T")
 
@@ -151,10 +154,12 @@ def train_one_epoch(
     samples: int | None = None,
     desc: str = "train",
     progress: bool = True,
+    mix: Mix | None = None,
 ) -> EpochStats:
     """One pass over ``loader``; with ``optimizer=None`` only forward passes run (BN statistics re-estimation).
 
-    ``prepare`` turns a loader batch into the normalised device tensor (see :class:`fgvc.data.OnDeviceNormalize`).
+    ``prepare`` turns a loader batch into the normalised device tensor (see :class:`fgvc.data.OnDeviceNormalize`);
+    ``mix`` then mixes images and labels (Mixup / CutMix, :mod:`fgvc.engine.mixing`) for a soft-target ``criterion``.
 
     Stops early, at an optimiser-step boundary, when ``stop`` is set; ``micro_steps`` then says where to resume.
 
@@ -184,6 +189,8 @@ def train_one_epoch(
         else:
             x = prepare(images)
             y = labels.to(rt.device, non_blocking=True)
+            if mix is not None:
+                x, y = mix(x, y)
             if optimizer is None:
                 with torch.no_grad(), rt.autocast():
                     loss = criterion(model(x), y)

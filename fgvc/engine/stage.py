@@ -53,6 +53,7 @@ from fgvc.engine.feature_cache import (
     train_one_epoch_cached,
 )
 from fgvc.engine.loop import EpochStats, StopFlag, predict_probs, stop_on_signals, train_one_epoch
+from fgvc.engine.mixing import build_mixing
 from fgvc.engine.runtime import Runtime, any_rank, barrier, broadcast_from_main, gather_objects, setup_runtime
 from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, DataError, RunExistsError
@@ -409,6 +410,7 @@ def latest_run(out: str | Path = "runs") -> Path:
 def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[str]:
     """Settings that differ between the checkpoint's config and this command (resuming would mix two runs)."""
     current = cfg.model_dump(mode="json")
+    defaults = RunConfig().model_dump(mode="json")  # a setting added since the checkpoint had its default then
     section = "stage1" if stage == STAGE1 else "stage2"
     out = []
     checks = [("data", "dataset"), ("data", "val_fraction"), ("data", "train_on_all"), ("data", "crop_pct")]
@@ -416,7 +418,7 @@ def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[
     checks += [("model", "arch"), ("model", "weights")]  # another start is another model
     checks += [(section, key) for key in current[section] if key not in _NOT_COMPARED]
     for sec, key in checks:
-        old, new = saved.get(sec, {}).get(key), current[sec][key]
+        old, new = saved.get(sec, {}).get(key, defaults[sec][key]), current[sec][key]
         if old != new:
             out.append(f"{sec}.{key}: {old} -> {new}")
     old_lr, new_lr = _learning_rate(saved.get(section, {})), _learning_rate(current[section])
@@ -493,7 +495,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     optimizer = build_optimizer(model, stage_cfg, lr)
     scheduler = build_scheduler(optimizer, stage_cfg, steps_per_epoch) if optimizer else None
     scaler = torch.amp.GradScaler("cuda") if rt.needs_grad_scaler and optimizer else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=stage_cfg.label_smoothing)
+    mix, criterion = build_mixing(stage_cfg, num_classes)
     if stage != STAGE1 and cfg.runtime.cache_features == "on":
         require_cacheable(stage_cfg.augment, stage_cfg.tune, rt.world_size)
     start_epoch, start_micro, best, history, before = 0, 0, -1.0, [], None
@@ -623,7 +625,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             stats = train_one_epoch(
                 net, train_loader, optimizer, scheduler, scaler, rt, prepare, criterion,
                 grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro,
-                batch_size=stage_cfg.batch_size, samples=len(train_sampler), desc=desc, progress=progress,
+                batch_size=stage_cfg.batch_size, samples=len(train_sampler), desc=desc, progress=progress, mix=mix,
             )  # fmt: skip
         stats = stats.after(partial if epoch == start_epoch else None)
         bn_reset()
