@@ -211,8 +211,8 @@ def sweep(
     workers: int | None = typer.Option(None),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
-    """The leaderboard metric (top-1; macro F1 for Herbarium 2020-22) of the stage-1 (and stage-2) models at each test
-    resolution: CSV table + PNG plot."""
+    """The leaderboard metric (top-1; macro F1 for Herbarium 2020-22, top-3 for iNat 2018, top-5 for iNat 2017) of the
+    stage-1 (and stage-2) models at each test resolution: CSV table + PNG plot."""
     _maybe_torchrun(gpus)
     from fgvc.engine.runtime import is_main_process
     from fgvc.engine.stage import latest_run

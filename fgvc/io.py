@@ -97,10 +97,14 @@ def looks_truncated(data: bytes) -> bool:
     return data.startswith(_JPEG_START) and not is_complete_jpeg(data)
 
 
+_PADDED_TAIL = 16  # bytes of padding that no data runs into: a JPEG's data may end in "ff 00" (byte stuffing)
+
+
 def cut_off_and_padded(data: bytes) -> bool:
     """A JPEG whose data runs into padding with no end-of-image marker before it (see the module's policy)."""
     stripped = data.rstrip(_PADDING)
-    return data.startswith(_JPEG_START) and len(stripped) < len(data) and not stripped.endswith(_JPEG_END)
+    padded = len(data) - len(stripped) >= _PADDED_TAIL
+    return data.startswith(_JPEG_START) and padded and not stripped.endswith(_JPEG_END)
 
 
 def _decode_with_pillow(data: bytes) -> np.ndarray | None:

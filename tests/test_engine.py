@@ -204,6 +204,32 @@ def test_best_pt_is_the_epoch_the_leaderboard_ranks_highest(
     assert ("macro F1" in result.adapted_score()) == (metric == "macro_f1")
 
 
+@pytest.mark.parametrize("old_format", [False, True])
+def test_a_resumed_run_keeps_the_first_of_tied_epochs_and_the_metric_it_started_with(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_format: bool
+) -> None:
+    """22 of 48 images is 45.8333...: metrics.csv rounds it, so a resume must not compare the next epoch's unrounded
+    tie with the rounded copy. A last.pt of an fgvc that chose best.pt on top-1 goes on choosing on top-1."""
+    import fgvc.engine.stage as stage_module
+
+    tie = 100 * 22 / 48
+    scores = {"top1": tie, "top3": tie, "top5": tie, "mean_per_class": tie, "macro_f1": tie}
+    monkeypatch.setattr(stage_module, "summarize", lambda *_: dict(scores))
+    monkeypatch.setattr(stage_module, "leaderboard_metric", lambda dataset: "macro_f1")
+    cfg = tiny_config(tiny_demo_root, tmp_path, stage1={"epochs": 2})
+    steps = len(load_split(cfg, "train")) // cfg.stage1.batch_size
+    with monkeypatch.context() as patch:
+        _StopAtStep(patch, signal.SIGTERM, at=steps + 1)  # the first step of epoch 2: last.pt holds epoch 1
+        assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGTERM
+    stage_dir = cfg.run_dir() / "stage1"
+    if old_format:
+        state = load_checkpoint(stage_dir / LAST)
+        save_checkpoint(stage_dir / LAST, state | {"best": tie})  # a plain float: top-1, as fgvc wrote it before
+    result = run_stage1(cfg, progress=False)
+    assert load_checkpoint(stage_dir / BEST)["epoch"] == 1 == result.best_epoch()["epoch"]
+    assert result.metric == ("top1" if old_format else "macro_f1")
+
+
 def test_classes_are_their_category_ids_names_may_change(stage1_run: Path) -> None:
     """iNat 2018's categories.json replaces the training JSON's coded names: the same classes, not a new dataset."""
     from fgvc.engine.stage import check_classes

@@ -521,7 +521,11 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             )
         start_epoch, start_micro = state["epoch"], state["micro_step"]
         history, before = state["history"], state.get("before")
-        best = max((row[f"val_{metric}"] for row in history if f"val_{metric}" in row), default=-1.0)
+        saved_best = state.get("best", -1.0)
+        if isinstance(saved_best, dict) and metric in saved_best:  # unrounded, unlike the history's copy
+            best = saved_best[metric]
+        else:  # written by an fgvc that kept best.pt on top-1: this run goes on choosing the way it started
+            metric, best = "top1", float(saved_best) if not isinstance(saved_best, dict) else -1.0
         if start_micro and state.get("partial"):  # the interrupted epoch's part before the stop
             partial = EpochStats(**state["partial"])
         rngs = state["rng"]  # one per rank (a dict: written by an fgvc that saved rank 0's only)

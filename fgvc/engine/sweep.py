@@ -68,8 +68,8 @@ def sweep(
     workers: int | None = None,
     progress: bool = True,
 ) -> SweepResult:
-    """The leaderboard metric (top-1 for most datasets, macro F1 for Herbarium 2020-22) of the stage-1 model and of
-    every finished stage-2 model at each test resolution (test augmentation)."""
+    """The leaderboard metric (:func:`fgvc.submission.leaderboard_metric`: top-1 for most datasets) of the stage-1
+    model and of every finished stage-2 model at each test resolution (test augmentation)."""
     from fgvc.engine.runtime import is_main_process
     from fgvc.predict import finished_stage_dirs, predict_stage, require_positive
 
