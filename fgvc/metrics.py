@@ -112,8 +112,8 @@ def summarize(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     if not known.any():
         raise ValueError("no labelled rows: metrics need a split with known labels (not a test split)")
     scores, labels = scores[known], labels[known]
-    hits = topk_indices(scores, 5) == labels[:, None]  # one ranking for every k (ranks are nested)
-    pred = topk_indices(scores, 1)[:, 0]
+    ranked = topk_indices(scores, 5)  # one ranking for every k (ranks are nested) and the prediction
+    hits, pred = ranked == labels[:, None], ranked[:, 0]
     return {
         "top1": 100.0 * float(hits[:, :1].any(axis=1).mean()),  # plain floats: checkpoints load with weights_only
         "top3": 100.0 * float(hits[:, :3].any(axis=1).mean()),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from fgvc.datasets import birdsnap, cars, cub, flowers, generic, herbarium, inat, nabirds, pets
-from fgvc.datasets.base import SPLITS, DatasetIndex, DatasetSpec, OfficialSplits, Reader, make_index, make_indices
+from fgvc.datasets.base import SPLITS, DatasetIndex, DatasetSpec, OfficialSplits, Reader, make_indices, require_split
 from fgvc.errors import ConfigError, LayoutError
 
 DEMO_LAYOUT = (
@@ -110,9 +110,8 @@ def load_index(
     train_on_all: bool = False,
 ) -> DatasetIndex:
     """One split of dataset ``name``; ``val`` is a stratified hold-out of train where the benchmark has none."""
-    spec = get_spec(name)
-    resolved = _ready_root(name, resolve_root(name, root))
-    return make_index(spec, resolved, split, val_fraction=val_fraction, seed=seed, train_on_all=train_on_all)
+    require_split(split)
+    return load_indices(name, root, val_fraction=val_fraction, seed=seed, train_on_all=train_on_all)[split]
 
 
 def load_indices(
@@ -163,5 +162,6 @@ __all__ = [
     "list_datasets",
     "load_index",
     "load_indices",
+    "require_split",
     "resolve_root",
 ]

@@ -1,7 +1,7 @@
 """The common index every dataset reader produces.
 
 Readers parse an official on-disk format into :class:`OfficialSplits` (the splits the benchmark defines, with the
-labels already mapped to 0..C-1). :func:`make_index` then derives the requested split, drawing a deterministic
+labels already mapped to 0..C-1). :func:`make_indices` then derives the splits, drawing a deterministic
 stratified hold-out from train where the benchmark has no validation split.
 """
 
@@ -118,18 +118,9 @@ def _keys(values: pd.Series, seed: int) -> pd.Series:
     return pd.util.hash_pandas_object(f"{seed}:" + values.astype(str), index=False)
 
 
-def make_index(
-    spec: DatasetSpec,
-    root: Path,
-    split: str,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    train_on_all: bool = False,
-) -> DatasetIndex:
-    """Read ``root`` with ``spec.reader`` and return the requested split."""
+def require_split(split: str) -> None:
     if split not in SPLITS:
         raise ConfigError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
-    return make_indices(spec, root, val_fraction, seed, train_on_all)[split]
 
 
 def make_indices(

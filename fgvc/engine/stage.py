@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fgvc.config import CONFIG_FILE, RunConfig, StageConfig, load_config, save_config, with_overrides
 from fgvc.data import ImageDataset, OnDeviceNormalize, TenCropNormalize, build_loader, collate_skip_none
-from fgvc.datasets import SPLITS, load_indices
+from fgvc.datasets import load_indices, require_split
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import (
     BEST,
@@ -150,8 +150,7 @@ def load_split(cfg: RunConfig, split: str) -> DatasetIndex:
     the training seed, so ensemble members trained with different seeds share one validation set."""
     data = cfg.data
     root = data.resolved_root().resolve()
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    require_split(split)
     return _load_splits(data.dataset, str(root), data.val_fraction, data.split_seed, data.train_on_all)[split]
 
 
