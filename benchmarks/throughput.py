@@ -71,10 +71,10 @@ from fgvc.engine.stage import (
     build_scheduler,
     load_split,
     make_loader,
-    setup_logging,
     stage2_split,
 )
 from fgvc.fileio import atomic_write_text
+from fgvc.logs import log_to_console
 from fgvc.models import create_model, get_meta, set_train_mode, set_trainable
 
 try:  # written alongside this benchmark; absent modules give "not available" rows, never a number
@@ -1042,7 +1042,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs = {case.arch: run_config(case, data_root, Path(tmp) / "runs", args.workers, device) for case in cases}
         first = configs[cases[0].arch]
         rt = setup_runtime(first.runtime)
-        setup_logging(None, rt)
+        log_to_console()
         bench = Bench(args, sizes, rt, first.data.workers, started)
         bench.log(f"{sizes.images} JPEGs of {kib:.0f} KiB on average written in {time.perf_counter() - started:.1f} s")
         bench.log(f"device: {bench.device} ({rt.describe()}); results: {bench.base}.md/.json")

@@ -41,6 +41,9 @@ def _options(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Fine-grained classification with FixRes: stage1 -> stage2 -> predict -> ensemble -> Kaggle CSV."""
+    from fgvc.logs import log_to_console
+
+    log_to_console()
 
 
 def _echo_table(frame: Any) -> None:
@@ -163,7 +166,9 @@ def stage1(
 
 @app.command()
 def stage2(
-    test_res: int = typer.Option(..., help="Test resolution to adapt to (see `fgvc suggest-res`)."),
+    test_res: int | None = typer.Option(
+        None, help="Test resolution to adapt to (default: the run's stage2.res, from its recipe; see `fgvc sweep`)."
+    ),
     run: Path | None = typer.Option(None, help="Run folder (default: the most recent stage-1 run under runs/)."),
     tune: str | None = typer.Option(None, help="fc, bn+fc (default), bnstats+fc, stage+bn+fc or bnstats."),
     da: str | None = typer.Option(None, help="Augmentation: test (default) or test2."),
@@ -198,7 +203,8 @@ def stage2(
     if result.interrupted_by:
         raise typer.Exit(128 + result.interrupted_by)
     if result.before and result.final and is_main_process():
-        typer.echo(f"{run_dir.name} @ {test_res}px: top-1 {result.before['top1']:.2f} before -> "
+        res = result.stage_dir.name.removeprefix("stage2-")
+        typer.echo(f"{run_dir.name} @ {res}px: top-1 {result.before['top1']:.2f} before -> "
                    f"{result.adapted_score()}")  # fmt: skip
 
 

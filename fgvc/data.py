@@ -153,6 +153,20 @@ def build_loader(
     )
 
 
+def close_loader(loader: Any) -> None:
+    """End a loader's persistent worker processes now (a :class:`fgvc.prefetch.Prefetcher`'s too).
+
+    Otherwise they end when the loader is garbage, and a traceback that references it (a notebook keeps the last one)
+    would keep them, each a copy of the parent process, alive.
+    """
+    loader = getattr(loader, "loader", loader)  # the DataLoader behind a Prefetcher
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if isinstance(loader, DataLoader):
+        loader._iterator = None
+
+
 @lru_cache(maxsize=1)
 def _end_workers_at_exit() -> None:
     """Register (once) an exit handler that kills the loader workers still alive when the process ends.

@@ -13,8 +13,9 @@ without asking Pillow, which reads the zeros as image data: a download cut off i
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
-from contextlib import suppress
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import cv2
@@ -27,9 +28,33 @@ _JPEG_START = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
 _PADDING = b"\x00\r\n\t "  # bytes some writers append after the end-of-image marker
 
-# Libjpeg/libpng messages go through OpenCV's logger (its ERROR level included, e.g. "imdecode_(''): can't read
-# header" for a cut-off GIF); a broken file is reported by our own exception instead, with its name.
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+_silenced_lock = threading.Lock()
+_silenced_depth = 0
+_callers_level = 0
+
+
+@contextmanager
+def _opencv_silenced() -> Iterator[None]:
+    """Libjpeg/libpng messages go through OpenCV's logger (its ERROR level included, e.g. "imdecode_(''): can't read
+    header" for a cut-off GIF); a broken file is reported by our own exception instead, with its name.
+
+    Silenced while any decode runs (threads decode at once in `fgvc datasets check --decode`): the first one in saves
+    the caller's level, the last one out restores it, so the rest of the process keeps OpenCV's messages.
+    """
+    global _silenced_depth, _callers_level
+    with _silenced_lock:
+        if _silenced_depth == 0:
+            _callers_level = cv2.utils.logging.getLogLevel()
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        _silenced_depth += 1
+    try:
+        yield
+    finally:
+        with _silenced_lock:
+            _silenced_depth -= 1
+            if _silenced_depth == 0:
+                cv2.utils.logging.setLogLevel(_callers_level)
 
 
 def disable_opencv_threads() -> None:
@@ -79,7 +104,8 @@ def _decode_with_opencv(data: bytes) -> np.ndarray | None:
     if not data:
         return None
     try:
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        with _opencv_silenced():
+            bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
         return None
     if bgr is None:

@@ -19,11 +19,12 @@ from typing import get_args
 import numpy as np
 import torch
 
-from fgvc.config import CONFIG_FILE, TTA, load_config
+from fgvc.config import CONFIG_FILE, TTA, RunConfig, load_config, with_overrides
+from fgvc.data import close_loader
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.launch import already_distributed
 from fgvc.engine.loop import predict_probs
-from fgvc.engine.runtime import Runtime, broadcast_from_main, is_main_process, setup_runtime
+from fgvc.engine.runtime import Runtime, broadcast_from_main, is_main_process, settings_restored, setup_runtime
 from fgvc.engine.stage import (
     FINISHED,
     STAGE1,
@@ -34,7 +35,6 @@ from fgvc.engine.stage import (
     load_split,
     load_stage_model,
     make_loader,
-    setup_logging,
 )
 from fgvc.ensemble import combine_members, equal_weights
 from fgvc.errors import ConfigError, DataError
@@ -158,7 +158,7 @@ def prediction_path(run_dir: Path, stage_dir: Path, split: str, res: int | str, 
 
 
 def predict_stage(
-    stage_dir: Path,
+    stage_dir: str | Path,
     split: str,
     res: int,
     tta: str,
@@ -176,15 +176,14 @@ def predict_stage(
     ``skip_corrupt``: give unreadable images uniform probabilities instead of stopping (None: as the stage was
     trained); the file records them, and a later call recomputes it once any of them reads.
     """
+    stage_dir = Path(stage_dir)
     if tta not in TTA_CHOICES:
         raise ConfigError(f"unknown --tta '{tta}'; choose one of {', '.join(TTA_CHOICES)}")
     run_dir = stage_dir.parent
     path = prediction_path(run_dir, stage_dir, split, res, tta)
-    cfg = load_config(stage_dir / CONFIG_FILE)
-    if workers is not None:
-        cfg.data.workers = workers
-    if skip_corrupt is not None:
-        cfg.data.skip_corrupt = skip_corrupt
+    saved = load_config(stage_dir / CONFIG_FILE)
+    arguments = {"data.workers": workers, "data.skip_corrupt": skip_corrupt}  # None: as the stage was trained
+    cfg = with_overrides(saved.model_dump(mode="json"), arguments, "the prediction's arguments")
     index = load_split(cfg, split)
     if not len(index):
         notes = f" ({'; '.join(index.notes)})" if index.notes else ""
@@ -192,8 +191,26 @@ def predict_stage(
     cached = None if force or not is_main_process() else _cached_probabilities(path, stage_dir, index)
     if cached is not None and not already_distributed():  # reading the file needs no device
         return PredictResult(path, cached, _metrics(cached), True)
+    with settings_restored():
+        return _predicted(stage_dir, cfg, index, path, cached, split, res, tta, batch_size, progress, compile_model)
+
+
+def _predicted(
+    stage_dir: Path,
+    cfg: RunConfig,
+    index: DatasetIndex,
+    path: Path,
+    cached: Probabilities | None,
+    split: str,
+    res: int,
+    tta: str,
+    batch_size: int | None,
+    progress: bool,
+    compile_model: bool | None,
+) -> PredictResult:
+    """:func:`predict_stage` past its cache: the model's probabilities, written to ``path`` (rank 0)."""
+    run_dir = stage_dir.parent
     rt = setup_runtime(cfg.runtime)
-    setup_logging(None, rt)
     if broadcast_from_main(rt, cached is not None):  # rank 0 decides: every rank must take the same branch
         return PredictResult(path, cached, broadcast_from_main(rt, _metrics(cached)), True)
 
@@ -209,7 +226,10 @@ def predict_stage(
     decode = stage_decode(stage_dir, rt)
     loader, _, prepare = make_loader(cfg, rt, index, kind, res, batch, False, meta, decode)
     net = torch.compile(model) if (cfg.runtime.compile if compile_model is None else compile_model) else model
-    scores, idx = predict_probs(net, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
+    try:
+        scores, idx = predict_probs(net, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
+    finally:
+        close_loader(loader)
     if not rt.is_main:  # the metrics come once rank 0 has written the file
         return PredictResult(path, None, broadcast_from_main(rt, None), False)
     n_images = len(index)
@@ -268,7 +288,7 @@ def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> P
 
 
 def predict(
-    run_dir: Path,
+    run_dir: str | Path,
     split: str = "test",
     stage: int | None = None,
     res: int | None = None,
@@ -285,6 +305,7 @@ def predict(
 
     ``tta`` None: the run's ``predict.tta`` (``tencrop`` unless its recipe says otherwise).
     """
+    run_dir = Path(run_dir)
     if stage not in (None, 1, 2):
         raise ConfigError(f"--stage is 1 or 2, not {stage}")
     if res is not None and multi_res:

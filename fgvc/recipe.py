@@ -8,6 +8,7 @@ optional ``weight``, ``stage`` and ``multi_res``. A plain RunConfig file (no ``m
 
 from __future__ import annotations
 
+import difflib
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,12 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
         ensemble = EnsembleConfig.model_validate(values.get("ensemble") or {})
     except ValidationError as err:
         key, message = first_error(err)
+        if err.errors()[0]["type"] == "extra_forbidden":
+            valid = list(EnsembleConfig.model_fields)
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            keys = ", ".join(valid)
+            raise ConfigError(f"{source}: unknown key 'ensemble.{key}'{hint}; valid keys there: {keys}") from None
         raise ConfigError(f"{source}: ensemble.{key}: {message}") from None
     members = []
     for i, raw in enumerate(members_raw):
@@ -105,7 +112,7 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
     try:  # checked now, not after hours of predicting
         check_top_k(competition_spec(competition), ensemble.top_k)
     except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(f"{source}: ensemble.top_k: {err}") from None
     _check_weights(source, ensemble, members)
     return Recipe(source=source, competition=competition, ensemble=ensemble, members=members)
 

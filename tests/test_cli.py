@@ -55,7 +55,7 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()  # a start that fails on its arguments leaves no (empty) run folder
     line = one_line_error(fgvc("stage1", "--dataset", "nosuchset", "--data-root", str(tmp_path)))
     assert "cub" in line  # lists the valid names
-    assert "run `fgvc stage1` first" in one_line_error(fgvc("stage2", "--test-res", "64", cwd=tmp_path))
+    assert "run `fgvc stage1` first" in one_line_error(fgvc("stage2", cwd=tmp_path))
 
 
 def test_datasets_check_exit_codes(tmp_path: Path) -> None:
@@ -108,7 +108,8 @@ def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *ar
 @pytest.mark.parametrize(
     ("args", "expected"),
     [(["stage1", "--bogus"], "No such option: --bogus"), (["stage1", "--res", "abc"], "Invalid value for '--res'"),
-     (["stage2"], "Missing option '--test-res'"), (["nosuchcmd"], "No such command 'nosuchcmd'"), ([], "Usage:")],
+     (["stage2", "--test-res", "x"], "Invalid value for '--test-res'"), (["nosuchcmd"], "No such command 'nosuchcmd'"),
+     ([], "Usage:")],
 )  # fmt: skip
 def test_usage_errors_print_usage_and_exit_2_without_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, args: list[str], expected: str

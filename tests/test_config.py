@@ -116,7 +116,7 @@ def test_search_on_a_val_split_the_members_train_on_is_refused(tmp_path: Path) -
 
 def test_top_k_and_competition_are_checked_when_the_recipe_loads(tmp_path: Path) -> None:
     members = "  - {name: a}\n"
-    with pytest.raises(ConfigError, match=r"recipe.yaml: herbarium2020 needs exactly 1 predictions per row, not 7"):
+    with pytest.raises(ConfigError, match=r"recipe.yaml: ensemble.top_k: herbarium2020 needs exactly 1 predictions "):
         load_recipe(_recipe_file(tmp_path, "{top_k: 7}", members, "herbarium2020"))
     with pytest.raises(ConfigError, match=r"recipe.yaml: unknown competition 'kaggle'"):
         load_recipe(_recipe_file(tmp_path, "{}", members, "kaggle"))
@@ -169,6 +169,7 @@ def test_another_dataset_on_the_command_line_leaves_the_saved_root_behind(tmp_pa
         ("members: []\n", r"'members' is empty"),
         ("ensemble: [1]\nmembers: [{name: a}]\n", r"'ensemble' must be a mapping"),
         ("ensemble: {val_split: tset}\nmembers: [{name: a}]\n", r"ensemble.val_split: Input should be 'val' or"),
+        ("ensemble: {weight: equal}\n", r"unknown key 'ensemble.weight' \(did you mean 'weights'\?\); valid keys"),
         ("members: [{name: a, multi_res: [0, 448]}]\n", r"members\[0\].multi_res.0: Input should be greater than 0"),
         ("stage1.epochs: 3\nstage1: {epochs: 5}\n", r"stage1.epochs is set twice, as a dotted key and inside its"),
         ("members: [{stage2.res: 40, stage2: {res: 50}}]\n", r"members\[0\].stage2.res is set twice"),

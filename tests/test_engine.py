@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _fgvc(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # TQDM_MININTERVAL: live progress bars into the pipe, whose "img_s=" tells the tests a training step has finished
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "0.1"}
     return subprocess.Popen([sys.executable, "-m", "fgvc", *args], cwd=kwargs.get("cwd", REPO), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
@@ -228,6 +229,85 @@ def test_a_resumed_run_keeps_the_first_of_tied_epochs_and_the_metric_it_started_
     result = run_stage1(cfg, progress=False)
     assert load_checkpoint(stage_dir / BEST)["epoch"] == 1 == result.best_epoch()["epoch"]
     assert result.metric == ("top1" if old_format else "macro_f1")
+
+
+class _StopInEvaluation:
+    """SIGTERM to this process as the ``at``-th evaluation pass (a validation, the feature cache) starts its first
+    batch: a stop request that arrives while a large validation split is being scored."""
+
+    def __init__(self, patch: pytest.MonkeyPatch, target: str, at: int = 1) -> None:
+        import fgvc.engine.stage as stage_module
+
+        original, self.calls = getattr(stage_module, target), 0
+
+        def stopping(model: object, loader: object, *args: object, **kwargs: object) -> object:
+            self.calls += 1
+            if self.calls == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(model, loader, *args, **kwargs)
+
+        patch.setattr(stage_module, target, stopping)
+
+
+def _comparable(history: pd.DataFrame) -> pd.DataFrame:
+    return history[[c for c in history.columns if c == "epoch" or c == "train_loss" or c.startswith("val_")]]
+
+
+def test_a_stop_during_validation_saves_the_epoch_and_the_resume_validates_it_first(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while epoch 1 is being validated: the run used to score the whole split before saving, past a
+    scheduler's grace period (SLURM: 30 s), and the SIGKILL then cost the epoch. Now it saves epoch 1 at once, and the
+    resume validates it before epoch 2: the same history and best.pt as a run never stopped."""
+    uninterrupted = tiny_config(tiny_demo_root, tmp_path / "a", stage1={"epochs": 2})
+    reference = run_stage1(uninterrupted, progress=False)
+    cfg = tiny_config(tiny_demo_root, tmp_path / "b", stage1={"epochs": 2})
+    with monkeypatch.context() as patch:
+        stop = _StopInEvaluation(patch, "predict_probs", at=1)
+        assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGTERM
+    assert stop.calls == 1  # the interrupted validation did not go on to a second pass
+    stage_dir = cfg.run_dir() / "stage1"
+    state = load_checkpoint(stage_dir / LAST)
+    assert (state["epoch"], state["micro_step"], state["val_pending"], state["finished"]) == (1, 0, True, False)
+    assert not (stage_dir / BEST).exists()  # no score yet, so no best epoch
+    resumed = run_stage1(cfg, progress=False)
+    pd.testing.assert_frame_equal(_comparable(resumed.history), _comparable(reference.history))
+    best_epoch = load_checkpoint(uninterrupted.run_dir() / "stage1" / BEST)["epoch"]
+    assert load_checkpoint(stage_dir / BEST)["epoch"] == best_epoch
+    assert (stage_dir / FINISHED).is_file()
+
+
+def test_a_stop_during_the_last_epochs_validation_finishes_on_resume(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config(tiny_demo_root, tmp_path, stage1={"epochs": 1})
+    with monkeypatch.context() as patch:
+        _StopInEvaluation(patch, "predict_probs", at=1)
+        assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGTERM
+    stage_dir = cfg.run_dir() / "stage1"
+    assert not (stage_dir / FINISHED).exists()
+    result = run_stage1(cfg, progress=False)
+    assert (stage_dir / FINISHED).is_file() and result.final is not None and "val_top1" in result.history
+    assert load_checkpoint(stage_dir / BEST)["epoch"] == 1
+
+
+@pytest.mark.parametrize("target", ["predict_probs", "compute_cache"])
+def test_a_stop_before_stage_2_trains_saves_nothing_and_a_rerun_starts_it(
+    stage1_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    """SIGTERM while stage 2 scores the stage-1 model or fills its feature cache: nothing is trained yet, so nothing
+    is saved (the folder is not claimed) and the rerun starts stage 2 afresh."""
+    import shutil
+
+    run = tmp_path / stage1_run.name
+    shutil.copytree(stage1_run, run, ignore=shutil.ignore_patterns("stage2-*", "predictions"))
+    overrides = {"stage2.res": 40, "runtime.cache_features": "on" if target == "compute_cache" else "off"}
+    with monkeypatch.context() as patch:
+        stop = _StopInEvaluation(patch, target, at=1)
+        assert run_stage2(run, overrides, progress=False).interrupted_by == signal.SIGTERM
+    assert stop.calls == 1 and not (run / "stage2-40" / LAST).exists()
+    assert run_stage2(run, overrides, progress=False).interrupted_by is None
+    assert (run / "stage2-40" / FINISHED).is_file()
 
 
 def test_classes_are_their_category_ids_names_may_change(stage1_run: Path) -> None:
@@ -1050,6 +1130,12 @@ def test_sampler_shards_cover_every_row_with_equal_steps(world_size: int) -> Non
         evaluation = [row for r in range(world_size) for row, _ in EpochSampler(size, False, rank=r,
                                                                                 world_size=world_size)]  # fmt: skip
         assert sorted(evaluation) == list(range(size))
+        for shuffle in (True, False):  # len() is counted, not drawn: it must match what iterating yields
+            for rank in range(world_size):
+                sampler = EpochSampler(size, shuffle, seed=1, rank=rank, world_size=world_size)
+                for start in (0, 1, per_rank + 1):
+                    sampler.set_epoch(2, start=start)
+                    assert len(sampler) == len(list(sampler)), (size, world_size, shuffle, rank, start)
 
 
 def test_ddp_training_batches_are_full_when_a_shard_holds_more_than_one(tiny_demo_root: Path, tmp_path: Path) -> None:

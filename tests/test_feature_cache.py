@@ -176,7 +176,7 @@ def test_a_plain_chain_without_head_api_splits_with_a_flatten_before_the_linear(
 
 @pytest.fixture
 def fgvc_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Records of the "fgvc" logger, which may not propagate to the root (the stage runner turns that off)."""
+    """Records of the "fgvc" logger, which may not propagate to the root (the CLI turns that off in this process)."""
     logger = logging.getLogger("fgvc")
     level = logger.level
     logger.addHandler(caplog.handler)

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from fgvc.datasets import get_spec, resolve_root
 from fgvc.errors import DataError, FgvcError
+from fgvc.progress import progress_bar
 
 SHOWN = 10  # how many missing / unreadable files the report lists before "... and N more"
 DECODE_BATCH = 1024  # paths handed to the thread pool at a time, so millions of images do not mean millions of futures
@@ -137,7 +137,8 @@ def check_dataset(
     report.decoded = decode
 
     paths = list(dict.fromkeys(path for table in frames.values() for path in table["path"].to_numpy()))  # not per row
-    present = {path: os.path.isfile(path) for path in tqdm(paths, desc="listing", disable=not progress, unit="file")}
+    listing = progress_bar(paths, desc="listing", enabled=progress, unit="file", leave=True)
+    present = {path: os.path.isfile(path) for path in listing}
     report.missing = [path for path in paths if not present[path]]
     failures = _decode_all([path for path in paths if present[path]], workers, progress) if decode else {}
     report.unreadable = list(failures.items())
@@ -179,7 +180,7 @@ def _decode_all(paths: Sequence[str], workers: int, progress: bool) -> dict[str,
     failures: dict[str, str] = {}
     with (
         ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
-        tqdm(total=len(paths), desc="decoding", disable=not progress, unit="img") as bar,
+        progress_bar(total=len(paths), desc="decoding", enabled=progress, unit="img", leave=True) as bar,
     ):
         for batch in _batches(paths, DECODE_BATCH):
             for path, failure in zip(batch, pool.map(reason, batch), strict=True):

@@ -36,14 +36,14 @@ from typing import get_args
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from fgvc.config import CacheFeatures
-from fgvc.engine.loop import EpochStats, StopFlag, train_one_epoch
+from fgvc.engine.loop import EpochStats, StopFlag, Stopped, train_one_epoch
 from fgvc.engine.runtime import Runtime
 from fgvc.errors import ConfigError
 from fgvc.models import set_train_mode, trainable_parameters, unwrap_model
 from fgvc.models.meta import modes_restored
+from fgvc.progress import progress_bar
 
 log = logging.getLogger("fgvc")
 
@@ -473,12 +473,14 @@ def compute_cache(
     prepare: Callable[[torch.Tensor], torch.Tensor],
     rt: Runtime,
     progress: bool = True,
+    stop: StopFlag | None = None,
 ) -> FeatureCache:
     """Run the frozen trunk (eval mode, no grad, AMP as configured) over every image of ``loader``.
 
     ``loader`` must yield ``(images, labels, rows)`` with the deterministic test transform (e.g. an unshuffled
     :class:`fgvc.data.ImageDataset` loader). The features stay on the accelerator when they fit in
-    :func:`default_budget_bytes`, else in pinned CPU memory.
+    :func:`default_budget_bytes`, else in pinned CPU memory. Raises :class:`fgvc.engine.loop.Stopped` once ``stop``
+    is set (the cache is one process's: no other rank to agree with).
     """
     n_rows = len(loader.dataset)
     dtype = cache_dtype(rt)
@@ -486,10 +488,12 @@ def compute_cache(
     labels = torch.zeros(n_rows, dtype=torch.int64)
     present = torch.zeros(n_rows, dtype=torch.bool)
     started = time.perf_counter()
-    bar = tqdm(loader, desc="caching features", disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
+    bar = progress_bar(loader, desc="caching features", enabled=progress and rt.is_main)
     with modes_restored(trunk.model), torch.no_grad():
         trunk.model.eval()
         for images, batch_labels, rows in bar:
+            if stop:
+                raise Stopped
             if len(rows) == 0:
                 continue
             with rt.autocast():

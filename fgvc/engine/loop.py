@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from fgvc.data import STOP_SIGNALS
-from fgvc.engine.runtime import Runtime, all_reduce_sum, any_rank, gather_rows_on_main
+from fgvc.engine.runtime import Runtime, all_reduce_sum, any_rank, gather_objects, gather_rows_on_main
 from fgvc.errors import TrainingError
+from fgvc.progress import progress_bar
 
 if TYPE_CHECKING:
     from fgvc.engine.mixing import Mix
@@ -39,6 +39,10 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.signum is not None
+
+
+class Stopped(Exception):
+    """An evaluation pass left early on a stop signal (every rank at the same batch): the caller saves and returns."""
 
 
 INSIST_AFTER_S = 2.0  # a second signal sooner than this is the same stop request delivered twice
@@ -170,7 +174,7 @@ def train_one_epoch(
     pending: tuple[HostCopy, int, int] | None = None  # (loss on its way to the host, images, step)
     batch_loss = float("nan")
     started = time.perf_counter()
-    bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
+    bar = progress_bar(loader, desc=desc, enabled=progress and rt.is_main)
     steps_in_loader = len(loader)
     waits = BatchWaits()
     for i, (images, labels, _idx) in enumerate(waits(bar)):
@@ -343,19 +347,27 @@ def predict_probs(
     desc: str = "eval",
     progress: bool = True,
     waits: BatchWaits | None = None,
+    stop: StopFlag | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities for every image of the loader's dataset, gathered on rank 0.
 
     Returns ``(probs (N, C) float32, dataset indices (N,))`` sorted by dataset index; images dropped as corrupt are
     absent from the indices. Under DDP the other ranks get empty arrays (:func:`gather_rows_on_main`). ``waits``,
     when given, times the loader (see :class:`BatchWaits`).
+
+    Raises :class:`Stopped` once ``stop`` is set (training's validation: a scheduler's grace period after SIGTERM is
+    shorter than a large validation split). The ranks' shards may differ by a batch: they agree on the batches all
+    of them have, so the check is a collective every rank reaches.
     """
     model.eval()
     rows = _Rows(len(loader))
     indices: list[np.ndarray] = []
     pending: HostCopy | None = None
-    bar = tqdm(loader, desc=desc, disable=not (progress and rt.is_main), leave=False, dynamic_ncols=True)
-    for images, _labels, idx in (waits or BatchWaits())(bar):
+    checked = 0 if stop is None else min(gather_objects(rt, len(loader))) if rt.distributed else len(loader)
+    bar = progress_bar(loader, desc=desc, enabled=progress and rt.is_main)
+    for i, (images, _labels, idx) in enumerate((waits or BatchWaits())(bar)):
+        if i < checked and any_rank(rt, bool(stop)):
+            raise Stopped
         if len(idx) == 0:
             continue
         x = prepare(images)

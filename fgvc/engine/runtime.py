@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import random
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from fgvc.config import RuntimeConfig
 from fgvc.errors import ConfigError
 
 T = TypeVar("T")
+CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"  # cuBLAS reproducibility needs it set before its first call
 
 
 @dataclass
@@ -73,6 +75,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextmanager
+def settings_restored() -> Iterator[None]:
+    """Process-wide settings a stage or a prediction changes, as they were before it, once it returns or fails.
+
+    A notebook runs many calls in one process: a run with ``runtime.deterministic`` must not leave the next one on
+    deterministic (slower) kernels, and the caller's random streams are the caller's.
+    """
+    backends = torch.backends
+    flags = (backends.cudnn.benchmark, backends.cudnn.deterministic, backends.cudnn.allow_tf32,
+             backends.cuda.matmul.allow_tf32)  # fmt: skip
+    algorithms = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    workspace = os.environ.get(CUBLAS_WORKSPACE)
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    # The caller's current GPU, and its generator: another device's would open a CUDA context there (every rank,
+    # every GPU). A process that has not used CUDA yet has no generator state of its own to keep.
+    cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        if cuda_devices:
+            torch.cuda.set_device(cuda_devices[0])
+        (backends.cudnn.benchmark, backends.cudnn.deterministic, backends.cudnn.allow_tf32,
+         backends.cuda.matmul.allow_tf32) = flags  # fmt: skip
+        torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
+        if workspace is None:
+            os.environ.pop(CUBLAS_WORKSPACE, None)
+        else:
+            os.environ[CUBLAS_WORKSPACE] = workspace
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+
+
 _flag_group: Any = None  # the host-side group of this process's process group (see Runtime.flag_group)
 
 
@@ -103,7 +138,7 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     if world_size > 1 and device.type == "cuda" and _flag_group is None:  # once per process: sweeps set up many times
         _flag_group = dist.new_group(backend="gloo")  # collective: every rank creates it here, in the same order
     if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ.setdefault(CUBLAS_WORKSPACE, ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
     seed_everything(cfg.seed + rank)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -28,7 +29,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fgvc.config import CONFIG_FILE, RunConfig, StageConfig, load_config, save_config, with_overrides
-from fgvc.data import ImageDataset, OnDeviceNormalize, TenCropNormalize, build_loader, collate_skip_none
+from fgvc.data import (
+    ImageDataset,
+    OnDeviceNormalize,
+    TenCropNormalize,
+    build_loader,
+    close_loader,
+    collate_skip_none,
+)
 from fgvc.datasets import load_indices, require_split
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import (
@@ -52,13 +60,22 @@ from fgvc.engine.feature_cache import (
     split_model,
     train_one_epoch_cached,
 )
-from fgvc.engine.loop import EpochStats, StopFlag, predict_probs, stop_on_signals, train_one_epoch
+from fgvc.engine.loop import EpochStats, StopFlag, Stopped, predict_probs, stop_on_signals, train_one_epoch
 from fgvc.engine.mixing import build_mixing
-from fgvc.engine.runtime import Runtime, any_rank, barrier, broadcast_from_main, gather_objects, setup_runtime
+from fgvc.engine.runtime import (
+    Runtime,
+    any_rank,
+    barrier,
+    broadcast_from_main,
+    gather_objects,
+    settings_restored,
+    setup_runtime,
+)
 from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, DataError, RunExistsError
 from fgvc.fileio import atomic_write_text
 from fgvc.io import typical_source_pixels
+from fgvc.logs import run_log
 from fgvc.metrics import METRIC_LABELS, summarize
 from fgvc.models import (
     ModelMeta,
@@ -112,37 +129,6 @@ class StageResult:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers shared with predict and sweep
-
-
-class _RunLog(logging.FileHandler):
-    """A log file created with its folder on the first message (``delay=True``): a run that fails on its arguments
-    leaves no empty run folder behind."""
-
-    def _open(self):  # type: ignore[no-untyped-def]
-        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-        return super()._open()
-
-
-def setup_logging(path: Path | None, rt: Runtime) -> None:
-    """Console plus a log file in the stage folder (rank 0 only)."""
-    log.setLevel(logging.INFO)
-    for handler in list(log.handlers):
-        if getattr(handler, "_fgvc", False):
-            log.removeHandler(handler)
-            handler.close()
-    if not rt.is_main:
-        return
-    console = logging.StreamHandler()
-    console.setFormatter(logging.Formatter("%(message)s"))
-    handlers: list[logging.Handler] = [console]
-    if path is not None:
-        file_handler = _RunLog(path, delay=True)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        handlers.append(file_handler)
-    for handler in handlers:
-        handler._fgvc = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
-    log.propagate = False
 
 
 def load_split(cfg: RunConfig, split: str) -> DatasetIndex:
@@ -450,18 +436,30 @@ def train_stage(cfg: RunConfig, stage: str, force: bool = False, progress: bool 
 
     SIGINT/SIGTERM are caught from the start: training stops at the next optimiser step and saves ``last.pt``.
     """
-    with stop_on_signals() as stop:
-        return _train_stage(cfg, stage, force, progress, stop)
+    cfg = cfg.model_copy(deep=True)  # the run fills in settings (data.root); the caller's object stays as given
+    stage_dir = stage_folder(cfg, stage)
+    with stop_on_signals() as stop, run_log(stage_dir / "train.log"), settings_restored(), ExitStack() as opened:
+        return _train_stage(cfg, stage, force, progress, stop, opened)
 
 
-def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: StopFlag) -> StageResult:
+def stage_folder(cfg: RunConfig, stage: str) -> Path:
+    """``<run>/stage1`` or ``<run>/stage2-<res>``."""
+    return cfg.run_dir() / (STAGE1 if stage == STAGE1 else stage2_dirname(cfg.stage2.res))
+
+
+def _train_stage(
+    cfg: RunConfig, stage: str, force: bool, progress: bool, stop: StopFlag, opened: ExitStack
+) -> StageResult:
+    """``opened`` ends the loaders' worker processes however the call ends (an error's traceback, which a notebook
+    keeps, would otherwise keep them alive)."""
     stage_cfg = cfg.stage1 if stage == STAGE1 else cfg.stage2
     run_dir = cfg.run_dir()
-    stage_dir = run_dir / (STAGE1 if stage == STAGE1 else stage2_dirname(stage_cfg.res))
+    stage_dir = stage_folder(cfg, stage)
     rt = setup_runtime(cfg.runtime)
-    setup_logging(stage_dir / "train.log", rt)
 
     state = None if force else _resumable_state(cfg, stage, stage_dir)
+    if stage == STAGE1 and state is None and cfg.model.weights not in (None, "imagenet"):
+        weights_file(cfg.model.arch, cfg.model.weights)  # a mistyped path is an error before a long dataset read
     train_index, val_index = load_split(cfg, "train"), load_split(cfg, "val")
     if state is not None:
         check_holdout(state, val_index, stage_dir)
@@ -478,16 +476,32 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     train_loader, train_sampler, prepare = make_loader(
         cfg, rt, train_index, stage_cfg.augment, stage_cfg.res, stage_cfg.batch_size, True, meta, decode
     )
+    opened.callback(close_loader, train_loader)
     if len(val_index):  # built once: its worker processes persist across epochs
         val_loader, _, val_prepare = make_loader(
             cfg, rt, val_index, "test", stage_cfg.res, stage_cfg.batch_size, False, meta, decode
         )
+        opened.callback(close_loader, val_loader)
 
-    def validate() -> dict[str, float]:
-        """Top-1 / top-5 / mean per-class accuracy on the val split at the stage's resolution (test augmentation)."""
-        probs, rows = predict_probs(model, val_loader, rt, val_prepare, desc=f"val@{stage_cfg.res}", progress=progress)
+    def validate() -> dict[str, float] | None:
+        """Top-1 / top-5 / mean per-class accuracy on the val split at the stage's resolution (test augmentation);
+        None when a stop signal cut it short (on every rank alike)."""
+        try:
+            probs, rows = predict_probs(model, val_loader, rt, val_prepare, desc=f"val@{stage_cfg.res}",
+                                        progress=progress, stop=stop)  # fmt: skip
+        except Stopped:
+            return None
         metrics = summarize(probs, val_index.frame["label"].to_numpy()[rows]) if rt.is_main else {}
         return broadcast_from_main(rt, metrics)  # every rank takes the same best-checkpoint decisions
+
+    resume_hint = "rerun the same command without --force to resume" if force else "rerun the same command to resume"
+
+    def stopped_before_training(during: str) -> StageResult:
+        """A stop signal while no training step has run since the last checkpoint: nothing new to save."""
+        again = "the earlier results are untouched; rerun with --force to start it again" if force else resume_hint
+        log.info("interrupted by signal %s during %s; nothing new to save; %s", stop.signum, during, again)
+        return StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before, metric=metric,
+                           interrupted_by=stop.signum or signal.SIGTERM)  # fmt: skip
 
     steps_per_epoch = max(1, math.ceil(len(train_loader) / stage_cfg.grad_accum))
     lr = stage_cfg.resolved_lr(rt.world_size)
@@ -537,6 +551,8 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         cfg.data.root = str(cfg.data.resolved_root().resolve())  # the run folder must not depend on the cwd
         if stage != STAGE1 and len(val_index):
             before = validate()
+            if before is None:
+                return stopped_before_training("the validation before adaptation")
             log.info("stage-1 model at %d px before adaptation: %s", stage_cfg.res, _fmt(before, metric))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -552,7 +568,6 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
     # --force over earlier results: they go at this run's first checkpoint, so an interruption before its first epoch
     # ends saves nothing rather than claim the folder with a step or two of training
     guarded = force and (bool(_built_on_old_model(run_dir, stage_dir, stage)) or (stage_dir / LAST).is_file())
-    resume_hint = "rerun the same command without --force to resume" if force else "rerun the same command to resume"
 
     def save(name: str, ckpt: dict[str, Any]) -> None:
         """Write a checkpoint of this run (rank 0 only calls it).
@@ -602,15 +617,51 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             "source": source,  # the starting point, with the weights file "imagenet" was on this machine
         }
 
+    def record_epoch(done: int, metrics: dict[str, float] | None, due: bool) -> bool:
+        """Epoch ``done`` (``history[-1]``) ends: its validation metrics, the log line, best.pt when the leaderboard
+        metric improved, last.pt. Returns whether its validation is pending: ``due`` but cut short by a stop signal,
+        so that a resume runs it first."""
+        nonlocal best
+        row = history[-1]
+        if metrics is not None:
+            row.update({f"val_{k}": round(v, 3) for k, v in metrics.items()})
+            result.final = metrics
+        improved = metrics is not None and metrics[metric] > best
+        if improved:
+            best = metrics[metric]
+        pending = due and metrics is None
+        log.info(_epoch_line(row, stage_cfg.epochs, metric) + (" | val cut short" if pending else ""))
+        rngs = gather_objects(rt, rng_state())
+        if rt.is_main:
+            state_now = checkpoint(done, 0, done == stage_cfg.epochs and not pending, rngs) | {"val_pending": pending}
+            if improved or not len(val_index):
+                keep = ("model", "arch", "input", "num_classes", "classes", "holdout", "config", "epoch", "res",
+                        "stage", "best")  # fmt: skip
+                save(BEST, {k: state_now[k] for k in keep} | {"metrics": metrics})
+            save(LAST, state_now)
+            _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")
+        barrier(rt)
+        return pending
+
+    result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before, metric=metric)
+    if state is not None and state.get("val_pending"):  # the interruption came during that epoch's validation
+        log.info("validating epoch %d first: a stop signal cut its validation short", start_epoch)
+        metrics = validate()
+        if metrics is None:
+            return stopped_before_training(f"epoch {start_epoch}'s validation")
+        record_epoch(start_epoch, metrics, True)
+
     split, cache = None, None
     if stage != STAGE1 and start_epoch < stage_cfg.epochs:
         split = stage2_split(cfg, rt, model, stage_cfg)
-        cache = _feature_cache(cfg, rt, split, stage_cfg, train_index, meta, decode, progress)
+        try:
+            cache = _feature_cache(cfg, rt, split, stage_cfg, train_index, meta, decode, progress, stop)
+        except Stopped:
+            return stopped_before_training("the feature cache's computation")
     # Stage 2 leaves each rank's tuned BN statistics to its own shard, averaged at each epoch's end (distribute_bn):
     # DDP's default, rank 0's buffers copied to every rank before each forward, would keep rank 0's shard alone in them.
     broadcast_buffers = stage == STAGE1
     net = _training_module(model, rt, cfg.runtime.compile, optimizer is not None, broadcast_buffers)
-    result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before, metric=metric)
     input_hint_given = False
     for epoch in range(start_epoch, stage_cfg.epochs):
         micro = start_micro if epoch == start_epoch else 0
@@ -642,6 +693,7 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
         if stats.interrupted:
             rngs = gather_objects(rt, rng_state())
             result.interrupted_by = stop.signum or signal.SIGTERM
+            result.history = pd.DataFrame(history)  # with this call's epochs
             if guarded and not claimed:  # a Ctrl-C right after a mistaken --force must not cost the old models
                 log.info("interrupted by signal %s before the first epoch of this --force run ended: nothing saved, "
                          "the earlier results in %s are untouched (rerun with --force to retrain it)", stop.signum,
@@ -652,34 +704,17 @@ def _train_stage(cfg: RunConfig, stage: str, force: bool, progress: bool, stop: 
             log.info("interrupted by signal %s: saved %s (epoch %d, step %d); %s", stop.signum, stage_dir / LAST,
                      epoch + 1, stats.micro_steps, resume_hint)  # fmt: skip
             return result
-        last_epoch = epoch + 1 == stage_cfg.epochs
-        row = _history_row(epoch + 1, stats)
-        metrics = None
-        if len(val_index) and ((epoch + 1) % stage_cfg.val_every == 0 or last_epoch):
-            metrics = validate()
-            row.update({f"val_{k}": round(v, 3) for k, v in metrics.items()})
-        history.append(row)
-        improved = metrics is not None and metrics[metric] > best
-        if improved:
-            best = metrics[metric]
-        result.final = metrics or result.final
-        log.info(_epoch_line(row, stage_cfg.epochs, metric))
+        history.append(_history_row(epoch + 1, stats))
+        due = bool(len(val_index)) and ((epoch + 1) % stage_cfg.val_every == 0 or epoch + 1 == stage_cfg.epochs)
+        pending = record_epoch(epoch + 1, validate() if due else None, due)
         if not input_hint_given and (hint := input_bound_hint(stats, cfg.data.workers, decode, rt.device)):
             log.info(hint)
             input_hint_given = True
-        rngs = gather_objects(rt, rng_state())
-        if rt.is_main:
-            state_now = checkpoint(epoch + 1, 0, last_epoch, rngs)
-            if improved or not len(val_index):
-                keep = ("model", "arch", "input", "num_classes", "classes", "holdout", "config", "epoch", "res",
-                        "stage", "best")  # fmt: skip
-                save(BEST, {k: state_now[k] for k in keep} | {"metrics": metrics})
-            save(LAST, state_now)
-            _write_history(history, stage_dir, f"{cfg.run_name()} {stage}")
-        barrier(rt)
         if any_rank(rt, bool(stop)):
-            log.info("interrupted by signal %s after epoch %d; %s", stop.signum, epoch + 1, resume_hint)
+            after = f"epoch {epoch + 1}" + (" (its validation runs first on resume)" if pending else "")
+            log.info("interrupted by signal %s after %s; %s", stop.signum, after, resume_hint)
             result.interrupted_by = stop.signum or signal.SIGTERM
+            result.history = pd.DataFrame(history)  # with this call's epochs
             return result
     if stage_cfg.epochs == 0:  # evaluation-only stage (e.g. a zero-epoch baseline)
         rngs = gather_objects(rt, rng_state())
@@ -820,8 +855,11 @@ def _feature_cache(
     meta: ModelMeta,
     decode: str,
     progress: bool,
+    stop: StopFlag,
 ) -> FeatureCache | None:
-    """Stage 2 with the deterministic test augmentation: run the frozen trunk once, train the tail on its output."""
+    """Stage 2 with the deterministic test augmentation: run the frozen trunk once, train the tail on its output.
+
+    Raises :class:`fgvc.engine.loop.Stopped` when ``stop`` is set while the trunk runs."""
     mode = cfg.runtime.cache_features
     if mode == "off":
         return None
@@ -838,7 +876,10 @@ def _feature_cache(
     if not should:
         return None
     loader, _, prepare = make_loader(cfg, rt, index, "test", stage_cfg.res, stage_cfg.batch_size, False, meta, decode)
-    return compute_cache(split.trunk, loader, prepare, rt, progress=progress)
+    try:
+        return compute_cache(split.trunk, loader, prepare, rt, progress=progress, stop=stop)
+    finally:
+        close_loader(loader)
 
 
 def _prepare_bnstats(model: nn.Module, tune: str, restart: bool = True) -> Any:
@@ -910,10 +951,16 @@ def _write_history(history: list[dict[str, Any]], stage_dir: Path, title: str) -
 
 
 def run_stage1(cfg: RunConfig, force: bool = False, progress: bool = True) -> StageResult:
+    """`fgvc stage1`: fine-tune the pretrained model on the dataset at ``cfg.stage1.res`` into ``<run>/stage1``.
+
+    Resumes from ``last.pt`` when the folder holds an unfinished run with the same settings; ``force`` replaces a
+    finished one (and what was built on it). ``cfg`` comes from :func:`fgvc.recipe.resolve_run_config` or
+    ``RunConfig.model_validate({...})``; it is not changed.
+    """
     return train_stage(cfg, STAGE1, force=force, progress=progress)
 
 
-def stage2_config(run_dir: Path, overrides: dict[str, Any], resume: bool = True) -> RunConfig:
+def stage2_config(run_dir: str | Path, overrides: dict[str, Any], resume: bool = True) -> RunConfig:
     """The run's saved config with the stage-2 section (and runtime knobs) overridden.
 
     With ``resume`` (not --force), where a stage 2 at the requested resolution has a checkpoint, its saved config is
@@ -921,6 +968,7 @@ def stage2_config(run_dir: Path, overrides: dict[str, Any], resume: bool = True)
     the settings it was started with, without retyping every flag. A --force run starts from the run's settings and
     the flags given.
     """
+    run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise DataError(f"{run_dir}: no {CONFIG_FILE}; pass --run with a folder written by `fgvc stage1`")
@@ -934,7 +982,15 @@ def stage2_config(run_dir: Path, overrides: dict[str, Any], resume: bool = True)
     return cfg.model_copy(update={"name": run_dir.name, "out": str(run_dir.parent)})
 
 
-def run_stage2(run_dir: Path, overrides: dict[str, Any], force: bool = False, progress: bool = True) -> StageResult:
+def run_stage2(
+    run_dir: str | Path, overrides: dict[str, Any], force: bool = False, progress: bool = True
+) -> StageResult:
+    """`fgvc stage2`: adapt a finished stage 1 of ``run_dir`` to the test resolution into ``<run>/stage2-<res>``.
+
+    ``overrides``: settings over the run's saved config, as dotted keys (``{"stage2.res": 672, "stage2.tune":
+    "bn+fc"}``) or nested sections. Resumes and refuses to overwrite like :func:`run_stage1`.
+    """
+    run_dir = Path(run_dir)
     cfg = stage2_config(run_dir, overrides, resume=not force)
     if not (run_dir / STAGE1 / LAST).is_file():
         raise DataError(f"{run_dir}: stage 1 has no checkpoint; run `fgvc stage1` first")

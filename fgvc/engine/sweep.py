@@ -61,7 +61,7 @@ class SweepResult:
 
 
 def sweep(
-    run_dir: Path,
+    run_dir: str | Path,
     resolutions: list[int],
     split: str = "val",
     batch_size: int | None = None,
@@ -73,6 +73,7 @@ def sweep(
     from fgvc.engine.runtime import is_main_process
     from fgvc.predict import finished_stage_dirs, predict_stage, require_positive
 
+    run_dir = Path(run_dir)
     if not resolutions:
         raise ConfigError("--res needs at least one resolution, e.g. --res 384,448,512")
     require_positive(("--batch-size", batch_size), *(("--res", r) for r in resolutions))

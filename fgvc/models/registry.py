@@ -561,7 +561,7 @@ def weights_file(name: str, weights: str | Path | None) -> Path | None:
     path = Path(weights).expanduser()
     if not path.is_file():
         what = "a folder, not a weights file" if path.is_dir() else "no such weights file"
-        raise WeightsError(f"{path}: {what}; check the path, or use --weights imagenet or none")
+        raise WeightsError(f"{path}: {what}; check --weights (model.weights in a recipe), or use imagenet or none")
     return path
 
 
