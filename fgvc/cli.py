@@ -167,7 +167,9 @@ def stage1(
 @app.command()
 def stage2(
     test_res: int | None = typer.Option(
-        None, help="Test resolution to adapt to (default: the run's stage2.res, from its recipe; see `fgvc sweep`)."
+        None,
+        help="Test resolution to adapt to (default: the run's stage2.res: its recipe's, else 1.5 x the stage-1 "
+        "resolution; see `fgvc sweep`).",
     ),
     run: Path | None = typer.Option(None, help="Run folder (default: the most recent stage-1 run under runs/)."),
     tune: str | None = typer.Option(None, help="fc, bn+fc (default), bnstats+fc, stage+bn+fc or bnstats."),

@@ -101,6 +101,16 @@ class StageConfig(_Section):
         return self.lr_base * self.batch_size * self.grad_accum * world_size / 256
 
 
+def default_test_res(train_res: int) -> int:
+    """Stage 2's resolution where a recipe or the flags give none: 1.5 x the train resolution, to the nearest multiple
+    of 32 (halves up).
+
+    Table 10's SENet-154 448 -> 672 (its ratios: 1.39-1.67); ResNet-50 at 224 gets 352, between the paper's 320 and
+    384 (Table 2, section 5.1). `fgvc sweep` measures the best one on the validation split.
+    """
+    return max(32, int(1.5 * train_res / 32 + 0.5) * 32)
+
+
 def _stage2_default() -> StageConfig:
     # Paper section 5.3 / appendix E: test-time DA, last BN + classifier, few epochs, small lr. Section 5's fine-tuning
     # lr is "0.008 ... B = 512", the public code's 8e-3 x B / 512: 0.004 per 256 images.
@@ -199,9 +209,16 @@ def config_from_dict(values: dict[str, Any], source: str = "config", extra_keys:
     ``values`` is merged over the defaults key by key, so a recipe that sets only ``stage2.res`` keeps the other
     stage-2 defaults (test augmentation, bn+fc, small learning rate) rather than a plain StageConfig's.
     ``extra_keys``: the other keys valid at the top level (a recipe's), listed in the unknown-key message.
+    Where ``values`` set no ``stage2.res``, it follows ``stage1.res`` (:func:`default_test_res`).
     """
+    merged = merge(RunConfig().model_dump(), values, source)
+    given = merge({}, values, source).get("stage2")
+    train_res = merged["stage1"].get("res") if isinstance(merged.get("stage1"), dict) else None
+    derivable = type(train_res) is int and train_res > 0 and isinstance(merged.get("stage2"), dict)
+    if derivable and not (isinstance(given, dict) and "res" in given):
+        merged["stage2"]["res"] = default_test_res(train_res)
     try:
-        return RunConfig.model_validate(merge(RunConfig().model_dump(), values))
+        return RunConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source, extra_keys)) from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fgvc.config import RunConfig, config_from_dict, load_config, merge, save_config
 from fgvc.errors import ConfigError
@@ -258,3 +259,18 @@ def test_top_level_recipe_mistakes_are_the_top_levels_not_the_first_members(tmp_
     recipe.write_text("competition: generic\npredict: {tta: tencropp}\nmembers:\n  - {name: a}\n")
     with pytest.raises(ConfigError, match=r"r.yaml: top level: invalid value for 'predict.tta'"):
         load_recipe(recipe)
+
+
+def test_stage2_resolution_follows_the_train_resolution_unless_given(tmp_path: Path) -> None:
+    """`fgvc stage1 --res 224` then `fgvc stage2`: adapting at the 448-px default's 672 would be 3x, not Table 10's
+    1.5x. A value given anywhere (flag, dotted or nested key, a saved run's config) is kept."""
+    assert config_from_dict({}).stage2.res == RunConfig().stage2.res == 672  # 448 x 1.5
+    assert config_from_dict({"stage1.res": 224}).stage2.res == 352  # 336 to the nearest multiple of 32, halves up
+    assert config_from_dict({"stage1": {"res": 491}, "stage2": {"epochs": 3}}).stage2.res == 736
+    assert config_from_dict({"stage1.res": 224, "stage2.res": 384}).stage2.res == 384
+    assert config_from_dict({"stage1": {"res": 224}, "stage2": {"res": 320}}).stage2.res == 320
+    saved = config_from_dict({"stage1.res": 224, "stage2.res": 288}).model_dump(mode="json")
+    assert resolve_run_config(None, {}).stage2.res == 672
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert resolve_run_config(path, {"stage1.res": 256}).stage2.res == 288
