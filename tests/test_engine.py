@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -931,6 +931,64 @@ def test_ddp_predictions_are_gathered_in_dataset_order_on_rank_zero_alone(tmp_pa
     for other in others:
         assert other["probs"].shape == (0, 5) and len(other["idx"]) == 0
     assert {str(r["told"]) for r in (main, *others)} == {"rank 0"}  # what rank 0 broadcasts, every rank gets
+
+
+def _stop_in_evaluation_on_rank(rank: int, init_file: str, out_dir: str, stop_rank: int, stop_at: int) -> None:
+    """One rank of three with 4, 4 and 3 batches: ``stop_rank`` gets a stop signal as it reads batch ``stop_at``."""
+    import torch.distributed as dist
+
+    from fgvc.engine.loop import StopFlag, Stopped, predict_probs
+    from fgvc.engine.runtime import Runtime
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False, rank=rank, world_size=3)
+    stop, model = StopFlag(), torch.nn.Linear(4, 5)
+    shard = list(range(rank, 11, 3))  # 4, 4, 3 rows, one per batch
+
+    class Batches:
+        read = 0
+
+        def __len__(self) -> int:
+            return len(shard)
+
+        def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            for i, row in enumerate(shard):
+                if rank == stop_rank and i == stop_at:
+                    stop.signum = signal.SIGTERM
+                Batches.read = i + 1
+                yield torch.randn(1, 4), torch.zeros(1), torch.tensor([row])
+
+    try:
+        predict_probs(model, Batches(), rt, lambda x: x, progress=False, stop=stop)
+        outcome = "finished"
+    except Stopped:
+        outcome = f"stopped after reading {Batches.read}"
+    dist.barrier()  # every rank is still in step with the others
+    Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("stop_rank", "stop_at", "expected"),
+    [(1, 1, ["stopped after reading 2"] * 3),  # agreed on at batch 1, which every rank reads
+     (0, 3, ["finished"] * 3)],  # batch 3 exists on two ranks only: no check there (the stage checks after the pass)
+)  # fmt: skip
+def test_ranks_leave_an_evaluation_pass_together_on_a_stop(
+    tmp_path: Path, stop_rank: int, stop_at: int, expected: list[str]
+) -> None:
+    """A stop that reaches one rank during validation: the ranks, whose evaluation shards differ by a batch, must take
+    the same collectives (a rank that waits in one its peers skipped hangs NCCL for ever)."""
+    import torch.multiprocessing as mp
+
+    args = (str(tmp_path / "init"), str(tmp_path), stop_rank, stop_at)
+    ranks = mp.spawn(_stop_in_evaluation_on_rank, args=args, nprocs=3, join=False)
+    deadline = time.time() + 120
+    while not ranks.join(timeout=1):
+        if time.time() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish within 120 s")
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)] == expected
 
 
 def test_predict_probs_keeps_every_row_in_dataset_order_whatever_the_batch_sizes() -> None:
