@@ -205,8 +205,9 @@ def stage2(
     if result.interrupted_by:
         raise typer.Exit(128 + result.interrupted_by)
     if result.before and result.final and is_main_process():
-        res = result.stage_dir.name.removeprefix("stage2-")
-        typer.echo(f"{run_dir.name} @ {res}px: top-1 {result.before['top1']:.2f} before -> "
+        from fgvc.predict import stage2_res
+
+        typer.echo(f"{run_dir.name} @ {stage2_res(result.stage_dir)}px: top-1 {result.before['top1']:.2f} before -> "
                    f"{result.adapted_score()}")  # fmt: skip
 
 

@@ -174,9 +174,8 @@ class RunConfig(_Section):
         return Path(self.out) / self.run_name()
 
 
-def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys allowed next to an unknown one (the fields of its section)."""
-    model: type[BaseModel] = RunConfig
+def _valid_keys(loc: tuple[Any, ...], model: type[BaseModel]) -> list[str]:
+    """The keys allowed next to an unknown one (the fields of its section of ``model``)."""
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
@@ -192,11 +191,20 @@ def first_error(err: ValidationError) -> tuple[str, str]:
     return ".".join(str(p) for p in first["loc"]), first["msg"].removeprefix("Value error, ")
 
 
-def _format_validation_error(err: ValidationError, source: str, extra_keys: tuple[str, ...] = ()) -> str:
+def validation_message(
+    err: ValidationError,
+    source: str,
+    extra_keys: tuple[str, ...] = (),
+    model: type[BaseModel] | None = None,
+    section: str = "",
+) -> str:
+    """One line for pydantic's first error: the key (under ``section``, e.g. ``ensemble.``) and, for an unknown key,
+    the closest valid one and the list of them (the fields of ``model``, RunConfig by default)."""
     key, message = first_error(err)
+    key = section + key
     if err.errors()[0]["type"] == "extra_forbidden":
         loc = err.errors()[0]["loc"]
-        valid = _valid_keys(loc) + (list(extra_keys) if len(loc) == 1 else [])
+        valid = _valid_keys(loc, model or RunConfig) + (list(extra_keys) if len(loc) == 1 else [])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{source}: unknown key '{key}'{hint}; valid keys there: {', '.join(valid)}"
@@ -220,7 +228,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config", extra_keys:
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source, extra_keys)) from None
+        raise ConfigError(validation_message(err, source, extra_keys)) from None
 
 
 SHIPPED_RECIPES = Path(__file__).parent / "recipes"  # the repository's recipes/, packaged with fgvc

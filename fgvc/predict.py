@@ -19,7 +19,7 @@ from typing import get_args
 import numpy as np
 import torch
 
-from fgvc.config import CONFIG_FILE, TTA, RunConfig, load_config, with_overrides
+from fgvc.config import CONFIG_FILE, TTA, load_config, with_overrides
 from fgvc.data import close_loader
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.launch import already_distributed
@@ -157,6 +157,7 @@ def prediction_path(run_dir: Path, stage_dir: Path, split: str, res: int | str, 
     return run_dir / "predictions" / stage_dir.name / f"{split}-{res}-{tta}.npz"
 
 
+@settings_restored()  # seeds, cuDNN switches: the caller's again once it returns
 def predict_stage(
     stage_dir: str | Path,
     split: str,
@@ -191,25 +192,6 @@ def predict_stage(
     cached = None if force or not is_main_process() else _cached_probabilities(path, stage_dir, index)
     if cached is not None and not already_distributed():  # reading the file needs no device
         return PredictResult(path, cached, _metrics(cached), True)
-    with settings_restored():
-        return _predicted(stage_dir, cfg, index, path, cached, split, res, tta, batch_size, progress, compile_model)
-
-
-def _predicted(
-    stage_dir: Path,
-    cfg: RunConfig,
-    index: DatasetIndex,
-    path: Path,
-    cached: Probabilities | None,
-    split: str,
-    res: int,
-    tta: str,
-    batch_size: int | None,
-    progress: bool,
-    compile_model: bool | None,
-) -> PredictResult:
-    """:func:`predict_stage` past its cache: the model's probabilities, written to ``path`` (rank 0)."""
-    run_dir = stage_dir.parent
     rt = setup_runtime(cfg.runtime)
     if broadcast_from_main(rt, cached is not None):  # rank 0 decides: every rank must take the same branch
         return PredictResult(path, cached, broadcast_from_main(rt, _metrics(cached)), True)

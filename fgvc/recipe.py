@@ -8,7 +8,6 @@ optional ``weight``, ``stage`` and ``multi_res``. A plain RunConfig file (no ``m
 
 from __future__ import annotations
 
-import difflib
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
-from fgvc.config import CONFIG_FILE, RunConfig, config_from_dict, first_error, merge, read_yaml, with_overrides
+from fgvc.config import (
+    CONFIG_FILE,
+    RunConfig,
+    config_from_dict,
+    first_error,
+    merge,
+    read_yaml,
+    validation_message,
+    with_overrides,
+)
 from fgvc.errors import ConfigError
 from fgvc.submission import COMPETITIONS, check_top_k, competition_spec
 
@@ -82,14 +90,7 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
     try:
         ensemble = EnsembleConfig.model_validate(values.get("ensemble") or {})
     except ValidationError as err:
-        key, message = first_error(err)
-        if err.errors()[0]["type"] == "extra_forbidden":
-            valid = list(EnsembleConfig.model_fields)
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            keys = ", ".join(valid)
-            raise ConfigError(f"{source}: unknown key 'ensemble.{key}'{hint}; valid keys there: {keys}") from None
-        raise ConfigError(f"{source}: ensemble.{key}: {message}") from None
+        raise ConfigError(validation_message(err, source, model=EnsembleConfig, section="ensemble.")) from None
     members = []
     for i, raw in enumerate(members_raw):
         if not isinstance(raw, dict):

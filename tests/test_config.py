@@ -169,7 +169,7 @@ def test_another_dataset_on_the_command_line_leaves_the_saved_root_behind(tmp_pa
         ("# only a comment\n", r"no settings in it"),
         ("members: []\n", r"'members' is empty"),
         ("ensemble: [1]\nmembers: [{name: a}]\n", r"'ensemble' must be a mapping"),
-        ("ensemble: {val_split: tset}\nmembers: [{name: a}]\n", r"ensemble.val_split: Input should be 'val' or"),
+        ("ensemble: {val_split: tset}\nmembers: [{name: a}]\n", r"invalid value for 'ensemble.val_split': Input"),
         ("ensemble: {weight: equal}\n", r"unknown key 'ensemble.weight' \(did you mean 'weights'\?\); valid keys"),
         ("members: [{name: a, multi_res: [0, 448]}]\n", r"members\[0\].multi_res.0: Input should be greater than 0"),
         ("stage1.epochs: 3\nstage1: {epochs: 5}\n", r"stage1.epochs is set twice, as a dotted key and inside its"),
