@@ -16,10 +16,12 @@ import numpy as np
 import pandas as pd
 
 from fgvc.config import CONFIG_FILE, load_config
+from fgvc.engine.checkpoint import LAST
 from fgvc.engine.stage import STAGE1, config_conflicts, is_finished, load_split, run_stage1, run_stage2, stage2_dirname
 from fgvc.ensemble import align, combine, combine_members, resolve_weights
-from fgvc.errors import ConfigError, DataError
+from fgvc.errors import ConfigError, DataError, WeightsError
 from fgvc.metrics import summarize
+from fgvc.models import weights_file
 from fgvc.predict import mean_over_resolutions, predict_stage
 from fgvc.probs import Probabilities
 from fgvc.recipe import Member, Recipe, load_recipe, member_train_command, select_members
@@ -70,6 +72,22 @@ def refuse_changed_members(recipe: Recipe, members: list[Member]) -> None:
                       f"{'it' if len(changed) == 1 else 'them'} with `{command} --force`")  # fmt: skip
 
 
+def refuse_missing_weights(recipe: Recipe, members: list[Member], force: bool) -> None:
+    """Every member that will start stage 1 from its weights needs the file now, not after the members before it
+    have trained for hours: checked before any work starts, one error for them all."""
+    missing: list[str] = []
+    for member in members:
+        stage1_dir = member_steps(member)[0][1]
+        if not force and (is_finished(stage1_dir) or (stage1_dir / LAST).is_file()):
+            continue  # finished or resumed: its weights were read at its start
+        try:
+            weights_file(member.config.model.arch, member.config.model.weights)
+        except WeightsError as err:
+            missing.append(f"member {member.name}: {err}")
+    if missing:
+        raise WeightsError(f"{recipe.source}: {'; '.join(missing)}")
+
+
 @dataclass
 class TrainOutcome:
     member: str
@@ -89,6 +107,7 @@ def train_recipe(
     selected = select_members(recipe, members)
     if not force:
         refuse_changed_members(recipe, selected)
+    refuse_missing_weights(recipe, selected, force)
     outcomes: list[TrainOutcome] = []
     for position, member in enumerate(selected):
         cfg, run_dir = member.config, member.config.run_dir()

@@ -18,7 +18,7 @@ from dataset_fixtures import write_herbarium2019, write_inat
 
 from fgvc.engine.stage import _load_splits, run_stage1, run_stage2
 from fgvc.engine.sweep import apparent_size_factor, suggest_test_res, sweep
-from fgvc.errors import ConfigError, DataError
+from fgvc.errors import ConfigError, DataError, WeightsError
 from fgvc.io import decode_image
 from fgvc.pipeline import ensemble_recipe, train_recipe
 from fgvc.predict import predict, predict_stage
@@ -548,6 +548,25 @@ def test_changed_members_are_all_refused_before_any_training(tmp_path: Path) -> 
     assert not (tmp_path / "runs" / "c").exists()
     assert [o.status for o in train_recipe(recipe_path, progress=False, members=["c"])] == ["trained"]
     assert (tmp_path / "runs" / "c").is_dir()
+
+
+def test_missing_member_weights_are_all_refused_before_any_training(tmp_path: Path) -> None:
+    """A mistyped weights file on the third member is found before the first two train (hours on a real recipe), and
+    one error names every member that lacks its file; a member that already started (a last.pt) needs none."""
+    members = (f"  - {{name: a, stage: 1}}\n  - {{name: b, stage: 1, model: {{weights: {tmp_path / 'b.pth'}}}}}\n"
+               f"  - {{name: c, stage: 1, model: {{weights: {tmp_path / 'c.pth'}}}}}\n")  # fmt: skip
+    recipe_path, _ = _one_epoch_recipe(tmp_path, members)
+    with pytest.raises(WeightsError) as refused:
+        train_recipe(recipe_path, progress=False)
+    message = str(refused.value)
+    assert "member b: " + str(tmp_path / "b.pth") + ": no such weights file" in message
+    assert "member c: " + str(tmp_path / "c.pth") + ": no such weights file" in message
+    assert "member a" not in message and not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "b" / "stage1").mkdir(parents=True)
+    (tmp_path / "runs" / "b" / "stage1" / "last.pt").write_bytes(b"")  # started: resumes, its weights are not read
+    with pytest.raises(WeightsError) as refused:
+        train_recipe(recipe_path, progress=False)
+    assert "member b" not in str(refused.value) and "member c: " in str(refused.value)
 
 
 class _LeftAndTop(torch.nn.Module):

@@ -389,18 +389,26 @@ def test_a_timm_training_checkpoint_is_not_told_to_use_its_class_name_as_arch(tm
     assert "--arch resnet" not in str(caught.value) and "pass that one's --arch" in str(caught.value)
 
 
-def test_a_mistyped_weights_path_is_reported_before_the_dataset_is_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("weights", ["path", "imagenet"])
+def test_missing_weights_are_reported_before_the_dataset_is_read(
+    weights: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Reading iNat 2021's metadata takes about a minute: a wrong --weights path must not wait for it."""
+    """Reading iNat 2021's metadata takes about a minute: a wrong --weights path, or ImageNet weights this machine
+    lacks, must not wait for it."""
     from conftest import tiny_config
 
     from fgvc.engine import stage
 
     def no_reading(*_: object) -> None:
-        raise AssertionError("the dataset was read before the weights path was checked")
+        raise AssertionError("the dataset was read before the weights were checked")
 
     monkeypatch.setattr(stage, "load_split", no_reading)
-    cfg = tiny_config(tmp_path / "data", tmp_path / "runs", model={"weights": str(tmp_path / "w.pth")})
-    with pytest.raises(WeightsError, match=r"w\.pth: no such weights file; check --weights \(model\.weights in a"):
+    if weights == "imagenet":
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        model, expected = {"arch": "timm:resnet18", "weights": "imagenet"}, r"no ImageNet weights for timm:resnet18"
+    else:
+        model, expected = {"weights": str(tmp_path / "w.pth")}, r"w\.pth: no such weights file; check --weights"
+    cfg = tiny_config(tmp_path / "data", tmp_path / "runs", model=model)
+    with pytest.raises(WeightsError, match=expected):
         stage.run_stage1(cfg, progress=False)

@@ -458,8 +458,8 @@ def _train_stage(
     rt = setup_runtime(cfg.runtime)
 
     state = None if force else _resumable_state(cfg, stage, stage_dir)
-    if stage == STAGE1 and state is None and cfg.model.weights not in (None, "imagenet"):
-        weights_file(cfg.model.arch, cfg.model.weights)  # a mistyped path is an error before a long dataset read
+    if stage == STAGE1 and state is None:
+        weights_file(cfg.model.arch, cfg.model.weights)  # a missing file is an error before a long dataset read
     train_index, val_index = load_split(cfg, "train"), load_split(cfg, "val")
     if state is not None:
         check_holdout(state, val_index, stage_dir)
