@@ -222,8 +222,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config", extra_keys:
     merged = merge(RunConfig().model_dump(), values, source)
     given = merge({}, values, source).get("stage2")
     train_res = merged["stage1"].get("res") if isinstance(merged.get("stage1"), dict) else None
-    derivable = type(train_res) is int and train_res > 0 and isinstance(merged.get("stage2"), dict)
-    if derivable and not (isinstance(given, dict) and "res" in given):
+    unset = isinstance(merged.get("stage2"), dict) and not (isinstance(given, dict) and "res" in given)
+    if unset and isinstance(train_res, int) and not isinstance(train_res, bool) and train_res > 0:
         merged["stage2"]["res"] = default_test_res(train_res)
     try:
         return RunConfig.model_validate(merged)
@@ -260,7 +260,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = f": {err.problem}" if getattr(err, "problem", None) else ""
+        problem = f": {text}" if (text := getattr(err, "problem", None)) else ""
         raise ConfigError(f"{path}: not valid YAML{where}{problem}; fix the syntax") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")

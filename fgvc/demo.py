@@ -81,7 +81,7 @@ class DemoResult:
 
 
 def _top1(stage_dir: Path, res: int, tta: str) -> float:
-    probs = predict_stage(stage_dir, "test", res, tta, progress=False).probs
+    probs = predict_stage(stage_dir, "test", res, tta, progress=False).held_probs()
     return round(summarize(probs.probs, probs.labels)["top1"], 1)
 
 

@@ -20,6 +20,7 @@ from fgvc.probs import Probabilities, row_blocks
 
 Method = Literal["mean", "geometric"]
 WeightMode = Literal["equal", "given", "search"]
+Weights = Sequence[float] | np.ndarray  # one per member, normalised by the combination
 METHODS: tuple[str, ...] = ("mean", "geometric")
 WEIGHT_MODES: tuple[str, ...] = ("equal", "given", "search")
 SEARCH_METRICS: tuple[str, ...] = ("top1", "top3", "top5", "macro_f1")  # what a leaderboard scores
@@ -129,7 +130,7 @@ def _check_same_labels(reference: Probabilities, member: Probabilities, position
 
 # --------------------------------------------------------------------------------------------------- combination
 def combine(
-    probs_list: Sequence[np.ndarray], weights: Sequence[float] | None = None, method: Method = "mean"
+    probs_list: Sequence[np.ndarray], weights: Weights | None = None, method: Method = "mean"
 ) -> np.ndarray:
     """Weighted combination of aligned (N, C) probability arrays; weights are normalised to sum to 1.
 
@@ -181,7 +182,7 @@ class WeightedSum:
 
 def combine_members(
     members: Iterable[Probabilities],
-    weights: Sequence[float],
+    weights: Weights,
     method: Method = "mean",
     visit: Callable[[int, Probabilities], None] | None = None,
 ) -> Probabilities:
@@ -220,7 +221,7 @@ def equal_weights(n_members: int) -> np.ndarray:
     return np.full(n_members, 1.0 / n_members)
 
 
-def normalise_weights(weights: Sequence[float], n_members: int) -> np.ndarray:
+def normalise_weights(weights: Weights, n_members: int) -> np.ndarray:
     """Weights as a float array summing to 1; ConfigError (a recipe mistake) when they cannot be."""
     values = np.asarray(list(weights), dtype=np.float64)
     if values.shape != (n_members,):

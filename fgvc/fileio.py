@@ -32,7 +32,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write(fileobj)`` on a temp file, then move it over ``path``."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         write(fh)

@@ -425,7 +425,7 @@ def decode_on_device(
     jpeg_slots = [i for i, payload in enumerate(batch.payloads) if payload.dim() == 1]
     if jpeg_slots:
         try:
-            jpegs = _decode_jpegs([batch.payloads[i] for i in jpeg_slots], device)
+            jpegs: list[torch.Tensor | None] = list(_decode_jpegs([batch.payloads[i] for i in jpeg_slots], device))
         except RuntimeError:
             jpegs = [_decode_one(batch.payloads[i], batch.paths[i], device, skip_corrupt) for i in jpeg_slots]
         for slot, image in zip(jpeg_slots, jpegs, strict=True):

@@ -6,6 +6,7 @@ logging shows during a stage what it showed before (:func:`run_log`). Only the C
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ class _RunLog(logging.FileHandler):
     """A log file created with its folder on the first message (``delay=True``): a run that fails on its arguments
     leaves no empty run folder behind."""
 
-    def _open(self):  # type: ignore[no-untyped-def]
+    def _open(self) -> io.TextIOWrapper:
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
         return super()._open()
 

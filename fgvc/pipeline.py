@@ -143,7 +143,8 @@ def member_probabilities(recipe: Recipe, member: Member, split: str, progress: b
     tta = member.config.predict.tta
     skip = member.config.data.skip_corrupt or None  # the recipe may allow it for prediction alone
     resolutions = member.multi_res or [member.test_res]
-    parts = (predict_stage(stage_dir, split, r, tta, progress=progress, skip_corrupt=skip).probs for r in resolutions)
+    parts = (predict_stage(stage_dir, split, r, tta, progress=progress, skip_corrupt=skip).held_probs()
+             for r in resolutions)  # fmt: skip
     return next(parts) if len(resolutions) == 1 else mean_over_resolutions(parts, resolutions)
 
 

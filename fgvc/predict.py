@@ -14,10 +14,11 @@ from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import get_args
+from typing import cast, get_args
 
 import numpy as np
 import torch
+from torch import nn
 
 from fgvc.config import CONFIG_FILE, TTA, load_config, with_overrides
 from fgvc.data import close_loader
@@ -53,6 +54,12 @@ class PredictResult:
     probs: Probabilities | None  # None on the ranks but rank 0 of a DDP run: rank 0 holds and writes the matrix
     metrics: dict[str, float] | None
     cached: bool
+
+    def held_probs(self) -> Probabilities:
+        """``probs`` where this process holds them (one process, or rank 0), for callers that combine them."""
+        if self.probs is None:
+            raise RuntimeError(f"{self.path}: only rank 0 of a DDP run holds the probabilities")
+        return self.probs
 
 
 def stage_dirs(run_dir: Path) -> list[Path]:
@@ -199,7 +206,7 @@ def predict_stage(
     model, ckpt = load_stage_model(stage_dir)
     check_classes(ckpt, index, stage_dir, stage_dir / CONFIG_FILE)
     check_holdout(ckpt, index, stage_dir)
-    model.to(rt.device, memory_format=rt.memory_format)
+    rt.place(model)
     meta = get_meta(model)
     batch = batch_size or cfg.predict.batch_size
     if tta == "tencrop":
@@ -207,7 +214,8 @@ def predict_stage(
     kind = "tencrop" if tta == "tencrop" else "test"
     decode = stage_decode(stage_dir, rt)
     loader, _, prepare = make_loader(cfg, rt, index, kind, res, batch, False, meta, decode)
-    net = torch.compile(model) if (cfg.runtime.compile if compile_model is None else compile_model) else model
+    compiled = cfg.runtime.compile if compile_model is None else compile_model
+    net = cast(nn.Module, torch.compile(model)) if compiled else model
     try:
         scores, idx = predict_probs(net, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
     finally:
@@ -331,8 +339,7 @@ def mean_over_resolutions(parts: Iterable[Probabilities], resolutions: list[int]
 def _noting_cached(result: PredictResult, cached: list[bool]) -> Probabilities:
     """``result``'s probabilities, its ``cached`` flag appended to ``cached`` (keeps no reference to the matrix)."""
     cached.append(result.cached)
-    assert result.probs is not None, "only rank 0 averages resolutions"
-    return result.probs
+    return result.held_probs()
 
 
 def _still_unreadable(path: Path, probs: Probabilities, index: DatasetIndex) -> bool:

@@ -82,7 +82,7 @@ class Prefetcher:
     """
 
     def __init__(
-        self, loader: DataLoader, prepare: Callable[[Any], torch.Tensor], device: torch.device, depth: int = 2
+        self, loader: DataLoader, prepare: Callable[[Any], Any], device: torch.device, depth: int = 2
     ) -> None:
         self.loader = loader
         self.prepare = prepare

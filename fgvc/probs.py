@@ -7,12 +7,11 @@ submission writing need no model, no dataset reader and no torch.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -55,7 +54,7 @@ class Probabilities:
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file + rename)."""
 
-        def write(fh: io.BufferedIOBase) -> None:
+        def write(fh: IO[bytes]) -> None:
             np.savez(  # uncompressed: zlib shrank float16 log-probabilities by ~20% at 8 MB/s (21 min at iNat 2021)
                 fh,
                 log_probs=to_storage(self.probs),

@@ -99,7 +99,7 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
         run_values = merge(shared, {k: v for k, v in raw.items() if k not in MEMBER_KEYS}, f"{source}: members[{i}]")
         cfg = config_from_dict(run_values, source=f"{source}: members[{i}]")
         prefix = f"{source}: members[{i}]." if "members" in values else f"{source}: "
-        check_names(cfg, lambda key, prefix=prefix: prefix + key)
+        check_names(cfg, prefix.__add__)
         try:
             members.append(Member(config=cfg, **extras))
         except ValidationError as err:
@@ -205,7 +205,7 @@ def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> 
             values = members[0].config.model_dump(mode="json")
         else:
             values = raw | _run_folder_of(Path(recipe))
-    data = values.get("data") if isinstance(values.get("data"), dict) else {}
+    data = given if isinstance(given := values.get("data"), dict) else {}
     dataset = overrides.get("data.dataset")
     if dataset is not None and dataset != data.get("dataset") and overrides.get("data.root") is None:
         values = merge(values, {"data.root": None})  # a saved run's absolute root belongs to its own dataset

@@ -50,7 +50,7 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
     recipe.write_text("stage1: {res: 448, lrr: 0.1}\n")
     assert "unknown key 'stage1.lrr'" in one_line_error(fgvc("stage1", "--recipe", str(recipe)))
     line = one_line_error(fgvc("stage1", "--dataset", "cub", "--data-root", str(tmp_path / "nowhere"),
-                               "--out", str(tmp_path / "runs")))  # fmt: skip
+                               "--weights", "none", "--out", str(tmp_path / "runs")))  # fmt: skip
     assert "nowhere" in line
     assert not (tmp_path / "runs").exists()  # a start that fails on its arguments leaves no (empty) run folder
     line = one_line_error(fgvc("stage1", "--dataset", "nosuchset", "--data-root", str(tmp_path)))
@@ -144,7 +144,8 @@ def test_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, capsys:
          "--batch-size must be a positive number, not 0"),
         (["sweep", "--run", str(tmp_path), "--res", "0,32"], "--res must be a positive number, not 0"),
         (["stage1", "--gpus", "-2"], "--gpus -2: give the number of GPUs"),
-        (["stage1", "--dataset", "demo", "--data-root", str(tmp_path / "typo"), "--out", str(tmp_path / "runs")],
+        (["stage1", "--dataset", "demo", "--data-root", str(tmp_path / "typo"), "--weights", "none", "--out",
+          str(tmp_path / "runs")],
          "no demo data there; check the path, or generate it with `fgvc demo --data-root"),
         (["stage1", "--dataset", "demo", "--weights", str(tmp_path), "--arch", "timm:test_resnet", "--out",
           str(tmp_path / "runs")],

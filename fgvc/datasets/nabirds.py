@@ -6,7 +6,9 @@ occur in ``image_class_labels.txt``, sorted numerically (555 in the official rel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -57,7 +59,7 @@ def read_nabirds(root: Path) -> OfficialSplits:
     check_flags(table["is_train"], split_txt)
     boxes_txt = base / "bounding_boxes.txt"
     if boxes_txt.exists():
-        columns = {"image_id": str, "x": int, "y": int, "w": int, "h": int}
+        columns: dict[str, Callable[[str], Any]] = {"image_id": str, "x": int, "y": int, "w": int, "h": int}
         table = attach(table, read_columns(boxes_txt, columns), "image_id", boxes_txt, "images.txt")
 
     classes_txt = base / "classes.txt"

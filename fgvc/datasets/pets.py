@@ -6,7 +6,9 @@ PNG or GIF (the decoder handles those). The class name is the breed, i.e. the im
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -26,7 +28,7 @@ from fgvc.errors import DataError
 NAME = "pets"
 TITLE = "Oxford-IIIT Pets"
 REQUIRED = ("annotations/trainval.txt", "annotations/test.txt", "images")
-COLUMNS = {"name": str, "class_id": int, "species": int, "breed_id": int}
+COLUMNS: dict[str, Callable[[str], Any]] = {"name": str, "class_id": int, "species": int, "breed_id": int}
 LAYOUT = """\
 pets/ (images.tar.gz and annotations.tar.gz extracted side by side; an oxford-iiit-pet/ subfolder is also accepted)
   images/<Breed_name>_<n>.jpg            (cats Capitalised, dogs lowercase)

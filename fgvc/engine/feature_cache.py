@@ -29,9 +29,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
-from typing import get_args
+from typing import Any, TypeGuard, cast, get_args
 
 import torch
 from torch import nn
@@ -240,7 +240,7 @@ def _head_api(net: nn.Module) -> tuple[Callable, Callable] | None:
     return None
 
 
-def _is_method(value: object) -> bool:
+def _is_method(value: object) -> TypeGuard[Callable[..., Any]]:
     return callable(value) and not isinstance(value, nn.Module) and getattr(value, "__self__", None) is not None
 
 
@@ -482,7 +482,7 @@ def compute_cache(
     :func:`default_budget_bytes`, else in pinned CPU memory. Raises :class:`fgvc.engine.loop.Stopped` once ``stop``
     is set (the cache is one process's: no other rank to agree with).
     """
-    n_rows = len(loader.dataset)
+    n_rows = len(cast(Sized, loader.dataset))
     dtype = cache_dtype(rt)
     features: torch.Tensor | None = None
     labels = torch.zeros(n_rows, dtype=torch.int64)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -200,7 +200,7 @@ def train_one_epoch(
                     loss = criterion(model(x), y)
             else:
                 defer_sync = rt.distributed and not boundary and hasattr(model, "no_sync")
-                sync = model.no_sync() if defer_sync else nullcontext()
+                sync = cast(Any, model).no_sync() if defer_sync else nullcontext()  # DDP, maybe compiled
                 with sync:
                     with rt.autocast():
                         loss = criterion(model(x), y)
@@ -243,9 +243,9 @@ def _epoch_stats(
     interrupted: bool = False,
 ) -> EpochStats:
     """The epoch (or its part before an interruption) over every rank's shard; every rank calls it."""
-    total_loss, seen, skipped = all_reduce_sum(rt, [total_loss, seen, skipped])
-    seen, skipped = int(seen), int(skipped)
-    return EpochStats(total_loss / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro,
+    loss_sum, seen_sum, skipped_sum = all_reduce_sum(rt, [total_loss, seen, skipped])
+    seen, skipped = int(seen_sum), int(skipped_sum)
+    return EpochStats(loss_sum / max(seen, 1), seen, time.perf_counter() - started, lr, skipped, micro,
                       interrupted=interrupted, data_wait_s=waits.seconds, first_batch_s=waits.first)  # fmt: skip
 
 
@@ -363,7 +363,7 @@ def predict_probs(
     rows = _Rows(len(loader))
     indices: list[np.ndarray] = []
     pending: HostCopy | None = None
-    checked = 0 if stop is None else min(gather_objects(rt, len(loader))) if rt.distributed else len(loader)
+    checked = 0 if stop is None else min(gather_objects(rt, len(loader)))
     bar = progress_bar(loader, desc=desc, enabled=progress and rt.is_main)
     for i, (images, _labels, idx) in enumerate((waits or BatchWaits())(bar)):
         if i < checked and any_rank(rt, bool(stop)):

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from fgvc.config import RuntimeConfig
 from fgvc.errors import ConfigError
@@ -55,6 +56,10 @@ class Runtime:
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device in the run's memory format (in place; returned for chaining)."""
+        return model.to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]  # stubs lack it
 
     def describe(self) -> str:
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
@@ -184,11 +189,11 @@ def any_rank(rt: Runtime, flag: bool) -> bool:
     return bool(t.item())
 
 
-def gather_objects(rt: Runtime, obj: object) -> list[object]:
+def gather_objects(rt: Runtime, obj: T) -> list[T]:
     """Every rank's ``obj``, in rank order (a one-element list in a single process)."""
     if not rt.distributed:
         return [obj]
-    out: list[object] = [None] * rt.world_size
+    out: list[Any] = [None] * rt.world_size
     dist.all_gather_object(out, obj)
     return out
 
@@ -213,8 +218,8 @@ def gather_rows_on_main(rt: Runtime, rows: np.ndarray, idx: np.ndarray) -> tuple
     width = rows.shape[1] if rows.ndim == 2 and len(rows) else 0
     shares: list[Any] | None = [None] * rt.world_size if rt.is_main else None
     dist.gather_object((idx, width), shares, dst=0, group=rt.flag_group)
-    width = max(w for _, w in shares) if shares else width
-    if not rt.is_main:
+    width = max(w for _, w in shares) if shares is not None else width
+    if shares is None:
         for start, stop in _blocks(len(idx), width):
             block = np.ascontiguousarray(rows[start:stop], dtype=np.float32)  # what rank 0 receives into
             dist.send(torch.from_numpy(block), dst=0, group=rt.flag_group)
@@ -228,9 +233,9 @@ def gather_rows_on_main(rt: Runtime, rows: np.ndarray, idx: np.ndarray) -> tuple
                 out[where] = rows
             continue
         for start, stop in _blocks(len(share_idx), width):
-            block = torch.empty((stop - start, width), dtype=torch.float32)
-            dist.recv(block, src=src, group=rt.flag_group)
-            out[where[start:stop]] = block.numpy()
+            received = torch.empty((stop - start, width), dtype=torch.float32)
+            dist.recv(received, src=src, group=rt.flag_group)
+            out[where[start:stop]] = received.numpy()
     return out, every
 
 

@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -81,6 +81,8 @@ from fgvc.models import (
     ModelMeta,
     create_model,
     get_meta,
+    rgb,
+    set_meta,
     set_train_mode,
     set_trainable,
     unwrap_model,
@@ -160,7 +162,7 @@ def make_loader(
     shuffle: bool,
     meta: ModelMeta,
     decode: str = "cpu",
-) -> tuple[torch.utils.data.DataLoader, EpochSampler, Callable[[Any], torch.Tensor]]:
+) -> tuple[torch.utils.data.DataLoader, EpochSampler, Callable[[Any], Any]]:
     """Dataset + seeded sampler + loader for one split at one resolution, and the ``prepare`` the loops apply.
 
     ``decode="cpu"``: workers decode and augment (OpenCV + albumentations), uint8 batches are normalised on the device.
@@ -179,7 +181,8 @@ def make_loader(
                           f"{below} or {above}")  # fmt: skip
     sampler = EpochSampler(len(index), shuffle=shuffle, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size)
     drop_last = shuffle and len(sampler) > batch_size  # this rank's shard holds more than one batch
-    prepare: Callable[[Any], torch.Tensor]
+    prepare: Callable[[Any], Any]  # a batch from the loader -> the model's input (GPU decode: with the kept rows)
+    collate: Callable[..., Any]
     if decode == "gpu":
         from fgvc.gpu_decode import EncodedImageDataset, GpuBatchPreparer, collate_encoded
 
@@ -231,7 +234,7 @@ def resolve_decode(
         stored = f", stored images ~{pixels / 1e6:.2f} Mpx" if pixels else ""
         log.info("decode %s: the model steps at ~%.0f img/s per process at %d px%s", mode, estimate, res, stored)
     if rt.distributed:  # timings differ a little per rank; every rank must build the same kind of loader
-        mode = str(gather_objects(rt, mode)[0])
+        mode = gather_objects(rt, mode)[0]
     return mode
 
 
@@ -380,8 +383,8 @@ def use_saved_input(model: nn.Module, ckpt: dict[str, Any]) -> None:
     """Give ``model`` the normalisation and resize interpolation its checkpoint was trained with (where it says)."""
     saved = ckpt.get("input")
     if saved:
-        model.fgvc_meta = replace(get_meta(model), mean=tuple(saved["mean"]), std=tuple(saved["std"]),
-                                  interpolation=saved["interpolation"])  # fmt: skip
+        set_meta(model, replace(get_meta(model), mean=rgb(saved["mean"]), std=rgb(saved["std"]),
+                                interpolation=saved["interpolation"]))  # fmt: skip
 
 
 def latest_run(out: str | Path = "runs") -> Path:
@@ -469,7 +472,7 @@ def _train_stage(
     model, source = _starting_model(cfg, stage, state, stage_dir, train_index, val_index)
     meta = get_meta(model)
     set_trainable(model, stage_cfg.tune)
-    model.to(rt.device, memory_format=rt.memory_format)
+    rt.place(model)
 
     decode = resolve_decode(cfg, rt, model, stage_cfg.res, stage_cfg.batch_size, train_index.frame["path"].to_numpy(),
                             started_with=state.get("decode") if state is not None else None)  # fmt: skip
@@ -523,6 +526,7 @@ def _train_stage(
             )
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -589,7 +593,7 @@ def _train_stage(
             claimed = True
         save_checkpoint(stage_dir / name, ckpt)
 
-    def checkpoint(epoch: int, micro: int, finished: bool, rngs: list[object]) -> dict[str, Any]:
+    def checkpoint(epoch: int, micro: int, finished: bool, rngs: Sequence[object]) -> dict[str, Any]:
         """The resumable state; ``rngs`` holds every rank's RNG state (:func:`gather_objects`, called by all)."""
         return {
             "model": unwrap_model(model).state_dict(),
@@ -627,7 +631,7 @@ def _train_stage(
             row.update({f"val_{k}": round(v, 3) for k, v in metrics.items()})
             result.final = metrics
         improved = metrics is not None and metrics[metric] > best
-        if improved:
+        if metrics is not None and improved:
             best = metrics[metric]
         pending = due and metrics is None
         log.info(_epoch_line(row, stage_cfg.epochs, metric) + (" | val cut short" if pending else ""))
@@ -789,7 +793,7 @@ def _training_module(
     if rt.distributed and learns:
         net = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                       broadcast_buffers=broadcast_buffers)  # fmt: skip
-    return torch.compile(net) if compile_model else net
+    return cast(nn.Module, torch.compile(net)) if compile_model else net
 
 
 def _history_row(epoch: int, stats: EpochStats) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fgvc.models.fixres import TUNE_POLICIES, Tune, set_train_mode, set_trainable, trainable_parameters
-from fgvc.models.meta import ModelMeta, get_meta, unwrap_model
+from fgvc.models.meta import ModelMeta, get_meta, rgb, set_meta, unwrap_model
 from fgvc.models.registry import (
     EXAMPLE_TIMM_MODELS,
     REGISTRY,
@@ -34,6 +34,8 @@ __all__ = [
     "load_weights",
     "model_meta",
     "read_state_dict",
+    "rgb",
+    "set_meta",
     "set_train_mode",
     "set_trainable",
     "trainable_parameters",

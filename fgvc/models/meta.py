@@ -7,7 +7,7 @@ native resolution, which module is the classifier, the last BatchNorm before poo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,15 +51,29 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(orig := getattr(model, "_orig_mod", None), nn.Module):
+            model = orig
         else:
             return model
 
 
+META_ATTRIBUTE = "fgvc_meta"
+
+
+def rgb(values: Sequence[float]) -> tuple[float, float, float]:
+    """Three per-channel values (a mean or a std) from a list or tuple, as a checkpoint or timm's config holds them."""
+    red, green, blue = values
+    return float(red), float(green), float(blue)
+
+
+def set_meta(model: nn.Module, meta: ModelMeta) -> None:
+    """Attach ``meta`` to the model inside any DDP/compile wrapper, where :func:`get_meta` reads it."""
+    setattr(unwrap_model(model), META_ATTRIBUTE, meta)
+
+
 def get_meta(model: nn.Module) -> ModelMeta:
     """The :class:`ModelMeta` attached by ``create_model``, also through DDP/compile wrappers."""
-    meta = getattr(unwrap_model(model), "fgvc_meta", None)
+    meta = getattr(unwrap_model(model), META_ATTRIBUTE, None)
     if not isinstance(meta, ModelMeta):
         raise ValueError(f"{type(model).__name__} carries no fgvc_meta; build it with fgvc.models.create_model")
     return meta

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import timm
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fgvc.errors import ConfigError, WeightsError
-from fgvc.models.meta import ModelMeta, modes_restored
+from fgvc.models.meta import ModelMeta, modes_restored, rgb, set_meta
 from fgvc.models.weights import WeightsLocation, hf_file, hub_file, lite0_package_file, load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,7 +94,7 @@ def _cadene_spec(
 # --- ResNets through timm ---------------------------------------------------------------------------------------------
 
 
-def _build_timm(model_name: str, num_classes: int, **kwargs: float) -> nn.Module:
+def _build_timm(model_name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """timm's model; one whose pretrained config fixes the input size is built to take any size where timm can
     (``dynamic_img_size``: ViT, DeiT, Swin, EVA), since stage 2 and the sweep change the resolution."""
     cfg = timm.models.get_pretrained_cfg(model_name)
@@ -134,8 +134,8 @@ def _resnet_spec(name: str) -> ModelSpec:
         found = [hub_file(file) for file in torchvision_files]
         if cfg is not None and cfg.hf_hub_id:
             found += [hf_file(cfg.hf_hub_id, "model.safetensors"), hf_file(cfg.hf_hub_id, "pytorch_model.bin")]
-        if cfg is not None and cfg.url:
-            found.append(hub_file(Path(cfg.url).name))
+        if cfg is not None and _url(cfg):
+            found.append(hub_file(Path(_url(cfg)).name))
         return found
 
     return ModelSpec(partial(_build_timm, name), _resnet_meta(name), locations, weights_enum.IMAGENET1K_V1.url)
@@ -145,7 +145,8 @@ def _build_resnext101_32x48d(num_classes: int) -> nn.Module:
     from timm.models.resnet import Bottleneck, ResNet
 
     # timm's ig_resnext101_32x48d alias builds a 32x8d; this is the 829M-parameter WSL model, keys as torchvision's.
-    return ResNet(block=Bottleneck, layers=(3, 4, 23, 3), cardinality=32, base_width=48, num_classes=num_classes)
+    return ResNet(block=Bottleneck, layers=(3, 4, 23, 3), cardinality=32, base_width=48,  # type: ignore[arg-type]
+                  num_classes=num_classes)  # fmt: skip  (timm annotates block as an instance, it takes the class)
 
 
 def _wsl_spec() -> ModelSpec:
@@ -217,7 +218,7 @@ def _main_path_bn(order: list[str]) -> str:
 
 def _timm_classifier(model: nn.Module) -> str:
     names = {id(module): name for name, module in model.named_modules()}
-    head = model.get_classifier()
+    head = cast(Any, model).get_classifier()  # every timm model has it
     if id(head) not in names:  # e.g. distilled DeiT/LeViT return (head, head_dist)
         raise ConfigError(
             f"timm:{type(model).__name__}: a model with several classifier heads is not supported; "
@@ -339,14 +340,21 @@ def _patch_size(model: nn.Module) -> int:
     return size if isinstance(size, int) else 1
 
 
+def _url(cfg: timm.models.PretrainedCfg) -> str:
+    """A pretrained config's download URL ("" if none); timm's type also allows a (url, ...) pair."""
+    url = cfg.url
+    return url if isinstance(url, str) else url[0] if url else ""
+
+
 def _timm_locations(model_name: str) -> list[WeightsLocation]:
     cfg = timm.models.get_pretrained_cfg(model_name)
     found: list[WeightsLocation] = []
     if cfg is not None and cfg.hf_hub_id:
-        files = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []
+        named = getattr(cfg, "hf_hub_filename", None)
+        files = [named] if named else []
         found += [hf_file(cfg.hf_hub_id, f) for f in [*files, "model.safetensors", "pytorch_model.bin"]]
-    if cfg is not None and cfg.url:
-        found.append(hub_file(Path(cfg.url).name))
+    if cfg is not None and _url(cfg):
+        found.append(hub_file(Path(_url(cfg)).name))
     base, tag = timm.models.split_model_name_tag(model_name)
     if base == "tf_efficientnet_lite0" and tag in ("", "in1k"):
         found.append(lite0_package_file())  # same ImageNet weights, efficientnet-pytorch naming (mapped on load)
@@ -357,8 +365,8 @@ def _timm_download_url(model_name: str) -> str:
     cfg = timm.models.get_pretrained_cfg(model_name)
     if cfg is None:
         return "(timm has no pretrained weights for this model)"
-    if cfg.url:
-        return cfg.url
+    if _url(cfg):
+        return _url(cfg)
     return f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors"
 
 
@@ -385,12 +393,13 @@ def _timm_spec(model_name: str) -> ModelSpec:
     classifier = _timm_classifier(probe)
     last_bn = last_batchnorm(probe, size)
     trunk_width = getattr(probe, "num_features", None)  # a head conv after it may widen (MobileNetV4), never narrow
-    if last_bn is not None and isinstance(trunk_width, int) and probe.get_submodule(last_bn).num_features < trunk_width:
+    bn_width = getattr(probe.get_submodule(last_bn), "num_features", 0) if last_bn is not None else 0
+    if last_bn is not None and isinstance(trunk_width, int) and bn_width < trunk_width:
         last_bn = None  # one branch of a concat (Inception-V3's Mixed_7c): most pooled channels would not adapt
     meta = ModelMeta(
         arch=TIMM_PREFIX + model_name,
-        mean=tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN,
-        std=tuple(cfg.std) if cfg is not None else IMAGENET_STD,
+        mean=rgb(cfg.mean) if cfg is not None else IMAGENET_MEAN,
+        std=rgb(cfg.std) if cfg is not None else IMAGENET_STD,
         input_size=size,
         interpolation=cfg.interpolation if cfg is not None else "bicubic",
         classifier=classifier,
@@ -527,9 +536,9 @@ def create_model(name: str, num_classes: int, weights: str | Path | None = None)
     spec = model_spec(name)
     path = weights_file(name, weights)  # before building: a missing file should not cost a 115M-parameter init
     model = spec.build(num_classes)
-    model.fgvc_meta = replace(spec.meta, num_classes=num_classes)
+    set_meta(model, replace(spec.meta, num_classes=num_classes))
     if path is not None:
-        head = model.get_submodule(model.fgvc_meta.classifier)
+        head = model.get_submodule(spec.meta.classifier)
         fresh = [p.detach().clone() for p in head.parameters()]
         load_weights(model, path)
         if all(torch.equal(a, b) for a, b in zip(fresh, head.parameters(), strict=True)):

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -223,7 +224,7 @@ def convert_efficientnet_pytorch(state: Mapping[str, torch.Tensor], model: nn.Mo
             f"checkpoint uses the efficientnet-pytorch naming but {type(model).__name__} is not a timm EfficientNet; "
             "use it with timm:tf_efficientnet_lite0"
         )
-    block_paths = [f"blocks.{s}.{b}" for s, stage in enumerate(blocks) for b in range(len(stage))]
+    block_paths = [f"blocks.{s}.{b}" for s, stage in enumerate(blocks) for b in range(len(cast(nn.Sequential, stage)))]
     source_blocks = {int(key.split(".")[1]) for key in state if key.startswith("_blocks.")}
     if source_blocks != set(range(len(block_paths))):
         raise WeightsError(
