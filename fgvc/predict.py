@@ -23,6 +23,7 @@ from torch import nn
 from fgvc.config import CONFIG_FILE, TTA, load_config, with_overrides
 from fgvc.data import close_loader
 from fgvc.datasets.base import DatasetIndex
+from fgvc.engine.checkpoint import file_identity
 from fgvc.engine.launch import already_distributed
 from fgvc.engine.loop import predict_probs
 from fgvc.engine.runtime import Runtime, broadcast_from_main, is_main_process, settings_restored, setup_runtime
@@ -151,8 +152,7 @@ def stage_decode(stage_dir: Path, rt: Runtime) -> str:
 def _checkpoint_identity(stage_dir: Path) -> str:
     """Which weights produced a prediction: the checkpoint file's name, size and modification time."""
     path = find_stage_checkpoint(stage_dir)
-    stat = path.stat()
-    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+    return file_identity(path.name, path.stat())
 
 
 def _same_ids(cached: np.ndarray, current: np.ndarray) -> bool:
@@ -203,7 +203,7 @@ def predict_stage(
     if broadcast_from_main(rt, cached is not None):  # rank 0 decides: every rank must take the same branch
         return PredictResult(path, cached, broadcast_from_main(rt, _metrics(cached)), True)
 
-    model, ckpt = load_stage_model(stage_dir)
+    model, ckpt, identity = load_stage_model(stage_dir)
     check_classes(ckpt, index, stage_dir, stage_dir / CONFIG_FILE)
     check_holdout(ckpt, index, stage_dir)
     rt.place(model)
@@ -247,7 +247,7 @@ def predict_stage(
             "split": split,
             "res": res,
             "tta": tta,
-            "checkpoint": _checkpoint_identity(stage_dir),
+            "checkpoint": identity,  # the file read, even if training has replaced it since
             "unreadable": unreadable,  # rows: the file is recomputed once one of them reads
         },
     )

@@ -1259,7 +1259,7 @@ def test_a_stage_is_reloaded_with_the_input_statistics_it_was_trained_with(stage
                                      "interpolation": registry.interpolation}  # fmt: skip
             ckpt["input"] = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
             save_checkpoint(path, ckpt)
-    model, _ckpt = load_stage_model(run / "stage1")
+    model, _ckpt, _ = load_stage_model(run / "stage1")
     meta = get_meta(model)
     assert (meta.mean, meta.std, meta.interpolation) == ((0.5,) * 3, (0.25,) * 3, "bilinear")
 

@@ -54,7 +54,7 @@ def test_tencrop_equals_the_mean_of_ten_hand_made_views(tmp_path: Path) -> None:
     from fgvc.engine.stage import load_stage_model
     from fgvc.models import get_meta
 
-    model, _ = load_stage_model(stage_dir)
+    model, _, _ = load_stage_model(stage_dir)
     model.eval()
     meta = get_meta(model)
     mean, std = np.array(meta.mean, np.float32), np.array(meta.std, np.float32)
@@ -396,6 +396,34 @@ def test_predictions_of_a_retrained_model_are_not_reused(tiny_demo_root: Path, t
     best.write_bytes(best.read_bytes())
     os.utime(best, ns=(best.stat().st_atime_ns, best.stat().st_mtime_ns + 10**9))
     assert not predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False).cached
+
+
+def test_a_checkpoint_replaced_while_a_prediction_runs_does_not_inherit_its_file(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training run with --force may replace best.pt while `fgvc predict` reads the old one: the file written names
+    the weights it came from, so the new checkpoint's first prediction computes its own instead of reusing it."""
+    import fgvc.predict as predict_module
+
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs")
+    run_stage1(cfg, progress=False)
+    best = cfg.run_dir() / "stage1" / "best.pt"
+    original = predict_module.predict_probs
+
+    def replaced_meanwhile(*args: object, **kwargs: object) -> object:
+        out = original(*args, **kwargs)  # type: ignore[arg-type]
+        retrained = best.with_name("retrained.pt")
+        retrained.write_bytes(best.read_bytes())
+        os.utime(retrained, ns=(best.stat().st_atime_ns, best.stat().st_mtime_ns + 10**9))
+        os.replace(retrained, best)  # as an atomic checkpoint write does
+        return out
+
+    monkeypatch.setattr(predict_module, "predict_probs", replaced_meanwhile)
+    during = predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False)
+    monkeypatch.undo()
+    after = predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False)
+    assert not after.cached and after.probs.meta["checkpoint"] != during.probs.meta["checkpoint"]
+    assert predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False).cached
 
 
 def test_stored_probabilities_keep_their_relative_precision_down_the_tail(tmp_path: Path) -> None:

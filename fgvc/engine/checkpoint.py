@@ -6,6 +6,7 @@ Written atomically (temp file + rename), so a crash while writing leaves the pre
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -58,16 +59,28 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
+    """The checkpoint and the identity of the very file read (name, size, modification time): a training run may
+    replace the file while a prediction reads it, and a result must name the weights it came from."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; run the stage that writes it first")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as fh:  # a rename replaces the name, not the file this handle reads
+            stat = os.fstat(fh.fileno())
+            return torch.load(fh, map_location="cpu", weights_only=True), file_identity(path.name, stat)
     except Exception as err:  # a truncated or foreign file: say which and what to do
         raise WeightsError(
             f"{path}: cannot read checkpoint ({type(err).__name__}); retrain its stage with --force (stage1/stage2) "
             "to replace it"
         ) from None
+
+
+def file_identity(name: str, stat: os.stat_result) -> str:
+    return f"{name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:

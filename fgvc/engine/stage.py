@@ -44,6 +44,7 @@ from fgvc.engine.checkpoint import (
     LAST,
     load_checkpoint,
     load_model_state,
+    read_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -363,14 +364,15 @@ def find_stage_checkpoint(stage_dir: Path) -> Path:
     raise DataError(f"{stage_dir}: no checkpoint (best.pt / last.pt); run the stage first")
 
 
-def load_stage_model(stage_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a finished stage from its folder alone (architecture and classes come from the file)."""
+def load_stage_model(stage_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
+    """Rebuild the model of a finished stage from its folder alone (architecture and classes come from the file);
+    with the identity of the checkpoint file read (:func:`fgvc.engine.checkpoint.read_checkpoint`)."""
     path = find_stage_checkpoint(stage_dir)
-    ckpt = load_checkpoint(path)
+    ckpt, identity = read_checkpoint(path)
     model = create_model(ckpt["arch"], ckpt["num_classes"], None)
     load_model_state(model, ckpt["model"], path)
     use_saved_input(model, ckpt)
-    return model, ckpt
+    return model, ckpt, identity
 
 
 def saved_input(meta: ModelMeta) -> dict[str, Any]:
@@ -773,7 +775,7 @@ def _starting_model(
         if started_from is not None:  # "imagenet" is whichever cache holds the file: record which one it was
             source += f" ({started_from}, {started_from.stat().st_size:,} bytes)"
     else:
-        model, ckpt1 = load_stage_model(run_dir / STAGE1)
+        model, ckpt1, _ = load_stage_model(run_dir / STAGE1)
         check_classes(ckpt1, train_index, run_dir / STAGE1, run_dir / CONFIG_FILE)
         check_holdout(ckpt1, val_index, run_dir / STAGE1)
         source = f"stage 1 epoch {ckpt1['epoch']}"
