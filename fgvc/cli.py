@@ -186,6 +186,7 @@ def stage2(
     cache_features: str | None = typer.Option(
         None, help="auto (default): compute the frozen trunk once when its output fits in memory; on; off."
     ),
+    data_root: str | None = typer.Option(None, help="Where the dataset is now (default: where stage 1 read it)."),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
     force: bool = typer.Option(False, "--force", help="Redo a finished stage 2 at this resolution."),
 ) -> None:
@@ -200,6 +201,7 @@ def stage2(
         "stage2.batch_size": batch_size, "data.workers": workers, "data.decode": decode, "runtime.amp": amp,
         "runtime.compile": compile,
         "runtime.device": device, "runtime.deterministic": deterministic, "runtime.cache_features": cache_features,
+        "data.root": data_root,
     }  # fmt: skip
     result = run_stage2(run_dir, overrides, force=force)
     if result.interrupted_by:
@@ -218,6 +220,7 @@ def sweep(
     split: str = typer.Option("val", help="Labelled split to score."),
     batch_size: int | None = typer.Option(None),
     workers: int | None = typer.Option(None),
+    data_root: str | None = typer.Option(None, help="Where the dataset is now (default: where the run read it)."),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
     """The leaderboard metric (top-1; macro F1 for Herbarium 2020-22, top-3 for iNat 2018, top-5 for iNat 2017) of the
@@ -228,7 +231,7 @@ def sweep(
     from fgvc.engine.sweep import sweep as run_sweep
     from fgvc.metrics import METRIC_LABELS
 
-    result = run_sweep(run or latest_run(), _ints(res) or [], split, batch_size, workers)
+    result = run_sweep(run or latest_run(), _ints(res) or [], split, batch_size, workers, data_root=data_root)
     if not is_main_process():
         return
     _echo_table(result.table)
@@ -274,6 +277,7 @@ def predict(
     skip_corrupt: bool = typer.Option(
         False, "--skip-corrupt", help="Give unreadable images uniform probabilities instead of stopping."
     ),
+    data_root: str | None = typer.Option(None, help="Where the dataset is now (default: where the run read it)."),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
     """Per-image class probabilities (a .npz probability file); prints accuracy when the split has labels."""
@@ -285,6 +289,7 @@ def predict(
     result = run_predict(
         run or latest_run(), split=split, stage=stage, res=res, tta=tta, multi_res=_ints(multi_res),
         batch_size=batch_size, workers=workers, force=force, compile_model=compile, skip_corrupt=skip_corrupt or None,
+        data_root=data_root,
     )  # fmt: skip
     if not is_main_process():  # rank 0 wrote the file and reports it
         return

@@ -40,3 +40,7 @@ class TrainingError(FgvcError):
 
 class RunExistsError(FgvcError):
     """A finished result would be overwritten; pass --force to replace it."""
+
+
+class RunBusyError(FgvcError):
+    """Another process is training the same stage folder now."""

@@ -1,8 +1,15 @@
-"""Atomic writes: a temp file in the same folder, fsync, then rename, so a crash never leaves half a file."""
+"""Atomic writes: a temp file in the same folder, fsync, then rename, so a crash never leaves half a file.
+
+A process killed mid-write (SIGKILL, the OOM killer) runs no cleanup: its temp file stays. Temp names carry the writing
+process's host and pid, so that the next write into that folder on that host removes the ones whose process is gone
+(a probability file's temp can be gigabytes), and never one that a live process, or another host's, is writing.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +22,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_dead_leftovers(path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -40,3 +48,34 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+_OWNED = re.compile(r"\.(?P<host>[\w-]+)-(?P<pid>\d+)\.(?:\w+\.tmp|draft)$")  # .<name>.<host>-<pid>.<random>.tmp
+
+
+def owner_tag() -> str:
+    """``<host>-<pid>`` of this process, as its temp files' and drafts' names carry it."""
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+def remove_dead_leftovers(folder: Path) -> None:
+    """Delete the hidden temp files and drafts in ``folder`` left by processes of this host that no longer run."""
+    host = owner_tag().rpartition("-")[0]
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        owned = _OWNED.search(name) if name.startswith(".") else None
+        if owned and owned["host"] == host and not _running(int(owned["pid"])):
+            (folder / name).unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

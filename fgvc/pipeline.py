@@ -17,9 +17,11 @@ import pandas as pd
 
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.checkpoint import LAST
+from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.stage import STAGE1, config_conflicts, is_finished, load_split, run_stage1, run_stage2, stage2_dirname
 from fgvc.ensemble import align, combine, combine_members, resolve_weights
 from fgvc.errors import ConfigError, DataError, WeightsError
+from fgvc.fileio import owner_tag
 from fgvc.metrics import summarize
 from fgvc.models import weights_file
 from fgvc.predict import mean_over_resolutions, predict_stage
@@ -143,7 +145,8 @@ def member_probabilities(recipe: Recipe, member: Member, split: str, progress: b
     tta = member.config.predict.tta
     skip = member.config.data.skip_corrupt or None  # the recipe may allow it for prediction alone
     resolutions = member.multi_res or [member.test_res]
-    parts = (predict_stage(stage_dir, split, r, tta, progress=progress, skip_corrupt=skip).held_probs()
+    root = member.config.data.root  # a recipe that names the dataset's folder reads it there, wherever it was trained
+    parts = (predict_stage(stage_dir, split, r, tta, progress=progress, skip_corrupt=skip, data_root=root).held_probs()
              for r in resolutions)  # fmt: skip
     return next(parts) if len(resolutions) == 1 else mean_over_resolutions(parts, resolutions)
 
@@ -173,10 +176,13 @@ def ensemble_recipe(
     ens = recipe.ensemble
     missing = [m for m in recipe.members if not is_finished(member_stage_dir(m))]
     if missing:  # all of them, now: not one per run after the others' predictions
-        command = member_train_command(recipe, *missing)
+        training = {m.name: who for m in missing for _, step_dir in member_steps(m) if (who := lock_holder(step_dir))}
+        idle = [m for m in missing if m.name not in training]
+        busy = "".join(f"; {name} is being trained by {who}" for name, who in training.items())
+        command = f"; produce {'it' if len(idle) == 1 else 'them'} with: {member_train_command(recipe, *idle)}"
         raise DataError(f"{recipe.source}: no finished checkpoint for {', '.join(m.name for m in missing)} "
-                        f"({', '.join(str(member_stage_dir(m)) for m in missing)}); produce "
-                        f"{'it' if len(missing) == 1 else 'them'} with: {command}")  # fmt: skip
+                        f"({', '.join(str(member_stage_dir(m)) for m in missing)}){busy}"
+                        f"{command if idle else ''}")  # fmt: skip
     header = None  # the sample's header, when given, wins over the built-in one
     if sample is not None:  # read now: a missing file or another competition's sample fails before any prediction
         header = read_sample(Path(sample))[0]
@@ -213,7 +219,7 @@ def ensemble_recipe(
         meta={"recipe": recipe.source, "members": [m.name for m in recipe.members], "weights": weights.tolist()},
     )
     out = Path(out_dir)
-    draft = out / f".{recipe.competition}.{os.getpid()}.draft"  # one per process: runs never share a draft
+    draft = out / f".{recipe.competition}.{owner_tag()}.draft"  # one per process; a killed one's goes on the next write
     try:  # the final name appears only once the file passed every check
         write_submission(combined, spec.name, draft, k=ens.top_k, header=header)
         test = load_split(recipe.members[0].config, "test")  # the ids come from the dataset, not from the members

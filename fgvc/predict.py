@@ -25,6 +25,7 @@ from fgvc.data import close_loader
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import file_identity
 from fgvc.engine.launch import already_distributed
+from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.loop import predict_probs
 from fgvc.engine.runtime import Runtime, broadcast_from_main, is_main_process, settings_restored, setup_runtime
 from fgvc.engine.stage import (
@@ -37,6 +38,7 @@ from fgvc.engine.stage import (
     load_split,
     load_stage_model,
     make_loader,
+    require_saved_root,
 )
 from fgvc.ensemble import combine_members, equal_weights
 from fgvc.errors import ConfigError, DataError
@@ -92,6 +94,8 @@ def finished_stage_dirs(run_dir: Path) -> list[Path]:
 def unfinished_hint(stage_dir: Path) -> str:
     """How to finish an interrupted stage, for an error message or a log line."""
     run_dir = stage_dir.parent
+    if who := lock_holder(stage_dir):
+        return f"{stage_dir} is not finished: {who} is training it now"
     if stage_dir.name == STAGE1:
         return f"{stage_dir} is not finished: `fgvc stage1 --recipe {run_dir / CONFIG_FILE}` resumes it"
     return f"{stage_dir} is not finished: `fgvc stage2 --run {run_dir} --test-res {stage2_res(stage_dir)}` resumes it"
@@ -176,6 +180,7 @@ def predict_stage(
     progress: bool = True,
     compile_model: bool | None = None,
     skip_corrupt: bool | None = None,
+    data_root: str | Path | None = None,
 ) -> PredictResult:
     """Probabilities of one stage's model on one split at one resolution (cached).
 
@@ -183,6 +188,7 @@ def predict_stage(
     when the test set is large enough to amortise the compilation (see the README's Performance section).
     ``skip_corrupt``: give unreadable images uniform probabilities instead of stopping (None: as the stage was
     trained); the file records them, and a later call recomputes it once any of them reads.
+    ``data_root``: where the dataset is now (None: where the stage was trained on it).
     """
     stage_dir = Path(stage_dir)
     if tta not in TTA_CHOICES:
@@ -190,8 +196,11 @@ def predict_stage(
     run_dir = stage_dir.parent
     path = prediction_path(run_dir, stage_dir, split, res, tta)
     saved = load_config(stage_dir / CONFIG_FILE)
-    arguments = {"data.workers": workers, "data.skip_corrupt": skip_corrupt}  # None: as the stage was trained
+    arguments = {"data.workers": workers, "data.skip_corrupt": skip_corrupt,
+                 "data.root": str(data_root) if data_root is not None else None}  # None: as the stage was trained
     cfg = with_overrides(saved.model_dump(mode="json"), arguments, "the prediction's arguments")
+    if data_root is None:
+        require_saved_root(cfg, stage_dir / CONFIG_FILE)
     index = load_split(cfg, split)
     if not len(index):
         notes = f" ({'; '.join(index.notes)})" if index.notes else ""
@@ -290,6 +299,7 @@ def predict(
     progress: bool = True,
     compile_model: bool | None = None,
     skip_corrupt: bool | None = None,
+    data_root: str | Path | None = None,
 ) -> PredictResult:
     """`fgvc predict`: one stage, one split, one or several resolutions (their softmax outputs averaged).
 
@@ -306,7 +316,7 @@ def predict(
     default_res = stage2_res(stage_dir) if stage_dir.name != STAGE1 else cfg.stage1.res
     resolutions = multi_res or [res or default_res]
     tta = tta or cfg.predict.tta
-    options = (batch_size, workers, force, progress, compile_model, skip_corrupt)
+    options = (batch_size, workers, force, progress, compile_model, skip_corrupt, data_root)
     if len(resolutions) == 1:
         return predict_stage(stage_dir, split, resolutions[0], tta, *options)
     path = prediction_path(run_dir, stage_dir, split, "+".join(str(r) for r in resolutions), tta)

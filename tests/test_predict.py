@@ -426,6 +426,37 @@ def test_a_checkpoint_replaced_while_a_prediction_runs_does_not_inherit_its_file
     assert predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False).cached
 
 
+def test_a_run_whose_dataset_moved_is_told_where_it_is_now(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """A run keeps the absolute dataset folder it trained on. Once the dataset moves (another disk, another machine),
+    stage 2, predict, sweep and the ensemble take the new folder (--data-root, or the recipe's data.root); without it
+    the error says the run's dataset is gone and names the option, not "check the path"."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_demo_root, data)
+    cfg = tiny_config(data, tmp_path / "runs")
+    run_stage1(cfg, progress=False)
+    run_dir = cfg.run_dir()
+    expected = predict(run_dir, split="val", tta="none", progress=False)
+    data.rename(tmp_path / "moved")
+    gone = rf"{data}: the dataset this run was trained on is no longer there .*; pass --data-root with the folder"
+    with pytest.raises(DataError, match=gone):
+        predict(run_dir, split="val", tta="none", force=True, progress=False)
+    with pytest.raises(DataError, match=gone):
+        run_stage2(run_dir, {"stage2.res": 40}, progress=False)
+    moved = predict(run_dir, split="val", tta="none", force=True, progress=False, data_root=tmp_path / "moved")
+    assert not moved.cached and np.array_equal(moved.probs.probs, expected.probs.probs)
+    assert sweep(run_dir, [32], progress=False, data_root=tmp_path / "moved").table["res"].tolist() == [32]
+    result = run_stage2(run_dir, {"stage2.res": 40, "data.root": str(tmp_path / "moved")}, progress=False)
+    assert result.final is not None
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"competition: generic\nout: {tmp_path / 'runs'}\nmembers:\n  - name: {run_dir.name}\n"
+                      f"    stage: 1\n    data: {{dataset: demo, root: {tmp_path / 'moved'}, workers: 0, "
+                      f"val_fraction: 0.2}}\n    model: {{arch: 'timm:test_resnet', weights: null}}\n"
+                      f"    stage1: {{res: 32, epochs: 1, batch_size: 8, lr: 0.05}}\n"
+                      f"    predict: {{tta: none}}\n    runtime: {{deterministic: true, seed: 0}}\n")  # fmt: skip
+    outcome = ensemble_recipe(recipe, tmp_path / "submissions", progress=False)
+    assert outcome.submission.is_file()
+
+
 def test_stored_probabilities_keep_their_relative_precision_down_the_tail(tmp_path: Path) -> None:
     """Confident rows over 5,000 classes: float16 probabilities would zero or coarsen most of the tail, which reorders
     the 2nd-5th guesses that top-5 and top-3 submissions score. The stored file keeps every value to < 1%."""

@@ -61,6 +61,8 @@ from fgvc.engine.feature_cache import (
     split_model,
     train_one_epoch_cached,
 )
+from fgvc.engine.lock import holder as lock_holder
+from fgvc.engine.lock import stage_lock
 from fgvc.engine.loop import EpochStats, StopFlag, Stopped, predict_probs, stop_on_signals, train_one_epoch
 from fgvc.engine.mixing import build_mixing
 from fgvc.engine.runtime import (
@@ -73,7 +75,7 @@ from fgvc.engine.runtime import (
     setup_runtime,
 )
 from fgvc.engine.sampling import EpochSampler
-from fgvc.errors import ConfigError, DataError, RunExistsError
+from fgvc.errors import ConfigError, DataError, RunBusyError, RunExistsError
 from fgvc.fileio import atomic_write_text
 from fgvc.io import typical_source_pixels
 from fgvc.logs import run_log
@@ -447,6 +449,25 @@ def train_stage(cfg: RunConfig, stage: str, force: bool = False, progress: bool 
         return _train_stage(cfg, stage, force, progress, stop, opened)
 
 
+def _claim_folder(rt: Runtime, stage_dir: Path, stage: str, force: bool, opened: ExitStack) -> None:
+    """Rank 0 holds the stage folder's lock until the call ends (:mod:`fgvc.engine.lock`); every rank raises if another
+    process trains there, or, for a forced stage 1, adapts its model in a stage 2 that the retraining would retire."""
+    busy = None
+    if rt.is_main:
+        try:
+            opened.enter_context(stage_lock(stage_dir))
+        except RunBusyError as err:
+            busy = str(err)
+        if busy is None and stage == STAGE1 and force:
+            adapting = [(d, who) for d in sorted(stage_dir.parent.glob("stage2-*")) if (who := lock_holder(d))]
+            for folder, who in adapting[:1]:
+                busy = (f"{folder} is being trained by {who} from this stage 1's model, which --force would retire; "
+                        "wait for it to end, or stop it first")  # fmt: skip
+    busy = broadcast_from_main(rt, busy)
+    if busy is not None:
+        raise RunBusyError(busy)
+
+
 def stage_folder(cfg: RunConfig, stage: str) -> Path:
     """``<run>/stage1`` or ``<run>/stage2-<res>``."""
     return cfg.run_dir() / (STAGE1 if stage == STAGE1 else stage2_dirname(cfg.stage2.res))
@@ -461,6 +482,7 @@ def _train_stage(
     run_dir = cfg.run_dir()
     stage_dir = stage_folder(cfg, stage)
     rt = setup_runtime(cfg.runtime)
+    _claim_folder(rt, stage_dir, stage, force, opened)
 
     state = None if force else _resumable_state(cfg, stage, stage_dir)
     if stage == STAGE1 and state is None:
@@ -988,6 +1010,15 @@ def stage2_config(run_dir: str | Path, overrides: dict[str, Any], resume: bool =
     return cfg.model_copy(update={"name": run_dir.name, "out": str(run_dir.parent)})
 
 
+def require_saved_root(cfg: RunConfig, config_file: Path) -> None:
+    """A run's saved dataset folder that is gone (the dataset moved, or the run was copied to another machine) is named
+    as such, with the option that says where it is now, rather than as a mistyped path."""
+    root = cfg.data.resolved_root()
+    if cfg.data.root and not root.exists():
+        raise DataError(f"{root}: the dataset this run was trained on is no longer there (data.root in {config_file}); "
+                        "pass --data-root with the folder where it is now")  # fmt: skip
+
+
 def run_stage2(
     run_dir: str | Path, overrides: dict[str, Any], force: bool = False, progress: bool = True
 ) -> StageResult:
@@ -1001,5 +1032,15 @@ def run_stage2(
     if not (run_dir / STAGE1 / LAST).is_file():
         raise DataError(f"{run_dir}: stage 1 has no checkpoint; run `fgvc stage1` first")
     if not is_finished(run_dir / STAGE1):
+        if who := lock_holder(run_dir / STAGE1):
+            raise RunBusyError(f"{run_dir}: stage 1 is not finished, {who} is training it; run stage 2 once it ends")
         raise DataError(f"{run_dir}: stage 1 is not finished; rerun `fgvc stage1` with the same settings to finish it")
+    if not _given(overrides, "data", "root"):
+        require_saved_root(cfg, run_dir / CONFIG_FILE)
     return train_stage(cfg, "stage2", force=force, progress=progress)
+
+
+def _given(overrides: dict[str, Any], section: str, key: str) -> bool:
+    """Whether ``overrides`` set ``section.key``, as a dotted key or in a nested section."""
+    nested = overrides.get(section)
+    return overrides.get(f"{section}.{key}") is not None or (isinstance(nested, dict) and nested.get(key) is not None)

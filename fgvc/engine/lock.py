@@ -1,0 +1,119 @@
+"""One training process per stage folder.
+
+A second start on the same folder (a job submitted twice, a scheduler's requeue while the old job still runs) would
+resume from the same ``last.pt`` and interleave two runs' checkpoints, history and ``best.pt``. The stage holds an
+advisory ``flock`` on ``<stage>/.lock`` while it trains; the kernel releases it however the holder ends (SIGKILL and
+OOM kills included, and on NFS when the client's lease lapses), so there is no stale lock to clean up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fgvc.errors import RunBusyError
+
+LOCK_FILE = ".lock"
+_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # a filesystem without flock
+log = logging.getLogger("fgvc")
+
+
+@contextmanager
+def stage_lock(stage_dir: Path) -> Iterator[None]:
+    """Hold ``stage_dir``'s lock for the body; :class:`RunBusyError` at once if another process holds it.
+
+    Folders created for the lock, and the lock file, are gone again afterwards: a start that fails before its first
+    checkpoint leaves the run folder as it found it.
+    """
+    created = _missing_folders(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    path = stage_dir / LOCK_FILE
+    fd = None
+    try:
+        fd = _acquire(path)
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # while held: a process that opened this file finds it replaced and retries
+            os.close(fd)
+        for folder in reversed(created):  # deepest first; only empty ones
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def holder(stage_dir: Path) -> str | None:
+    """Who trains ``stage_dir`` now ("pid N on host H since T"), or None if no process does."""
+    path = stage_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read(fd) or "another process"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # also releases the shared lock taken
+    return None
+
+
+def _acquire(path: Path) -> int | None:
+    """The held lock's file descriptor; None where the filesystem has no locks (warned: the run is unprotected)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _read(fd) or "another process"
+            os.close(fd)
+            raise RunBusyError(
+                f"{path.parent} is being trained by {who}; wait for it to end (a second run there would mix its "
+                "checkpoints into that run's), or stop that process and rerun this command to resume"
+            ) from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in _UNSUPPORTED:
+                raise
+            log.warning("%s: this filesystem takes no locks; nothing stops a second run from starting in this "
+                        "folder at the same time", path.parent)  # fmt: skip
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its last holder removed the file after we opened it: lock the one at the path now
+    started = dt.datetime.now().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {started}".encode())
+    return fd
+
+
+def _read(fd: int) -> str:
+    try:
+        return os.pread(fd, 1024, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its missing parents, outermost first."""
+    missing: list[Path] = []
+    while not folder.exists():
+        missing.insert(0, folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    return missing

@@ -1,0 +1,40 @@
+"""Atomic writes and the temp files a killed writer leaves behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fgvc.fileio import atomic_path, atomic_write_text, owner_tag
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_write_removes_the_temp_files_of_dead_writers_on_this_host_only(tmp_path: Path) -> None:
+    """A SIGKILLed `fgvc predict --force` leaves half a probability file (gigabytes at iNat scale) under a temp name;
+    the next write into the folder removes it, but never a temp file a live process or another machine is writing."""
+    host = owner_tag().rpartition("-")[0]
+    dead = tmp_path / f".test-448-tencrop.npz.{host}-{_dead_pid()}.k3x9q2ab.tmp"
+    draft = tmp_path / f".inat2019.{host}-{_dead_pid()}.draft"  # a killed ensemble's checked-but-unpublished CSV
+    live = tmp_path / f".val-448-none.npz.{host}-{os.getppid()}.a1b2c3d4.tmp"
+    other_host = tmp_path / f".test-448-tencrop.npz.{host}x-{_dead_pid()}.k3x9q2ab.tmp"
+    foreign = tmp_path / ".notes.tmp"  # not written by fgvc: not its to remove
+    for path in (dead, draft, live, other_host, foreign):
+        path.write_bytes(b"half")
+    atomic_write_text(tmp_path / "other.csv", "a,b\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, other_host.name, foreign.name, "other.csv"]
+    )
+
+
+def test_a_temp_name_says_which_process_writes_it(tmp_path: Path) -> None:
+    with atomic_path(tmp_path / "best.pt") as tmp:
+        tmp.write_bytes(b"x")
+        assert tmp.name.startswith(f".best.pt.{owner_tag()}.") and tmp.name.endswith(".tmp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
