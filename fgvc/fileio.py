@@ -1,18 +1,21 @@
 """Atomic writes: a temp file in the same folder, fsync, then rename, so a crash never leaves half a file.
 
 A process killed mid-write (SIGKILL, the OOM killer) runs no cleanup: its temp file stays. Temp names carry the writing
-process's host and pid, so that the next write into that folder on that host removes the ones whose process is gone
-(a probability file's temp can be gigabytes), and never one that a live process, or another host's, is writing.
+process's host and pid, and the writer holds an ``flock`` on its temp file until the rename, so that the next write
+into that folder on that host removes the ones whose process is gone (a probability file's temp can be gigabytes):
+never one that another host's process writes, nor a live one's (a pid that looks dead from another PID namespace, a
+container on the same host name, still holds its lock).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -24,7 +27,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    _lock(fd, fcntl.LOCK_EX)  # held until the rename: tells a cleanup in another PID namespace this write is alive
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; results should be readable like any other file
@@ -38,6 +41,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+        os.close(fd)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -68,7 +72,33 @@ def remove_dead_leftovers(folder: Path) -> None:
     for name in names:
         owned = _OWNED.search(name) if name.startswith(".") else None
         if owned and owned["host"] == host and not _running(int(owned["pid"])):
-            (folder / name).unlink(missing_ok=True)
+            remove_if_abandoned(folder / name)
+
+
+def remove_if_abandoned(path: Path) -> None:
+    """Delete ``path`` unless a live writer holds its lock (or it cannot be deleted: another user's, in a shared
+    folder, is left to its owner)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if _lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            with suppress(OSError):
+                path.unlink()
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int, operation: int) -> bool:
+    """Whether the flock was taken; True also where the filesystem takes no locks (nothing to tell by then)."""
+    try:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _running(pid: int) -> bool:

@@ -74,6 +74,12 @@ def refuse_changed_members(recipe: Recipe, members: list[Member]) -> None:
                       f"{'it' if len(changed) == 1 else 'them'} with `{command} --force`")  # fmt: skip
 
 
+def member_data_root(member: Member) -> str:
+    """Where the recipe says the member's dataset is now (its data.root, else $FGVC_DATA or ./datasets): stage 2 and
+    predictions read it there, wherever stage 1 found it (the dataset moved, or the run was copied)."""
+    return str(member.config.data.resolved_root().resolve())
+
+
 def refuse_missing_weights(recipe: Recipe, members: list[Member], force: bool) -> None:
     """Every member that will start stage 1 from its weights needs the file now, not after the members before it
     have trained for hours: checked before any work starts, one error for them all."""
@@ -121,7 +127,8 @@ def train_recipe(
             if stage == STAGE1:
                 result = run_stage1(cfg, force=force, progress=progress)
             else:
-                overrides = {"stage2": cfg.stage2.model_dump(mode="json"), "runtime": cfg.runtime.model_dump()}
+                overrides = {"stage2": cfg.stage2.model_dump(mode="json"), "runtime": cfg.runtime.model_dump(),
+                             "data.root": member_data_root(member)}  # fmt: skip
                 result = run_stage2(run_dir, overrides, force=force, progress=progress)
             if result.interrupted_by:
                 outcomes.append(TrainOutcome(member.name, stage, "interrupted", result.interrupted_by))
@@ -145,7 +152,7 @@ def member_probabilities(recipe: Recipe, member: Member, split: str, progress: b
     tta = member.config.predict.tta
     skip = member.config.data.skip_corrupt or None  # the recipe may allow it for prediction alone
     resolutions = member.multi_res or [member.test_res]
-    root = member.config.data.root  # a recipe that names the dataset's folder reads it there, wherever it was trained
+    root = member_data_root(member)
     parts = (predict_stage(stage_dir, split, r, tta, progress=progress, skip_corrupt=skip, data_root=root).held_probs()
              for r in resolutions)  # fmt: skip
     return next(parts) if len(resolutions) == 1 else mean_over_resolutions(parts, resolutions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -38,3 +39,20 @@ def test_a_temp_name_says_which_process_writes_it(tmp_path: Path) -> None:
         tmp.write_bytes(b"x")
         assert tmp.name.startswith(f".best.pt.{owner_tag()}.") and tmp.name.endswith(".tmp")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+
+
+def test_a_temp_file_whose_writer_still_holds_it_is_kept_even_if_its_pid_looks_dead(tmp_path: Path) -> None:
+    """Two containers with one host name and their own PID namespaces share a folder: the other writer's pid means
+    nothing here, its lock does."""
+    host = owner_tag().rpartition("-")[0]
+    live = tmp_path / f".test-448-tencrop.npz.{host}-{_dead_pid()}.k3x9q2ab.tmp"
+    live.write_bytes(b"half")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the writer, alive in its own namespace
+        atomic_write_text(tmp_path / "a.csv", "x\n")
+        assert live.exists()
+    finally:
+        os.close(fd)  # the writer is killed: its lock goes with it
+    atomic_write_text(tmp_path / "b.csv", "x\n")
+    assert not live.exists()

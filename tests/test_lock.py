@@ -97,6 +97,47 @@ def test_a_forced_stage_1_waits_for_a_stage_2_adapting_its_model(tiny_demo_root:
         assert (cfg.run_dir() / "stage1" / "best.pt").stat().st_mtime_ns == before
 
 
+def test_stage_2_holds_its_stage_1_shared_and_a_retraining_stage_1_refuses_it(
+    tiny_demo_root: Path, tmp_path: Path
+) -> None:
+    """A forced stage 1 keeps its old finished.json until its first checkpoint: a stage 2 started meanwhile must not
+    adapt the model that is about to be retired. Stage 2s at two resolutions share stage 1 without trouble."""
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs")
+    run_stage1(cfg, progress=False)
+    stage1 = cfg.run_dir() / "stage1"
+    busy = rf"{stage1} is being trained by pid {os.getpid()} "
+    with stage_lock(stage1), pytest.raises(RunBusyError, match=busy):  # `fgvc stage1 --force` retraining it
+        run_stage2(cfg.run_dir(), {"stage2.res": 40}, progress=False)
+    assert not (cfg.run_dir() / "stage2-40").exists()
+    with stage_lock(stage1, shared=True), stage_lock(stage1, shared=True):  # two stage 2s adapting it
+        assert holder(stage1) is None  # nobody trains stage 1 itself
+        assert run_stage2(cfg.run_dir(), {"stage2.res": 40}, progress=False).final is not None
+
+
+def test_a_probe_for_the_holder_never_refuses_a_start(tmp_path: Path) -> None:
+    """`holder` takes the lock shared for a moment: a start at that instant retries instead of reporting a run that
+    does not exist (predict and the ensemble probe while a job starts)."""
+    import threading
+
+    stage_dir = tmp_path / "run" / "stage1"
+    stage_dir.mkdir(parents=True)
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            holder(stage_dir)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for _ in range(300):
+            with stage_lock(stage_dir):
+                pass
+    finally:
+        done.set()
+        prober.join()
+
+
 def test_the_lock_outlives_no_holder_that_fails(tiny_demo_root: Path, tmp_path: Path) -> None:
     """A start that fails (here on a missing dataset) releases the folder at once and leaves no run folder."""
     cfg = tiny_config(tmp_path / "nowhere", tmp_path / "runs")

@@ -449,10 +449,13 @@ def test_a_run_whose_dataset_moved_is_told_where_it_is_now(tiny_demo_root: Path,
     assert result.final is not None
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"competition: generic\nout: {tmp_path / 'runs'}\nmembers:\n  - name: {run_dir.name}\n"
-                      f"    stage: 1\n    data: {{dataset: demo, root: {tmp_path / 'moved'}, workers: 0, "
+                      f"    stage: 2\n    data: {{dataset: demo, root: {tmp_path / 'moved'}, workers: 0, "
                       f"val_fraction: 0.2}}\n    model: {{arch: 'timm:test_resnet', weights: null}}\n"
                       f"    stage1: {{res: 32, epochs: 1, batch_size: 8, lr: 0.05}}\n"
+                      f"    stage2: {{res: 48, epochs: 1, batch_size: 8, lr: 0.05, augment: test, tune: bn+fc}}\n"
                       f"    predict: {{tta: none}}\n    runtime: {{deterministic: true, seed: 0}}\n")  # fmt: skip
+    trained = train_recipe(recipe, progress=False)  # stage 1 finished; stage 2 reads the recipe's folder
+    assert [(o.stage, o.status) for o in trained] == [("stage1", "skipped (finished)"), ("stage2", "trained")]
     outcome = ensemble_recipe(recipe, tmp_path / "submissions", progress=False)
     assert outcome.submission.is_file()
 

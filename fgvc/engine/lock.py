@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,22 +27,25 @@ log = logging.getLogger("fgvc")
 
 
 @contextmanager
-def stage_lock(stage_dir: Path) -> Iterator[None]:
-    """Hold ``stage_dir``'s lock for the body; :class:`RunBusyError` at once if another process holds it.
+def stage_lock(stage_dir: Path, shared: bool = False) -> Iterator[None]:
+    """Hold ``stage_dir``'s lock for the body; :class:`RunBusyError` if another process holds it.
 
-    Folders created for the lock, and the lock file, are gone again afterwards: a start that fails before its first
-    checkpoint leaves the run folder as it found it.
+    ``shared``: a stage 2 holds its stage 1's folder this way while it adapts that model, so that a forced retraining
+    of stage 1 (which takes it exclusively) cannot retire the model under it; stage 2s at several resolutions still run
+    side by side. Folders created for an exclusive lock, and its file, are gone again afterwards: a start that fails
+    before its first checkpoint leaves the run folder as it found it.
     """
-    created = _missing_folders(stage_dir)
+    created = [] if shared else _missing_folders(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     path = stage_dir / LOCK_FILE
     fd = None
     try:
-        fd = _acquire(path)
+        fd = _acquire(path, shared)
         yield
     finally:
         if fd is not None:
-            path.unlink(missing_ok=True)  # while held: a process that opened this file finds it replaced and retries
+            if not shared:  # while held: a process that opened this file finds it replaced and retries
+                path.unlink(missing_ok=True)
             os.close(fd)
         for folder in reversed(created):  # deepest first; only empty ones
             try:
@@ -68,13 +72,24 @@ def holder(stage_dir: Path) -> str | None:
     return None
 
 
-def _acquire(path: Path) -> int | None:
-    """The held lock's file descriptor; None where the filesystem has no locks (warned: the run is unprotected)."""
+def _acquire(path: Path, shared: bool) -> int | None:
+    """The held lock's file descriptor; None where the filesystem has no locks (warned: the run is unprotected).
+
+    A lock that stays taken for a second is another run's: :func:`holder`'s probe holds it for microseconds."""
+    deadline = time.monotonic() + 1.0
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # a failed start beside this one removed the folder it had created
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
+            if time.monotonic() < deadline:
+                os.close(fd)
+                time.sleep(0.05)
+                continue
             who = _read(fd) or "another process"
             os.close(fd)
             raise RunBusyError(
@@ -95,9 +110,10 @@ def _acquire(path: Path) -> int | None:
         if same:
             break
         os.close(fd)  # its last holder removed the file after we opened it: lock the one at the path now
-    started = dt.datetime.now().isoformat(timespec="seconds")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {started}".encode())
+    if not shared:
+        started = dt.datetime.now().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {started}".encode())
     return fd
 
 

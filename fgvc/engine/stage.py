@@ -76,7 +76,7 @@ from fgvc.engine.runtime import (
 )
 from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, DataError, RunBusyError, RunExistsError
-from fgvc.fileio import atomic_write_text
+from fgvc.fileio import atomic_write_text, remove_if_abandoned
 from fgvc.io import typical_source_pixels
 from fgvc.logs import run_log
 from fgvc.metrics import METRIC_LABELS, summarize
@@ -449,20 +449,23 @@ def train_stage(cfg: RunConfig, stage: str, force: bool = False, progress: bool 
         return _train_stage(cfg, stage, force, progress, stop, opened)
 
 
-def _claim_folder(rt: Runtime, stage_dir: Path, stage: str, force: bool, opened: ExitStack) -> None:
-    """Rank 0 holds the stage folder's lock until the call ends (:mod:`fgvc.engine.lock`); every rank raises if another
-    process trains there, or, for a forced stage 1, adapts its model in a stage 2 that the retraining would retire."""
+def _claim_folder(rt: Runtime, stage_dir: Path, stage: str, opened: ExitStack) -> None:
+    """Rank 0 holds the stage folder's lock until the call ends (:mod:`fgvc.engine.lock`), and a stage 2 its stage 1's
+    folder's shared lock; every rank raises if another process trains there, or, for stage 1, adapts its model in a
+    stage 2 that a retraining would retire."""
     busy = None
     if rt.is_main:
+        adapting = [(d, who) for d in sorted(stage_dir.parent.glob("stage2-*")) if (who := lock_holder(d))]
+        if stage == STAGE1 and adapting:  # said before stage 1's own lock, which their shared locks refuse anyway
+            busy = (f"{adapting[0][0]} is being trained by {adapting[0][1]} from this stage 1's model, which --force "
+                    "would retire; wait for it to end, or stop it first")  # fmt: skip
         try:
-            opened.enter_context(stage_lock(stage_dir))
+            if busy is None:
+                opened.enter_context(stage_lock(stage_dir))
+            if busy is None and stage != STAGE1:  # the stage-1 model must stay while it is adapted
+                opened.enter_context(stage_lock(stage_dir.parent / STAGE1, shared=True))
         except RunBusyError as err:
             busy = str(err)
-        if busy is None and stage == STAGE1 and force:
-            adapting = [(d, who) for d in sorted(stage_dir.parent.glob("stage2-*")) if (who := lock_holder(d))]
-            for folder, who in adapting[:1]:
-                busy = (f"{folder} is being trained by {who} from this stage 1's model, which --force would retire; "
-                        "wait for it to end, or stop it first")  # fmt: skip
     busy = broadcast_from_main(rt, busy)
     if busy is not None:
         raise RunBusyError(busy)
@@ -482,7 +485,9 @@ def _train_stage(
     run_dir = cfg.run_dir()
     stage_dir = stage_folder(cfg, stage)
     rt = setup_runtime(cfg.runtime)
-    _claim_folder(rt, stage_dir, stage, force, opened)
+    if not force:
+        _refuse_finished(stage_dir, stage)  # said first: a finished stage's lock may be held by a stage 2 adapting it
+    _claim_folder(rt, stage_dir, stage, opened)
 
     state = None if force else _resumable_state(cfg, stage, stage_dir)
     if stage == STAGE1 and state is None:
@@ -608,7 +613,7 @@ def _train_stage(
         if not claimed:
             _retire_old_results(run_dir, stage_dir, stage, force)
             for stale in stage_dir.glob(".*.tmp"):  # half-written files of a process killed mid-write (SIGKILL, OOM)
-                stale.unlink(missing_ok=True)
+                remove_if_abandoned(stale)
             if state is None:
                 stage_dir.mkdir(parents=True, exist_ok=True)
                 save_config(cfg, stage_dir / CONFIG_FILE)
@@ -764,9 +769,7 @@ def _train_stage(
 def _resumable_state(cfg: RunConfig, stage: str, stage_dir: Path) -> dict[str, Any] | None:
     """The interrupted run's ``last.pt`` to resume (None: a fresh start); a finished stage, or a checkpoint written
     with other settings, is refused (``--force`` starts over without calling this)."""
-    if is_finished(stage_dir):
-        other = "another --name" if stage == STAGE1 else "another --test-res"
-        raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose {other})")
+    _refuse_finished(stage_dir, stage)
     if not (stage_dir / LAST).is_file():
         return None
     state = load_checkpoint(stage_dir / LAST)
@@ -777,6 +780,12 @@ def _resumable_state(cfg: RunConfig, stage: str, stage_dir: Path) -> dict[str, A
             "rerun with the original settings to resume, or pass --force to restart"
         )
     return state
+
+
+def _refuse_finished(stage_dir: Path, stage: str) -> None:
+    if is_finished(stage_dir):
+        other = "another --name" if stage == STAGE1 else "another --test-res"
+        raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose {other})")
 
 
 def _starting_model(
@@ -996,18 +1005,23 @@ def stage2_config(run_dir: str | Path, overrides: dict[str, Any], resume: bool =
     the settings it was started with, without retyping every flag. A --force run starts from the run's settings and
     the flags given.
     """
-    run_dir = Path(run_dir)
+    values = load_config(_stage2_base(Path(run_dir), overrides, resume)).model_dump(mode="json")
+    cfg = with_overrides(values, overrides, "command line")
+    # The run folder is the one given, wherever it lives now.
+    return cfg.model_copy(update={"name": Path(run_dir).name, "out": str(Path(run_dir).parent)})
+
+
+def _stage2_base(run_dir: Path, overrides: dict[str, Any], resume: bool) -> Path:
+    """The config file :func:`stage2_config` starts from: the started stage 2's when resuming it, else the run's."""
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise DataError(f"{run_dir}: no {CONFIG_FILE}; pass --run with a folder written by `fgvc stage1`")
-    values = load_config(cfg_path).model_dump(mode="json")
-    res = overrides.get("stage2.res") or (overrides.get("stage2") or {}).get("res") or values["stage2"]["res"]
+    given = section if isinstance(section := overrides.get("stage2"), dict) else {}
+    res = overrides.get("stage2.res") or given.get("res") or load_config(cfg_path).stage2.res
     started = run_dir / stage2_dirname(res)
     if resume and (started / LAST).is_file() and (started / CONFIG_FILE).is_file():
-        values = load_config(started / CONFIG_FILE).model_dump(mode="json")
-    cfg = with_overrides(values, overrides, "command line")
-    # The run folder is the one given, wherever it lives now.
-    return cfg.model_copy(update={"name": run_dir.name, "out": str(run_dir.parent)})
+        return started / CONFIG_FILE
+    return cfg_path
 
 
 def require_saved_root(cfg: RunConfig, config_file: Path) -> None:
@@ -1036,7 +1050,7 @@ def run_stage2(
             raise RunBusyError(f"{run_dir}: stage 1 is not finished, {who} is training it; run stage 2 once it ends")
         raise DataError(f"{run_dir}: stage 1 is not finished; rerun `fgvc stage1` with the same settings to finish it")
     if not _given(overrides, "data", "root"):
-        require_saved_root(cfg, run_dir / CONFIG_FILE)
+        require_saved_root(cfg, _stage2_base(run_dir, overrides, resume=not force))
     return train_stage(cfg, "stage2", force=force, progress=progress)
 
 
