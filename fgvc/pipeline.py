@@ -18,12 +18,21 @@ import pandas as pd
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.checkpoint import LAST
 from fgvc.engine.lock import holder as lock_holder
-from fgvc.engine.stage import STAGE1, config_conflicts, is_finished, load_split, run_stage1, run_stage2, stage2_dirname
+from fgvc.engine.stage import (
+    STAGE1,
+    check_model_settings,
+    config_conflicts,
+    is_finished,
+    load_split,
+    run_stage1,
+    run_stage2,
+    stage2_dirname,
+)
 from fgvc.ensemble import align, combine, combine_members, resolve_weights
 from fgvc.errors import ConfigError, DataError, WeightsError
 from fgvc.fileio import owner_tag
 from fgvc.metrics import summarize
-from fgvc.models import weights_file
+from fgvc.models import check_resolution, model_meta, weights_file
 from fgvc.predict import mean_over_resolutions, predict_stage
 from fgvc.probs import Probabilities
 from fgvc.recipe import Member, Recipe, load_recipe, member_train_command, select_members
@@ -80,6 +89,28 @@ def member_data_root(member: Member) -> str:
     return str(member.config.data.resolved_root().resolve())
 
 
+def refuse_unrunnable_members(recipe: Recipe, members: list[Member], force: bool) -> None:
+    """Stage 2's resolution and tune policy, and the test resolution, checked against each member's architecture
+    before any member trains: one that cannot run its stage 2 used to fail only after its whole stage 1."""
+    problems: list[str] = []
+    for member in members:
+        steps = member_steps(member)
+        if not force and is_finished(steps[-1][1]):
+            continue
+        cfg = member.config
+        try:
+            meta = model_meta(cfg.model.arch)
+            for stage, stage_dir in steps:
+                if force or not is_finished(stage_dir):
+                    check_model_settings(cfg, stage)
+            for res in member.multi_res or [member.test_res]:
+                check_resolution(meta, res)
+        except ConfigError as err:
+            problems.append(f"member {member.name}: {err}")
+    if problems:
+        raise ConfigError(f"{recipe.source}: {'; '.join(problems)}")
+
+
 def refuse_missing_weights(recipe: Recipe, members: list[Member], force: bool) -> None:
     """Every member that will start stage 1 from its weights needs the file now, not after the members before it
     have trained for hours: checked before any work starts, one error for them all."""
@@ -115,6 +146,7 @@ def train_recipe(
     selected = select_members(recipe, members)
     if not force:
         refuse_changed_members(recipe, selected)
+    refuse_unrunnable_members(recipe, selected, force)
     refuse_missing_weights(recipe, selected, force)
     outcomes: list[TrainOutcome] = []
     for position, member in enumerate(selected):

@@ -82,8 +82,11 @@ from fgvc.logs import run_log
 from fgvc.metrics import METRIC_LABELS, summarize
 from fgvc.models import (
     ModelMeta,
+    check_policy,
+    check_resolution,
     create_model,
     get_meta,
+    model_meta,
     rgb,
     set_meta,
     set_train_mode,
@@ -172,16 +175,7 @@ def make_loader(
     ``decode="gpu"``: workers only read the file bytes; nvJPEG decodes and the augmentation runs on the device, in a
     background thread one batch ahead (:class:`fgvc.prefetch.Prefetcher`).
     """
-    if meta.fixed_input_size and res != meta.input_size:
-        raise ConfigError(
-            f"{meta.arch} runs at {meta.input_size} px only (timm fixes its input size), not {res} px: FixRes needs a "
-            "model that takes any size (CNNs, or timm's ViT/DeiT/Swin/EVA)"
-        )
-    if res % meta.input_multiple:
-        step = meta.input_multiple
-        below, above = res // step * step, (res // step + 1) * step
-        raise ConfigError(f"{meta.arch} takes resolutions divisible by its patch size {step}, not {res} px: use "
-                          f"{below} or {above}")  # fmt: skip
+    check_resolution(meta, res)
     sampler = EpochSampler(len(index), shuffle=shuffle, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size)
     drop_last = shuffle and len(sampler) > batch_size  # this rank's shard holds more than one batch
     prepare: Callable[[Any], Any]  # a batch from the loader -> the model's input (GPU decode: with the kept rows)
@@ -490,8 +484,9 @@ def _train_stage(
     _claim_folder(rt, stage_dir, stage, opened)
 
     state = None if force else _resumable_state(cfg, stage, stage_dir)
+    check_model_settings(cfg, stage)  # before a long dataset read, as is a missing weights file:
     if stage == STAGE1 and state is None:
-        weights_file(cfg.model.arch, cfg.model.weights)  # a missing file is an error before a long dataset read
+        weights_file(cfg.model.arch, cfg.model.weights)
     train_index, val_index = load_split(cfg, "train"), load_split(cfg, "val")
     if state is not None:
         check_holdout(state, val_index, stage_dir)
@@ -782,6 +777,14 @@ def _resumable_state(cfg: RunConfig, stage: str, stage_dir: Path) -> dict[str, A
     return state
 
 
+def check_model_settings(cfg: RunConfig, stage: str) -> None:
+    """A :class:`ConfigError` if the architecture cannot run the stage's resolution (or stage 2's tune policy)."""
+    meta = model_meta(cfg.model.arch)
+    check_resolution(meta, (cfg.stage1 if stage == STAGE1 else cfg.stage2).res)
+    if stage != STAGE1:
+        check_policy(meta, cfg.stage2.tune)
+
+
 def _refuse_finished(stage_dir: Path, stage: str) -> None:
     if is_finished(stage_dir):
         other = "another --name" if stage == STAGE1 else "another --test-res"
@@ -905,7 +908,11 @@ def _feature_cache(
         log.info(reason)
         return None
     if split is None:
-        log.info("feature cache not used: %s cannot be cut before its tuned part", cfg.model.arch)
+        why = "under --compile" if cfg.runtime.compile else f"for tune '{stage_cfg.tune}' (the log says why)"
+        if mode == "on":
+            raise ConfigError(f"--cache-features on: {cfg.model.arch} cannot be cut before its tuned part {why}; "
+                              "use --cache-features auto or off")  # fmt: skip
+        log.info("feature cache not used: %s cannot be cut before its tuned part %s", cfg.model.arch, why)
         return None
     estimate = cache_bytes_estimate(split, len(index), stage_cfg.res, cache_dtype(rt))
     should, reason = should_cache(mode, stage_cfg.augment, stage_cfg.tune, estimate, default_budget_bytes(rt.device))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fgvc.models.fixres import TUNE_POLICIES, Tune, set_train_mode, set_trainable, trainable_parameters
+from fgvc.models.checks import check_resolution
+from fgvc.models.fixres import TUNE_POLICIES, Tune, check_policy, set_train_mode, set_trainable, trainable_parameters
 from fgvc.models.meta import ModelMeta, get_meta, rgb, set_meta, unwrap_model
 from fgvc.models.registry import (
     EXAMPLE_TIMM_MODELS,
@@ -24,6 +25,8 @@ __all__ = [
     "TUNE_POLICIES",
     "ModelMeta",
     "Tune",
+    "check_policy",
+    "check_resolution",
     "count_parameters",
     "create_model",
     "expected_weights_file",

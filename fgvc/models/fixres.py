@@ -31,7 +31,8 @@ TUNE_POLICIES: tuple[str, ...] = get_args(Tune)
 _NEEDS_BN = ("bn+fc", "bnstats+fc", "bnstats")
 
 
-def _check_policy(meta: ModelMeta, tune: str) -> None:
+def check_policy(meta: ModelMeta, tune: str) -> None:
+    """A :class:`ConfigError` if ``tune`` cannot apply to ``meta``'s architecture."""
     if tune not in TUNE_POLICIES:
         raise ConfigError(f"unknown tune policy '{tune}'; choose one of {', '.join(TUNE_POLICIES)}")
     if tune in _NEEDS_BN and meta.last_bn is None:
@@ -79,7 +80,7 @@ def trainable_parameters(model: nn.Module, tune: str) -> list[nn.Parameter]:
     """The parameters that learn under ``tune``, in ``named_parameters()`` order. No side effects: ``requires_grad``
     is left as it is (see :func:`set_trainable`)."""
     meta = get_meta(model)
-    _check_policy(meta, tune)
+    check_policy(meta, tune)
     learning = _learning_modules(meta, tune)
     return [p for name, p in unwrap_model(model).named_parameters() if _under(name, learning)]
 
@@ -100,7 +101,7 @@ def set_train_mode(model: nn.Module, tune: str) -> None:
     ``stage+bn+fc``, the last stage back in train mode; the classifier stays in eval mode (see the module docstring).
     """
     meta = get_meta(model)
-    _check_policy(meta, tune)
+    check_policy(meta, tune)
     if tune == "all":
         model.train()
         return

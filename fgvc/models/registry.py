@@ -216,13 +216,13 @@ def _main_path_bn(order: list[str]) -> str:
     return main[-1] if main else last
 
 
-def _timm_classifier(model: nn.Module) -> str:
+def _timm_classifier(model: nn.Module, model_name: str) -> str:
     names = {id(module): name for name, module in model.named_modules()}
     head = cast(Any, model).get_classifier()  # every timm model has it
     if id(head) not in names:  # e.g. distilled DeiT/LeViT return (head, head_dist)
         raise ConfigError(
-            f"timm:{type(model).__name__}: a model with several classifier heads is not supported; "
-            "use its non-distilled variant"
+            f"timm:{model_name}: a model with a second (distillation) classifier head is not supported; use a "
+            "variant without one where timm has it (deit_*_distilled_* -> deit_*), else another architecture"
         )
     return names[id(head)]
 
@@ -390,7 +390,7 @@ def _timm_spec(model_name: str) -> ModelSpec:
         cfg_name = f"{resolved['architecture']}.{resolved['tag']}"
         cfg = timm.models.get_pretrained_cfg(cfg_name)
     size = int(cfg.input_size[-1]) if cfg is not None else 224
-    classifier = _timm_classifier(probe)
+    classifier = _timm_classifier(probe, model_name)
     last_bn = last_batchnorm(probe, size)
     trunk_width = getattr(probe, "num_features", None)  # a head conv after it may widen (MobileNetV4), never narrow
     bn_width = getattr(probe.get_submodule(last_bn), "num_features", 0) if last_bn is not None else 0
