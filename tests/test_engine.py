@@ -1130,7 +1130,8 @@ def test_an_epoch_interrupted_on_its_last_step_keeps_its_whole_row(
     b = pd.read_csv(resumed.run_dir() / "stage1" / "metrics.csv")
     assert b["epoch"].tolist() == [1, 2]
     pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=1e-4)
-    assert (b["img_per_s"] > 0).all() and (b["seconds"] > 0).all()
+    assert (b["img_per_s"] > 0).all()  # images / unrounded seconds: 0 if the part's time were lost ("seconds" is
+    # rounded to 0.1 s, which a 26-image epoch on a quiet machine rounds to 0)
 
 
 def test_resume_with_another_seed_is_refused(tiny_demo_root: Path, tmp_path: Path) -> None:
