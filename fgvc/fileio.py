@@ -4,7 +4,8 @@ A process killed mid-write (SIGKILL, the OOM killer) runs no cleanup: its temp f
 process's host and pid, and the writer holds an ``flock`` on its temp file until the rename, so that the next write
 into that folder on that host removes the ones whose process is gone (a probability file's temp can be gigabytes):
 never one that another host's process writes, nor a live one's (a pid that looks dead from another PID namespace, a
-container on the same host name, still holds its lock).
+container on the same host name, still holds its lock). An ensemble's draft CSV (``.<competition>.<host>-<pid>.draft``)
+holds no lock: it goes once its process is gone and it is older than any draft lives.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -27,21 +29,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
-    _lock(fd, fcntl.LOCK_EX)  # held until the rename: tells a cleanup in another PID namespace this write is alive
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; results should be readable like any other file
     tmp = Path(tmp_name)
     try:
+        with suppress(OSError):  # held until the rename: tells a cleanup in another PID namespace this write is alive
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; results should be readable like any other file
         yield tmp
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-        os.close(fd)
+        try:
+            tmp.unlink(missing_ok=True)  # gone already after the rename
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -54,6 +58,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
+DRAFT_LIFETIME_S = 6 * 3600
 _OWNED = re.compile(r"\.(?P<host>[\w-]+)-(?P<pid>\d+)\.(?:\w+\.tmp|draft)$")  # .<name>.<host>-<pid>.<random>.tmp
 
 
@@ -71,34 +76,30 @@ def remove_dead_leftovers(folder: Path) -> None:
         return
     for name in names:
         owned = _OWNED.search(name) if name.startswith(".") else None
-        if owned and owned["host"] == host and not _running(int(owned["pid"])):
+        if not owned or owned["host"] != host or _running(int(owned["pid"])):
+            continue
+        if name.endswith(".draft"):  # a draft lives from its write to its publication: minutes, never hours
+            with suppress(OSError):
+                if time.time() - (folder / name).stat().st_mtime > DRAFT_LIFETIME_S:
+                    (folder / name).unlink()
+        else:
             remove_if_abandoned(folder / name)
 
 
 def remove_if_abandoned(path: Path) -> None:
-    """Delete ``path`` unless a live writer holds its lock (or it cannot be deleted: another user's, in a shared
-    folder, is left to its owner)."""
+    """Delete ``path`` unless a live writer holds its lock. Kept when that cannot be told (a filesystem without locks)
+    or the file cannot be opened or deleted (another user's, in a shared folder, is left to its owner)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR)  # NFS emulates flock with fcntl locks: an exclusive one needs write access
     except OSError:
         return
     try:
-        if _lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
-            with suppress(OSError):
-                path.unlink()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink()
+    except OSError:
+        pass
     finally:
         os.close(fd)
-
-
-def _lock(fd: int, operation: int) -> bool:
-    """Whether the flock was taken; True also where the filesystem takes no locks (nothing to tell by then)."""
-    try:
-        fcntl.flock(fd, operation)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _running(pid: int) -> bool:

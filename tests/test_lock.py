@@ -146,3 +146,27 @@ def test_the_lock_outlives_no_holder_that_fails(tiny_demo_root: Path, tmp_path: 
     assert not (tmp_path / "runs").exists()
     with stage_lock(cfg.run_dir() / "stage1"):  # free again (a held lock raises at once: nothing waits)
         assert holder(cfg.run_dir() / "stage1") is not None
+
+
+def test_stage_2_runs_beside_a_stage_1_folder_it_may_not_write(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage 1 on read-only or archived storage (or another user's) can still be adapted: its shared lock is skipped
+    with a warning, where it used to be an OSError."""
+    import errno
+
+    import fgvc.engine.lock as lock_module
+
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs")
+    run_stage1(cfg, progress=False)
+    stage1_lock = cfg.run_dir() / "stage1" / LOCK_FILE
+    real_open = os.open
+
+    def read_only_stage1(path: object, flags: int, *args: object) -> int:
+        if Path(str(path)) == stage1_lock:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lock_module.os, "open", read_only_stage1)
+    assert run_stage2(cfg.run_dir(), {"stage2.res": 40}, progress=False).final is not None
+    assert not stage1_lock.exists()

@@ -40,6 +40,11 @@ def test_stage_settings_the_model_cannot_run_fail_before_the_dataset_is_read(
     cfg = tiny_config(tmp_path / "data", tmp_path / "runs", model={"arch": "timm:convnext_atto"})
     with pytest.raises(ConfigError, match="tune 'bn\\+fc' needs a BatchNorm"):
         stage.check_model_settings(cfg, "stage2")
+    cfg = tiny_config(tmp_path / "data", tmp_path / "runs", runtime={"cache_features": "on", "compile": True})
+    with pytest.raises(ConfigError, match="--cache-features on: the cache cannot cut a compiled model"):
+        stage.check_model_settings(cfg, "stage2")
+    stage.check_model_settings(cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"compile": False})}),
+                               "stage2")  # a cache the test ResNet can have  # fmt: skip
     assert not (tmp_path / "runs").exists()
 
 

@@ -78,11 +78,17 @@ def _acquire(path: Path, shared: bool) -> int | None:
     A lock that stays taken for a second is another run's: :func:`holder`'s probe holds it for microseconds."""
     deadline = time.monotonic() + 1.0
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # a shared lock needs no write access: stage 1's folder may be read-only (archived, another user's)
+            fd = os.open(path, (os.O_RDONLY if shared else os.O_RDWR) | os.O_CREAT, 0o666)
         except FileNotFoundError:  # a failed start beside this one removed the folder it had created
             path.parent.mkdir(parents=True, exist_ok=True)
             continue
+        except OSError as err:
+            if not shared or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            log.warning("%s: cannot lock a folder this process may not write; nothing stops its retraining while this "
+                        "stage 2 adapts its model", path.parent)  # fmt: skip
+            return None
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -447,7 +447,7 @@ def _claim_folder(rt: Runtime, stage_dir: Path, stage: str, opened: ExitStack) -
     """Rank 0 holds the stage folder's lock until the call ends (:mod:`fgvc.engine.lock`), and a stage 2 its stage 1's
     folder's shared lock; every rank raises if another process trains there, or, for stage 1, adapts its model in a
     stage 2 that a retraining would retire."""
-    busy = None
+    busy, failure = None, None
     if rt.is_main:
         adapting = [(d, who) for d in sorted(stage_dir.parent.glob("stage2-*")) if (who := lock_holder(d))]
         if stage == STAGE1 and adapting:  # said before stage 1's own lock, which their shared locks refuse anyway
@@ -460,7 +460,13 @@ def _claim_folder(rt: Runtime, stage_dir: Path, stage: str, opened: ExitStack) -
                 opened.enter_context(stage_lock(stage_dir.parent / STAGE1, shared=True))
         except RunBusyError as err:
             busy = str(err)
-    busy = broadcast_from_main(rt, busy)
+        except OSError as err:  # e.g. a folder it may not write: the other ranks must not wait for rank 0 forever
+            failure = err
+    busy, reason = broadcast_from_main(rt, (busy, None if failure is None else f"{type(failure).__name__}: {failure}"))
+    if failure is not None:
+        raise failure
+    if reason is not None:
+        raise RuntimeError(f"rank 0 could not lock {stage_dir} ({reason})")
     if busy is not None:
         raise RunBusyError(busy)
 
@@ -484,7 +490,7 @@ def _train_stage(
     _claim_folder(rt, stage_dir, stage, opened)
 
     state = None if force else _resumable_state(cfg, stage, stage_dir)
-    check_model_settings(cfg, stage)  # before a long dataset read, as is a missing weights file:
+    check_model_settings(cfg, stage, rt.world_size)  # before a long dataset read, as is a missing weights file:
     if stage == STAGE1 and state is None:
         weights_file(cfg.model.arch, cfg.model.weights)
     train_index, val_index = load_split(cfg, "train"), load_split(cfg, "val")
@@ -777,12 +783,32 @@ def _resumable_state(cfg: RunConfig, stage: str, stage_dir: Path) -> dict[str, A
     return state
 
 
-def check_model_settings(cfg: RunConfig, stage: str) -> None:
-    """A :class:`ConfigError` if the architecture cannot run the stage's resolution (or stage 2's tune policy)."""
+def check_model_settings(cfg: RunConfig, stage: str, world_size: int = 1) -> None:
+    """A :class:`ConfigError` if the architecture cannot run the stage's resolution (or stage 2's tune policy, or a
+    forced feature cache)."""
     meta = model_meta(cfg.model.arch)
     check_resolution(meta, (cfg.stage1 if stage == STAGE1 else cfg.stage2).res)
-    if stage != STAGE1:
-        check_policy(meta, cfg.stage2.tune)
+    if stage == STAGE1:
+        return
+    check_policy(meta, cfg.stage2.tune)
+    if cfg.runtime.cache_features == "on":
+        require_cacheable(cfg.stage2.augment, cfg.stage2.tune, world_size)
+        if cfg.runtime.compile:
+            raise ConfigError("--cache-features on: the cache cannot cut a compiled model; drop --compile or use "
+                              "--cache-features auto or off")  # fmt: skip
+        _require_cuttable(meta, cfg.stage2.tune)
+
+
+def _require_cuttable(meta: ModelMeta, tune: str) -> None:
+    """Whether ``meta.arch`` can be cut before ``tune``'s part, asked of a random-init copy on the CPU at its native
+    size (where the cut is does not depend on the weights or the resolution)."""
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(meta.arch, 2, None).eval()
+        example = torch.randn(2, 3, meta.input_size, meta.input_size)
+    set_trainable(model, tune)
+    if split_model(model, tune, example) is None:
+        raise ConfigError(f"--cache-features on: {meta.arch} cannot be cut before its tuned part for tune '{tune}' "
+                          "(the log says why); use --cache-features auto or off")  # fmt: skip
 
 
 def _refuse_finished(stage_dir: Path, stage: str) -> None:
