@@ -1049,8 +1049,7 @@ def _stage2_base(run_dir: Path, overrides: dict[str, Any], resume: bool) -> Path
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise DataError(f"{run_dir}: no {CONFIG_FILE}; pass --run with a folder written by `fgvc stage1`")
-    given = section if isinstance(section := overrides.get("stage2"), dict) else {}
-    res = overrides.get("stage2.res") or given.get("res") or load_config(cfg_path).stage2.res
+    res = _override(overrides, "stage2", "res") or load_config(cfg_path).stage2.res
     started = run_dir / stage2_dirname(res)
     if resume and (started / LAST).is_file() and (started / CONFIG_FILE).is_file():
         return started / CONFIG_FILE
@@ -1082,12 +1081,13 @@ def run_stage2(
         if who := lock_holder(run_dir / STAGE1):
             raise RunBusyError(f"{run_dir}: stage 1 is not finished, {who} is training it; run stage 2 once it ends")
         raise DataError(f"{run_dir}: stage 1 is not finished; rerun `fgvc stage1` with the same settings to finish it")
-    if not _given(overrides, "data", "root"):
+    if _override(overrides, "data", "root") is None:
         require_saved_root(cfg, _stage2_base(run_dir, overrides, resume=not force))
     return train_stage(cfg, "stage2", force=force, progress=progress)
 
 
-def _given(overrides: dict[str, Any], section: str, key: str) -> bool:
-    """Whether ``overrides`` set ``section.key``, as a dotted key or in a nested section."""
+def _override(overrides: dict[str, Any], section: str, key: str) -> Any:
+    """The value ``overrides`` give ``section.key``, as a dotted key or in a nested section (None: not given)."""
     nested = overrides.get(section)
-    return overrides.get(f"{section}.{key}") is not None or (isinstance(nested, dict) and nested.get(key) is not None)
+    dotted = overrides.get(f"{section}.{key}")
+    return dotted if dotted is not None else nested.get(key) if isinstance(nested, dict) else None
