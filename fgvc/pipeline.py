@@ -90,21 +90,17 @@ def member_data_root(member: Member) -> str:
 
 
 def refuse_unrunnable_members(recipe: Recipe, members: list[Member], force: bool) -> None:
-    """Stage 2's resolution and tune policy, and the test resolution, checked against each member's architecture
-    before any member trains: one that cannot run its stage 2 used to fail only after its whole stage 1."""
+    """Each unfinished stage's resolution and tune policy, and the extra test resolutions, checked against the
+    member's architecture before any member trains: one that cannot run its stage 2 used to fail only after its whole
+    stage 1. (The test resolution is the last stage's own, checked with it.)"""
     problems: list[str] = []
     for member in members:
-        steps = member_steps(member)
-        if not force and is_finished(steps[-1][1]):
-            continue
-        cfg = member.config
         try:
-            meta = model_meta(cfg.model.arch)
-            for stage, stage_dir in steps:
+            for stage, stage_dir in member_steps(member):
                 if force or not is_finished(stage_dir):
-                    check_model_settings(cfg, stage)
-            for res in member.multi_res or [member.test_res]:
-                check_resolution(meta, res)
+                    check_model_settings(member.config, stage)
+            for res in member.multi_res or []:
+                check_resolution(model_meta(member.config.model.arch), res)
         except ConfigError as err:
             problems.append(f"member {member.name}: {err}")
     if problems:
