@@ -59,10 +59,10 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return read_checkpoint(path)[0]
+    return load_checkpoint_identified(path)[0]
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
+def load_checkpoint_identified(path: str | Path) -> tuple[dict[str, Any], str]:
     """The checkpoint and the identity of the very file read (name, size, modification time): a training run may
     replace the file while a prediction reads it, and a result must name the weights it came from."""
     path = Path(path)

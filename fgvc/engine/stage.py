@@ -43,8 +43,8 @@ from fgvc.engine.checkpoint import (
     BEST,
     LAST,
     load_checkpoint,
+    load_checkpoint_identified,
     load_model_state,
-    read_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -362,9 +362,9 @@ def find_stage_checkpoint(stage_dir: Path) -> Path:
 
 def load_stage_model(stage_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
     """Rebuild the model of a finished stage from its folder alone (architecture and classes come from the file);
-    with the identity of the checkpoint file read (:func:`fgvc.engine.checkpoint.read_checkpoint`)."""
+    with the identity of the checkpoint file read (:func:`fgvc.engine.checkpoint.load_checkpoint_identified`)."""
     path = find_stage_checkpoint(stage_dir)
-    ckpt, identity = read_checkpoint(path)
+    ckpt, identity = load_checkpoint_identified(path)
     model = create_model(ckpt["arch"], ckpt["num_classes"], None)
     load_model_state(model, ckpt["model"], path)
     use_saved_input(model, ckpt)
