@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import gzip
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from datetime import datetime
 from functools import partial
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -57,6 +58,7 @@ import pandas as pd
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, SubsetRandomSampler
 from torchvision import transforms as tvt
 
@@ -91,6 +93,9 @@ else:
     FEATURE_CACHE_MISSING = ""
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TRACE_MARK = "fgvc-bench: traced epoch"  # the main thread's outermost event
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of work on the device
+TRACE_BATCHES = 10  # batches (steps) in a --trace epoch: enough to see a pattern, a few MB of trace
 REFERENCE_SLOWDOWN = 1.5  # expected fgvc / reference speed, only used to size the reference's timing window
 
 # Measurement names: the rows of the table, and the keys of ratios and targets.
@@ -107,6 +112,7 @@ TEN = "10-crop predict"
 S1_COMP = "stage 1 e2e, compiled"
 S1_GPU_COMP = "stage 1 e2e, GPU decode, compiled"
 TEN_COMP = "10-crop predict, compiled"
+TEN_GRAPH = "10-crop predict, CUDA graph (experiment)"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -177,6 +183,7 @@ RATIOS: dict[str, RatioRule] = {
     S1_COMP: RatioRule(S1_COMP, S1, "÷ eager stage 1 e2e"),
     S1_GPU_COMP: RatioRule(S1_GPU_COMP, S1_GPU, "÷ eager stage 1 e2e, GPU decode"),
     TEN_COMP: RatioRule(TEN_COMP, TEN, "÷ eager 10-crop"),
+    TEN_GRAPH: RatioRule(TEN_GRAPH, TEN, "÷ eager 10-crop"),
 }
 
 # The issue's targets: (measurement, arch or None for every model) -> (comparison, value). ResNet-50's is set "with GPU
@@ -427,6 +434,65 @@ def waited_note(wait_s: float, first_s: float, seconds: float) -> str:
     return f"waited for data {share:.0%} of the epoch, {first_s:.2f} s of it for the first batch"
 
 
+def traced_epoch(rt: Runtime, run_epoch: Callable[[int, int], int], batches: int, path: Path | None) -> str:
+    """One more epoch of ``batches`` under torch.profiler: the device's work per batch, and the main thread's waits.
+
+    Why: an end-to-end row below its ceiling with little wait for data lost its time between the loader's batch and
+    the device, which the ratios alone cannot show. The device time per batch, set against the ceiling's traced steps,
+    says whether the device did more work than the model (extra copies or kernels) or simply waited for the host.
+    The profiler slows every launch on the host, so a loop that reads results back each batch (fgvc's) looks launch-
+    bound here even where it is not: the traced wall time is not comparable to the rows, the device time is. The
+    chrome trace goes to ``path`` (gzipped), when given, for a closer look.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
+    _sync(rt)
+    with profile(activities=activities) as prof, record_function(TRACE_MARK):
+        images = run_epoch(2, batches)
+        _sync(rt)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        text = trace.read_text()
+    if path is not None:
+        with gzip.open(path, "wt") as out:
+            out.write(text)
+    return trace_summary(json.loads(text), batches, images) + (f"; trace {path.name}" if path else "")
+
+
+def trace_summary(trace: dict[str, Any], batches: int, images: int) -> str:
+    """The numbers :func:`traced_epoch` reports, read from a chrome trace as torch.profiler exports it."""
+    spans = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    mark = next(e for e in spans if e.get("name") == TRACE_MARK)
+    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("cat") in DEVICE_CATEGORIES)
+    busy, reach = 0.0, -math.inf
+    for start, end in device:  # the union of the device's kernel and copy intervals
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    on_main = [e for e in spans if e.get("tid") == mark["tid"] and e is not mark]
+    waits = sorted((e["ts"], e["dur"]) for e in on_main if "DataLoader" in e.get("name", ""))
+    launches = sum(1 for e in on_main if e.get("cat") == "cuda_runtime" and "Launch" in e.get("name", ""))
+    per = max(batches, 1)
+    first = waits[0][1] / 1e3 if waits else 0.0
+    later = sum(dur for _ts, dur in waits[1:]) / 1e3 / max(len(waits) - 1, 1)
+    seconds, share = mark["dur"] / 1e6, busy / max(mark["dur"], 1)
+    return (f"traced epoch (profiler on): {images} images, {seconds:.2f} s; device work {busy / 1e3 / per:.1f} ms per "
+            f"batch, busy {share:.0%}; main thread: {launches / per:.0f} launches per batch, loader next "
+            f"{first:.0f} ms for the first batch, {later:.1f} ms for each later one")
+
+
+def steps_epoch(step: Callable[[], None], batch: int) -> Callable[[int, int], int]:
+    """A ceiling's ``step`` as ``run_epoch(epoch, n) -> images``, for :func:`traced_epoch`."""
+
+    def run_epoch(_epoch: int, n_batches: int) -> int:
+        for _ in range(n_batches):
+            step()
+        return n_batches * batch
+
+    return run_epoch
+
+
 def timed_steps(
     rt: Runtime, step: Callable[[], None], warmup: int, steps: int, batch: int, seconds: float = 0.0
 ) -> Measured:
@@ -499,6 +565,19 @@ class Bench:
         """Timed batches for a window of about ``seconds`` at ``rate_hint`` img/s, within the size limits."""
         wanted = math.ceil(rate_hint * seconds / batch) if rate_hint else 0
         return max(self.sizes.min_batches, min(wanted, max_images // batch))
+
+    def trace(self, case: ModelCase, name: str, run_epoch: Callable[[int, int], int], batches: int) -> None:
+        """With ``--trace``: profile one more epoch (ceilings: steps) of the row just measured; see traced_epoch."""
+        if not self.args.trace:
+            return
+        path = self.base.parent / f"trace-{slug(case.label)}-{slug(name)}.json.gz"
+        if name in (CEIL_TRAIN, CEIL_INFER):  # the summary is the comparison; their traces are the largest
+            path = None
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        summary = traced_epoch(self.rt, run_epoch, min(batches, TRACE_BATCHES), path)
+        self.log(f"  {name}: {summary}")
+        self.notes.append(f"{case.label}, {name}: {summary}")
 
     def over_budget(self) -> bool:
         return time.perf_counter() - self.started > self.args.budget_s
@@ -602,6 +681,50 @@ def gpu_decode_unavailable(rt: Runtime) -> str:
     return ""
 
 
+class GraphedForward(nn.Module):
+    """The model's forward replayed from a CUDA graph captured at the first input shape; other shapes run eagerly.
+
+    Why (an experiment, not yet in fgvc): InceptionResNet-V2's forward is ~1,240 kernel launches. On the lent
+    machines the host launches them no faster than the device runs them once loader workers share the CPU: its 10-crop
+    row reached 0.52-0.84 of the ceiling while the same loop over pinned batches without a loader reached 0.96. A replay
+    is one launch per batch. The graph reads the parameters in place and its output is overwritten by the next replay,
+    which fgvc's loop allows: it turns each output into probabilities before the next forward is queued.
+    """
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+        self.captured: tuple[Any, torch.Tensor, torch.Tensor, tuple[Any, ...]] | None = None
+
+    def _autocast(self) -> Any:
+        # cache_enabled=False: weights cast inside the graph; a cached cast would be freed when the caller's region ends
+        enabled = self.autocast_dtype is not None
+        return torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, enabled=enabled, cache_enabled=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.stride(), x.dtype)
+        if self.captured is None:
+            static_in = torch.empty_like(x)
+            static_in.copy_(x)
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side), self._autocast():  # warm-up: cuDNN picks its algorithms outside the capture
+                for _ in range(3):
+                    self.model(static_in)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), self._autocast():
+                static_out = self.model(static_in)
+            self.captured = (graph, static_in, static_out, key)
+        graph, static_in, static_out, captured_key = self.captured
+        if key != captured_key:  # the last, shorter batch
+            return self.model(x)
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+
 class CaseRun:
     """The measurements of one model; all of them use fgvc's own config, loaders, loops and optimiser."""
 
@@ -651,8 +774,9 @@ class CaseRun:
             optimizer_step(optimizer, scaler)
 
         sizes = self.sizes
-        return {CEIL_TRAIN: timed_steps(self.rt, step, sizes.ceiling_warmup, sizes.ceiling_steps, s1.batch_size,
-                                     sizes.seconds)}  # fmt: skip
+        measured = timed_steps(self.rt, step, sizes.ceiling_warmup, sizes.ceiling_steps, s1.batch_size, sizes.seconds)
+        self.bench.trace(self.case, CEIL_TRAIN, steps_epoch(step, s1.batch_size), measured.images // s1.batch_size)
+        return {CEIL_TRAIN: measured}
 
     def ceiling_infer(self) -> dict[str, Measured]:
         res, batch = self.cfg.stage2.res, self.case.batch
@@ -664,7 +788,9 @@ class CaseRun:
                 self.model(self.prepare(images))
 
         sizes = self.sizes
-        return {CEIL_INFER: timed_steps(self.rt, step, sizes.ceiling_warmup, sizes.ceiling_steps, batch, sizes.seconds)}
+        measured = timed_steps(self.rt, step, sizes.ceiling_warmup, sizes.ceiling_steps, batch, sizes.seconds)
+        self.bench.trace(self.case, CEIL_INFER, steps_epoch(step, batch), measured.images // batch)
+        return {CEIL_INFER: measured}
 
     # -- (b) stage 1 end to end -----------------------------------------------------------------------------------
 
@@ -695,9 +821,10 @@ class CaseRun:
 
         measured = timed_epochs(self.rt, run_epoch, sizes.warmup_batches, batches)
         stats = last[0]
+        names = {(False, "cpu"): S1, (False, "gpu"): S1_GPU, (True, "cpu"): S1_COMP, (True, "gpu"): S1_GPU_COMP}
+        self.bench.trace(self.case, names[(compiled, decode)], run_epoch, batches)
         measured.note = how + ("; warm-up includes compilation" if compiled else "") + "; " + waited_note(
             stats.data_wait_s, stats.first_batch_s, stats.seconds)  # fmt: skip
-        names = {(False, "cpu"): S1, (False, "gpu"): S1_GPU, (True, "cpu"): S1_COMP, (True, "gpu"): S1_GPU_COMP}
         return {names[(compiled, decode)]: measured}
 
     # -- (c) the public FixRes way --------------------------------------------------------------------------------
@@ -863,7 +990,7 @@ class CaseRun:
 
     # -- (e) 10-crop prediction -----------------------------------------------------------------------------------
 
-    def tencrop(self, compiled: bool = False) -> dict[str, Measured]:
+    def tencrop(self, compiled: bool = False, graphed: bool = False) -> dict[str, Measured]:
         res, sizes, rt = self.cfg.stage2.res, self.sizes, self.rt
         per_batch = max(1, self.cfg.predict.batch_size // 10)  # as predict_stage: ten views per image
         ceiling = self.rate(CEIL_INFER)
@@ -872,6 +999,8 @@ class CaseRun:
         loader, sampler, prepare = make_loader(self.cfg, rt, index, "tencrop", res, per_batch, False, self.meta)
         grow_pinned_pool(rt, per_batch * 5 * res**2 * 3, self.cfg.data.workers)  # five uint8 crops per image
         net = self.compiled() if compiled else self.model
+        if graphed:
+            net = GraphedForward(self.model, rt.amp_dtype)
 
         waits: list[BatchWaits] = []
 
@@ -885,7 +1014,19 @@ class CaseRun:
         compiling = "; warm-up includes compilation" if compiled else ""
         measured.note = f"{per_batch} images x 10 views per forward{compiling}; " + waited_note(
             waits[0].seconds, waits[0].first, measured.seconds)  # fmt: skip
-        return {TEN_COMP if compiled else TEN: measured}
+        name = TEN_COMP if compiled else TEN_GRAPH if graphed else TEN
+        if graphed:
+            measured.note += "; " + self.graph_agreement(cast(GraphedForward, net), res, per_batch * 10)
+        self.bench.trace(self.case, name, run_epoch, batches)
+        return {name: measured}
+
+    def graph_agreement(self, net: GraphedForward, res: int, views: int) -> str:
+        """How far the replayed graph's probabilities are from the eager model's on one batch of random views."""
+        x = self.prepare(self.synthetic(res, views)[0])
+        with torch.no_grad(), self.rt.autocast():
+            graphed = F.softmax(net(x).float(), dim=1)
+            eager = F.softmax(self.model(x).float(), dim=1)
+        return f"graph vs eager: max |probability difference| {(graphed - eager).abs().max().item():.1e}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -934,7 +1075,8 @@ def eager_steps(case: ModelCase) -> list[Step]:
     if case.gpu_decode:
         steps.append(("stage1", [S1_GPU], {"decode": "gpu"}))
     steps += [("reference", [REF], {}), ("ceiling_infer", [CEIL_INFER], {}),
-              ("stage2", [S2, INFER, S2_C1, S2_C2], {}), ("tencrop", [TEN], {})]  # fmt: skip
+              ("stage2", [S2, INFER, S2_C1, S2_C2], {}), ("tencrop", [TEN], {}),
+              ("tencrop", [TEN_GRAPH], {"graphed": True})]  # fmt: skip
     return steps
 
 
@@ -953,6 +1095,8 @@ def run_steps(bench: Bench, case: ModelCase, cfg: RunConfig, index: DatasetIndex
     for position, (method, names, kwargs) in enumerate(steps):
         res = case.train_res if names[0] in TRAIN_RES_ROWS else case.test_res
         unavailable = gpu_decode_unavailable(bench.rt) if kwargs.get("decode") == "gpu" else ""
+        if kwargs.get("graphed") and bench.rt.device.type != "cuda":
+            unavailable = f"not available: CUDA graphs need CUDA (device: {bench.rt.device})"
         if method in bench.skipped_steps:
             unavailable = f"skipped: --skip {method}"
         if unavailable or bench.over_budget():
@@ -1003,6 +1147,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         f"skipped in the table: {', '.join(STEP_METHODS)}")  # fmt: skip
     parser.add_argument("--stage2-rounds", type=_positive, default=3,
                         help="alternating rounds of the stage-2 epoch and the inference pass; each row is its median")
+    parser.add_argument("--trace", action="store_true",
+                        help="after each stage-1 and 10-crop row, profile one more epoch: device busy share, the main "
+                        "thread's time per batch, and a gzipped chrome trace next to the results")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="start no new measurement after this many seconds (rows left are marked skipped)")
     return parser.parse_args(argv)

@@ -7,6 +7,7 @@ the quotients of the raw numbers written beside them.
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -41,7 +42,7 @@ def bench():
 def test_quick_run_writes_table_and_raw_numbers(tmp_path: Path) -> None:
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--quick", "--trace", "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -58,13 +59,24 @@ def test_quick_run_writes_table_and_raw_numbers(tmp_path: Path) -> None:
     measured = ["ceiling: train step", "stage 1 e2e", "reference loop (PIL, fp32, NCHW)", "ceiling: inference",
                 "stage 2 epoch (bn+fc, test DA)", "inference pass (same loader)",
                 "stage 2 cached: epoch 1 (cache + tail)", "stage 2 cached: epoch 2+", "10-crop predict"]  # fmt: skip
-    not_measured = ["stage 1 e2e, GPU decode", "stage 1 e2e, GPU decode, compiled", "10-crop predict, compiled"]
+    not_measured = ["stage 1 e2e, GPU decode", "stage 1 e2e, GPU decode, compiled", "10-crop predict, compiled",
+                    "10-crop predict, CUDA graph (experiment)"]  # fmt: skip
     assert set(rows) == set(measured + not_measured)
     for name in measured:
         assert rows[name]["status"] == "ok", name
         assert rows[name]["img_per_s"] == pytest.approx(rows[name]["images"] / rows[name]["seconds"])
     assert rows["stage 1 e2e, GPU decode"]["status"].startswith("not available")
     assert rows["stage 1 e2e, GPU decode, compiled"]["status"].startswith("skipped")
+    assert rows["10-crop predict, CUDA graph (experiment)"]["status"].startswith("not available: CUDA graphs need CUDA")
+
+    # --trace: one more traced epoch after each ceiling, stage-1 and 10-crop row; chrome traces for the two end-to-end
+    # rows only (a ceiling's summary is what it is compared by).
+    traced = [note for note in raw["notes"] if "traced epoch (profiler on)" in note]
+    assert [note.split(":")[0] for note in traced] == [
+        "timm test_resnet, ceiling", "timm test_resnet, stage 1 e2e", "timm test_resnet, ceiling",
+        "timm test_resnet, 10-crop predict"]  # fmt: skip
+    assert sorted(path.name for path in tmp_path.glob("trace-*.json.gz")) == [
+        "trace-timm-test-resnet-10-crop-predict.json.gz", "trace-timm-test-resnet-stage-1-e2e.json.gz"]  # fmt: skip
 
     # --quick: batch 8, two timed batches per window, ten views of one image per 10-crop batch (8 // 10 -> 1).
     # The counts come from fgvc's own loop statistics and predict_probs, so they check the sampler windows.
@@ -238,6 +250,68 @@ def test_stage2_profile_script_runs_every_variant(capsys: pytest.CaptureFixture[
     for name in variants:
         assert f"== {name}" in out and "ms per step" in out
     assert "== fgvc's loops over" in out and "train_one_epoch / predict_probs:" in out
+
+    assert module.main([*args[:4], "--batch", "20", "--device", "cpu", "--loop-batches", "2", "--tencrop"]) == 0
+    out = capsys.readouterr().out
+    assert "2 images x 10 views per forward, 2 batches" in out
+    assert "model alone, views on the device:" in out and "predict_probs tencrop, pinned batches:" in out
+    assert "predict_probs speed / model alone:" in out and "== inference" not in out  # the stage-2 variants skipped
+
+
+def test_trace_summary_counts_device_work_launches_and_loader_waits(bench) -> None:
+    """The --trace numbers from a hand-made chrome trace (times in microseconds): overlapping device intervals count
+    once, profiler spans are not device work, other threads' launches are not the main thread's, and the first
+    batch's wait is reported apart from the later ones."""
+    ms = 1000
+
+    def span(name: str, cat: str, ts: float, dur: float, tid: int = 1) -> dict:
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts * ms, "dur": dur * ms, "tid": tid}
+
+    events = [
+        span(bench.TRACE_MARK, "user_annotation", 0, 1000),
+        span("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "user_annotation", 0, 300),
+        span("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "user_annotation", 500, 20),
+        span("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "user_annotation", 800, 40),
+        span("cudaLaunchKernel", "cuda_runtime", 310, 5),
+        span("cudaLaunchKernel", "cuda_runtime", 320, 5),
+        span("cudaLaunchKernel", "cuda_runtime", 330, 5, tid=2),  # the autograd thread's: not the main thread's
+        span("cudaMemcpyAsync", "cuda_runtime", 340, 5),  # not a launch
+        span("conv", "kernel", 300, 200, tid=7),
+        span("bn", "kernel", 400, 200, tid=8),  # overlaps the conv by 100: 300..600 is 300 ms of device work
+        span("copy", "gpu_memcpy", 700, 100, tid=7),
+        span("flush", "gpu_user_annotation", 0, 1000, tid=7),  # a profiler span, not work
+        {"ph": "i", "name": "marker", "ts": 10, "tid": 1},
+    ]
+    summary = bench.trace_summary({"traceEvents": events}, batches=2, images=6)
+    # 400 ms of device work over 2 batches, busy 400 of 1000 ms; 2 main-thread launches / 2 batches; the first wait
+    # 300 ms, the later ones (20 + 40) / 2.
+    assert summary == (
+        "traced epoch (profiler on): 6 images, 1.00 s; device work 200.0 ms per batch, busy 40%; main thread: 1 "
+        "launches per batch, loader next 300 ms for the first batch, 30.0 ms for each later one"
+    )
+
+
+def test_traced_epoch_profiles_a_cpu_epoch_and_writes_its_trace(bench, tmp_path: Path) -> None:
+    from fgvc.config import RuntimeConfig
+    from fgvc.engine.runtime import setup_runtime
+
+    rt = setup_runtime(RuntimeConfig(device="cpu"))
+    seen: list[tuple[int, int]] = []
+
+    def run_epoch(epoch: int, n_batches: int) -> int:
+        seen.append((epoch, n_batches))
+        for _ in range(n_batches):
+            torch.ones(8, 8) @ torch.ones(8, 8)
+        return 4 * n_batches
+
+    path = tmp_path / "trace.json.gz"
+    summary = bench.traced_epoch(rt, run_epoch, 3, path)
+    assert seen == [(2, 3)]
+    assert summary.startswith("traced epoch (profiler on): 12 images, ") and summary.endswith("; trace trace.json.gz")
+    assert "device work 0.0 ms per batch, busy 0%" in summary  # a CPU run queues nothing on a device
+    with gzip.open(path, "rt") as trace:
+        exported = json.load(trace)
+    assert any(event.get("name") == "aten::mm" for event in exported["traceEvents"])
 
 
 def _quick_memory_run(script: str, out: Path) -> tuple[Path, dict]:
