@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--rows", type=int, default=15, help="kernels listed per variant")
     parser.add_argument("--loop-batches", type=int, default=20, help="batches per timed loop epoch")
-    parser.add_argument("--tencrop", action="store_true", help="only: 10-crop predict_probs against the ceiling")
+    parser.add_argument("--tencrop", action="store_true", help="only: 10-crop predict_probs against the model alone")
     args = parser.parse_args(argv)
 
     rt = setup_runtime(RuntimeConfig(device=args.device))

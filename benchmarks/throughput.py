@@ -462,23 +462,27 @@ def traced_epoch(rt: Runtime, run_epoch: Callable[[int, int], int], batches: int
 
 
 def trace_summary(trace: dict[str, Any], batches: int, images: int) -> str:
-    """The numbers :func:`traced_epoch` reports, read from a chrome trace as torch.profiler exports it."""
+    """The numbers :func:`traced_epoch` reports, read from a chrome trace as torch.profiler exports it.
+
+    Launches and loader reads are counted on every host thread: a training step's backward kernels are launched from
+    autograd's own thread, and with ``decode: gpu`` the loader is read by the prefetching thread.
+    """
     spans = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    mark = next(e for e in spans if e.get("name") == TRACE_MARK)
+    mark = next(e for e in spans if e.get("name") == TRACE_MARK and e.get("cat") == "user_annotation")
     device = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("cat") in DEVICE_CATEGORIES)
     busy, reach = 0.0, -math.inf
     for start, end in device:  # the union of the device's kernel and copy intervals
         busy += max(0.0, end - max(start, reach))
         reach = max(reach, end)
-    on_main = [e for e in spans if e.get("tid") == mark["tid"] and e is not mark]
-    waits = sorted((e["ts"], e["dur"]) for e in on_main if "DataLoader" in e.get("name", ""))
-    launches = sum(1 for e in on_main if e.get("cat") == "cuda_runtime" and "Launch" in e.get("name", ""))
+    host = [e for e in spans if e.get("cat") not in DEVICE_CATEGORIES and e is not mark]
+    waits = sorted((e["ts"], e["dur"]) for e in host if "DataLoader" in e.get("name", ""))
+    launches = sum(1 for e in host if e.get("cat") in ("cuda_runtime", "cuda_driver") and "Launch" in e.get("name", ""))
     per = max(batches, 1)
     first = waits[0][1] / 1e3 if waits else 0.0
     later = sum(dur for _ts, dur in waits[1:]) / 1e3 / max(len(waits) - 1, 1)
     seconds, share = mark["dur"] / 1e6, busy / max(mark["dur"], 1)
     return (f"traced epoch (profiler on): {images} images, {seconds:.2f} s; device work {busy / 1e3 / per:.1f} ms per "
-            f"batch, busy {share:.0%}; main thread: {launches / per:.0f} launches per batch, loader next "
+            f"batch, busy {share:.0%}; {launches / per:.0f} kernel launches per batch; loader next "
             f"{first:.0f} ms for the first batch, {later:.1f} ms for each later one")
 
 
@@ -519,6 +523,17 @@ def timed_steps(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The benchmark run: rows, budget, files
+
+
+def cpu_model() -> str:
+    """The host CPU's model name: the rows that launch many small kernels depend on it as much as on the GPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def device_name(rt: Runtime) -> str:
@@ -570,7 +585,7 @@ class Bench:
         """With ``--trace``: profile one more epoch (ceilings: steps) of the row just measured; see traced_epoch."""
         if not self.args.trace:
             return
-        path = self.base.parent / f"trace-{slug(case.label)}-{slug(name)}.json.gz"
+        path = self.base.parent / f"{self.base.name}-trace-{slug(case.label)}-{slug(name)}.json.gz"
         if name in (CEIL_TRAIN, CEIL_INFER):  # the summary is the comparison; their traces are the largest
             path = None
         else:
@@ -636,7 +651,8 @@ class Bench:
             f"# fgvc throughput: {self.device}",
             "",
             f"{self.date}; torch {torch.__version__}, torchvision {torchvision.__version__}; fgvc runs {precision}, "
-            f"{layout}; {self.workers} loader workers for fgvc and the reference; {os.cpu_count()} CPUs; "
+            f"{layout}; {self.workers} loader workers for fgvc and the reference; {os.cpu_count()} CPUs "
+            f"({cpu_model()}); "
             f"{self.sizes.images} generated {self.sizes.width}x{self.sizes.height} JPEGs; "
             f"command: `{' '.join(['python', *sys.argv])}`",
             "",
@@ -658,6 +674,7 @@ class Bench:
             "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(),
             "workers": self.workers,
             "runtime": self.rt.describe(),
             "sizes": dataclasses.asdict(self.sizes),
@@ -1148,8 +1165,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stage2-rounds", type=_positive, default=3,
                         help="alternating rounds of the stage-2 epoch and the inference pass; each row is its median")
     parser.add_argument("--trace", action="store_true",
-                        help="after each stage-1 and 10-crop row, profile one more epoch: device busy share, the main "
-                        "thread's time per batch, and a gzipped chrome trace next to the results")  # fmt: skip
+                        help="after each ceiling, stage-1 and 10-crop row, profile one more epoch: device work per "
+                        "batch, kernel launches, loader waits; a gzipped chrome trace of each end-to-end row next to "
+                        "the results")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="start no new measurement after this many seconds (rows left are marked skipped)")
     return parser.parse_args(argv)

@@ -75,8 +75,10 @@ def test_quick_run_writes_table_and_raw_numbers(tmp_path: Path) -> None:
     assert [note.split(":")[0] for note in traced] == [
         "timm test_resnet, ceiling", "timm test_resnet, stage 1 e2e", "timm test_resnet, ceiling",
         "timm test_resnet, 10-crop predict"]  # fmt: skip
-    assert sorted(path.name for path in tmp_path.glob("trace-*.json.gz")) == [
-        "trace-timm-test-resnet-10-crop-predict.json.gz", "trace-timm-test-resnet-stage-1-e2e.json.gz"]  # fmt: skip
+    assert sorted(path.name for path in tmp_path.glob("*-trace-*.json.gz")) == [
+        f"{table_file.stem}-trace-timm-test-resnet-10-crop-predict.json.gz",
+        f"{table_file.stem}-trace-timm-test-resnet-stage-1-e2e.json.gz"]  # fmt: skip
+    assert raw["cpu_model"]
 
     # --quick: batch 8, two timed batches per window, ten views of one image per 10-crop batch (8 // 10 -> 1).
     # The counts come from fgvc's own loop statistics and predict_probs, so they check the sampler windows.
@@ -260,21 +262,22 @@ def test_stage2_profile_script_runs_every_variant(capsys: pytest.CaptureFixture[
 
 def test_trace_summary_counts_device_work_launches_and_loader_waits(bench) -> None:
     """The --trace numbers from a hand-made chrome trace (times in microseconds): overlapping device intervals count
-    once, profiler spans are not device work, other threads' launches are not the main thread's, and the first
-    batch's wait is reported apart from the later ones."""
+    once, profiler spans are not device work, launches count on every host thread and through both CUDA APIs, and
+    the first batch's wait is reported apart from the later ones."""
     ms = 1000
 
     def span(name: str, cat: str, ts: float, dur: float, tid: int = 1) -> dict:
         return {"ph": "X", "name": name, "cat": cat, "ts": ts * ms, "dur": dur * ms, "tid": tid}
 
     events = [
+        span(bench.TRACE_MARK, "gpu_user_annotation", 0, 5000, tid=7),  # the mark's copy on the device timeline
         span(bench.TRACE_MARK, "user_annotation", 0, 1000),
         span("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "user_annotation", 0, 300),
-        span("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "user_annotation", 500, 20),
-        span("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "user_annotation", 800, 40),
+        span("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "user_annotation", 500, 20, tid=3),
+        span("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "user_annotation", 800, 40, tid=3),
         span("cudaLaunchKernel", "cuda_runtime", 310, 5),
-        span("cudaLaunchKernel", "cuda_runtime", 320, 5),
-        span("cudaLaunchKernel", "cuda_runtime", 330, 5, tid=2),  # the autograd thread's: not the main thread's
+        span("cuLaunchKernelEx", "cuda_driver", 320, 5),
+        span("cudaLaunchKernel", "cuda_runtime", 330, 5, tid=2),  # autograd's thread launches the backward
         span("cudaMemcpyAsync", "cuda_runtime", 340, 5),  # not a launch
         span("conv", "kernel", 300, 200, tid=7),
         span("bn", "kernel", 400, 200, tid=8),  # overlaps the conv by 100: 300..600 is 300 ms of device work
@@ -283,11 +286,11 @@ def test_trace_summary_counts_device_work_launches_and_loader_waits(bench) -> No
         {"ph": "i", "name": "marker", "ts": 10, "tid": 1},
     ]
     summary = bench.trace_summary({"traceEvents": events}, batches=2, images=6)
-    # 400 ms of device work over 2 batches, busy 400 of 1000 ms; 2 main-thread launches / 2 batches; the first wait
-    # 300 ms, the later ones (20 + 40) / 2.
+    # 400 ms of device work over 2 batches, busy 400 of 1000 ms; 4 launches / 2 batches; the first wait 300 ms, the
+    # later ones (20 + 40) / 2.
     assert summary == (
-        "traced epoch (profiler on): 6 images, 1.00 s; device work 200.0 ms per batch, busy 40%; main thread: 1 "
-        "launches per batch, loader next 300 ms for the first batch, 30.0 ms for each later one"
+        "traced epoch (profiler on): 6 images, 1.00 s; device work 200.0 ms per batch, busy 40%; 2 kernel launches "
+        "per batch; loader next 300 ms for the first batch, 30.0 ms for each later one"
     )
 
 
