@@ -123,21 +123,31 @@ def loops(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Modu
         predict_probs(model, batches, rt, prepare, progress=False)
 
     epochs = {"train_one_epoch": train_epoch, "predict_probs": infer_epoch}
-    times: dict[str, list[float]] = {name: [] for name in epochs}
-    for name in epochs:  # warm-up
-        epochs[name]()
+    title = f"\n== fgvc's loops over {args.loop_batches} pinned batches (no DataLoader), ms per batch, 3 rounds:"
+    median = alternating_rounds(epochs, rt.device, args.loop_batches, title)
+    print(f"   train_one_epoch / predict_probs: {median['train_one_epoch'] / median['predict_probs']:.3f}")
+
+
+def alternating_rounds(
+    runs: dict[str, Callable[[], None]], device: torch.device, batches: int, title: str
+) -> dict[str, float]:
+    """One warm-up of each run, then three rounds (in order, reversed, in order), printed in ms per batch under
+    ``title``; returns each run's median."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()
     for round_ in range(3):
-        for name in list(epochs) if round_ % 2 == 0 else list(epochs)[::-1]:
-            sync(rt.device)
+        for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
+            sync(device)
             started = time.perf_counter()
-            epochs[name]()
-            sync(rt.device)
-            times[name].append((time.perf_counter() - started) / args.loop_batches * 1e3)
+            runs[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - started) / batches * 1e3)
     median = {name: sorted(values)[1] for name, values in times.items()}
-    print(f"\n== fgvc's loops over {args.loop_batches} pinned batches (no DataLoader), ms per batch, 3 rounds:")
+    print(title)
     for name, values in times.items():
         print(f"   {name}: {' / '.join(f'{v:.1f}' for v in values)} (median {median[name]:.1f})")
-    print(f"   train_one_epoch / predict_probs: {median['train_one_epoch'] / median['predict_probs']:.3f}")
+    return median
 
 
 def tencrop_loop(model: nn.Module, rt: Runtime, args: argparse.Namespace) -> None:
@@ -167,21 +177,9 @@ def tencrop_loop(model: nn.Module, rt: Runtime, args: argparse.Namespace) -> Non
         predict_probs(model, batches, rt, prepare, tta="tencrop", progress=False)
 
     runs = {"model alone, views on the device": ceiling, "predict_probs tencrop, pinned batches": loop}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():  # warm-up
-        run()
-    for round_ in range(3):
-        for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
-            sync(rt.device)
-            started = time.perf_counter()
-            runs[name]()
-            sync(rt.device)
-            times[name].append((time.perf_counter() - started) / args.loop_batches * 1e3)
-    print(f"== {args.arch} @ {args.res}: {per_batch} images x 10 views per forward, {args.loop_batches} batches, "
-          "ms per batch, 3 alternating rounds:")  # fmt: skip
-    median = {name: sorted(values)[1] for name, values in times.items()}
-    for name, values in times.items():
-        print(f"   {name}: {' / '.join(f'{v:.1f}' for v in values)} (median {median[name]:.1f})")
+    title = (f"== {args.arch} @ {args.res}: {per_batch} images x 10 views per forward, {args.loop_batches} batches, "
+             "ms per batch, 3 alternating rounds:")  # fmt: skip
+    median = alternating_rounds(runs, rt.device, args.loop_batches, title)
     ratio = median["model alone, views on the device"] / median["predict_probs tencrop, pinned batches"]
     print(f"   predict_probs speed / model alone: {ratio:.3f}")
 
