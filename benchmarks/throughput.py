@@ -435,7 +435,7 @@ def waited_note(wait_s: float, first_s: float, seconds: float) -> str:
 
 
 def traced_epoch(rt: Runtime, run_epoch: Callable[[int, int], int], batches: int, path: Path | None) -> str:
-    """One more epoch of ``batches`` under torch.profiler: the device's work per batch, and the main thread's waits.
+    """One more epoch of ``batches`` under torch.profiler: the device's work per batch, the host's launches and waits.
 
     Why: an end-to-end row below its ceiling with little wait for data lost its time between the loader's batch and
     the device, which the ratios alone cannot show. The device time per batch, set against the ceiling's traced steps,
@@ -701,11 +701,11 @@ def gpu_decode_unavailable(rt: Runtime) -> str:
 class GraphedForward(nn.Module):
     """The model's forward replayed from a CUDA graph captured at the first input shape; other shapes run eagerly.
 
-    Why (an experiment, not yet in fgvc): InceptionResNet-V2's forward is ~1,240 kernel launches. On the lent
-    machines the host launches them no faster than the device runs them once loader workers share the CPU: its 10-crop
-    row reached 0.52-0.84 of the ceiling while the same loop over pinned batches without a loader reached 0.96. A replay
-    is one launch per batch. The graph reads the parameters in place and its output is overwritten by the next replay,
-    which fgvc's loop allows: it turns each output into probabilities before the next forward is queued.
+    Why (an experiment, not yet in fgvc): InceptionResNet-V2's 10-crop forward is ~1,360 small kernel launches. Its
+    10-crop row reached 0.52-0.84 of the ceiling on the lent machines, while the same loop over pinned batches without
+    a loader reached 0.96 and the device did no more work than the model's: the time went on the host. A replay is one
+    launch per batch. The graph reads the parameters in place and its output is overwritten by the next replay, which
+    fgvc's loop allows: it turns each output into probabilities before the next forward is queued.
     """
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None) -> None:
@@ -838,11 +838,12 @@ class CaseRun:
 
         measured = timed_epochs(self.rt, run_epoch, sizes.warmup_batches, batches)
         stats = last[0]
-        names = {(False, "cpu"): S1, (False, "gpu"): S1_GPU, (True, "cpu"): S1_COMP, (True, "gpu"): S1_GPU_COMP}
-        self.bench.trace(self.case, names[(compiled, decode)], run_epoch, batches)
         measured.note = how + ("; warm-up includes compilation" if compiled else "") + "; " + waited_note(
             stats.data_wait_s, stats.first_batch_s, stats.seconds)  # fmt: skip
-        return {names[(compiled, decode)]: measured}
+        name = {(False, "cpu"): S1, (False, "gpu"): S1_GPU, (True, "cpu"): S1_COMP, (True, "gpu"): S1_GPU_COMP}[
+            (compiled, decode)]  # fmt: skip
+        self.bench.trace(self.case, name, run_epoch, batches)  # after the note: it runs the epoch function again
+        return {name: measured}
 
     # -- (c) the public FixRes way --------------------------------------------------------------------------------
 
