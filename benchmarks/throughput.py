@@ -213,6 +213,8 @@ class Measured:
     status: str = "ok"
     note: str = ""
     pinned_new_blocks: int | None = None  # blocks the pinned-host pool created inside the timed window (CUDA only)
+    pinned_freed_blocks: int | None = None  # cached pinned blocks handed back to CUDA inside the window
+    pinned_alloc_ms: float | None = None  # time spent in CUDA's pinned allocations inside the window
 
     @classmethod
     def missing(cls, status: str) -> Measured:
@@ -241,6 +243,8 @@ class Row:
     target: str = ""
     met: bool | None = None
     pinned_new_blocks: int | None = None
+    pinned_freed_blocks: int | None = None
+    pinned_alloc_ms: float | None = None
 
     @property
     def img_per_s(self) -> float | None:
@@ -374,11 +378,14 @@ def measure(rt: Runtime) -> Iterator[Timer]:
         timer.peak_gib = torch.cuda.max_memory_allocated(rt.device) / 2**30
 
 
-def pinned_blocks(rt: Runtime) -> int | None:
-    """Blocks the CUDA pinned-host pool has created so far (None off CUDA, or on a torch without the counter)."""
+def pinned_counters(rt: Runtime) -> dict[str, float]:
+    """The CUDA pinned-host pool's running totals: blocks created, blocks handed back, microseconds spent creating
+    them (empty off CUDA; a counter this torch lacks is absent)."""
     if rt.device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
-        return None
-    return torch.cuda.host_memory_stats().get("num_host_alloc")
+        return {}
+    stats = torch.cuda.host_memory_stats()
+    keys = {"new": "num_host_alloc", "freed": "num_host_free", "alloc_us": "host_alloc_time.total"}
+    return {name: float(stats[key]) for name, key in keys.items() if key in stats}
 
 
 def grow_pinned_pool(rt: Runtime, batch_nbytes: int, workers: int) -> None:
@@ -407,12 +414,19 @@ def timed_epochs(rt: Runtime, run_epoch: Callable[[int, int], int], warmup: int,
     run_epoch(0, warmup)
     _sync(rt)
     warmup_s = time.perf_counter() - started
-    blocks_before = pinned_blocks(rt)
+    before = pinned_counters(rt)
     with measure(rt) as timer:
         images = run_epoch(1, batches)
-    blocks_after = pinned_blocks(rt)
-    grown = blocks_after - blocks_before if blocks_before is not None and blocks_after is not None else None
-    return Measured(images, timer.seconds, timer.peak_gib, warmup_s, pinned_new_blocks=grown)
+    after = pinned_counters(rt)
+
+    def delta(name: str) -> float | None:
+        return after[name] - before[name] if name in before and name in after else None
+
+    new, freed, alloc_us = delta("new"), delta("freed"), delta("alloc_us")
+    return Measured(images, timer.seconds, timer.peak_gib, warmup_s,
+                    pinned_new_blocks=None if new is None else int(new),
+                    pinned_freed_blocks=None if freed is None else int(freed),
+                    pinned_alloc_ms=None if alloc_us is None else alloc_us / 1e3)  # fmt: skip
 
 
 def median_round(rounds: Sequence[Measured]) -> Measured:
@@ -623,7 +637,12 @@ class Bench:
     def add(self, case: ModelCase, res: int, name: str, measured: Measured) -> None:
         row = Row(arch=case.arch, model=case.label, res=res, measurement=name, status=measured.status,
                   note=measured.note, peak_gib=measured.peak_gib, warmup_s=measured.warmup_s,
-                  pinned_new_blocks=measured.pinned_new_blocks)  # fmt: skip
+                  pinned_new_blocks=measured.pinned_new_blocks, pinned_freed_blocks=measured.pinned_freed_blocks,
+                  pinned_alloc_ms=measured.pinned_alloc_ms)  # fmt: skip
+        if measured.pinned_new_blocks:  # each one a cudaHostAlloc inside the timed window
+            spent = f", {measured.pinned_alloc_ms:.0f} ms allocating" if measured.pinned_alloc_ms is not None else ""
+            grew = f"pinned pool grew {measured.pinned_new_blocks} blocks{spent}"
+            row.note = f"{row.note}; {grew}" if row.note else grew
         if measured.status == "ok":
             row.images, row.seconds = measured.images, measured.seconds
         elif measured.status.startswith("failed"):

@@ -96,7 +96,8 @@ def test_quick_run_writes_table_and_raw_numbers(tmp_path: Path) -> None:
         assert rounds, rows[name]["note"]
         assert f"{rows[name]['seconds']:.2f}" == sorted(rounds.groups(), key=float)[1], name
     assert re.search(r"tail epochs timed: \d+", rows["stage 2 cached: epoch 2+"]["note"])
-    assert all(row["pinned_new_blocks"] is None for row in raw["rows"])  # a CUDA counter: absent on the CPU
+    for counter in ("pinned_new_blocks", "pinned_freed_blocks", "pinned_alloc_ms"):  # CUDA counters: absent on the CPU
+        assert all(row[counter] is None for row in raw["rows"]), counter
 
     # Ratios are the quotients of the raw numbers.
     def rate(name: str) -> float:
@@ -237,6 +238,26 @@ def test_a_model_that_cannot_be_built_fails_every_row_and_the_run_goes_on(bench,
     assert runner.failures == len(expected)
     [raw_file] = list((tmp_path / "out").glob("*.json"))
     assert len(json.loads(raw_file.read_text())["rows"]) == len(expected)
+
+
+def test_pinned_pool_growth_inside_a_window_is_kept_and_said(bench, tmp_path: Path) -> None:
+    """The pinned-pool counters of a timed window (CUDA only) reach the raw row, and a growth is said in its note."""
+    from fgvc.engine.runtime import setup_runtime
+
+    case = bench.QUICK_CASES[0]
+    cfg = bench.run_config(case, tmp_path, tmp_path, workers=0, device="cpu")
+    args = bench.parse_args(["--quick", "--out", str(tmp_path / "out")])
+    runner = bench.Bench(args, bench.QUICK, setup_runtime(cfg.runtime), workers=0, started=time.perf_counter())
+    grew = bench.Measured(32, 1.0, note="waited for data 1%", pinned_new_blocks=5, pinned_freed_blocks=0,
+                          pinned_alloc_ms=12.3)  # fmt: skip
+    runner.add(case, 48, bench.TEN, grew)
+    runner.add(case, 48, bench.CEIL_INFER, bench.Measured(320, 1.0, pinned_new_blocks=0, pinned_alloc_ms=0.0))
+    ten, ceiling = runner.rows
+    assert ten.note == "waited for data 1%; pinned pool grew 5 blocks, 12 ms allocating"
+    assert ceiling.note == ""  # no growth, nothing said
+    [raw_file] = list((tmp_path / "out").glob("*.json"))
+    raw_row = json.loads(raw_file.read_text())["rows"][0]
+    assert (raw_row["pinned_new_blocks"], raw_row["pinned_freed_blocks"], raw_row["pinned_alloc_ms"]) == (5, 0, 12.3)
 
 
 def test_stage2_profile_script_runs_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
