@@ -7,6 +7,10 @@ already in pinned memory: no DataLoader, so their ratio is the loops' and the mo
 
     python benchmarks/profile_stage2.py                       # SENet-154 at 672, batch 32, on CUDA
     python benchmarks/profile_stage2.py --arch timm:test_resnet --res 64 --batch 4 --device cpu   # smoke run
+    python benchmarks/profile_stage2.py --arch inceptionresnetv2 --res 681 --tencrop   # the 10-crop loop instead
+
+``--tencrop`` times ``predict_probs(tta="tencrop")`` over pinned five-crop batches against the model alone on the same
+views: the 10-crop loop's own cost, without its loader.
 
 It uses fgvc's own pieces: the model, the FixRes policy, the split, the loops, bf16 autocast and channels_last as
 ``setup_runtime`` chooses them. Random weights and inputs: only the time matters.
@@ -29,6 +33,7 @@ from fgvc.engine.feature_cache import split_model
 from fgvc.engine.loop import predict_probs, train_one_epoch
 from fgvc.engine.runtime import Runtime, setup_runtime
 from fgvc.models import create_model, get_meta, set_train_mode, set_trainable
+from fgvc.transforms import tencrop_images_per_batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +163,7 @@ def tencrop_loop(model: nn.Module, rt: Runtime, args: argparse.Namespace) -> Non
     the read-back one batch late); the gap between it and the end-to-end row is the loader's share.
     """
     meta = get_meta(model)
-    per_batch = max(1, args.batch // 10)
+    per_batch = tencrop_images_per_batch(args.batch)
     views = per_batch * 10
     prepare = TenCropNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
     plain = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)

@@ -78,6 +78,7 @@ from fgvc.engine.stage import (
 from fgvc.fileio import atomic_write_text
 from fgvc.logs import log_to_console
 from fgvc.models import create_model, get_meta, set_train_mode, set_trainable
+from fgvc.transforms import tencrop_images_per_batch
 
 try:  # written alongside this benchmark; absent modules give "not available" rows, never a number
     from fgvc import gpu_decode
@@ -599,10 +600,9 @@ class Bench:
         """With ``--trace``: profile one more epoch (ceilings: steps) of the row just measured; see traced_epoch."""
         if not self.args.trace:
             return
-        path = self.base.parent / f"{self.base.name}-trace-{slug(case.label)}-{slug(name)}.json.gz"
-        if name in (CEIL_TRAIN, CEIL_INFER):  # the summary is the comparison; their traces are the largest
-            path = None
-        else:
+        path = None  # a ceiling's summary is what it is compared by; its trace would be the largest
+        if name not in (CEIL_TRAIN, CEIL_INFER):
+            path = self.base.parent / f"{self.base.name}-trace-{slug(case.label)}-{slug(name)}.json.gz"
             path.parent.mkdir(parents=True, exist_ok=True)
         summary = traced_epoch(self.rt, run_epoch, min(batches, TRACE_BATCHES), path)
         self.log(f"  {name}: {summary}")
@@ -1029,7 +1029,7 @@ class CaseRun:
 
     def tencrop(self, compiled: bool = False, graphed: bool = False) -> dict[str, Measured]:
         res, sizes, rt = self.cfg.stage2.res, self.sizes, self.rt
-        per_batch = max(1, self.cfg.predict.batch_size // 10)  # as predict_stage: ten views per image
+        per_batch = tencrop_images_per_batch(self.cfg.predict.batch_size)  # as predict_stage batches them
         ceiling = self.rate(CEIL_INFER)
         batches = self.bench.window(ceiling / 10 if ceiling else None, per_batch, sizes.seconds, sizes.max_images)
         index = sized_index(self.index, max(batches, sizes.warmup_batches) * per_batch)

@@ -46,6 +46,7 @@ from fgvc.io import decode_image
 from fgvc.metrics import summarize
 from fgvc.models import get_meta
 from fgvc.probs import Probabilities, as_stored
+from fgvc.transforms import tencrop_images_per_batch
 
 log = logging.getLogger("fgvc")
 TTA_CHOICES: tuple[str, ...] = get_args(TTA)
@@ -219,7 +220,7 @@ def predict_stage(
     meta = get_meta(model)
     batch = batch_size or cfg.predict.batch_size
     if tta == "tencrop":
-        batch = max(1, batch // 10)  # ten views per image go through the network together
+        batch = tencrop_images_per_batch(batch)
     kind = "tencrop" if tta == "tencrop" else "test"
     decode = stage_decode(stage_dir, rt)
     loader, _, prepare = make_loader(cfg, rt, index, kind, res, batch, False, meta, decode)

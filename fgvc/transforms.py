@@ -42,6 +42,11 @@ TEST2_JITTER = 0.05
 ImageTransformFn = Callable[[np.ndarray], torch.Tensor]
 
 
+def tencrop_images_per_batch(batch_size: int) -> int:
+    """Images in one 10-crop batch of ``batch_size`` views: an image's ten views go through the network together."""
+    return max(1, batch_size // 10)
+
+
 def test_resize_size(res: int, crop_pct: float) -> int:
     """Shorter side before the centre crop: ``floor(res / crop_pct)`` (256 for a 224 crop at 0.875), never below res."""
     if not 0 < crop_pct <= 1:
