@@ -9,8 +9,9 @@ already in pinned memory: no DataLoader, so their ratio is the loops' and the mo
     python benchmarks/profile_stage2.py --arch timm:test_resnet --res 64 --batch 4 --device cpu   # smoke run
     python benchmarks/profile_stage2.py --arch inceptionresnetv2 --res 681 --tencrop   # the 10-crop loop instead
 
-``--tencrop`` times ``predict_probs(tta="tencrop")`` over pinned five-crop batches against the model alone on the same
-views: the 10-crop loop's own cost, without its loader.
+``--tencrop`` times ``predict_probs(tta="tencrop")`` over pinned ten-crop batches (test-resized 4:3 images, the views
+cut on the device) against the model alone on the same number of views: the 10-crop loop's own cost, without its
+loader.
 
 It uses fgvc's own pieces: the model, the FixRes policy, the split, the loops, bf16 autocast and channels_last as
 ``setup_runtime`` chooses them. Random weights and inputs: only the time matters.
@@ -23,17 +24,18 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from fgvc.config import RuntimeConfig
-from fgvc.data import OnDeviceNormalize, TenCropNormalize
+from fgvc.data import OnDeviceNormalize, TenCropBatch, TenCropNormalize
 from fgvc.engine.feature_cache import split_model
 from fgvc.engine.loop import predict_probs, train_one_epoch
 from fgvc.engine.runtime import Runtime, setup_runtime
 from fgvc.models import create_model, get_meta, set_train_mode, set_trainable
-from fgvc.transforms import tencrop_images_per_batch
+from fgvc.transforms import tencrop_images_per_batch, tencrop_offsets, test_resize_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +158,7 @@ def alternating_rounds(
 
 
 def tencrop_loop(model: nn.Module, rt: Runtime, args: argparse.Namespace) -> None:
-    """``predict_probs(tta="tencrop")`` over pinned five-crop batches (no DataLoader) against the model alone.
+    """``predict_probs(tta="tencrop")`` over pinned ten-crop batches (no DataLoader) against the model alone.
 
     Why: on one H200 InceptionResNet-V2's 10-crop row reached 0.84 of its ceiling with almost no wait for data (0.97
     on another machine). Without the loader, the ratio here is the loop's own cost (views made on the device, softmax,
@@ -167,7 +169,11 @@ def tencrop_loop(model: nn.Module, rt: Runtime, args: argparse.Namespace) -> Non
     views = per_batch * 10
     prepare = TenCropNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
     plain = OnDeviceNormalize(meta.mean, meta.std, rt.device, rt.channels_last)
-    crops = torch.randint(0, 256, (per_batch, 5, args.res, args.res, 3), dtype=torch.uint8)
+    short = test_resize_size(args.res, 0.875)  # an 800x600 photo's test resize, as the loader ships it
+    shape = (short, round(short * 4 / 3))
+    images = torch.randint(0, 256, (per_batch, *shape, 3), dtype=torch.uint8)
+    corners = tencrop_offsets(np.full(per_batch, shape[0]), np.full(per_batch, shape[1]), args.res)
+    crops = TenCropBatch(images, torch.from_numpy(corners), args.res)
     crops = crops.pin_memory() if rt.device.type == "cuda" else crops
     batches = [(crops, torch.zeros(per_batch, dtype=torch.int64), torch.arange(per_batch))] * args.loop_batches
     on_device = torch.randint(0, 256, (views, 3, args.res, args.res), dtype=torch.uint8, device=rt.device)

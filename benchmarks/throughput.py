@@ -78,7 +78,7 @@ from fgvc.engine.stage import (
 from fgvc.fileio import atomic_write_text
 from fgvc.logs import log_to_console
 from fgvc.models import create_model, get_meta, set_train_mode, set_trainable
-from fgvc.transforms import tencrop_images_per_batch
+from fgvc.transforms import tencrop_images_per_batch, test_resize_size
 
 try:  # written alongside this benchmark; absent modules give "not available" rows, never a number
     from fgvc import gpu_decode
@@ -1034,7 +1034,9 @@ class CaseRun:
         batches = self.bench.window(ceiling / 10 if ceiling else None, per_batch, sizes.seconds, sizes.max_images)
         index = sized_index(self.index, max(batches, sizes.warmup_batches) * per_batch)
         loader, sampler, prepare = make_loader(self.cfg, rt, index, "tencrop", res, per_batch, False, self.meta)
-        grow_pinned_pool(rt, per_batch * 5 * res**2 * 3, self.cfg.data.workers)  # five uint8 crops per image
+        short = test_resize_size(res, self.cfg.data.crop_pct)  # the loader ships each image's test resize once
+        long = round(max(sizes.width, sizes.height) * short / min(sizes.width, sizes.height))
+        grow_pinned_pool(rt, per_batch * short * long * 3, self.cfg.data.workers)
         net = self.compiled() if compiled else self.model
         if graphed:
             net = GraphedForward(self.model, rt.amp_dtype)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import multiprocessing
 import os
 import random
 import signal
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 
 from fgvc.errors import CorruptImageError
 from fgvc.io import decode_image, disable_opencv_threads
+from fgvc.transforms import tencrop_offsets
 
 # The signals that stop training with a checkpoint (the loop) and that loader workers ignore until then; SIGHUP is a
 # closed terminal. Windows has only SIGINT and SIGTERM.
@@ -114,6 +117,59 @@ def collate_skip_none(batch: Sequence[Sample | None]) -> Batch:
         return torch.empty(0, dtype=torch.uint8), empty, empty.clone()
     images, labels, rows = default_collate(kept)
     return images, labels.to(torch.int64), rows.to(torch.int64)
+
+
+@dataclass
+class TenCropBatch:
+    """Test-resized images of a batch, padded to its largest, and where each image's five crops start.
+
+    What the ``tencrop`` loader yields in place of an image tensor (:func:`collate_tencrop`);
+    :class:`TenCropNormalize` cuts the ten views on the device. The padding is never read: every crop lies inside its
+    own image.
+    """
+
+    images: torch.Tensor  # (B, H, W, 3) uint8, each image at the top left of its slot
+    offsets: torch.Tensor  # (B, 5, 2) int64 (top, left) of tl, tr, bl, br, centre
+    res: int  # side of a crop
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pin_memory(self) -> TenCropBatch:
+        """Pinned, so the copy to the device overlaps compute (the DataLoader's pin thread calls this)."""
+        return replace(self, images=self.images.pin_memory(), offsets=self.offsets.pin_memory())
+
+
+def collate_tencrop(batch: Sequence[Sample | None], res: int) -> tuple[TenCropBatch, torch.Tensor, torch.Tensor]:
+    """Collate :class:`fgvc.transforms.TenCrop` samples (resized ``(H, W, 3)`` images) into a :class:`TenCropBatch`.
+
+    Unreadable samples (None) are dropped as :func:`collate_skip_none` drops them. Use with ``functools.partial`` to
+    fix ``res``.
+    """
+    kept = [sample for sample in batch if sample is not None]
+    images = [sample[0] for sample in kept]
+    heights = np.array([image.shape[0] for image in images], dtype=np.int64)
+    widths = np.array([image.shape[1] for image in images], dtype=np.int64)
+    shape = (len(images), int(heights.max(initial=0)), int(widths.max(initial=0)), 3)
+    padded = _batch_tensor(shape, images[0] if images else torch.empty(0, dtype=torch.uint8))
+    if len(set(zip(heights.tolist(), widths.tolist(), strict=True))) == 1:
+        torch.stack(images, out=padded)
+    else:  # mixed orientations and aspect ratios
+        for slot, image in zip(padded, images, strict=True):
+            slot[: image.shape[0], : image.shape[1]] = image
+    offsets = torch.from_numpy(tencrop_offsets(heights, widths, res).reshape(len(images), 5, 2))
+    labels = torch.tensor([sample[1] for sample in kept], dtype=torch.int64)
+    rows = torch.tensor([sample[2] for sample in kept], dtype=torch.int64)
+    return TenCropBatch(padded, offsets, res), labels, rows
+
+
+def _batch_tensor(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor for a collated batch; in a loader worker, in shared memory, as ``default_collate``
+    allocates it (the worker then hands the batch to the main process without copying it again)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=like.dtype)
+    storage = like._typed_storage()._new_shared(math.prod(shape), device=like.device)
+    return like.new(storage).view(shape)
 
 
 def build_loader(
@@ -255,12 +311,8 @@ def _scaled_stats(
     return shift, scale
 
 
-class OnDeviceNormalize:
-    """``loader batch -> normalised float batch on the device``: what the loops call on every batch.
-
-    The loops receive this object instead of mean/std so that another batch preparer (e.g. JPEG decoding and
-    augmentation on the GPU) can replace it without touching them.
-    """
+class _DeviceNormalization:
+    """Where and how the batch preparers below normalise: the model's mean/std, the device, the memory format."""
 
     def __init__(
         self, mean: Sequence[float], std: Sequence[float], device: torch.device | str, channels_last: bool = True
@@ -269,22 +321,48 @@ class OnDeviceNormalize:
         self.device = torch.device(device)
         self.channels_last = channels_last
 
+
+class OnDeviceNormalize(_DeviceNormalization):
+    """``loader batch -> normalised float batch on the device``: what the loops call on every batch.
+
+    The loops receive this object instead of mean/std so that another batch preparer (e.g. JPEG decoding and
+    augmentation on the GPU) can replace it without touching them.
+    """
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return normalize_on_device(images, self.mean, self.std, self.device, self.channels_last)
 
 
-class TenCropNormalize(OnDeviceNormalize):
-    """``(B, 5, res, res, 3)`` uint8 crops of :class:`fgvc.transforms.TenCrop` -> ``(B, 10, 3, res, res)`` normalised.
+class TenCropNormalize(_DeviceNormalization):
+    """A :class:`TenCropBatch` -> its ``(B, 10, 3, res, res)`` views, normalised: tl, tr, bl, br, centre, then the
+    same five mirrored (torchvision's ``TenCrop`` order).
 
-    The five crops travel once, channels last as decoded; the five mirror images are made here, and the channel axis
-    moves first as a view, which is already the channels-last layout the model wants.
+    Each image travels once, channels last as decoded; one gather cuts the ten views (a mirrored view reads its
+    columns right to left), and the channel axis moves first as a view, which is already the channels-last layout the
+    model wants.
     """
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() != 5 or images.shape[1] != 5 or images.shape[-1] != 3:
-            raise ValueError(f"expected (B, 5, H, W, 3) ten-crop batches, got shape {tuple(images.shape)}")
-        crops = images.to(self.device, non_blocking=True)
-        views = torch.cat([crops, crops.flip(3)], dim=1).permute(0, 1, 4, 2, 3)
+    def __call__(self, batch: TenCropBatch) -> torch.Tensor:
+        images, res = batch.images, batch.res
+        if images.dim() != 4 or images.shape[-1] != 3 or tuple(batch.offsets.shape) != (len(images), 5, 2):
+            raise ValueError(f"expected (B, H, W, 3) ten-crop images with (B, 5, 2) offsets, got shapes "
+                             f"{tuple(images.shape)} and {tuple(batch.offsets.shape)}")  # fmt: skip
+        images = images.to(self.device, non_blocking=True)
+        corners = batch.offsets.to(self.device, non_blocking=True).repeat(1, 2, 1)  # (B, 10, 2)
+        rows, columns = _view_grid(res, self.device)
+        owner = torch.arange(len(images), device=self.device).view(-1, 1, 1, 1)
+        ys = corners[..., 0, None, None] + rows  # (B, 10, res, 1)
+        xs = corners[..., 1, None, None] + columns  # (B, 10, 1, res)
+        views = images[owner, ys, xs].permute(0, 1, 4, 2, 3)  # (B, 10, res, res, 3) -> channels first, as a view
         if not self.channels_last:
             views = views.contiguous()
         return normalize_on_device(views, self.mean, self.std, self.device, self.channels_last)
+
+
+@lru_cache(maxsize=8)
+def _view_grid(res: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel offsets inside a view: rows ``(1, 1, res, 1)``, and columns ``(1, 10, 1, res)``, reversed for the five
+    mirrored views."""
+    steps = torch.arange(res, device=device)
+    columns = torch.stack([steps] * 5 + [steps.flip(0)] * 5)
+    return steps.view(1, 1, res, 1), columns.view(1, 10, 1, res)

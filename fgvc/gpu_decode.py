@@ -50,7 +50,15 @@ from fgvc.data import FrameFiles, normalize_on_device
 from fgvc.errors import ConfigError, CorruptImageError
 from fgvc.io import decode_image, is_complete_jpeg, read_image_bytes
 from fgvc.prefetch import PreparedRows
-from fgvc.transforms import RRC_RATIO, RRC_SCALE, TEST2_JITTER, TRAIN_JITTER, TRANSFORM_KINDS, test_resize_size
+from fgvc.transforms import (
+    RRC_RATIO,
+    RRC_SCALE,
+    TEST2_JITTER,
+    TRAIN_JITTER,
+    TRANSFORM_KINDS,
+    tencrop_offsets,
+    test_resize_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +290,8 @@ def resize_crop_boxes(
 def tencrop_boxes(heights: np.ndarray, widths: np.ndarray, res: int, crop_pct: float) -> np.ndarray:
     """``(B, 5, 4)`` boxes of the four corner crops and the centre crop (tl, tr, bl, br, centre) of the test resize."""
     resized_h, resized_w, scale_y, scale_x = _test_resize(heights, widths, res, crop_pct)
-    bottom, right = resized_h - res, resized_w - res
-    zero = np.zeros_like(resized_h)
-    tops = np.stack([zero, zero, bottom, bottom, bottom // 2], axis=1)
-    lefts = np.stack([zero, right, zero, right, right // 2], axis=1)
+    corners = tencrop_offsets(resized_h, resized_w, res)  # where the CPU path cuts them in the resized image
+    tops, lefts = corners[..., 0], corners[..., 1]
     sy, sx = scale_y[:, None], scale_x[:, None]
     return np.stack([lefts * sx, tops * sy, (lefts + res) * sx, (tops + res) * sy], axis=2)
 

@@ -372,3 +372,19 @@ def test_gather_memory_quick_run_writes_its_table(tmp_path: Path) -> None:
     table_rows = [line for line in table_file.read_text().splitlines() if line.startswith("| all") or
                   line.startswith("| rank")]  # fmt: skip
     assert len(table_rows) == 4
+
+
+def test_tencrop_loader_quick_run_measures_both_ways(tmp_path: Path) -> None:
+    """benchmarks/tencrop_loader.py --quick: both ways of shipping a ten-crop batch go through a real DataLoader with
+    workers, and the table lists what each batch held per image. No time is asserted: that is what it reports. The
+    bytes are: five (48, 48, 3) crops against one 54 x 72 test resize of a 96 x 72 JPEG."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tencrop_loader.py"), "--quick", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    [table_file] = list(tmp_path.glob("cpu-tencrop-loader-*.md"))
+    raw = json.loads(table_file.with_suffix(".json").read_text())
+    mb = {rec["way"].split(" ")[0]: rec["mb_per_image"] for rec in raw["results"]}
+    assert mb == {"five": pytest.approx(5 * 48 * 48 * 3 / 1e6), "image": pytest.approx(54 * 72 * 3 / 1e6)}
+    for rec in raw["results"]:
+        assert rec["loader_img_per_s"] > 0 and rec["worker_ms_per_image"] > 0 and rec["main_ms_per_batch"] > 0
+        assert f"| {rec['way']} |" in table_file.read_text()

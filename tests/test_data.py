@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fgvc.data import ImageDataset, build_loader, collate_skip_none, normalize_on_device
+from fgvc.data import (
+    ImageDataset,
+    TenCropBatch,
+    TenCropNormalize,
+    build_loader,
+    collate_skip_none,
+    collate_tencrop,
+    normalize_on_device,
+)
 from fgvc.errors import CorruptImageError
 from fgvc.transforms import build_transform
 
@@ -74,11 +83,27 @@ def test_loader_covers_every_row_once(image_frame: pd.DataFrame, workers: int) -
     assert np.abs(centres - np.array(COLOURS)[rows]).max() <= 8  # each image travels with its own row
 
 
-def test_tencrop_batches_are_5d(image_frame: pd.DataFrame) -> None:
-    loader = build_loader(ImageDataset(image_frame, build_transform("tencrop", RES)), 4, shuffle=False, workers=0)
-    images, _, rows = collect(loader)
-    assert [tuple(batch.shape) for batch in images] == [(4, 5, RES, RES, 3), (3, 5, RES, RES, 3)]
-    assert list(rows) == list(range(7))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_tencrop_batches_carry_each_image_once_with_its_crop_corners(
+    image_frame: pd.DataFrame, tmp_path: Path, workers: int
+) -> None:
+    """The loader ships the resized image (padded to the batch's largest), not the five crops; a portrait image in a
+    batch of landscape ones keeps its own size and corners, also through a worker's shared memory."""
+    portrait = tmp_path / "portrait.jpg"
+    Image.new("RGB", (24, 40), (10, 120, 240)).save(portrait, "JPEG", quality=95)
+    frame = pd.concat([image_frame, pd.DataFrame({"path": [str(portrait)], "label": [0], "image_id": [7]})],
+                      ignore_index=True)  # fmt: skip
+    collate = partial(collate_tencrop, res=RES)
+    dataset = ImageDataset(frame, build_transform("tencrop", RES))
+    batches = list(build_loader(dataset, 4, shuffle=False, workers=workers, collate_fn=collate))
+    assert [type(batch) for batch, _, _ in batches] == [TenCropBatch, TenCropBatch]
+    assert [tuple(batch.images.shape) for batch, _, _ in batches] == [(4, 18, 24, 3), (4, 30, 24, 3)]
+    assert [rows.tolist() for _, _, rows in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    last, _, _ = batches[1]
+    assert last.offsets[3].tolist() == [[0, 0], [0, 2], [14, 0], [14, 2], [7, 1]]  # the 30 x 18 portrait
+    assert last.offsets[0].tolist() == [[0, 0], [0, 8], [2, 0], [2, 8], [1, 4]]  # an 18 x 24 landscape
+    centre = last.images[3, 7 : 7 + RES, 1 : 1 + RES].reshape(-1, 3).float().mean(0)
+    assert (centre - torch.tensor([10.0, 120.0, 240.0])).abs().max() <= 8  # the portrait's own pixels
 
 
 def test_drop_last_drops_the_short_batch(image_frame: pd.DataFrame) -> None:
@@ -235,3 +260,18 @@ def test_normalize_without_channels_last_and_in_bfloat16() -> None:
 def test_normalize_rejects_a_batch_without_three_channels() -> None:
     with pytest.raises(ValueError, match="shape"):
         normalize_on_device(torch.zeros(2, 4, 3, 3, dtype=torch.uint8), MEAN, STD, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/run_on_gpu.sh)")
+def test_on_cuda_tencrop_views_equal_the_cpu_ones() -> None:
+    """The gather that cuts the ten views runs on the device: from pinned memory, for a batch of mixed sizes, it must
+    give what the CPU gives (tests/test_transforms.py checks the CPU against crops cut by hand)."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(18, 24), (30, 18), (18, 18)]
+    images = [torch.randint(0, 256, (*shape, 3), dtype=torch.uint8, generator=generator) for shape in shapes]
+    batch, _, _ = collate_tencrop([(image, 0, row) for row, image in enumerate(images)], RES)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    on_cpu = TenCropNormalize(mean, std, "cpu")(batch)
+    on_cuda = TenCropNormalize(mean, std, "cuda")(batch.pin_memory())
+    assert on_cuda.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(on_cuda.cpu(), on_cpu)

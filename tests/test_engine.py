@@ -689,6 +689,40 @@ def test_device_decoding_trains_and_predicts_through_the_same_loops(tiny_demo_ro
     assert probs.shape == (len(index), index.num_classes) and list(rows) == list(range(len(index)))
 
 
+def test_tencrop_prediction_is_the_mean_softmax_of_ten_views_cut_by_hand(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """The loader ships each test-resized image once; the ten views cut on the device must be exactly the four corners,
+    the centre and their mirror images that torchvision's TenCrop would cut from it."""
+    from fgvc.engine.loop import predict_probs
+    from fgvc.engine.runtime import setup_runtime
+    from fgvc.engine.stage import make_loader
+    from fgvc.io import decode_image
+    from fgvc.models import create_model
+    from fgvc.transforms import build_transform
+
+    cfg = tiny_config(tiny_demo_root, tmp_path)
+    rt = setup_runtime(cfg.runtime)
+    index = load_split(cfg, "val")
+    torch.manual_seed(0)
+    model = create_model("timm:test_resnet", index.num_classes, None).eval()
+    meta, res = get_meta(model), 24
+    loader, _, prepare = make_loader(cfg, rt, index, "tencrop", res, 3, False, meta)
+    probs, rows = predict_probs(model, loader, rt, prepare, tta="tencrop", progress=False)
+    assert list(rows) == list(range(len(index)))
+
+    resize = build_transform("tencrop", res, crop_pct=cfg.data.crop_pct, interpolation=meta.interpolation)
+    mean, std = np.array(meta.mean) * 255, np.array(meta.std) * 255
+    for row, path in enumerate(index.frame["path"]):
+        image = resize(decode_image(path)).numpy()
+        h, w = image.shape[:2]
+        corners = [(0, 0), (0, w - res), (h - res, 0), (h - res, w - res), ((h - res) // 2, (w - res) // 2)]
+        five = [image[y : y + res, x : x + res] for y, x in corners]
+        views = np.stack(five + [crop[:, ::-1] for crop in five]).astype(np.float64)
+        x = torch.from_numpy(((views - mean) / std).transpose(0, 3, 1, 2)).float()
+        with torch.no_grad():
+            expected = torch.softmax(model(x), dim=1).mean(0).numpy()
+        np.testing.assert_allclose(probs[row], expected, atol=1e-5, err_msg=f"row {row}")
+
+
 @pytest.mark.slow
 def test_stage1_beats_chance_on_the_demo_data(tmp_path: Path) -> None:
     """Six epochs of EfficientNet-Lite0 from its real ImageNet weights at 64 px, on the full demo dataset (three, with

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
 from fgvc import gpu_decode
-from fgvc.data import TenCropNormalize, normalize_on_device
+from fgvc.data import TenCropNormalize, collate_tencrop, normalize_on_device
 from fgvc.engine.sampling import EpochSampler
 from fgvc.errors import ConfigError, CorruptImageError
 from fgvc.gpu_decode import (
@@ -96,10 +96,11 @@ def batch_of(frame: pd.DataFrame, seeds: list[int] | None = None, skip_corrupt: 
 
 def cpu_reference(paths: list[str], kind: str, res: int, crop_pct: float = 0.875) -> torch.Tensor:
     transform = build_transform(kind, res, crop_pct=crop_pct)
-    images = torch.stack([transform(decode_image(p)) for p in paths])
+    images = [transform(decode_image(p)) for p in paths]
     if kind == "tencrop":
-        return TenCropNormalize(MEAN, STD, "cpu")(images)
-    return normalize_on_device(images, MEAN, STD, "cpu")
+        batch, _labels, _rows = collate_tencrop([(image, 0, row) for row, image in enumerate(images)], res)
+        return TenCropNormalize(MEAN, STD, "cpu")(batch)
+    return normalize_on_device(torch.stack(images), MEAN, STD, "cpu")
 
 
 def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fgvc.data import TenCropNormalize
+from fgvc.data import TenCropNormalize, collate_tencrop
 from fgvc.errors import ConfigError
 from fgvc.transforms import TRANSFORM_KINDS, HorizontalShiftCrop, build_transform
 from fgvc.transforms import test_resize_size as resize_size  # aliased so pytest does not collect it as a test
@@ -21,6 +21,12 @@ def pattern(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 def hwc(tensor: torch.Tensor) -> np.ndarray:
     return tensor.permute(1, 2, 0).numpy()
+
+
+def ten_views(images: list[torch.Tensor], res: int, channels_last: bool = True) -> torch.Tensor:
+    """The ``(B, 10, 3, res, res)`` views fgvc makes of ``tencrop`` outputs, in 0..255 units (mean 0, std 1/255)."""
+    batch, _labels, _rows = collate_tencrop([(image, 0, row) for row, image in enumerate(images)], res)
+    return TenCropNormalize((0.0, 0.0, 0.0), (1 / 255,) * 3, "cpu", channels_last)(batch)
 
 
 @pytest.mark.parametrize(
@@ -41,8 +47,11 @@ def test_resize_size_rejects_crop_pct_outside_unit_interval(crop_pct: float) -> 
 @pytest.mark.parametrize("shape", [(40, 60), (60, 40), (9, 11)], ids=["landscape", "portrait", "tiny"])
 def test_every_kind_gives_uint8_at_res(kind: str, shape: tuple[int, int]) -> None:
     out = build_transform(kind, 16, seed=0)(pattern(*shape))
-    expected = (5, 16, 16, 3) if kind == "tencrop" else (3, 16, 16)  # ten-crop: five HWC crops, mirrored on the device
-    assert out.shape == expected
+    if kind == "tencrop":  # the test resize alone, HWC: the views are cut on the device
+        assert out.shape[2] == 3 and min(out.shape[:2]) == resize_size(16, 0.875)
+        assert (out.shape[0] > out.shape[1]) == (shape[0] > shape[1])
+    else:
+        assert out.shape == (3, 16, 16)
     assert out.dtype == torch.uint8
     assert int(out.max()) > 1  # raw 0..255 values, not scaled or normalised
 
@@ -149,22 +158,47 @@ def test_tencrop_views_match_hand_crops() -> None:
     centre = resized[8:24, 16:32]
     five = [tl, tr, bl, br, centre]
     out = build_transform("tencrop", 16, crop_pct=0.5, interpolation="bilinear")(image)
-    assert out.shape == (5, 16, 16, 3)
-    for i, view in enumerate(five):
-        np.testing.assert_array_equal(out[i].numpy(), view, err_msg=f"crop {i}")
+    np.testing.assert_array_equal(out.numpy(), resized)
     # On the device: the five and their mirror images, channels first, as (x / 255 - mean) / std.
     for channels_last in (True, False):
-        views = TenCropNormalize((0.0, 0.0, 0.0), (1 / 255,) * 3, "cpu", channels_last)(out[None])[0]
+        views = ten_views([out], 16, channels_last)[0]
         assert views.shape == (10, 3, 16, 16)
+        assert views.is_contiguous(memory_format=torch.channels_last) == channels_last
         for i, view in enumerate(five + [view[:, ::-1] for view in five]):
             np.testing.assert_array_equal(hwc(views[i].round().to(torch.uint8)), view, err_msg=f"view {i}")
+
+
+def test_tencrop_batch_of_mixed_sizes_cuts_each_image_in_its_own_frame() -> None:
+    """Landscape, portrait and square images of different sizes share one padded batch; each image's views come
+    from its own pixels at its own corners, and the padding never shows."""
+    shapes = [(40, 60), (70, 36), (30, 30), (33, 50)]
+    transform = build_transform("tencrop", 12, crop_pct=0.5)
+    resized = [transform(pattern(*shape, seed=i)) for i, shape in enumerate(shapes)]
+    views = ten_views(resized, 12).round().to(torch.uint8)
+    assert views.shape == (len(shapes), 10, 3, 12, 12)
+    for b, image in enumerate(resized):
+        h, w = image.shape[:2]
+        crops = [image[y : y + 12, x : x + 12] for y, x in
+                 [(0, 0), (0, w - 12), (h - 12, 0), (h - 12, w - 12), ((h - 12) // 2, (w - 12) // 2)]]  # fmt: skip
+        for i, crop in enumerate(crops + [crop.flip(1) for crop in crops]):
+            np.testing.assert_array_equal(hwc(views[b, i]), crop.numpy(), err_msg=f"image {b}, view {i}")
+
+
+def test_tencrop_collate_drops_unreadable_samples_and_keeps_their_rows_out() -> None:
+    image = build_transform("tencrop", 8)(pattern(20, 30))
+    batch, labels, rows = collate_tencrop([None, (image, 4, 7), None], 8)
+    assert len(batch) == 1 and labels.tolist() == [4] and rows.tolist() == [7]
+    assert tuple(image.shape) == (9, 14, 3)  # shorter side floor(8 / 0.875) = 9
+    assert batch.offsets.tolist() == [[[0, 0], [0, 6], [1, 0], [1, 6], [0, 3]]]  # (top, left) of 8 px crops
+    empty, labels, rows = collate_tencrop([None, None], 8)
+    assert len(empty) == 0 and len(labels) == 0 and len(rows) == 0
 
 
 def test_tencrop_centre_is_the_test_crop() -> None:
     image = pattern(45, 37)
     tencrop = build_transform("tencrop", 15, crop_pct=0.7)(image)
     single = build_transform("test", 15, crop_pct=0.7)(image)
-    assert torch.equal(tencrop[4], single.permute(1, 2, 0))
+    assert torch.equal(ten_views([tencrop], 15)[0, 4].round().to(torch.uint8), single)
 
 
 def test_train_is_random_and_reproducible_by_seed() -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,6 +36,7 @@ from fgvc.data import (
     build_loader,
     close_loader,
     collate_skip_none,
+    collate_tencrop,
 )
 from fgvc.datasets import load_indices, require_split
 from fgvc.datasets.base import DatasetIndex
@@ -190,7 +191,7 @@ def make_loader(
     else:
         transform = build_transform(kind, res, crop_pct=cfg.data.crop_pct, interpolation=meta.interpolation)
         dataset = ImageDataset(index.frame, transform, skip_corrupt=cfg.data.skip_corrupt)
-        collate = collate_skip_none
+        collate = partial(collate_tencrop, res=res) if kind == "tencrop" else collate_skip_none
         normalize = TenCropNormalize if kind == "tencrop" else OnDeviceNormalize
         prepare = normalize(meta.mean, meta.std, rt.device, rt.channels_last)
     loader = build_loader(
