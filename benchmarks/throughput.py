@@ -65,6 +65,7 @@ from torchvision import transforms as tvt
 from fgvc.config import RunConfig, config_from_dict, merge
 from fgvc.data import PREFETCH_FACTOR, OnDeviceNormalize
 from fgvc.datasets.base import DatasetIndex
+from fgvc.engine.epochs import EpochStream, epoch_batches
 from fgvc.engine.loop import BatchWaits, EpochStats, optimizer_step, predict_probs, train_one_epoch
 from fgvc.engine.runtime import Runtime, setup_runtime
 from fgvc.engine.sampling import EpochSampler
@@ -834,9 +835,13 @@ class CaseRun:
         s1, sizes = self.cfg.stage1, self.sizes
         batch = s1.batch_size
         batches = self.bench.window(self.rate(CEIL_TRAIN), batch, sizes.seconds, sizes.max_images)
-        index = sized_index(self.index, max(batches, sizes.warmup_batches) * batch)
+        batches = max(batches, sizes.warmup_batches + 1)
+        index = sized_index(self.index, batches * batch)  # the timed epoch is a whole epoch of this index
         loader, sampler, prepare = make_loader(self.cfg, self.rt, index, s1.augment, s1.res, batch, True, self.meta,
                                                decode)  # fmt: skip
+        # As train_stage reads its epochs: one loader iterator for the warm-up epoch (its last batches, a resume's
+        # start) and the timed one, so the workers load the timed epoch while the warm-up ends.
+        stream = EpochStream(loader, 0, 2, start=(batches - sizes.warmup_batches) * batch)
         workers = self.cfg.data.workers
         how = f"nvJPEG + augmentation on the device, {workers} workers read bytes" if decode == "gpu" else (
             f"OpenCV + albumentations in {workers} workers")  # fmt: skip
@@ -849,13 +854,16 @@ class CaseRun:
 
         def run_epoch(epoch: int, n_batches: int) -> int:
             sampler.set_epoch(epoch, start=len(index) - n_batches * batch)
+            epoch_batches: Any = stream.epoch(epoch) if epoch < stream.last else loader  # --trace: a later epoch
+            assert len(epoch_batches) == n_batches, (epoch, len(epoch_batches), n_batches)
             set_train_mode(self.model, s1.tune)
-            stats = train_one_epoch(net, loader, optimizer, scheduler, scaler, self.rt, prepare, criterion,
+            stats = train_one_epoch(net, epoch_batches, optimizer, scheduler, scaler, self.rt, prepare, criterion,
                                     grad_accum=s1.grad_accum, batch_size=batch, progress=False)  # fmt: skip
             last[:] = [stats]
             return stats.images
 
         measured = timed_epochs(self.rt, run_epoch, sizes.warmup_batches, batches)
+        stream.close()
         stats = last[0]
         measured.note = how + ("; warm-up includes compilation" if compiled else "") + "; " + waited_note(
             stats.data_wait_s, stats.first_batch_s, stats.seconds)  # fmt: skip
@@ -967,7 +975,8 @@ class CaseRun:
         results = {name: median_round(runs) for name, runs in rounds.items()}
         results[S2].note = f"tune {s2.tune}, augment {s2.augment}, uncached; {results[S2].note}"
         try:
-            results |= self.stage2_cached(split, index, sampler, loader.drop_last, optimizer, scheduler, scaler,
+            drop_last = epoch_batches(loader).drop_last
+            results |= self.stage2_cached(split, index, sampler, drop_last, optimizer, scheduler, scaler,
                                           criterion)  # fmt: skip
         except Exception as err:  # the uncached numbers above still stand
             traceback.print_exc()

@@ -181,27 +181,29 @@ def build_loader(
     seed: int = 0,
     sampler: Sampler | Iterable | None = None,
     collate_fn: Callable[[Sequence[Any]], Any] = collate_skip_none,
+    batch_sampler: Sampler[list[Any]] | None = None,
 ) -> DataLoader:
     """A DataLoader with reproducible shuffling, per-worker augmentation seeds and pinned memory where CUDA is present.
 
-    Training passes its :class:`fgvc.engine.sampling.EpochSampler` as ``sampler`` (``(row, sample_seed)`` pairs):
-    it owns shuffling, sharding across ranks and the position inside an epoch, so ``shuffle`` must then be False.
+    Evaluation passes its :class:`fgvc.engine.sampling.EpochSampler` as ``sampler`` (``(row, sample_seed)`` pairs): it
+    owns shuffling, sharding across ranks and the position inside an epoch, so ``shuffle`` must then be False.
+    Training passes its :class:`fgvc.engine.sampling.EpochBatches` as ``batch_sampler`` instead, which also owns the
+    batching (``batch_size`` and ``drop_last`` are then its own), so that one iterator can span several epochs.
     """
-    if sampler is not None and shuffle:
+    if (sampler is not None or batch_sampler is not None) and shuffle:
         raise ValueError("a caller's sampler owns shuffling and sharding; pass shuffle=False")
     generator = torch.Generator()
     generator.manual_seed(seed)
     if workers > 0:
         _end_workers_at_exit()
+    batching: dict[str, Any] = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
+        "batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler, "drop_last": drop_last}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
+        **batching,
         num_workers=workers,
         collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
         worker_init_fn=seed_worker if workers > 0 else None,
         generator=generator,
         persistent_workers=workers > 0,

@@ -388,3 +388,19 @@ def test_tencrop_loader_quick_run_measures_both_ways(tmp_path: Path) -> None:
     for rec in raw["results"]:
         assert rec["loader_img_per_s"] > 0 and rec["worker_ms_per_image"] > 0 and rec["main_ms_per_batch"] > 0
         assert f"| {rec['way']} |" in table_file.read_text()
+
+
+def test_epoch_start_quick_run_measures_both_ways(tmp_path: Path) -> None:
+    """benchmarks/epoch_start.py --quick: both ways train their epochs through fgvc's loader, every epoch is recorded,
+    and the table has a row per way. No time is asserted: that is what it reports (tests/test_epochs.py shows the
+    next epoch loading early)."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "epoch_start.py"), "--quick", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    [table_file] = list(tmp_path.glob("cpu-epoch-start-*.md"))
+    raw = json.loads(table_file.with_suffix(".json").read_text())
+    assert len(raw["results"]) == 2
+    for way, records in raw["results"].items():
+        assert [record["epoch"] for record in records] == [0, 1, 2]
+        assert all(record["seconds"] > 0 for record in records)
+        assert f"| {way} |" in table_file.read_text()

@@ -557,7 +557,7 @@ def train_one_epoch_cached(
         raise ValueError("train_one_epoch_cached is single-process; should_cache refuses caching with several ranks")
     batches = cache.batches(order, batch_size, drop_last)
     return train_one_epoch(
-        tail, batches, optimizer, scheduler, scaler, rt, cache.prepare(rt), criterion,  # type: ignore[arg-type]
+        tail, batches, optimizer, scheduler, scaler, rt, cache.prepare(rt), criterion,
         grad_accum=grad_accum, stop=stop, start_micro_step=start_micro_step, batch_size=batch_size,
         samples=len(batches.rows), desc=desc, progress=progress,
     )  # fmt: skip

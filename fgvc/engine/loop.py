@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -142,9 +142,18 @@ class BatchWaits:
             yield item
 
 
+class EpochOfBatches(Protocol):
+    """What the training loop reads: a loader of one epoch, or one epoch of an :class:`fgvc.engine.epochs.EpochStream`
+    (``len`` is the number of batches)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: EpochOfBatches,
     optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     scaler: torch.amp.GradScaler | None,

@@ -50,6 +50,7 @@ from fgvc.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from fgvc.engine.epochs import EpochStream, epoch_batches
 from fgvc.engine.feature_cache import (
     FeatureCache,
     Split,
@@ -75,7 +76,7 @@ from fgvc.engine.runtime import (
     settings_restored,
     setup_runtime,
 )
-from fgvc.engine.sampling import EpochSampler
+from fgvc.engine.sampling import EpochBatches, EpochSampler
 from fgvc.errors import ConfigError, DataError, RunBusyError, RunExistsError
 from fgvc.fileio import atomic_write_text, remove_if_abandoned
 from fgvc.io import typical_source_pixels
@@ -179,6 +180,8 @@ def make_loader(
     check_resolution(meta, res)
     sampler = EpochSampler(len(index), shuffle=shuffle, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size)
     drop_last = shuffle and len(sampler) > batch_size  # this rank's shard holds more than one batch
+    # training batches per epoch, and can span epochs (fgvc.engine.epochs.EpochStream); evaluation reads one pass
+    batches = EpochBatches(sampler, batch_size, drop_last) if shuffle else None
     prepare: Callable[[Any], Any]  # a batch from the loader -> the model's input (GPU decode: with the kept rows)
     collate: Callable[..., Any]
     if decode == "gpu":
@@ -195,8 +198,8 @@ def make_loader(
         normalize = TenCropNormalize if kind == "tencrop" else OnDeviceNormalize
         prepare = normalize(meta.mean, meta.std, rt.device, rt.channels_last)
     loader = build_loader(
-        dataset, batch_size=batch_size, workers=cfg.data.workers, sampler=sampler, drop_last=drop_last,
-        collate_fn=collate,
+        dataset, batch_size=batch_size, workers=cfg.data.workers, sampler=None if batches else sampler,
+        drop_last=drop_last, collate_fn=collate, batch_sampler=batches,
     )  # fmt: skip
     if decode == "gpu":  # the next batches are decoded by a thread of their own while this step is queued
         from fgvc.prefetch import Prefetcher, wait_prepared
@@ -537,7 +540,8 @@ def _train_stage(
         return StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before, metric=metric,
                            interrupted_by=stop.signum or signal.SIGTERM)  # fmt: skip
 
-    steps_per_epoch = max(1, math.ceil(len(train_loader) / stage_cfg.grad_accum))
+    train_batches = epoch_batches(train_loader)
+    steps_per_epoch = max(1, math.ceil(train_batches.batches_in() / stage_cfg.grad_accum))
     lr = stage_cfg.resolved_lr(rt.world_size)
     optimizer = build_optimizer(model, stage_cfg, lr)
     scheduler = build_scheduler(optimizer, stage_cfg, steps_per_epoch) if optimizer else None
@@ -698,6 +702,9 @@ def _train_stage(
     broadcast_buffers = stage == STAGE1
     net = _training_module(model, rt, cfg.runtime.compile, optimizer is not None, broadcast_buffers)
     input_hint_given = False
+    # One loader iterator for every epoch left: the workers load the next epoch while this one ends and validates.
+    stream = EpochStream(train_loader, start_epoch, stage_cfg.epochs, start_micro * stage_cfg.batch_size)
+    opened.callback(stream.close)
     for epoch in range(start_epoch, stage_cfg.epochs):
         micro = start_micro if epoch == start_epoch else 0
         train_sampler.set_epoch(epoch, start=micro * stage_cfg.batch_size)
@@ -706,13 +713,13 @@ def _train_stage(
         desc = f"{stage} {epoch + 1}/{stage_cfg.epochs}"
         if cache is not None and split is not None:  # frozen trunk computed once: only the tail runs
             stats = train_one_epoch_cached(
-                split.tail, cache, train_sampler, stage_cfg.batch_size, train_loader.drop_last, optimizer, scheduler,
+                split.tail, cache, train_sampler, stage_cfg.batch_size, train_batches.drop_last, optimizer, scheduler,
                 scaler, rt, criterion, grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro, desc=desc,
                 progress=progress,
             )  # fmt: skip
         else:
             stats = train_one_epoch(
-                net, train_loader, optimizer, scheduler, scaler, rt, prepare, criterion,
+                net, stream.epoch(epoch), optimizer, scheduler, scaler, rt, prepare, criterion,
                 grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro,
                 batch_size=stage_cfg.batch_size, samples=len(train_sampler), desc=desc, progress=progress, mix=mix,
             )  # fmt: skip
