@@ -390,19 +390,25 @@ def pinned_counters(rt: Runtime) -> dict[str, float]:
     return {name: float(stats[key]) for name, key in keys.items() if key in stats}
 
 
-def grow_pinned_pool(rt: Runtime, batch_nbytes: int, workers: int) -> None:
+def grow_pinned_pool(rt: Runtime, batch_nbytes: int, workers: int, batch: int, extra: Sequence[int] = ()) -> None:
     """Grow the pinned-host pool for batches of ``batch_nbytes`` as far as a loader's first epoch grows it.
 
-    The loader's pin thread holds one pinned block per batch it has ready (up to ``PREFETCH_FACTOR`` x workers), and
-    the pool keeps its blocks, in power-of-two sizes, for the rest of the process. A run grows it once, in its first
-    epoch; a 3-batch warm-up does not, so without this the first window of each size in the whole benchmark (in the
-    2026-11-26 runs: SENet-154's stage-2 epoch, 41 MiB batches, the only stage-2 row above its target) pays ~30
-    ``cudaHostAlloc`` calls that the rows after it do not. The windows measure an epoch of a run, not its first one.
+    The loader's pin thread holds one pinned block per tensor of each batch it has ready (up to ``PREFETCH_FACTOR`` x
+    workers batches), and the pool keeps its blocks, in power-of-two sizes, for the rest of the process. A run grows
+    it once, in its first epoch; a 3-batch warm-up does not, so without this the first window of each size in the
+    whole benchmark (in the 2026-11-26 runs: SENet-154's stage-2 epoch, 41 MiB batches, the only stage-2 row above its
+    target) pays ~30 ``cudaHostAlloc`` calls that the rows after it do not. The windows measure an epoch of a run, not
+    its first one. Until 2026-11-27 only the images' blocks were grown, not those of the batch's labels and rows
+    (``batch`` int64 each) or of ``extra`` tensors (a ten-crop batch's offsets): a possible source of the 8-283 blocks
+    the pool still created inside the 2026-11-27 windows. Another: the pool recycles freed blocks only up to the oldest
+    one whose last copy the device has not finished (``process_events`` stops there), so a host running ahead of the
+    device can make new blocks while finished ones wait behind it.
     """
     if rt.device.type != "cuda" or workers <= 0:
         return
     count = PREFETCH_FACTOR * workers + 2
-    blocks = [torch.empty(batch_nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
+    sizes = [batch_nbytes, 8 * batch, 8 * batch, *extra]
+    blocks = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for size in sizes for _ in range(count)]
     del blocks  # never used by a copy: straight back to the pool's free list
 
 
@@ -848,7 +854,7 @@ class CaseRun:
         optimizer, scheduler, scaler, criterion = self.training_parts("stage1", len(loader))
         net = self.compiled() if compiled else self.model
         if decode == "cpu":  # uint8 (B, 3, res, res) batches through the pin thread
-            grow_pinned_pool(self.rt, batch * 3 * s1.res**2, workers)
+            grow_pinned_pool(self.rt, batch * 3 * s1.res**2, workers, batch)
 
         last: list[EpochStats] = []
 
@@ -902,7 +908,7 @@ class CaseRun:
         loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
                             pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0)  # fmt: skip
         order = np.random.default_rng(0).permutation(len(dataset))
-        grow_pinned_pool(rt, batch * 3 * s1.res**2 * 4, workers)  # float32 batches
+        grow_pinned_pool(rt, batch * 3 * s1.res**2 * 4, workers, batch)  # float32 batches
         set_trainable(self.model, "all")
         self.model.to(memory_format=torch.contiguous_format)
         optimizer = torch.optim.SGD(self.model.parameters(), lr=s1.resolved_lr(), momentum=0.9, weight_decay=1e-4)
@@ -944,7 +950,7 @@ class CaseRun:
         batches = self.bench.window(self.rate(CEIL_INFER), batch, sizes.seconds / 2, sizes.max_images // 2)
         index = sized_index(self.index, max(batches, sizes.warmup_batches) * batch)
         loader, sampler, prepare = make_loader(self.cfg, rt, index, s2.augment, s2.res, batch, True, self.meta)
-        grow_pinned_pool(rt, batch * 3 * s2.res**2, self.cfg.data.workers)
+        grow_pinned_pool(rt, batch * 3 * s2.res**2, self.cfg.data.workers, batch)
         optimizer, scheduler, scaler, criterion = self.training_parts("stage2", len(loader))
         split = self.split()
         waited: dict[str, str] = {}
@@ -1045,7 +1051,8 @@ class CaseRun:
         loader, sampler, prepare = make_loader(self.cfg, rt, index, "tencrop", res, per_batch, False, self.meta)
         short = test_resize_size(res, self.cfg.data.crop_pct)  # the loader ships each image's test resize once
         long = round(max(sizes.width, sizes.height) * short / min(sizes.width, sizes.height))
-        grow_pinned_pool(rt, per_batch * short * long * 3, self.cfg.data.workers)
+        grow_pinned_pool(rt, per_batch * short * long * 3, self.cfg.data.workers, per_batch,
+                         extra=[per_batch * 5 * 2 * 8])  # the crops' offsets
         net = self.compiled() if compiled else self.model
         if graphed:
             net = GraphedForward(self.model, rt.amp_dtype)
