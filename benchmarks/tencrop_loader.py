@@ -53,6 +53,8 @@ from fgvc.data import ImageDataset, build_loader, close_loader, collate_skip_non
 from fgvc.io import decode_image, disable_opencv_threads  # noqa: E402
 from fgvc.transforms import build_transform, tencrop_images_per_batch  # noqa: E402
 
+PHOTOS = ("4:3 landscape", "4:3 landscape and portrait, alternating")
+
 
 class FiveCrops:
     """fgvc's ``tencrop`` transform up to 2026-11-27 (copied): the test resize, then the four corners and the centre
@@ -145,38 +147,47 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        generate_jpegs(root, Sizes(args.images, width, height, 4, 1, 1, 1, 0.0, 1, args.images))
-        paths = sorted(str(path) for path in root.rglob("*.jpg"))
-        frame = pd.DataFrame({"path": paths, "label": 0})
-        rounds: dict[str, list[dict[str, float]]] = {way.name: [] for way in ways(args.res)}
+        half = args.images // 2
+        generate_jpegs(Path(tmp, "landscape"), Sizes(args.images, width, height, 4, 1, 1, 1, 0.0, 1, args.images))
+        generate_jpegs(Path(tmp, "portrait"), Sizes(half, height, width, 4, 1, 1, 1, 0.0, 1, half))
+        landscape = sorted(str(path) for path in Path(tmp, "landscape").rglob("*.jpg"))
+        portrait = sorted(str(path) for path in Path(tmp, "portrait").rglob("*.jpg"))
+        # Batches of one orientation ship the resize as it is; a batch of both is padded to the tallest and widest.
+        alternating = [path for pair in zip(landscape, portrait, strict=False) for path in pair]
+        photo_sets = {PHOTOS[0]: landscape, PHOTOS[1]: alternating}
+        rounds: dict[tuple[str, str], list[dict[str, float]]] = {}
         for round_ in range(args.rounds):  # alternating order: a machine that slows down mid-run favours neither
-            for way in ways(args.res)[:: 1 if round_ % 2 == 0 else -1]:
-                worker_ms, mb = in_process(way, paths, per_batch)
-                rate, main_ms = through_loader(way, frame, per_batch, args.workers)
-                rounds[way.name].append({"worker_ms_per_image": worker_ms, "mb_per_image": mb,
-                                         "loader_img_per_s": rate, "main_ms_per_batch": main_ms})  # fmt: skip
-        for name, measured in rounds.items():
+            for photos, paths in photo_sets.items():
+                frame = pd.DataFrame({"path": paths, "label": 0})
+                for way in ways(args.res)[:: 1 if round_ % 2 == 0 else -1]:
+                    worker_ms, mb = in_process(way, paths, per_batch)
+                    rate, main_ms = through_loader(way, frame, per_batch, args.workers)
+                    rounds.setdefault((way.name, photos), []).append({
+                        "worker_ms_per_image": worker_ms, "mb_per_image": mb, "loader_img_per_s": rate,
+                        "main_ms_per_batch": main_ms})  # fmt: skip
+        for (name, photos), measured in sorted(rounds.items(), key=lambda item: (PHOTOS.index(item[0][1]),)):
             median = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
             spread = {key: [min(m[key] for m in measured), max(m[key] for m in measured)] for key in measured[0]}
-            results.append({"way": name, **median, "range": spread, "rounds": measured})
+            results.append({"way": name, "photos": photos, **median, "range": spread, "rounds": measured})
 
     stamp = dt.datetime.now()
     command = "python benchmarks/tencrop_loader.py" + (" --quick" if args.quick else "")
     lines = [
         f"# fgvc 10-crop loader, host side: {cpu_name()}",
         "",
-        f"{stamp:%Y-%m-%dT%H:%M:%S}; {args.images} generated {width}x{height} JPEGs, {args.res} px ten-crop, "
+        f"{stamp:%Y-%m-%dT%H:%M:%S}; {args.images} generated {width}x{height} JPEGs (and {args.images // 2} "
+        f"{height}x{width} for the mixed rows), {args.res} px ten-crop, "
         f"{per_batch} images per batch, {args.workers} loader workers; CPU only, no device; median of {args.rounds} "
         f"alternating rounds (range in brackets); command: `{command}`",
         "",
-        "| way | worker ms / image | MB / image | loader img/s | main ms / batch |",
-        "|---|---|---|---|---|",
+        "| photos | way | worker ms / image | MB / image | loader img/s | main ms / batch |",
+        "|---|---|---|---|---|---|",
     ]
     for rec in results:
         low, high = rec["range"]["worker_ms_per_image"], rec["range"]["loader_img_per_s"]
         main_low, main_high = rec["range"]["main_ms_per_batch"]
-        lines.append(f"| {rec['way']} | {rec['worker_ms_per_image']:.2f} ({low[0]:.2f}-{low[1]:.2f}) | "
+        lines.append(f"| {rec['photos']} | {rec['way']} | "
+                     f"{rec['worker_ms_per_image']:.2f} ({low[0]:.2f}-{low[1]:.2f}) | "
                      f"{rec['mb_per_image']:.2f} | {rec['loader_img_per_s']:.0f} ({high[0]:.0f}-{high[1]:.0f}) | "
                      f"{rec['main_ms_per_batch']:.2f} ({main_low:.2f}-{main_high:.2f}) |")  # fmt: skip
     table = "\n".join(lines) + "\n"

@@ -851,7 +851,7 @@ class CaseRun:
         workers = self.cfg.data.workers
         how = f"nvJPEG + augmentation on the device, {workers} workers read bytes" if decode == "gpu" else (
             f"OpenCV + albumentations in {workers} workers")  # fmt: skip
-        optimizer, scheduler, scaler, criterion = self.training_parts("stage1", len(loader))
+        optimizer, scheduler, scaler, criterion = self.training_parts("stage1", epoch_batches(loader).batches_in())
         net = self.compiled() if compiled else self.model
         if decode == "cpu":  # uint8 (B, 3, res, res) batches through the pin thread
             grow_pinned_pool(self.rt, batch * 3 * s1.res**2, workers, batch)
@@ -868,8 +868,10 @@ class CaseRun:
             last[:] = [stats]
             return stats.images
 
-        measured = timed_epochs(self.rt, run_epoch, sizes.warmup_batches, batches)
-        stream.close()
+        try:
+            measured = timed_epochs(self.rt, run_epoch, sizes.warmup_batches, batches)
+        finally:  # a prefetching thread (GPU decoding) ends with the stream
+            stream.close()
         stats = last[0]
         measured.note = how + ("; warm-up includes compilation" if compiled else "") + "; " + waited_note(
             stats.data_wait_s, stats.first_batch_s, stats.seconds)  # fmt: skip

@@ -144,7 +144,9 @@ def collate_tencrop(batch: Sequence[Sample | None], res: int) -> tuple[TenCropBa
     """Collate :class:`fgvc.transforms.TenCrop` samples (resized ``(H, W, 3)`` images) into a :class:`TenCropBatch`.
 
     Unreadable samples (None) are dropped as :func:`collate_skip_none` drops them. Use with ``functools.partial`` to
-    fix ``res``.
+    fix ``res``. A batch of landscape and portrait photos is padded to its tallest and widest image: 1.33 x the pixels
+    for 4:3 photos, still under half the five crops'; only extreme mixes (a 3:1 panorama beside a 1:3 image) ship
+    more than the crops would.
     """
     kept = [sample for sample in batch if sample is not None]
     images = [sample[0] for sample in kept]

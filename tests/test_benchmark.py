@@ -376,18 +376,23 @@ def test_gather_memory_quick_run_writes_its_table(tmp_path: Path) -> None:
 
 def test_tencrop_loader_quick_run_measures_both_ways(tmp_path: Path) -> None:
     """benchmarks/tencrop_loader.py --quick: both ways of shipping a ten-crop batch go through a real DataLoader with
-    workers, and the table lists what each batch held per image. No time is asserted: that is what it reports. The
-    bytes are: five (48, 48, 3) crops against one 54 x 72 test resize of a 96 x 72 JPEG."""
+    workers, for photos of one orientation and of both, and the table lists what each batch held per image. No time
+    is asserted: that is what it reports. The bytes are: five (48, 48, 3) crops against one 54 x 72 test resize of a
+    96 x 72 JPEG, padded to 72 x 72 in a batch that holds both orientations."""
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tencrop_loader.py"), "--quick", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     [table_file] = list(tmp_path.glob("cpu-tencrop-loader-*.md"))
     raw = json.loads(table_file.with_suffix(".json").read_text())
-    mb = {rec["way"].split(" ")[0]: rec["mb_per_image"] for rec in raw["results"]}
-    assert mb == {"five": pytest.approx(5 * 48 * 48 * 3 / 1e6), "image": pytest.approx(54 * 72 * 3 / 1e6)}
+    mb = {(rec["photos"].split(" ")[-1], rec["way"].split(" ")[0]): rec["mb_per_image"] for rec in raw["results"]}
+    # a batch of landscape and portrait 54 x 72 resizes is padded to 72 x 72
+    assert mb == {("landscape", "five"): pytest.approx(5 * 48 * 48 * 3 / 1e6),
+                  ("landscape", "image"): pytest.approx(54 * 72 * 3 / 1e6),
+                  ("alternating", "five"): pytest.approx(5 * 48 * 48 * 3 / 1e6),
+                  ("alternating", "image"): pytest.approx(72 * 72 * 3 / 1e6)}  # fmt: skip
     for rec in raw["results"]:
         assert rec["loader_img_per_s"] > 0 and rec["worker_ms_per_image"] > 0 and rec["main_ms_per_batch"] > 0
-        assert f"| {rec['way']} |" in table_file.read_text()
+        assert f"| {rec['photos']} | {rec['way']} |" in table_file.read_text()
 
 
 def test_epoch_start_quick_run_measures_both_ways(tmp_path: Path) -> None:

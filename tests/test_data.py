@@ -272,6 +272,9 @@ def test_on_cuda_tencrop_views_equal_the_cpu_ones() -> None:
     batch, _, _ = collate_tencrop([(image, 0, row) for row, image in enumerate(images)], RES)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     on_cpu = TenCropNormalize(mean, std, "cpu")(batch)
-    on_cuda = TenCropNormalize(mean, std, "cuda")(batch.pin_memory())
+    samples = [(image, 0, row) for row, image in enumerate(images)]
+    [pinned] = [images for images, _, _ in build_loader(samples, 3, collate_fn=partial(collate_tencrop, res=RES))]
+    assert pinned.images.is_pinned() and pinned.offsets.is_pinned()  # by the loader, so the copies are asynchronous
+    on_cuda = TenCropNormalize(mean, std, "cuda")(pinned)
     assert on_cuda.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(on_cuda.cpu(), on_cpu)

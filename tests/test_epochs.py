@@ -35,9 +35,16 @@ def collate_keys(samples: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def one_epoch_at_a_time(sampler: EpochSampler, batch_size: int, drop_last: bool, epoch: int, start: int) -> list:
-    """The batches a loader gives one epoch after ``set_epoch``: what training read before epochs were streamed."""
-    sampler.set_epoch(epoch, start)
-    return list(torch.utils.data.BatchSampler(list(sampler), batch_size, drop_last))
+    """The batches a training loader gave for one epoch, read alone, before epochs were streamed: the sampler's rule
+    written out here (order, padding to equal shards, sample seeds), batched as DataLoader's own BatchSampler does."""
+    g = torch.Generator().manual_seed(sampler.seed * 1_000_003 + epoch)
+    order = torch.randperm(sampler.size, generator=g).tolist()
+    total = -(-sampler.size // sampler.world_size) * sampler.world_size
+    shard = (order * -(-total // sampler.size))[:total][sampler.rank :: sampler.world_size]
+    base = (sampler.seed * 1_000_003 + epoch) * 10_000_019
+    keys = [(row, (base + position * sampler.world_size + sampler.rank) % 2**31)
+            for position, row in enumerate(shard) if position >= start]  # fmt: skip
+    return list(torch.utils.data.BatchSampler(keys, batch_size, drop_last))
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

@@ -27,7 +27,7 @@ from fgvc.engine.feature_cache import (
 )
 from fgvc.engine.loop import EpochStats, StopFlag, train_one_epoch
 from fgvc.engine.runtime import Runtime
-from fgvc.engine.sampling import EpochSampler
+from fgvc.engine.sampling import EpochBatches, EpochSampler
 from fgvc.errors import ConfigError
 from fgvc.io import decode_image
 from fgvc.models import ModelMeta, create_model, set_train_mode, set_trainable, trainable_parameters
@@ -289,8 +289,8 @@ def test_loader_batches_are_composed_like_the_image_loader(image_frame):
         present=torch.tensor([row != CORRUPT_ROW for row in range(N_IMAGES)]),
     )
     for drop_last in (True, False):
-        sampler = EpochSampler(N_IMAGES, shuffle=True, seed=3)
-        loader = build_loader(dataset, batch_size=BATCH, sampler=sampler, drop_last=drop_last)
+        sampler = EpochSampler(N_IMAGES, shuffle=True, seed=3)  # batched as make_loader batches a training loader
+        loader = build_loader(dataset, batch_size=BATCH, batch_sampler=EpochBatches(sampler, BATCH, drop_last))
         sampler.set_epoch(1, start=BATCH)  # a resumed epoch: the first batch was already consumed
         expected = [(rows.tolist(), labels.tolist()) for _images, labels, rows in loader]
         batches = cache.batches(sampler, BATCH, drop_last)
