@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from torch.utils.data import Dataset
 from fgvc.data import build_loader
 from fgvc.engine.epochs import EpochStream, epoch_batches
 from fgvc.engine.sampling import EpochBatches, EpochSampler
+from fgvc.prefetch import Prefetcher
 
 
 class Keys(Dataset):
@@ -28,6 +30,19 @@ class Keys(Dataset):
         if self.marks is not None:
             (self.marks / str(key[1])).touch()
         return key
+
+
+class ImageRows(Dataset):
+    """Item = (a one-pixel "image", label, row) for a ``(row, sample_seed)`` key, as fgvc's image datasets give."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        return torch.full((1,), key[0]), key[0] % 3, key[0]
 
 
 def collate_keys(samples: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -119,3 +134,21 @@ def test_an_evaluation_loader_is_not_a_training_stream() -> None:
     loader = build_loader(Keys(8), 4, sampler=EpochSampler(8, shuffle=False), collate_fn=collate_keys)
     with pytest.raises(TypeError, match="EpochBatches"):
         EpochStream(loader, 0, 1)
+
+
+def test_a_prefetching_loader_streams_its_epochs_and_its_thread_ends_with_the_stream() -> None:
+    """``decode: gpu`` wraps the loader in a Prefetcher, whose thread now runs across epoch ends: each epoch still gets
+    its own batches, and closing the stream (train_stage does it on every exit) ends the thread."""
+    sampler = EpochSampler(10, shuffle=True, seed=4)
+    samples = ImageRows(10)
+    loader = Prefetcher(build_loader(samples, 4, batch_sampler=EpochBatches(sampler, 4, drop_last=True)),
+                        lambda images: images * 10, torch.device("cpu"))  # fmt: skip
+    stream = EpochStream(loader, 0, 3)
+    try:
+        for epoch in range(2):  # a run stopped after its second epoch: the thread has the third one under way
+            rows = [batch_rows.tolist() for _prepared, _labels, batch_rows in stream.epoch(epoch)]
+            assert rows == [[row for row, _seed in batch] for batch in one_epoch_at_a_time(sampler, 4, True, epoch, 0)]
+        assert any(thread.name == "fgvc-prefetch" for thread in threading.enumerate())
+    finally:
+        stream.close()
+    assert not any(thread.name == "fgvc-prefetch" for thread in threading.enumerate())
