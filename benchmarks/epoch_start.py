@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ensemble_memory import cpu_name, write_results  # noqa: E402
-from throughput import Sizes, generate_jpegs  # noqa: E402
+from throughput import write_photos  # noqa: E402
 
 from fgvc.data import ImageDataset, build_loader, close_loader  # noqa: E402
 from fgvc.engine.epochs import EpochStream  # noqa: E402
@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         images = args.batch * args.batches
-        generate_jpegs(Path(tmp), Sizes(images, width, height, 4, 1, 1, 1, 0.0, 1, images))
-        frame = pd.DataFrame({"path": sorted(str(path) for path in Path(tmp).rglob("*.jpg")), "label": 0})
+        frame = pd.DataFrame({"path": write_photos(Path(tmp), images, width, height)[0], "label": 0})
         for way in WAYS:
             results[way] = run(way, frame, args.res, args.batch, args.workers, args.epochs, args.step_ms / 1e3)
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ensemble_memory import cpu_name, write_results  # noqa: E402
-from throughput import Sizes, generate_jpegs  # noqa: E402
+from throughput import write_photos  # noqa: E402
 
 from fgvc.data import ImageDataset, build_loader, close_loader, collate_skip_none, collate_tencrop  # noqa: E402
 from fgvc.io import decode_image, disable_opencv_threads  # noqa: E402
@@ -148,10 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         half = args.images // 2
-        generate_jpegs(Path(tmp, "landscape"), Sizes(args.images, width, height, 4, 1, 1, 1, 0.0, 1, args.images))
-        generate_jpegs(Path(tmp, "portrait"), Sizes(half, height, width, 4, 1, 1, 1, 0.0, 1, half))
-        landscape = sorted(str(path) for path in Path(tmp, "landscape").rglob("*.jpg"))
-        portrait = sorted(str(path) for path in Path(tmp, "portrait").rglob("*.jpg"))
+        landscape, _ = write_photos(Path(tmp, "landscape"), args.images, width, height)
+        portrait, _ = write_photos(Path(tmp, "portrait"), half, height, width)
         # Batches of one orientation ship the resize as it is; a batch of both is padded to the tallest and widest.
         alternating = [path for pair in zip(landscape, portrait, strict=False) for path in pair]
         photo_sets = {PHOTOS[0]: landscape, PHOTOS[1]: alternating}

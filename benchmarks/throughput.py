@@ -322,11 +322,16 @@ def _write_jpeg(job: tuple[str, int, int, int]) -> int:
 
 def generate_jpegs(root: Path, sizes: Sizes) -> float:
     """Write ``root/train/<class>/*.jpg`` (fgvc's generic ``folder`` layout) in parallel; returns the mean KB."""
+    return write_photos(root, sizes.images, sizes.width, sizes.height, sizes.classes)[1]
+
+
+def write_photos(root: Path, count: int, width: int, height: int, classes: int = 1) -> tuple[list[str], float]:
+    """Write ``count`` photo-like JPEGs as ``root/train/<class>/*.jpg`` in parallel: their paths, and the mean KB."""
     jobs = []
-    for i in range(sizes.images):
-        folder = root / "train" / f"class_{i % sizes.classes:03d}"
+    for i in range(count):
+        folder = root / "train" / f"class_{i % classes:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        jobs.append((str(folder / f"img_{i:05d}.jpg"), i, sizes.width, sizes.height))
+        jobs.append((str(folder / f"img_{i:05d}.jpg"), i, width, height))
     # Threads, not forked processes: OpenCV and NumPy release the GIL for the heavy parts, and a fork of a process that
     # already runs torch's and OpenCV's thread pools can deadlock in the child (it hung a test run here).
     threads = cv2.getNumThreads()
@@ -336,7 +341,7 @@ def generate_jpegs(root: Path, sizes: Sizes) -> float:
             written = pool.map(_write_jpeg, jobs, chunksize=16)
     finally:
         cv2.setNumThreads(threads)
-    return float(np.mean(written)) / 1024
+    return [job[0] for job in jobs], float(np.mean(written)) / 1024 if written else 0.0
 
 
 def sized_index(index: DatasetIndex, count: int) -> DatasetIndex:

@@ -154,11 +154,8 @@ def collate_tencrop(batch: Sequence[Sample | None], res: int) -> tuple[TenCropBa
     widths = np.array([image.shape[1] for image in images], dtype=np.int64)
     shape = (len(images), int(heights.max(initial=0)), int(widths.max(initial=0)), 3)
     padded = _batch_tensor(shape, images[0] if images else torch.empty(0, dtype=torch.uint8))
-    if len(set(zip(heights.tolist(), widths.tolist(), strict=True))) == 1:
-        torch.stack(images, out=padded)
-    else:  # mixed orientations and aspect ratios
-        for slot, image in zip(padded, images, strict=True):
-            slot[: image.shape[0], : image.shape[1]] = image
+    for slot, image in zip(padded, images, strict=True):
+        slot[: image.shape[0], : image.shape[1]] = image
     offsets = torch.from_numpy(tencrop_offsets(heights, widths, res).reshape(len(images), 5, 2))
     labels = torch.tensor([sample[1] for sample in kept], dtype=torch.int64)
     rows = torch.tensor([sample[2] for sample in kept], dtype=torch.int64)
