@@ -66,6 +66,7 @@ from fgvc.config import RunConfig, config_from_dict, merge
 from fgvc.data import PREFETCH_FACTOR, OnDeviceNormalize
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.epochs import EpochStream, epoch_batches
+from fgvc.engine.graphs import GraphedInference
 from fgvc.engine.loop import BatchWaits, EpochStats, optimizer_step, predict_probs, train_one_epoch
 from fgvc.engine.runtime import Runtime, setup_runtime
 from fgvc.engine.sampling import EpochSampler
@@ -114,7 +115,7 @@ TEN = "10-crop predict"
 S1_COMP = "stage 1 e2e, compiled"
 S1_GPU_COMP = "stage 1 e2e, GPU decode, compiled"
 TEN_COMP = "10-crop predict, compiled"
-TEN_GRAPH = "10-crop predict, CUDA graph (experiment)"
+TEN_GRAPH = "10-crop predict, CUDA graph"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -729,50 +730,6 @@ def gpu_decode_unavailable(rt: Runtime) -> str:
     return ""
 
 
-class GraphedForward(nn.Module):
-    """The model's forward replayed from a CUDA graph captured at the first input shape; other shapes run eagerly.
-
-    Why (an experiment, not yet in fgvc): InceptionResNet-V2's 10-crop forward is ~1,360 small kernel launches. Its
-    10-crop row reached 0.52-0.84 of the ceiling on the lent machines, while the same loop over pinned batches without
-    a loader reached 0.96 and the device did no more work than the model's: the time went on the host. A replay is one
-    launch per batch. The graph reads the parameters in place and its output is overwritten by the next replay, which
-    fgvc's loop allows: it turns each output into probabilities before the next forward is queued.
-    """
-
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None) -> None:
-        super().__init__()
-        self.model = model
-        self.autocast_dtype = autocast_dtype
-        self.captured: tuple[Any, torch.Tensor, torch.Tensor, tuple[Any, ...]] | None = None
-
-    def _autocast(self) -> Any:
-        # cache_enabled=False: weights cast inside the graph; a cached cast would be freed when the caller's region ends
-        enabled = self.autocast_dtype is not None
-        return torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, enabled=enabled, cache_enabled=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.stride(), x.dtype)
-        if self.captured is None:
-            static_in = torch.empty_like(x)
-            static_in.copy_(x)
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side), self._autocast():  # warm-up: cuDNN picks its algorithms outside the capture
-                for _ in range(3):
-                    self.model(static_in)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"), self._autocast():
-                static_out = self.model(static_in)
-            self.captured = (graph, static_in, static_out, key)
-        graph, static_in, static_out, captured_key = self.captured
-        if key != captured_key:  # the last, shorter batch
-            return self.model(x)
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
-
-
 class CaseRun:
     """The measurements of one model; all of them use fgvc's own config, loaders, loops and optimiser."""
 
@@ -1061,8 +1018,8 @@ class CaseRun:
         grow_pinned_pool(rt, per_batch * short * long * 3, self.cfg.data.workers, per_batch,
                          extra=[per_batch * 5 * 2 * 8])  # the crops' offsets
         net = self.compiled() if compiled else self.model
-        if graphed:
-            net = GraphedForward(self.model, rt.amp_dtype)
+        if graphed:  # as predict_stage wraps it with runtime.cuda_graph
+            net = GraphedInference(self.model, rt.amp_dtype)
 
         waits: list[BatchWaits] = []
 
@@ -1078,12 +1035,14 @@ class CaseRun:
             waits[0].seconds, waits[0].first, measured.seconds)  # fmt: skip
         name = TEN_COMP if compiled else TEN_GRAPH if graphed else TEN
         if graphed:
-            measured.note += "; " + self.graph_agreement(cast(GraphedForward, net), res, per_batch * 10)
+            measured.note += "; " + self.graph_agreement(cast(GraphedInference, net), res, per_batch * 10)
         self.bench.trace(self.case, name, run_epoch, batches)
         return {name: measured}
 
-    def graph_agreement(self, net: GraphedForward, res: int, views: int) -> str:
+    def graph_agreement(self, net: GraphedInference, res: int, views: int) -> str:
         """How far the replayed graph's probabilities are from the eager model's on one batch of random views."""
+        if not net.captured:
+            return f"no graph: {net.eager_reason or 'no batch of the captured shape'}"
         x = self.prepare(self.synthetic(res, views)[0])
         with torch.no_grad(), self.rt.autocast():
             graphed = F.softmax(net(x).float(), dim=1)

@@ -274,6 +274,9 @@ def predict(
     compile: bool | None = typer.Option(
         None, "--compile/--no-compile", help="torch.compile the model (default: as the stage was trained)."
     ),
+    cuda_graph: bool | None = typer.Option(
+        None, "--cuda-graph/--no-cuda-graph", help="Replay the forward from a CUDA graph (default: runtime.cuda_graph)."
+    ),
     skip_corrupt: bool = typer.Option(
         False, "--skip-corrupt", help="Give unreadable images uniform probabilities instead of stopping."
     ),
@@ -289,7 +292,7 @@ def predict(
     result = run_predict(
         run or latest_run(), split=split, stage=stage, res=res, tta=tta, multi_res=_ints(multi_res),
         batch_size=batch_size, workers=workers, force=force, compile_model=compile, skip_corrupt=skip_corrupt or None,
-        data_root=data_root,
+        data_root=data_root, cuda_graph=cuda_graph,
     )  # fmt: skip
     if not is_main_process():  # rank 0 wrote the file and reports it
         return

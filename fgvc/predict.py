@@ -24,6 +24,7 @@ from fgvc.config import CONFIG_FILE, TTA, load_config, with_overrides
 from fgvc.data import close_loader
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import file_identity
+from fgvc.engine.graphs import GraphedInference
 from fgvc.engine.launch import already_distributed
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.loop import predict_probs
@@ -182,11 +183,14 @@ def predict_stage(
     compile_model: bool | None = None,
     skip_corrupt: bool | None = None,
     data_root: str | Path | None = None,
+    cuda_graph: bool | None = None,
 ) -> PredictResult:
     """Probabilities of one stage's model on one split at one resolution (cached).
 
     ``compile_model``: ``torch.compile`` the network (None: as the stage was trained, ``runtime.compile``); it pays
     when the test set is large enough to amortise the compilation (see the README's Performance section).
+    ``cuda_graph``: replay the forward from a CUDA graph, one launch per batch (None: ``runtime.cuda_graph``; ignored
+    off CUDA and when compiling); see :mod:`fgvc.engine.graphs`.
     ``skip_corrupt``: give unreadable images uniform probabilities instead of stopping (None: as the stage was
     trained); the file records them, and a later call recomputes it once any of them reads.
     ``data_root``: where the dataset is now (None: where the stage was trained on it).
@@ -225,7 +229,8 @@ def predict_stage(
     decode = stage_decode(stage_dir, rt)
     loader, _, prepare = make_loader(cfg, rt, index, kind, res, batch, False, meta, decode)
     compiled = cfg.runtime.compile if compile_model is None else compile_model
-    net = cast(nn.Module, torch.compile(model)) if compiled else model
+    graphed = cfg.runtime.cuda_graph if cuda_graph is None else cuda_graph
+    net = inference_network(model, rt, compiled, graphed)
     try:
         scores, idx = predict_probs(net, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
     finally:
@@ -287,6 +292,19 @@ def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> P
     return None
 
 
+def inference_network(model: nn.Module, rt: Runtime, compile_model: bool, cuda_graph: bool) -> nn.Module:
+    """What prediction runs: the model compiled, its forward replayed from a CUDA graph (on CUDA only), or the model.
+
+    Compiling wins when both are asked: a compiled forward is another program to capture, and ``torch.compile`` has
+    its own graph mode (``mode="reduce-overhead"``).
+    """
+    if compile_model:
+        return cast(nn.Module, torch.compile(model))
+    if cuda_graph and rt.device.type == "cuda":
+        return GraphedInference(model, rt.amp_dtype)
+    return model
+
+
 def predict(
     run_dir: str | Path,
     split: str = "test",
@@ -301,6 +319,7 @@ def predict(
     compile_model: bool | None = None,
     skip_corrupt: bool | None = None,
     data_root: str | Path | None = None,
+    cuda_graph: bool | None = None,
 ) -> PredictResult:
     """`fgvc predict`: one stage, one split, one or several resolutions (their softmax outputs averaged).
 
@@ -317,7 +336,7 @@ def predict(
     default_res = stage2_res(stage_dir) if stage_dir.name != STAGE1 else cfg.stage1.res
     resolutions = multi_res or [res or default_res]
     tta = tta or cfg.predict.tta
-    options = (batch_size, workers, force, progress, compile_model, skip_corrupt, data_root)
+    options = (batch_size, workers, force, progress, compile_model, skip_corrupt, data_root, cuda_graph)
     if len(resolutions) == 1:
         return predict_stage(stage_dir, split, resolutions[0], tta, *options)
     path = prediction_path(run_dir, stage_dir, split, "+".join(str(r) for r in resolutions), tta)

@@ -60,14 +60,14 @@ def test_quick_run_writes_table_and_raw_numbers(tmp_path: Path) -> None:
                 "stage 2 epoch (bn+fc, test DA)", "inference pass (same loader)",
                 "stage 2 cached: epoch 1 (cache + tail)", "stage 2 cached: epoch 2+", "10-crop predict"]  # fmt: skip
     not_measured = ["stage 1 e2e, GPU decode", "stage 1 e2e, GPU decode, compiled", "10-crop predict, compiled",
-                    "10-crop predict, CUDA graph (experiment)"]  # fmt: skip
+                    "10-crop predict, CUDA graph"]  # fmt: skip
     assert set(rows) == set(measured + not_measured)
     for name in measured:
         assert rows[name]["status"] == "ok", name
         assert rows[name]["img_per_s"] == pytest.approx(rows[name]["images"] / rows[name]["seconds"])
     assert rows["stage 1 e2e, GPU decode"]["status"].startswith("not available")
     assert rows["stage 1 e2e, GPU decode, compiled"]["status"].startswith("skipped")
-    assert rows["10-crop predict, CUDA graph (experiment)"]["status"].startswith("not available: CUDA graphs need CUDA")
+    assert rows["10-crop predict, CUDA graph"]["status"].startswith("not available: CUDA graphs need CUDA")
 
     # --trace: one more traced epoch after each ceiling, stage-1 and 10-crop row; chrome traces for the two end-to-end
     # rows only (a ceiling's summary is what it is compared by).
@@ -279,6 +279,27 @@ def test_stage2_profile_script_runs_every_variant(capsys: pytest.CaptureFixture[
     assert "2 images x 10 views per forward, 2 batches" in out
     assert "model alone, views on the device:" in out and "predict_probs tencrop, pinned batches:" in out
     assert "predict_probs speed / model alone:" in out and "== inference" not in out  # the stage-2 variants skipped
+
+
+def test_gpu_decode_profile_script_times_each_part(capsys: pytest.CaptureFixture[str]) -> None:
+    """`benchmarks/profile_gpu_decode.py` on the CPU: decode alone, decode + augment, the loop on ready batches and
+    the loop fed by a Prefetcher are each timed over the same batches, and the preparer's profile is printed."""
+    script = ROOT / "benchmarks" / "profile_gpu_decode.py"
+    spec = importlib.util.spec_from_file_location("fgvc_profile_gpu_decode", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--arch", "timm:test_resnet", "--res", "32", "--batch", "4", "--images", "8", "--width", "64"]
+    assert module.main([*args, "--height", "48", "--loop-batches", "3", "--device", "cpu", "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 distinct batches of 64x48 JPEGs" in out and "3 per round" in out
+    for name in ("decode alone", "decode + augment alone", "train_one_epoch, uint8 batches on the device",
+                 "train_one_epoch, Prefetcher(GpuBatchPreparer)"):  # fmt: skip
+        assert out.count(f"   {name}: ") == 2  # its three rounds, then its img/s
+    assert "decoding on the device / ceiling: " in out and "roi_align" in out  # the crops appear in the profile
+    assert "nvidia-smi dmon" not in out  # no engines to sample on the CPU
+
+    with pytest.raises(SystemExit, match="--images"):
+        module.main([*args[:6], "--images", "2"])
 
 
 def test_trace_summary_counts_device_work_launches_and_loader_waits(bench) -> None:

@@ -211,3 +211,25 @@ def test_the_stage2_summary_scores_the_model_that_sweep_and_predict_use() -> Non
     result.history = pd.DataFrame({"epoch": [1, 2], "val_top1": [30.0, 40.0]})
     result.final = {"top1": 40.0}
     assert result.adapted_score() == "40.00 after adaptation (best.pt, epoch 2)"
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], None), (["--cuda-graph"], True), (["--no-cuda-graph"], False)])
+def test_predict_passes_cuda_graph_through(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, flags: list[str],
+    expected: bool | None,
+) -> None:  # fmt: skip
+    """`fgvc predict --cuda-graph/--no-cuda-graph` reaches the library call; neither leaves it to the stage config."""
+    from types import SimpleNamespace
+
+    import fgvc.predict
+
+    calls: list[dict] = []
+
+    def recording_predict(run_dir: Path, **kwargs: object) -> SimpleNamespace:
+        calls.append(kwargs)
+        return SimpleNamespace(cached=False, path=tmp_path / "p.npz", metrics=None)
+
+    monkeypatch.setattr(fgvc.predict, "predict", recording_predict)
+    code, out = run_main(monkeypatch, capsys, "predict", "--run", str(tmp_path), *flags)
+    assert code in (0, None) and "wrote" in out
+    assert [call["cuda_graph"] for call in calls] == [expected]

@@ -108,6 +108,53 @@ def test_compile_follows_the_flag_else_the_stage_config(tmp_path: Path, monkeypa
     assert len(compiled) == 2
 
 
+def test_cuda_graph_follows_the_flag_else_the_stage_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fgvc predict --cuda-graph/--no-cuda-graph`; without either, the stage's own `runtime.cuda_graph` decides."""
+    import fgvc.predict as predict_module
+
+    data = _folder_dataset(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", data={"dataset": "folder", "root": str(data), "val_fraction": 0.0},
+                      stage1={"epochs": 0, "res": 28})  # fmt: skip
+    cfg.model.arch = "timm:test_resnet"
+    run_stage1(cfg, progress=False)
+    stage_dir = cfg.run_dir() / "stage1"
+    asked: list[tuple[bool, bool]] = []
+    chosen = predict_module.inference_network
+
+    def recording(model: torch.nn.Module, rt: object, compile_model: bool, cuda_graph: bool) -> torch.nn.Module:
+        asked.append((compile_model, cuda_graph))
+        return chosen(model, rt, compile_model, cuda_graph)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(predict_module, "inference_network", recording)
+    plain = predict_stage(stage_dir, "test", 28, "none", progress=False)
+    graphed = predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, cuda_graph=True)
+    config = stage_dir / "config.yaml"
+    assert "cuda_graph: false" in config.read_text()
+    config.write_text(config.read_text().replace("cuda_graph: false", "cuda_graph: true"))
+    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False)
+    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, cuda_graph=False)
+    assert asked == [(False, False), (False, True), (False, True), (False, False)]
+    assert np.array_equal(plain.probs.probs, graphed.probs.probs)  # on the CPU the flag changes nothing
+
+
+def test_inference_network_graphs_only_on_cuda_and_compiling_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from fgvc.engine.graphs import GraphedInference
+    from fgvc.predict import inference_network
+
+    model = torch.nn.Linear(2, 2)
+    cuda = SimpleNamespace(device=torch.device("cuda"), amp_dtype=torch.bfloat16)  # building the wrapper needs no GPU
+    cpu = SimpleNamespace(device=torch.device("cpu"), amp_dtype=None)
+    graphed = inference_network(model, cuda, False, True)  # type: ignore[arg-type]
+    assert isinstance(graphed, GraphedInference) and graphed.model is model and graphed.autocast_dtype == torch.bfloat16
+    assert inference_network(model, cpu, False, True) is model  # type: ignore[arg-type]
+    assert inference_network(model, cuda, False, False) is model  # type: ignore[arg-type]
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch, "compile", lambda m, *a, **k: compiled.append(m) or m)
+    assert inference_network(model, cuda, True, True) is model and compiled == [model]  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def adapted_run(tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = tiny_config(tiny_demo_root, tmp_path_factory.mktemp("runs"))
