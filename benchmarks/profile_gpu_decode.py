@@ -143,7 +143,9 @@ def engine_utilisation(rt: Runtime, work: Callable[[], None], samples: int = 3) 
     if rt.device.type != "cuda" or tool is None:
         return None
     index = rt.device.index if rt.device.index is not None else torch.cuda.current_device()
-    command = [tool, "dmon", "-s", "u", "-d", "1", "-c", str(samples), "-i", str(index)]
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)  # torch's index is not nvidia-smi's under
+    gpu = f"GPU-{uuid}" if uuid is not None else str(index)  # CUDA_VISIBLE_DEVICES; the UUID names the same GPU
+    command = [tool, "dmon", "-s", "u", "-d", "1", "-c", str(samples), "-i", gpu]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + samples + 15
     while process.poll() is None and time.monotonic() < deadline:

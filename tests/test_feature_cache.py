@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,18 +171,6 @@ def test_a_plain_chain_without_head_api_splits_with_a_flatten_before_the_linear(
     torch.testing.assert_close(split_output(split, x), eval_output(model, x))
     fc_only = split_model(model, "fc", x)
     assert fc_only is not None and fc_only.cut == "fc" and fc_only.feature_shape == (8,)
-
-
-@pytest.fixture
-def fgvc_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Records of the "fgvc" logger, which may not propagate to the root (the CLI turns that off in this process)."""
-    logger = logging.getLogger("fgvc")
-    level = logger.level
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.setLevel(level)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""fgvc.engine.graphs: the CUDA-graph inference forward, its eager fallbacks, and its agreement with the model.
+"""fgvc.engine.graphs: the CUDA-graph inference forward, when it captures and replays, and its eager fallbacks.
 
 The CUDA tests run where a GPU is (``benchmarks/run_on_gpu.sh`` runs this file first); on the CPU only the pass-through
 is checked.
@@ -6,16 +6,22 @@ is checked.
 
 from __future__ import annotations
 
-import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import fgvc.engine.graphs as graphs
 from fgvc.data import OnDeviceNormalize
 from fgvc.engine.graphs import AGREEMENT_TOLERANCE, GraphedInference
 from fgvc.models import create_model, get_meta
 
+ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/run_on_gpu.sh)")
 
 
@@ -25,60 +31,98 @@ def test_cpu_inputs_run_the_model_itself() -> None:
     wrapped = GraphedInference(model, None)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        assert torch.equal(wrapped(x), model(x))
-    assert not wrapped.captured and wrapped.eager_reason is None
+        for _ in range(3):  # a shape that repeats would be captured on CUDA
+            assert torch.equal(wrapped(x), model(x))
+    assert not wrapped.captured and wrapped.replays == 0 and wrapped.eager_reason is None
     assert list(wrapped.state_dict()) == [f"model.{key}" for key in model.state_dict()]  # nothing of its own to save
 
 
-def _timm_model() -> nn.Module:
+def _cuda_batches(count: int, size: int = 6) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A timm test model in eval mode on CUDA, channels last, and ``count`` normalised random batches for it."""
     torch.manual_seed(0)
-    return create_model("timm:test_resnet", 7, None).cuda().to(memory_format=torch.channels_last).eval()
-
-
-@needs_cuda
-def test_on_cuda_replays_agree_with_the_eager_model_and_other_shapes_run_eagerly() -> None:
-    model = _timm_model()
+    model = create_model("timm:test_resnet", 7, None).cuda().to(memory_format=torch.channels_last).eval()
     meta = get_meta(model)
     prepare = OnDeviceNormalize(meta.mean, meta.std, torch.device("cuda"), True)
-    wrapped = GraphedInference(model, torch.bfloat16)
-    batches = [prepare(torch.randint(0, 256, (6, 3, 48, 48), dtype=torch.uint8)) for _ in range(3)]
-    short = prepare(torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8))
-    outputs = []
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for x in [*batches, short]:
-            outputs.append(wrapped(x))
-        eager = [model(x) for x in [*batches, short]]
-    assert wrapped.captured and wrapped.eager_reason is None
-    for got, want in zip(outputs, eager, strict=True):  # each output kept its own values after later replays
-        difference = (torch.softmax(got.float(), 1) - torch.softmax(want.float(), 1)).abs().max().item()
-        assert difference <= AGREEMENT_TOLERANCE
-    assert not torch.equal(outputs[1], outputs[2])  # copied out, not the graph's one output buffer twice
-    with torch.enable_grad():  # training (gradients on) never replays
-        assert wrapped(batches[0]).requires_grad
+    return model, [prepare(torch.randint(0, 256, (size, 3, 48, 48), dtype=torch.uint8)) for _ in range(count)]
 
 
-class _SyncsOnTheHost(nn.Module):
-    """A forward that reads a value back to the host, which a CUDA graph capture cannot contain."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = float(x.abs().max().item()) or 1.0
-        return self.fc(x / scale)
+def _probabilities_differ(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (torch.softmax(a.float(), 1) - torch.softmax(b.float(), 1)).abs().max().item()
 
 
 @needs_cuda
-def test_on_cuda_a_capture_that_fails_leaves_the_forward_eager(caplog: pytest.LogCaptureFixture) -> None:
-    torch.manual_seed(0)
-    model = _SyncsOnTheHost().cuda().eval()
+def test_on_cuda_a_repeated_shape_is_captured_then_replayed_and_agrees_with_the_model() -> None:
+    model, batches = _cuda_batches(5)
+    _, [short] = _cuda_batches(1, size=2)
+    wrapped = GraphedInference(model, torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        outputs = [wrapped(x) for x in [*batches, short]]
+        eager = [model(x) for x in [*batches, short]]
+        assert wrapped.captured and wrapped.eager_reason is None
+        # seen, captured (both eager), then replayed (the first one checked against the eager forward); short: eager
+        assert wrapped.replays == 3
+        for got, want in zip(outputs, eager, strict=True):  # each output kept its own values after later replays
+            assert _probabilities_differ(got, want) <= AGREEMENT_TOLERANCE
+        assert not torch.equal(outputs[3], outputs[4])  # copied out, not the graph's one output buffer twice
+        with torch.enable_grad():  # gradients on: never replayed
+            assert wrapped(batches[0]).requires_grad
+        wrapped.train()
+        wrapped(batches[0])  # training mode: never replayed either
+        wrapped.eval()
+        assert wrapped.replays == 3
+        wrapped(batches[0])
+        assert wrapped.replays == 4
+
+
+@needs_cuda
+def test_on_cuda_a_replay_that_disagrees_leaves_the_forward_eager(
+    monkeypatch: pytest.MonkeyPatch, fgvc_log: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(graphs, "AGREEMENT_TOLERANCE", -1.0)  # every difference, even 0, is too large
+    model, batches = _cuda_batches(4)
     wrapped = GraphedInference(model, None)
-    x = torch.randn(5, 4, device="cuda")
-    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fgvc.engine.graphs"):
-        first, second = wrapped(x), wrapped(x * 2)
-        expected = model(x), model(x * 2)
-    assert not wrapped.captured and wrapped.eager_reason is not None
-    assert wrapped.eager_reason.startswith("capture failed")
-    assert "CUDA graph for _SyncsOnTheHost not used: capture failed" in caplog.text
-    assert torch.equal(first, expected[0]) and torch.equal(second, expected[1])  # the device works on after it
+    with torch.no_grad():
+        outputs = [wrapped(x) for x in batches]
+        assert all(torch.allclose(got, model(x), atol=1e-5) for got, x in zip(outputs, batches, strict=True))
+    assert not wrapped.captured and wrapped.replays == 1  # the one checked, then given up
+    assert wrapped.eager_reason is not None and "differ from the eager forward's" in wrapped.eager_reason
+    assert "CUDA graph for ResNet not used" in fgvc_log.text
+
+
+@needs_cuda
+def test_on_cuda_a_forward_that_cannot_be_captured_is_a_one_line_error() -> None:
+    """A forward that reads a value back to the host cannot be captured. Run in its own process: a failed capture
+    leaves PyTorch's caching allocator in capture mode for the rest of the process."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        from fgvc.engine.graphs import GraphedInference
+        from fgvc.errors import ConfigError
+
+        class SyncsOnTheHost(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 3)
+
+            def forward(self, x):
+                return self.fc(x / (float(x.abs().max().item()) or 1.0))
+
+        wrapped = GraphedInference(SyncsOnTheHost().cuda().eval(), None)
+        x = torch.randn(5, 4, device="cuda")
+        with torch.no_grad():
+            wrapped(x)  # seen once: eager
+            try:
+                wrapped(x)  # seen twice: captured
+            except ConfigError as err:
+                print("ConfigError:", err)
+            else:
+                print("no error")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ConfigError: runtime.cuda_graph: SyncsOnTheHost's forward cannot")
+    assert lines[0].endswith("predict with --no-cuda-graph (runtime.cuda_graph: false)")
