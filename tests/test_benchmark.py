@@ -292,9 +292,13 @@ def test_gpu_decode_profile_script_times_each_part(capsys: pytest.CaptureFixture
     assert module.main([*args, "--height", "48", "--loop-batches", "3", "--device", "cpu", "--rows", "3"]) == 0
     out = capsys.readouterr().out
     assert "2 distinct batches of 64x48 JPEGs" in out and "3 per round" in out
-    for name in ("decode alone", "decode + augment alone", "train_one_epoch, uint8 batches on the device",
-                 "train_one_epoch, Prefetcher(GpuBatchPreparer)"):  # fmt: skip
+    names = ("decode alone", "decode + augment alone", "train_one_epoch, uint8 batches on the device",
+             "train_one_epoch, Prefetcher(GpuBatchPreparer)", "train_one_epoch, Prefetcher(decode + one batch resize)")
+    for name in names:
         assert out.count(f"   {name}: ") == 2  # its three rounds, then its img/s
+        assert f"   main thread, {name}: CPU " in out
+    for name in ("GpuBatchPreparer", "decode + one batch resize"):
+        assert re.search(rf"   prefetch thread, {re.escape(name)}: CPU \d+\.\d\d, wall \d+\.\d\d", out)
     assert "decoding on the device / ceiling: " in out and "roi_align" in out  # the crops appear in the profile
     assert "nvidia-smi dmon" not in out  # no engines to sample on the CPU
 
