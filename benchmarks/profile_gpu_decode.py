@@ -15,9 +15,6 @@ without loader workers, over the same in-memory JPEG bytes:
 5. ``train_one_epoch, Prefetcher(decode + one batch resize)``: the same without fgvc's augmentation (one resize of
    the stacked batch): whether the decoder or the augmentation's share costs the speed.
 
-Then each host thread's CPU time per batch (main thread; the prefetching thread's ``prepare`` calls, with their wall
-time): a thread busy nearly all of its wall time on the host points at the host (the GIL, launches), not the device.
-
 While 1 runs, ``nvidia-smi dmon -s u`` samples the engines once a second: its ``jpg`` column says whether the hardware
 decoder is the one working.
 
@@ -124,75 +121,30 @@ def main(argv: list[str] | None = None) -> int:
         resized = F.interpolate(images.float(), size=(args.res, args.res), mode="bilinear", align_corners=False)
         return plain(resized.round_().clamp_(0, 255).to(torch.uint8))
 
-    augmenting, resizing = ThreadTimes(preparer), ThreadTimes(decode_and_resize)
     runs = {
         "decode alone": decode,
         "decode + augment alone": augment,
         "train_one_epoch, uint8 batches on the device": lambda: train(
             [on_device[i % len(on_device)] for i in range(args.loop_batches)], plain),
         "train_one_epoch, Prefetcher(GpuBatchPreparer)": lambda: train(
-            Prefetcher(batches, augmenting, rt.device), wait_prepared),  # type: ignore[arg-type]
+            Prefetcher(batches, preparer, rt.device), wait_prepared),  # type: ignore[arg-type]
         "train_one_epoch, Prefetcher(decode + one batch resize)": lambda: train(
-            Prefetcher(batches, resizing, rt.device), wait_prepared),  # type: ignore[arg-type]
+            Prefetcher(batches, decode_and_resize, rt.device), wait_prepared),  # type: ignore[arg-type]
     }  # fmt: skip
-    main_cpu = {name: ThreadTimes(run) for name, run in runs.items()}
     engines = engine_utilisation(rt, decode)
-    for timed in main_cpu.values():
-        timed()  # one-off costs (cuDNN's autotuning, the pools) are left out of the host times below
-    for timed in [*main_cpu.values(), augmenting, resizing]:
-        timed.reset()
     title = f"\n== ms per batch of {args.batch}, 3 alternating rounds (a warm-up of each first):"
-    median = alternating_rounds(dict(main_cpu.items()), rt.device, args.loop_batches, title)
+    median = alternating_rounds(runs, rt.device, args.loop_batches, title)
     print("   img/s (median):")
     for name, ms in median.items():
         print(f"   {name}: {args.batch / ms * 1e3:.0f}")
     ceiling = median["train_one_epoch, uint8 batches on the device"]
     fed = median["train_one_epoch, Prefetcher(GpuBatchPreparer)"]
     print(f"   decoding on the device / ceiling: {ceiling / fed:.3f}")
-    print("\n== host threads, ms per batch over the rounds and their warm-up (CPU: thread_time; wall: perf_counter):")
-    for name, timed in main_cpu.items():
-        print(f"   main thread, {name}: CPU {timed.cpu_ms(args.loop_batches):.2f}")
-    for name, timed in (("GpuBatchPreparer", augmenting), ("decode + one batch resize", resizing)):
-        print(f"   prefetch thread, {name}: CPU {timed.cpu_ms():.2f}, wall {timed.wall_ms():.2f}")
     if engines is not None:
         print("\n== nvidia-smi dmon -s u while 'decode alone' repeats (jpg: the hardware JPEG engines):")
         print(engines)
     augmentation_profile(augment, rt, args)
     return 0
-
-
-class ThreadTimes:
-    """``fn`` with the CPU time of the thread that calls it and the wall time, summed over its calls.
-
-    Why: with every batch ready in time, what is left to explain a slow loop is the host (the main thread launching
-    the step, the prefetching thread's Python holding the GIL between its device calls) or the device. A thread's CPU
-    time near its wall time says it was busy on the host, not waiting for the device or the decoder.
-    """
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self.cpu_s = self.wall_s = 0.0
-        self.calls = 0
-
-    def __call__(self, *args: Any) -> Any:
-        cpu, wall = time.thread_time(), time.perf_counter()
-        try:
-            return self.fn(*args)
-        finally:
-            self.cpu_s += time.thread_time() - cpu
-            self.wall_s += time.perf_counter() - wall
-            self.calls += 1
-
-    def reset(self) -> None:
-        self.cpu_s = self.wall_s = 0.0
-        self.calls = 0
-
-    def cpu_ms(self, per_call: int = 1) -> float:
-        """CPU ms per call, or per item when each call handles ``per_call`` items."""
-        return self.cpu_s * 1e3 / max(self.calls * per_call, 1)
-
-    def wall_ms(self) -> float:
-        return self.wall_s * 1e3 / max(self.calls, 1)
 
 
 def engine_utilisation(rt: Runtime, work: Callable[[], None], samples: int = 3) -> str | None:

@@ -1026,6 +1026,8 @@ class CaseRun:
         def run_epoch(epoch: int, n_batches: int) -> int:
             sampler.set_epoch(epoch, start=len(index) - n_batches * per_batch)
             waits[:] = [BatchWaits()]
+            if isinstance(net, GraphedInference):
+                net.replays = 0  # the note counts the timed epoch's
             _probs, rows = predict_probs(net, loader, rt, prepare, tta="tencrop", progress=False, waits=waits[0])
             return len(rows)
 
@@ -1049,15 +1051,13 @@ class CaseRun:
         """
         net = GraphedInference(self.model, self.rt.amp_dtype)
         net.eval()
-        x = self.prepare(self.synthetic(res, views)[0])
         with torch.no_grad(), self.rt.autocast():
-            for _ in range(3):  # seen, captured, replayed and checked
-                net(x)
-        net.replays = 0
+            for _ in range(3):  # seen, captured, then replayed and checked on a batch the capture did not see
+                net(self.prepare(self.synthetic(res, views)[0]))
         return net
 
     def graph_agreement(self, net: GraphedInference, res: int, views: int) -> str:
-        """How many batches the timed epochs replayed, and how far a replay's probabilities are from the eager
+        """How many batches the timed epoch replayed, and how far a replay's probabilities are from the eager
         model's on one more batch of random views."""
         if not net.captured:
             return f"no graph: {net.eager_reason or 'no batch of the captured shape'}"
@@ -1067,7 +1067,8 @@ class CaseRun:
             graphed = F.softmax(net(x).float(), dim=1)
             eager = F.softmax(self.model(x).float(), dim=1)
         difference = (graphed - eager).abs().max().item()
-        return f"{replays} batches replayed; graph vs eager: max |probability difference| {difference:.1e}"
+        return f"{replays} batches of the timed epoch replayed; graph vs eager: max |probability difference| " + (
+            f"{difference:.1e}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -296,9 +296,6 @@ def test_gpu_decode_profile_script_times_each_part(capsys: pytest.CaptureFixture
              "train_one_epoch, Prefetcher(GpuBatchPreparer)", "train_one_epoch, Prefetcher(decode + one batch resize)")
     for name in names:
         assert out.count(f"   {name}: ") == 2  # its three rounds, then its img/s
-        assert f"   main thread, {name}: CPU " in out
-    for name in ("GpuBatchPreparer", "decode + one batch resize"):
-        assert re.search(rf"   prefetch thread, {re.escape(name)}: CPU \d+\.\d\d, wall \d+\.\d\d", out)
     assert "decoding on the device / ceiling: " in out and "roi_align" in out  # the crops appear in the profile
     assert "nvidia-smi dmon" not in out  # no engines to sample on the CPU
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch import nn
 
-import fgvc.engine.graphs as graphs
 from fgvc.data import OnDeviceNormalize
 from fgvc.engine.graphs import AGREEMENT_TOLERANCE, GraphedInference
 from fgvc.models import create_model, get_meta
@@ -74,18 +73,29 @@ def test_on_cuda_a_repeated_shape_is_captured_then_replayed_and_agrees_with_the_
         assert wrapped.replays == 4
 
 
+class _NanGraph:
+    """Stands in for a captured graph whose replay goes wrong: it fills the output with NaN."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.out = out
+
+    def replay(self) -> None:
+        self.out.fill_(float("nan"))
+
+
 @needs_cuda
-def test_on_cuda_a_replay_that_disagrees_leaves_the_forward_eager(
-    monkeypatch: pytest.MonkeyPatch, fgvc_log: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(graphs, "AGREEMENT_TOLERANCE", -1.0)  # every difference, even 0, is too large
+def test_on_cuda_a_replay_that_disagrees_is_dropped_for_the_eager_forward(fgvc_log: pytest.LogCaptureFixture) -> None:
     model, batches = _cuda_batches(4)
     wrapped = GraphedInference(model, None)
     with torch.no_grad():
-        outputs = [wrapped(x) for x in batches]
-        assert all(torch.allclose(got, model(x), atol=1e-5) for got, x in zip(outputs, batches, strict=True))
+        wrapped(batches[0]), wrapped(batches[1])  # seen, captured
+        assert wrapped._captured is not None
+        wrapped._captured.graph = _NanGraph(wrapped._captured.static_out)  # type: ignore[assignment]
+        checked, after = wrapped(batches[2]), wrapped(batches[3])
+        assert torch.allclose(checked, model(batches[2]), atol=1e-5)  # the eager output, not the replay's NaN
+        assert torch.allclose(after, model(batches[3]), atol=1e-5)
     assert not wrapped.captured and wrapped.replays == 1  # the one checked, then given up
-    assert wrapped.eager_reason is not None and "differ from the eager forward's" in wrapped.eager_reason
+    assert wrapped.eager_reason is not None and "differ from the eager forward's by nan" in wrapped.eager_reason
     assert "CUDA graph for ResNet not used" in fgvc_log.text
 
 
@@ -126,3 +136,18 @@ def test_on_cuda_a_forward_that_cannot_be_captured_is_a_one_line_error() -> None
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ConfigError: runtime.cuda_graph: SyncsOnTheHost's forward cannot")
     assert lines[0].endswith("predict with --no-cuda-graph (runtime.cuda_graph: false)")
+    assert "previous error during capture" not in lines[0]  # the cause, not the capture's end reporting it
+
+
+def test_a_failed_capture_is_reported_by_its_first_cause() -> None:
+    from fgvc.engine.graphs import _first_cause
+
+    try:
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture") from None
+    except RuntimeError as err:
+        assert err.__cause__ is None and err.__context__ is not None
+        assert _first_cause(err) == "operation not permitted when stream is capturing"
+    assert _first_cause(ValueError()) == "ValueError"

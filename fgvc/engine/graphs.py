@@ -44,6 +44,15 @@ class _Captured:
     checked: bool = False  # replayed once against the eager forward on a batch other than the captured one
 
 
+def _first_cause(err: BaseException) -> str:
+    """The first line of the error that started a chain: when the forward fails inside a capture, ending the capture
+    raises again ("operation failed due to a previous error during capture"), with the real cause as its context."""
+    while err.__context__ is not None:
+        err = err.__context__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _shape_key(x: torch.Tensor) -> tuple[object, ...]:
     return tuple(x.shape), x.stride(), x.dtype, x.device
 
@@ -123,10 +132,10 @@ class GraphedInference(nn.Module):
                 static_out = self.model(static_in)
         except Exception as err:
             torch.cuda.set_stream(caller_stream)  # a failed capture leaves its own stream current
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self.eager_reason = "capture failed"  # never again in this process: the allocator is still capturing
             raise ConfigError(
                 f"runtime.cuda_graph: {type(self.model).__name__}'s forward cannot be captured in a CUDA graph "
-                f"({first_line}); predict with --no-cuda-graph (runtime.cuda_graph: false)"
+                f"({_first_cause(err)}); predict with --no-cuda-graph (runtime.cuda_graph: false)"
             ) from err
         log.info("CUDA graph captured for input %s: one launch per batch", tuple(x.shape))
         return _Captured(graph, static_in, static_out, _shape_key(x))
