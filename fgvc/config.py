@@ -130,7 +130,7 @@ class RuntimeConfig(_Section):
     amp: bool = True  # bf16 where supported, fp16 + grad scaler on older GPUs, fp32 on CPU
     channels_last: bool = True
     compile: bool = False
-    cuda_graph: bool = False  # prediction replays the forward from a CUDA graph (fgvc.engine.graphs); CUDA only
+    cuda_graph: bool = True  # prediction replays the forward from a CUDA graph (fgvc.engine.graphs); CUDA only
     seed: int = 0
     deterministic: bool = False
     device: str | None = None  # None: cuda if available, else cpu

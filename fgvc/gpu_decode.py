@@ -31,6 +31,7 @@ prediction will see.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -151,7 +152,9 @@ def _rebuild_batch(
     paths: list[str],
 ) -> EncodedBatch:
     """Inverse of :meth:`EncodedBatch.__reduce__`: the payloads become views of the flat tensor, in their order."""
-    views = [part.view(shape) for part, shape in zip(flat.split([math.prod(s) for s in shapes]), shapes, strict=True)]
+    parts = flat.split([math.prod(shape) for shape in shapes])
+    # JPEG bytes are already 1-D: no per-payload call for them (this runs in the loader's thread, beside the steps)
+    views = [part if len(shape) == 1 else part.view(shape) for part, shape in zip(parts, shapes, strict=True)]
     n_jpegs = sum(is_jpeg)
     jpegs, images = iter(views[:n_jpegs]), iter(views[n_jpegs:])
     payloads = [next(jpegs) if jpeg else next(images) for jpeg in is_jpeg]
@@ -493,16 +496,20 @@ def crop_resize(
     The images (``(3, H, W)`` uint8, one device) are padded into one float canvas by repeating their last column and
     row, so a crop touching an image's right or bottom edge sees that edge, not the padding, and a crop's pixels do
     not depend on its batch mates. ``roi_align`` (``aligned=True``: pixel i covers [i, i + 1), as in OpenCV) then
-    averages ``ceil(box / res)`` bilinear samples per output pixel and axis, for all boxes in one call. Filling the
-    canvas takes up to three slice copies per image (the images differ in size; the copies queue asynchronously on
-    the device); nothing else loops over the images.
+    averages ``ceil(box / res)`` bilinear samples per output pixel and axis, for all boxes in one call. The canvas is
+    filled shape by shape (up to three copies for all the images of one size), so a batch of photos from a few
+    cameras costs a few calls, not one per image: this runs in a thread beside the training steps, and every call it
+    makes competes with their kernel launches for the interpreter.
 
     Returns:
         ``(len(boxes), 3, res, res)`` float32 in 0..255 units.
     """
     device = images[0].device
+    heights = np.array([image.shape[1] for image in images], dtype=np.int64)
+    widths = np.array([image.shape[2] for image in images], dtype=np.int64)
     out: torch.Tensor | None = None
-    for chunk in _canvas_chunks(images, canvas_bytes):
+    for chunk in _canvas_chunks(heights, widths, canvas_bytes):
+        chunk = chunk[np.lexsort((widths[chunk], heights[chunk]))]  # equal shapes side by side in the canvas
         selected = np.flatnonzero(np.isin(owners, chunk))
         slot_of = np.full(len(images), -1, dtype=np.int64)
         slot_of[chunk] = np.arange(len(chunk))
@@ -526,13 +533,13 @@ def crop_resize(
     return out
 
 
-def _canvas_chunks(images: Sequence[torch.Tensor], canvas_bytes: int) -> list[np.ndarray]:
+def _canvas_chunks(heights: np.ndarray, widths: np.ndarray, canvas_bytes: int) -> list[np.ndarray]:
     """Image indices grouped so that each group's padded float canvas fits ``canvas_bytes`` (at least one image each).
 
     Images are taken smallest first, so a few large images do not inflate the padding of all the small ones.
     """
-    heights = np.array([image.shape[1] for image in images])
-    widths = np.array([image.shape[2] for image in images])
+    if len(heights) * 3 * int(heights.max()) * int(widths.max()) * 4 <= canvas_bytes:  # the usual case: one canvas
+        return [np.arange(len(heights))]
     chunks: list[list[int]] = []
     max_h = max_w = 0
     for index in np.argsort(heights * widths, kind="stable"):
@@ -547,17 +554,24 @@ def _canvas_chunks(images: Sequence[torch.Tensor], canvas_bytes: int) -> list[np
 
 
 def _padded_canvas(images: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """``(N, 3, Hmax, Wmax)`` float32 holding the images, each padded by repeating its last column and last row."""
+    """``(N, 3, Hmax, Wmax)`` float32 holding the images, each padded by repeating its last column and last row.
+
+    Consecutive images of one shape are stacked and copied together.
+    """
     max_h = max(image.shape[1] for image in images)
     max_w = max(image.shape[2] for image in images)
     canvas = torch.empty((len(images), 3, max_h, max_w), dtype=torch.float32, device=device)
-    for slot, image in enumerate(images):
-        height, width = image.shape[1:]
-        canvas[slot, :, :height, :width].copy_(image)
+    start = 0
+    for (height, width), same_shape in itertools.groupby(images, key=lambda image: tuple(image.shape[1:])):
+        group = list(same_shape)
+        block = canvas[start : start + len(group)]
+        start += len(group)
+        stacked = torch.stack(group) if len(group) > 1 else group[0].unsqueeze(0)
+        block[:, :, :height, :width].copy_(stacked)
         if width < max_w:
-            canvas[slot, :, :height, width:].copy_(image[:, :, width - 1 :])  # broadcast along the padding
+            block[:, :, :height, width:].copy_(stacked[:, :, :, width - 1 :])  # broadcast along the padding
         if height < max_h:
-            canvas[slot, :, height:].copy_(canvas[slot, :, height - 1 : height])
+            block[:, :, height:].copy_(block[:, :, height - 1 : height])
     return canvas
 
 

@@ -289,14 +289,20 @@ def test_gpu_decode_profile_script_times_each_part(capsys: pytest.CaptureFixture
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     args = ["--arch", "timm:test_resnet", "--res", "32", "--batch", "4", "--images", "8", "--width", "64"]
-    assert module.main([*args, "--height", "48", "--loop-batches", "3", "--device", "cpu", "--rows", "3"]) == 0
+    run = [*args, "--height", "48", "--loop-batches", "3", "--device", "cpu", "--rows", "3", "--workers", "1"]
+    assert module.main(run) == 0
     out = capsys.readouterr().out
-    assert "2 distinct batches of 64x48 JPEGs" in out and "3 per round" in out
+    assert "2 distinct batches of 64x48 JPEGs" in out and "3 per round" in out and "1 loader workers" in out
     names = ("decode alone", "decode + augment alone", "train_one_epoch, uint8 batches on the device",
-             "train_one_epoch, Prefetcher(GpuBatchPreparer)", "train_one_epoch, Prefetcher(decode + one batch resize)")
+             "train_one_epoch, Prefetcher(GpuBatchPreparer)", "train_one_epoch, Prefetcher(decode + one batch resize)",
+             "train_one_epoch, Prefetcher(GpuBatchPreparer), flat payloads")
     for name in names:
         assert out.count(f"   {name}: ") == 2  # its three rounds, then its img/s
+    for pinning in ("pinned", "not pinned"):
+        name = f"train_one_epoch, Prefetcher(DataLoader, {pinning})"
+        assert out.count(f"   {name}: ") == 2 and f"   {name} / ceiling: " in out  # rounds, img/s, its ratio
     assert "decoding on the device / ceiling: " in out and "roi_align" in out  # the crops appear in the profile
+    assert "torch calls per batch on the preparing thread, 4 of them the decoder" in out  # one per image on the CPU
     assert "nvidia-smi dmon" not in out  # no engines to sample on the CPU
 
     with pytest.raises(SystemExit, match="--images"):

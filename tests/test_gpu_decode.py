@@ -184,6 +184,22 @@ def test_chunked_canvas_gives_the_same_crops(blob_frame: pd.DataFrame) -> None:
     torch.testing.assert_close(one_image_per_call, whole)
 
 
+def test_a_crop_does_not_depend_on_its_batch_mates_whatever_their_shapes() -> None:
+    """Images of repeated shapes, not side by side in the batch, share one canvas (filled shape by shape): every crop
+    equals the same crop cut from a canvas holding its image alone, with or without the canvas split into chunks."""
+    rng = np.random.default_rng(3)
+    shapes = [(20, 30), (30, 20), (20, 30), (17, 23), (30, 20), (20, 30), (9, 40)]
+    images = [torch.from_numpy(rng.uniform(0, 255, (3, h, w)).astype(np.float32)) for h, w in shapes]
+    owners = np.concatenate([np.arange(len(images)), rng.integers(0, len(images), 9)])
+    heights = np.array([image.shape[1] for image in images])[owners]
+    widths = np.array([image.shape[2] for image in images])[owners]
+    boxes = sample_rrc_boxes(heights, widths, rng.random((len(owners), N_DRAWS)))
+    alone = torch.cat([crop_resize([images[o]], boxes[i : i + 1], np.array([0]), 12) for i, o in enumerate(owners)])
+    torch.testing.assert_close(crop_resize(images, boxes, owners, 12), alone, atol=1e-4, rtol=0)
+    torch.testing.assert_close(crop_resize(images, boxes, owners, 12, canvas_bytes=3 * 4 * 30 * 30 * 3), alone,
+                               atol=1e-4, rtol=0)  # fmt: skip
+
+
 def test_shrinking_averages_each_output_pixels_footprint() -> None:
     """At an integer factor the samples land on pixel centres: the result is OpenCV's area resize, not aliased noise."""
     noise = np.random.default_rng(0).uniform(0, 255, (64, 96, 3)).astype(np.float32)

@@ -106,17 +106,17 @@ def test_compile_and_cuda_graph_follow_the_flags_else_the_stage_config(
     monkeypatch.setattr(predict_module, "inference_network", recording)
     plain = predict_stage(stage_dir, "test", 28, "none", progress=False)
     predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, compile_model=True)
-    graphed = predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, cuda_graph=True)
+    eager = predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, cuda_graph=False)
     config = stage_dir / "config.yaml"
     text = config.read_text()
-    assert "compile: false" in text and "cuda_graph: false" in text
-    config.write_text(text.replace("compile: false", "compile: true").replace("cuda_graph: false", "cuda_graph: true"))
+    assert "compile: false" in text and "cuda_graph: true" in text  # the defaults
+    config.write_text(text.replace("compile: false", "compile: true").replace("cuda_graph: true", "cuda_graph: false"))
     predict_stage(stage_dir, "test", 28, "none", force=True, progress=False)
-    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, compile_model=False, cuda_graph=False)
+    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, compile_model=False, cuda_graph=True)
     predict(stage_dir.parent, "test", stage=1, res=28, tta="none", force=True, progress=False, compile_model=False,
-            cuda_graph=False)  # fmt: skip  (`fgvc predict` passes both on; the config still says true for both)
-    assert asked == [(False, False), (True, False), (False, True), (True, True), (False, False), (False, False)]
-    assert np.array_equal(plain.probs.probs, graphed.probs.probs)  # on the CPU the graph flag changes nothing
+            cuda_graph=True)  # fmt: skip  (`fgvc predict` passes both on; the config still says true / false)
+    assert asked == [(False, True), (True, True), (False, False), (True, False), (False, True), (False, True)]
+    assert np.array_equal(plain.probs.probs, eager.probs.probs)  # on the CPU the graph flag changes nothing
 
 
 def test_inference_network_graphs_only_on_cuda_and_compiling_wins(monkeypatch: pytest.MonkeyPatch) -> None:
