@@ -17,7 +17,9 @@ separates the suspects in one process, over the same JPEG bytes (runs 1-6 withou
    flat tensor, as they arrive from a loader worker (:meth:`fgvc.gpu_decode.EncodedBatch.__reduce__`).
 7. ``train_one_epoch, Prefetcher(DataLoader, pinned)``: as 4, fed by a DataLoader whose workers read the files, with
    the pin-memory thread fgvc's loaders have on CUDA; one loader iterator runs across the rounds.
-8. ``train_one_epoch, Prefetcher(DataLoader, not pinned)``: the same without the pin-memory thread.
+8. ``train_one_epoch, Prefetcher(DataLoader, not pinned)``: the same without the pin-memory thread. Their iterator
+   runs across rounds, so each round of 7 and 8 starts with up to three batches prepared while other runs were timed
+   (two queued, one in the thread's hands): the loader's cost is if anything understated.
 
 Why 6 to 8: in the 2026-11-27 H200 run, 4 reached 0.874 of the ceiling in this script but the end-to-end row only
 0.76, with the loop never waiting for a batch: they separate the loader's share (its worker results, its pin thread)
@@ -279,6 +281,8 @@ def preparing_thread_calls(prof: profile) -> tuple[int, int]:
     """Top-level operator calls (not nested in another) on the thread that ran the preparer, and how many of them
     are JPEG decoder calls: one per batch on CUDA, one per image on the CPU."""
     events = [event for event in prof.events() if event.device_type == DeviceType.CPU]
+    if not events:
+        return 0, 0
     thread = max({event.thread for event in events}, key=lambda t: sum(event.thread == t for event in events))
     calls = decoder = 0
     end = -1.0

@@ -67,7 +67,7 @@ DecodeMode = Literal["cpu", "gpu"]
 DECODE_MODES: tuple[str, ...] = get_args(Decode)
 CPU_IMAGES_PER_S_PER_WORKER = 250.0  # decode + crop of an 800x600 JPEG with OpenCV on one core (289 measured)
 REFERENCE_SOURCE_PIXELS = 800 * 600  # the image size that figure was measured on
-DEFAULT_CANVAS_BYTES = 2 << 30  # float32 scratch for one roi_align call; larger batches are split into chunks
+DEFAULT_CANVAS_BYTES = 2 << 30  # scratch for one roi_align call (canvas + stacked images); more is split in chunks
 
 RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes before falling back to a centre crop
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, what cv2.COLOR_RGB2GRAY and torchvision use
@@ -344,8 +344,9 @@ class GpuBatchPreparer:
     - tencrop: the four corners and the centre of the test resize, then the same five mirrored.
 
     Args:
-        canvas_bytes: most float32 scratch memory for one crop-and-resize call; a batch of larger images is split
-            into several calls (images of similar size together) instead of running out of memory.
+        canvas_bytes: most scratch memory for one crop-and-resize call (its float32 canvas and the stacked images that
+            fill it); a batch of larger images is split into several calls (images of similar size together) instead
+            of running out of memory.
     """
 
     def __init__(
@@ -508,7 +509,9 @@ def crop_resize(
     heights = np.array([image.shape[1] for image in images], dtype=np.int64)
     widths = np.array([image.shape[2] for image in images], dtype=np.int64)
     out: torch.Tensor | None = None
-    for chunk in _canvas_chunks(heights, widths, canvas_bytes):
+    # a chunk's float canvas, plus the stacked copy of its images that fills it one shape at a time
+    bytes_per_pixel = 4 + images[0].element_size()
+    for chunk in _canvas_chunks(heights, widths, canvas_bytes, bytes_per_pixel):
         chunk = chunk[np.lexsort((widths[chunk], heights[chunk]))]  # equal shapes side by side in the canvas
         selected = np.flatnonzero(np.isin(owners, chunk))
         slot_of = np.full(len(images), -1, dtype=np.int64)
@@ -533,18 +536,22 @@ def crop_resize(
     return out
 
 
-def _canvas_chunks(heights: np.ndarray, widths: np.ndarray, canvas_bytes: int) -> list[np.ndarray]:
-    """Image indices grouped so that each group's padded float canvas fits ``canvas_bytes`` (at least one image each).
+def _canvas_chunks(
+    heights: np.ndarray, widths: np.ndarray, canvas_bytes: int, bytes_per_pixel: int
+) -> list[np.ndarray]:
+    """Image indices grouped so that each group's padded canvas (``bytes_per_pixel`` per padded pixel and channel) fits
+    ``canvas_bytes``, at least one image each.
 
     Images are taken smallest first, so a few large images do not inflate the padding of all the small ones.
     """
-    if len(heights) * 3 * int(heights.max()) * int(widths.max()) * 4 <= canvas_bytes:  # the usual case: one canvas
+    per_image = 3 * bytes_per_pixel
+    if len(heights) * per_image * int(heights.max()) * int(widths.max()) <= canvas_bytes:  # usual: one canvas
         return [np.arange(len(heights))]
     chunks: list[list[int]] = []
     max_h = max_w = 0
     for index in np.argsort(heights * widths, kind="stable"):
         grown_h, grown_w = max(max_h, heights[index]), max(max_w, widths[index])
-        if chunks and (len(chunks[-1]) + 1) * 3 * grown_h * grown_w * 4 <= canvas_bytes:
+        if chunks and (len(chunks[-1]) + 1) * per_image * grown_h * grown_w <= canvas_bytes:
             chunks[-1].append(int(index))
             max_h, max_w = grown_h, grown_w
         else:

@@ -24,7 +24,7 @@ from fgvc.config import CONFIG_FILE, TTA, load_config, with_overrides
 from fgvc.data import close_loader
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import file_identity
-from fgvc.engine.graphs import GraphedInference
+from fgvc.engine.graphs import MIN_BATCHES_TO_CAPTURE, GraphedInference
 from fgvc.engine.launch import already_distributed
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.loop import predict_probs
@@ -230,7 +230,8 @@ def predict_stage(
     loader, _, prepare = make_loader(cfg, rt, index, kind, res, batch, False, meta, decode)
     compiled = cfg.runtime.compile if compile_model is None else compile_model
     graphed = cfg.runtime.cuda_graph if cuda_graph is None else cuda_graph
-    net = inference_network(model, rt, compiled, graphed)
+    # a short pass (a small holdout, a sweep's split) would spend more on the capture than its replays save
+    net = inference_network(model, rt, compiled, graphed and len(loader) >= MIN_BATCHES_TO_CAPTURE)
     try:
         scores, idx = predict_probs(net, loader, rt, prepare, tta=tta, desc=f"{split}@{res}/{tta}", progress=progress)
     finally:

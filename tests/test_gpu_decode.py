@@ -200,6 +200,23 @@ def test_a_crop_does_not_depend_on_its_batch_mates_whatever_their_shapes() -> No
                                atol=1e-4, rtol=0)  # fmt: skip
 
 
+def test_the_canvas_filled_shape_by_shape_equals_one_filled_image_by_image() -> None:
+    """uint8 images (contiguous, and HWC arrays seen as CHW like the CPU-decoded fallbacks), equal shapes apart or side
+    by side: the canvas is bit for bit the one a copy per image and an edge copy per padded side give."""
+    rng = np.random.default_rng(4)
+    shapes = [(20, 30), (30, 20), (30, 20), (30, 20), (9, 40), (20, 30)]  # one run of three, mixed layouts
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in shapes[:3]]
+    hwc = [torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes[3:]]
+    images += [image.permute(2, 0, 1) for image in hwc]
+    expected = torch.empty((len(images), 3, 30, 40), dtype=torch.float32)
+    for slot, image in enumerate(images):
+        height, width = image.shape[1:]
+        expected[slot, :, :height, :width] = image
+        expected[slot, :, :height, width:] = image[:, :, width - 1 :]
+        expected[slot, :, height:] = expected[slot, :, height - 1 : height]
+    assert torch.equal(gpu_decode._padded_canvas(images, torch.device("cpu")), expected)
+
+
 def test_shrinking_averages_each_output_pixels_footprint() -> None:
     """At an integer factor the samples land on pixel centres: the result is OpenCV's area resize, not aliased noise."""
     noise = np.random.default_rng(0).uniform(0, 255, (64, 96, 3)).astype(np.float32)

@@ -100,6 +100,46 @@ def test_on_cuda_a_replay_that_disagrees_is_dropped_for_the_eager_forward(fgvc_l
 
 
 @needs_cuda
+def test_on_cuda_capture_beside_the_decoding_thread_agrees_with_the_model(tmp_path: Path) -> None:
+    """``decode: gpu`` prediction: the Prefetcher's thread runs nvJPEG and the crops on streams of its own while the
+    main thread captures and replays (capture_error_mode="thread_local" lets the other thread's CUDA calls proceed).
+    Every output matches the eager model's on the same prepared batch."""
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    from fgvc.gpu_decode import EncodedImageDataset, GpuBatchPreparer, collate_encoded, gpu_decode_available
+    from fgvc.prefetch import Prefetcher, wait_prepared
+
+    cuda = torch.device("cuda")
+    if not gpu_decode_available(cuda):
+        pytest.skip("this torchvision cannot decode JPEGs on the device")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(48):
+        path = tmp_path / f"{i}.jpg"
+        cv2.imwrite(str(path), rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+        paths.append(str(path))
+    dataset = EncodedImageDataset(pd.DataFrame({"path": paths, "label": 0}))
+    batches = [collate_encoded([dataset[(i, i)] for i in range(start, start + 6)]) for start in range(0, 48, 6)]
+    model, _ = _cuda_batches(0)
+    meta = get_meta(model)
+    wrapped = GraphedInference(model, torch.bfloat16)
+    prepare = GpuBatchPreparer("test", 48, meta.mean, meta.std, cuda)
+    inputs, outputs = [], []
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for prepared, _labels, _rows in Prefetcher(batches, prepare, cuda):
+            x = wait_prepared(prepared)
+            outputs.append(wrapped(x))
+            inputs.append(x.clone())
+        eager = [model(x) for x in inputs]
+    assert wrapped.captured and wrapped.eager_reason is None
+    assert wrapped.replays == len(batches) - 2  # seen, captured, then every later batch replayed
+    for got, want in zip(outputs, eager, strict=True):
+        assert _probabilities_differ(got, want) <= AGREEMENT_TOLERANCE
+
+
+@needs_cuda
 def test_on_cuda_a_forward_that_cannot_be_captured_is_a_one_line_error() -> None:
     """A forward that reads a value back to the host cannot be captured. Run in its own process: a failed capture
     leaves PyTorch's caching allocator in capture mode for the rest of the process."""

@@ -104,6 +104,7 @@ def test_compile_and_cuda_graph_follow_the_flags_else_the_stage_config(
         return chosen(model, rt, False, cuda_graph)  # type: ignore[arg-type]
 
     monkeypatch.setattr(predict_module, "inference_network", recording)
+    monkeypatch.setattr(predict_module, "MIN_BATCHES_TO_CAPTURE", 1)  # this split is one batch
     plain = predict_stage(stage_dir, "test", 28, "none", progress=False)
     predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, compile_model=True)
     eager = predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, cuda_graph=False)
@@ -117,6 +118,9 @@ def test_compile_and_cuda_graph_follow_the_flags_else_the_stage_config(
             cuda_graph=True)  # fmt: skip  (`fgvc predict` passes both on; the config still says true / false)
     assert asked == [(False, True), (True, True), (False, False), (True, False), (False, True), (False, True)]
     assert np.array_equal(plain.probs.probs, eager.probs.probs)  # on the CPU the graph flag changes nothing
+    monkeypatch.setattr(predict_module, "MIN_BATCHES_TO_CAPTURE", 2)  # one batch is too short a pass to capture
+    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, compile_model=False, cuda_graph=True)
+    assert asked[-1] == (False, False)
 
 
 def test_inference_network_graphs_only_on_cuda_and_compiling_wins(monkeypatch: pytest.MonkeyPatch) -> None:

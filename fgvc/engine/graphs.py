@@ -5,7 +5,7 @@ forward at 681 px is ~1,360 launches for 37 ms of device work; on a lent H200 fg
 model's speed over batches already in memory, but 0.72-0.84 with loader workers sharing the host. A replayed graph
 queues the whole forward at once, so the host's speed stops setting the pace. On by default (``runtime.cuda_graph``)
 since the 2026-11-27 H200 run of ``benchmarks/throughput.py``: 10-crop prediction 1.10 x the eager loop on
-InceptionResNet-V2, 1.02 x on SENet-154, 1.01 x on ResNet-50, with identical probabilities and less peak memory.
+InceptionResNet-V2, 1.02 x on SENet-154, 1.01 x on ResNet-50, with identical probabilities.
 
 When a batch shape comes a second time in a row it is captured (a short first batch, with unreadable images dropped,
 is not); the batch after the capture is run both ways, and the graph is kept only if the two agree. From then on
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # (cuDNN's choices are cached during the warm-up), so they normally agree to the bit; a stale buffer would not.
 AGREEMENT_TOLERANCE = 1e-3
 WARMUP_FORWARDS = 3  # eager forwards before the capture: cuDNN picks its algorithms outside the graph
+# Fewest batches a prediction pass must have to be worth capturing: the capture costs about WARMUP_FORWARDS + 1 extra
+# forwards (the warm-up and the checked batch), and a replay saves at most ~10% of a forward (measured on an H200).
+MIN_BATCHES_TO_CAPTURE = 50
 
 
 @dataclass
@@ -71,8 +74,8 @@ class GraphedInference(nn.Module):
             caller's autocast region ends, while the graph still reads it.
 
     Raises:
-        ConfigError: the forward cannot be captured (it reads values back to the host, say); predict without
-            ``--cuda-graph``.
+        ConfigError: the forward cannot be captured (it reads values back to the host, say); predict with
+            ``--no-cuda-graph`` (``runtime.cuda_graph: false``).
     """
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None) -> None:
