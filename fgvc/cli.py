@@ -126,6 +126,10 @@ def stage1(
     grad_accum: int | None = typer.Option(None, help="Micro-batches per optimiser step."),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16/fp16 autocast on GPU (default on)."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    cuda_graph: bool | None = typer.Option(
+        None, "--cuda-graph/--no-cuda-graph", help="Replay each step's forward and backward from CUDA graphs "
+        "(one process, --grad-accum 1; default off: runtime.cuda_graph_train)."
+    ),
     workers: int | None = typer.Option(None, help="Data-loading processes."),
     val_every: int | None = typer.Option(None, help="Validate every N epochs (and after the last)."),
     val_fraction: float | None = typer.Option(None, help="Hold-out fraction of train where there is no val split."),
@@ -155,7 +159,8 @@ def stage1(
         "stage1.opt": opt, "stage1.sched": sched, "stage1.warmup_epochs": warmup_epochs,
         "stage1.label_smoothing": label_smoothing, "stage1.grad_accum": grad_accum, "stage1.val_every": val_every,
         "stage1.mixup": mixup, "stage1.cutmix": cutmix,
-        "runtime.amp": amp, "runtime.compile": compile, "runtime.seed": seed, "runtime.deterministic": deterministic,
+        "runtime.amp": amp, "runtime.compile": compile, "runtime.cuda_graph_train": cuda_graph, "runtime.seed": seed,
+        "runtime.deterministic": deterministic,
         "runtime.device": device, "out": out, "name": name,
     }  # fmt: skip
     cfg = resolve_run_config(recipe, overrides)
@@ -181,6 +186,9 @@ def stage2(
     decode: str | None = typer.Option(None, help="JPEG decoding: cpu, gpu or auto."),
     amp: bool | None = typer.Option(None, "--amp/--no-amp"),
     compile: bool | None = typer.Option(None, "--compile/--no-compile"),
+    cuda_graph: bool | None = typer.Option(
+        None, "--cuda-graph/--no-cuda-graph", help="Replay each step from CUDA graphs (default: as stage 1 ran)."
+    ),
     device: str | None = typer.Option(None),
     deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic"),
     cache_features: str | None = typer.Option(
@@ -199,7 +207,7 @@ def stage2(
     overrides = {
         "stage2.res": test_res, "stage2.tune": tune, "stage2.augment": da, "stage2.epochs": epochs, "stage2.lr": lr,
         "stage2.batch_size": batch_size, "data.workers": workers, "data.decode": decode, "runtime.amp": amp,
-        "runtime.compile": compile,
+        "runtime.compile": compile, "runtime.cuda_graph_train": cuda_graph,
         "runtime.device": device, "runtime.deterministic": deterministic, "runtime.cache_features": cache_features,
         "data.root": data_root,
     }  # fmt: skip

@@ -131,6 +131,9 @@ class RuntimeConfig(_Section):
     channels_last: bool = True
     compile: bool = False
     cuda_graph: bool = True  # prediction replays the forward from a CUDA graph (fgvc.engine.graphs); CUDA only
+    # training replays each step's forward and backward from CUDA graphs (GraphedTraining): CUDA, one process,
+    # grad_accum 1, not compiled. Off until an H100/H200 run of benchmarks/throughput.py measures it.
+    cuda_graph_train: bool = False
     seed: int = 0
     deterministic: bool = False
     device: str | None = None  # None: cuda if available, else cpu

@@ -60,14 +60,17 @@ def test_quick_run_writes_table_and_raw_numbers(tmp_path: Path) -> None:
                 "stage 2 epoch (bn+fc, test DA)", "inference pass (same loader)",
                 "stage 2 cached: epoch 1 (cache + tail)", "stage 2 cached: epoch 2+", "10-crop predict"]  # fmt: skip
     not_measured = ["stage 1 e2e, GPU decode", "stage 1 e2e, GPU decode, compiled", "10-crop predict, compiled",
-                    "10-crop predict, CUDA graph"]  # fmt: skip
+                    "10-crop predict, CUDA graph", "ceiling: train step, CUDA graph",
+                    "stage 1 e2e, GPU decode, CUDA graph"]  # fmt: skip
     assert set(rows) == set(measured + not_measured)
     for name in measured:
         assert rows[name]["status"] == "ok", name
         assert rows[name]["img_per_s"] == pytest.approx(rows[name]["images"] / rows[name]["seconds"])
     assert rows["stage 1 e2e, GPU decode"]["status"].startswith("not available")
     assert rows["stage 1 e2e, GPU decode, compiled"]["status"].startswith("skipped")
-    assert rows["10-crop predict, CUDA graph"]["status"].startswith("not available: CUDA graphs need CUDA")
+    for name in ("10-crop predict, CUDA graph", "ceiling: train step, CUDA graph",
+                 "stage 1 e2e, GPU decode, CUDA graph"):  # fmt: skip
+        assert rows[name]["status"].startswith("not available: CUDA graphs need CUDA"), name
 
     # --trace: one more traced epoch after each ceiling, stage-1 and 10-crop row; chrome traces for the two end-to-end
     # rows only (a ceiling's summary is what it is compared by).
@@ -135,7 +138,9 @@ def test_ratios_and_targets_follow_the_issue(bench) -> None:
         _row(bench, "senet154", bench.TEN, 27, 1.0),  # 27 img/s vs 300 / 10: 0.90
         _row(bench, "resnet50", bench.CEIL_TRAIN, 100, 1.0),
         _row(bench, "resnet50", bench.S1, 50, 1.0),  # CPU decoding: shown, but the target is for GPU decoding
-        _row(bench, "resnet50", bench.S1_GPU, 0, 0.0, status="failed: OutOfMemoryError"),
+        _row(bench, "resnet50", bench.S1_GPU, 70, 1.0),  # eager steps: shown too; the target is on the graphed row
+        _row(bench, "resnet50", bench.CEIL_TRAIN_GRAPH, 125, 1.0),  # 1.25 x the eager ceiling
+        _row(bench, "resnet50", bench.S1_GPU_GRAPH, 0, 0.0, status="failed: OutOfMemoryError"),
     ]
     bench.apply_ratios(rows)
     by = {(row.arch, row.measurement): row for row in rows}
@@ -150,13 +155,23 @@ def test_ratios_and_targets_follow_the_issue(bench) -> None:
     assert by["senet154", bench.INFER].ratio == pytest.approx(100 / 300)
     cpu_decoding = by["resnet50", bench.S1]
     assert (cpu_decoding.ratio, cpu_decoding.target, cpu_decoding.met) == (pytest.approx(0.5), "", None)
-    failed = by["resnet50", bench.S1_GPU]
+    eager_steps = by["resnet50", bench.S1_GPU]
+    assert (eager_steps.ratio, eager_steps.target, eager_steps.met) == (pytest.approx(0.7), "", None)
+    assert by["resnet50", bench.CEIL_TRAIN_GRAPH].ratio == pytest.approx(1.25)
+    failed = by["resnet50", bench.S1_GPU_GRAPH]
     assert (failed.ratio, failed.target, failed.met) == (None, ">= 0.80", None)
     assert by["senet154", bench.CEIL_TRAIN].ratio is None
     table = bench.markdown_table(rows)
     assert table.count("\n") == len(rows) + 1
     assert "| 0.90 | ÷ ceiling train step | >= 0.90 | yes |" in table
     assert "**no**" in table and "failed: OutOfMemoryError" in table
+    rows[-1] = _row(bench, "resnet50", bench.S1_GPU_GRAPH, 100, 1.0)  # 100 img/s against its own ceiling's 125
+    bench.apply_ratios(rows)
+    graphed = rows[-1]
+    assert (graphed.ratio, graphed.met) == (pytest.approx(0.8), True)
+    rows[-2] = _row(bench, "resnet50", bench.CEIL_TRAIN_GRAPH, 80, 1.0)  # a graphed ceiling slower than the eager one
+    bench.apply_ratios(rows)
+    assert (graphed.ratio, graphed.met) == (pytest.approx(1.0), True)  # divided by the faster: the eager 100
 
 
 def test_sized_index_repeats_files_to_the_requested_count(bench, tmp_path: Path) -> None:
@@ -200,6 +215,14 @@ def test_gpu_decode_row_runs_through_the_engine_on_cpu(bench, tmp_path: Path) ->
     measured = run.stage1(decode="gpu")[bench.S1_GPU]
     assert measured.status == "ok" and "nvJPEG" in measured.note
     assert measured.images == sizes.min_batches * case.batch  # no ceiling row yet: the smallest window
+    # The graphed rows' code, run where GraphedTraining passes CPU batches to the model itself (CUDA captures them).
+    # Uncaptured, they are failed rows without a rate: their ratios would otherwise judge eager steps.
+    ceiling = run.ceiling_train(graphed=True)[bench.CEIL_TRAIN_GRAPH]
+    assert ceiling.status == "failed: no graph: no step was captured" and ceiling.images == 0
+    graphed = run.stage1(decode="gpu", graphed=True)[bench.S1_GPU_GRAPH]
+    assert graphed.status == "failed: no graph: no step was captured" and graphed.images == 0
+    with pytest.raises(ValueError, match="decodes on the GPU"):
+        run.stage1(decode="cpu", graphed=True)
 
 
 def test_reference_retries_at_half_batch_when_fp32_runs_out_of_memory(bench, monkeypatch, tmp_path: Path) -> None:

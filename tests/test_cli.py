@@ -233,3 +233,25 @@ def test_predict_passes_cuda_graph_through(
     code, out = run_main(monkeypatch, capsys, "predict", "--run", str(tmp_path), *flags)
     assert code in (0, None) and "wrote" in out
     assert [call["cuda_graph"] for call in calls] == [expected]
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], False), (["--cuda-graph"], True), (["--no-cuda-graph"], False)])
+def test_stage1_cuda_graph_sets_runtime_cuda_graph_train(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, flags: list[str], expected: bool
+) -> None:
+    """`fgvc stage1 --cuda-graph` replays the training steps from CUDA graphs (``runtime.cuda_graph_train``, off by
+    default); `fgvc stage2` passes the flag on as an override of the stage-1 config, None when not given."""
+    from types import SimpleNamespace
+
+    import fgvc.engine.stage
+
+    seen: list[object] = []
+    done = SimpleNamespace(interrupted_by=0, before=None, final=None)
+    monkeypatch.setattr(fgvc.engine.stage, "run_stage1",
+                        lambda cfg, force: seen.append(cfg.runtime.cuda_graph_train) or done)  # fmt: skip
+    monkeypatch.setattr(fgvc.engine.stage, "run_stage2",
+                        lambda run_dir, overrides, force: seen.append(overrides["runtime.cuda_graph_train"]) or done)
+    code, _ = run_main(monkeypatch, capsys, "stage1", "--dataset", "folder", *flags)
+    assert code in (0, None) and seen == [expected]
+    code, _ = run_main(monkeypatch, capsys, "stage2", "--run", "runs/x", *flags)
+    assert code in (0, None) and seen == [expected, None if not flags else expected]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgvc.config import CONFIG_FILE, RunConfig, StageConfig, load_config, save_config, with_overrides
+from fgvc.config import CONFIG_FILE, RunConfig, RuntimeConfig, StageConfig, load_config, save_config, with_overrides
 from fgvc.data import (
     ImageDataset,
     OnDeviceNormalize,
@@ -63,6 +63,7 @@ from fgvc.engine.feature_cache import (
     split_model,
     train_one_epoch_cached,
 )
+from fgvc.engine.graphs import GraphedTraining
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.lock import stage_lock
 from fgvc.engine.loop import EpochStats, StopFlag, Stopped, predict_probs, stop_on_signals, train_one_epoch
@@ -700,7 +701,7 @@ def _train_stage(
     # Stage 2 leaves each rank's tuned BN statistics to its own shard, averaged at each epoch's end (distribute_bn):
     # DDP's default, rank 0's buffers copied to every rank before each forward, would keep rank 0's shard alone in them.
     broadcast_buffers = stage == STAGE1
-    net = _training_module(model, rt, cfg.runtime.compile, optimizer is not None, broadcast_buffers)
+    net = _training_module(model, rt, cfg.runtime, optimizer is not None, stage_cfg.grad_accum, broadcast_buffers)
     input_hint_given = False
     # One loader iterator for every epoch left: the workers load the next epoch while this one ends and validates.
     stream = EpochStream(train_loader, start_epoch, stage_cfg.epochs, start_micro * stage_cfg.batch_size)
@@ -855,15 +856,34 @@ def _starting_model(
 
 
 def _training_module(
-    model: nn.Module, rt: Runtime, compile_model: bool, learns: bool, broadcast_buffers: bool
+    model: nn.Module, rt: Runtime, runtime: RuntimeConfig, learns: bool, grad_accum: int, broadcast_buffers: bool
 ) -> nn.Module:
-    """What the uncached loop calls: the model, in DDP when several processes learn, compiled on request. Autograd
-    starts at the first tuned module, so a frozen trunk records nothing without a no_grad wrapper."""
+    """What the uncached loop calls: the model, in DDP when several processes learn, compiled on request, or with its
+    steps replayed from CUDA graphs (``runtime.cuda_graph_train``) where they can be. Autograd starts at the first
+    tuned module, so a frozen trunk records nothing without a no_grad wrapper."""
     net = model
     if rt.distributed and learns:
         net = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                       broadcast_buffers=broadcast_buffers)  # fmt: skip
-    return cast(nn.Module, torch.compile(net)) if compile_model else net
+    if runtime.cuda_graph_train and learns:
+        why_not = training_graph_obstacle(rt, grad_accum, runtime.compile)
+        if why_not is None:
+            return GraphedTraining(net, rt.amp_dtype)
+        log.info("runtime.cuda_graph_train: training without CUDA graphs, %s", why_not)
+    return cast(nn.Module, torch.compile(net)) if runtime.compile else net
+
+
+def training_graph_obstacle(rt: Runtime, grad_accum: int, compiled: bool) -> str | None:
+    """Why a training step cannot be replayed from CUDA graphs here (None: it can)."""
+    if compiled:
+        return "under --compile (torch.compile makes its own choices)"
+    if rt.device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {rt.device.type}"
+    if rt.distributed:
+        return "not under DDP (its gradient hooks run outside the graphs)"
+    if grad_accum != 1:
+        return f"grad_accum {grad_accum}: a replay overwrites the gradients a previous micro-batch left"
+    return None
 
 
 def _history_row(epoch: int, stats: EpochStats) -> dict[str, Any]:
