@@ -276,8 +276,8 @@ def apply_ratios(rows: Sequence[Row]) -> None:
         if rule is None:
             continue
         numerator, denominator = rates.get((row.arch, rule.numerator)), rates.get((row.arch, rule.denominator))
-        if rule.or_faster and denominator:
-            denominator = max(denominator, rates.get((row.arch, rule.or_faster)) or 0.0)
+        if rule.or_faster:  # the faster of the two that were measured
+            denominator = max(filter(None, [denominator, rates.get((row.arch, rule.or_faster))]), default=None)
         if numerator and denominator:
             row.ratio = numerator / (denominator * rule.scale)
             if target:
@@ -833,15 +833,17 @@ class CaseRun:
         if graphed and (compiled or decode != "gpu"):
             raise ValueError("the CUDA-graph stage-1 row decodes on the GPU and is not compiled")
         s1, sizes = self.cfg.stage1, self.sizes
+        # a graphed row captures at its second batch: in the warm-up epoch, so that the timed one only replays
+        warmup = max(sizes.warmup_batches, 2) if graphed else sizes.warmup_batches
         batch = s1.batch_size
         batches = self.bench.window(self.rate(CEIL_TRAIN), batch, sizes.seconds, sizes.max_images)
-        batches = max(batches, sizes.warmup_batches + 1)
+        batches = max(batches, warmup + 1)
         index = sized_index(self.index, batches * batch)  # the timed epoch is a whole epoch of this index
         loader, sampler, prepare = make_loader(self.cfg, self.rt, index, s1.augment, s1.res, batch, True, self.meta,
                                                decode)  # fmt: skip
         # As train_stage reads its epochs: one loader iterator for the warm-up epoch (its last batches, a resume's
         # start) and the timed one, so the workers load the timed epoch while the warm-up ends.
-        stream = EpochStream(loader, 0, 2, start=(batches - sizes.warmup_batches) * batch)
+        stream = EpochStream(loader, 0, 2, start=(batches - warmup) * batch)
         workers = self.cfg.data.workers
         how = f"nvJPEG + augmentation on the device, {workers} workers read bytes" if decode == "gpu" else (
             f"OpenCV + albumentations in {workers} workers")  # fmt: skip
@@ -865,7 +867,7 @@ class CaseRun:
             return stats.images
 
         try:
-            measured = timed_epochs(self.rt, run_epoch, sizes.warmup_batches, batches)
+            measured = timed_epochs(self.rt, run_epoch, warmup, batches)
         finally:  # a prefetching thread (GPU decoding) ends with the stream
             stream.close()
         stats = last[0]

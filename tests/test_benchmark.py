@@ -172,6 +172,9 @@ def test_ratios_and_targets_follow_the_issue(bench) -> None:
     rows[-2] = _row(bench, "resnet50", bench.CEIL_TRAIN_GRAPH, 80, 1.0)  # a graphed ceiling slower than the eager one
     bench.apply_ratios(rows)
     assert (graphed.ratio, graphed.met) == (pytest.approx(1.0), True)  # divided by the faster: the eager 100
+    rows[-2] = _row(bench, "resnet50", bench.CEIL_TRAIN_GRAPH, 0, 0.0, status="failed: no graph")
+    bench.apply_ratios(rows)
+    assert graphed.ratio == pytest.approx(1.0)  # the eager ceiling alone
 
 
 def test_sized_index_repeats_files_to_the_requested_count(bench, tmp_path: Path) -> None:
