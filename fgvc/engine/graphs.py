@@ -1,4 +1,5 @@
-"""A model's inference forward replayed from a CUDA graph: one launch per batch instead of one per kernel.
+"""A model's inference forward (:class:`GraphedInference`) or training step (:class:`GraphedTraining`, opt-in with
+``runtime.cuda_graph_train``) replayed from CUDA graphs: one launch per pass instead of one per kernel.
 
 Why: a network of many small kernels is paced by the host thread that queues them. InceptionResNet-V2's 10-crop
 forward at 681 px is ~1,360 launches for 37 ms of device work; on a lent H200 fgvc's 10-crop loop reached 0.96 of the
@@ -12,8 +13,9 @@ is not); the batch after the capture is run both ways, and the graph is kept onl
 batches of that shape are replayed and others (the last, shorter batch) run eagerly. The replay reads the parameters
 and buffers in place, so the model must not be replaced or moved in between (prediction does neither).
 
-A capture that fails is an error, not a silent fallback: PyTorch's caching allocator stays in capture mode after a
-failed capture (its private pool is never closed), which would leak every later batch's memory.
+The training step follows the same rules (see its docstring). A capture that fails is an error, not a silent
+fallback: PyTorch's caching allocator stays in capture mode after a failed capture (its private pool is never
+closed), which would leak every later batch's memory.
 """
 
 from __future__ import annotations
