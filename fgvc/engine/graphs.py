@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,41 @@ def _shape_key(x: torch.Tensor) -> tuple[object, ...]:
     return tuple(x.shape), x.stride(), x.dtype, x.device
 
 
-class GraphedInference(nn.Module):
+CaptureT = TypeVar("CaptureT")
+
+
+class _GraphWrapper(nn.Module, Generic[CaptureT]):
+    """What both graph wrappers hold: the wrapped model, the precision its caller runs under, the capture (None until
+    a batch's key repeats), and why they stay eager once they do for good."""
+
+    giving_up = "CUDA graph for %s not used: %s"  # the warning: the model's class, then the reason
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+        self._captured: CaptureT | None = None
+        self._last_key: tuple[object, ...] | None = None
+        self.eager_reason: str | None = None  # why the model stays eager, once it does for good
+        self.replays = 0
+
+    @property
+    def captured(self) -> bool:
+        return self._captured is not None
+
+    def _autocast(self) -> AbstractContextManager[None]:
+        """The caller's precision for a capture, with autocast's cache off: a cached cast would be freed when the
+        caller's autocast region ends, while the graph still reads it."""
+        dtype = self.autocast_dtype or torch.float32
+        return torch.autocast("cuda", dtype=dtype, enabled=self.autocast_dtype is not None, cache_enabled=False)
+
+    def _give_up(self, reason: str) -> None:
+        self.eager_reason = reason
+        self._captured = None
+        log.warning(self.giving_up, type(self.model).__name__, reason)
+
+
+class GraphedInference(_GraphWrapper[_Captured]):
     """``model``'s forward, replayed from a CUDA graph for batches of its usual shape; eager otherwise.
 
     Eager (the wrapped model called directly) for CPU inputs, in training mode or with gradients enabled, for shapes
@@ -93,18 +127,7 @@ class GraphedInference(nn.Module):
             ``--no-cuda-graph`` (``runtime.cuda_graph: false``).
     """
 
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None) -> None:
-        super().__init__()
-        self.model = model
-        self.autocast_dtype = autocast_dtype
-        self._captured: _Captured | None = None
-        self._last_key: tuple[object, ...] | None = None
-        self.eager_reason: str | None = None  # why the forward stays eager, once it does for good
-        self.replays = 0
-
-    @property
-    def captured(self) -> bool:
-        return self._captured is not None
+    giving_up = "CUDA graph for %s not used: %s; running the forward eagerly"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.eager_reason is not None or not x.is_cuda or self.model.training or torch.is_grad_enabled():
@@ -131,10 +154,6 @@ class GraphedInference(nn.Module):
             captured.checked = True
         return replayed
 
-    def _autocast(self) -> AbstractContextManager[None]:
-        dtype = self.autocast_dtype or torch.float32
-        return torch.autocast("cuda", dtype=dtype, enabled=self.autocast_dtype is not None, cache_enabled=False)
-
     def _capture(self, x: torch.Tensor) -> _Captured:
         static_in = x.clone(memory_format=torch.preserve_format)
         caller_stream = torch.cuda.current_stream(x.device)
@@ -156,10 +175,6 @@ class GraphedInference(nn.Module):
         log.info("CUDA graph captured for input %s: one launch per batch", tuple(x.shape))
         return _Captured(graph, static_in, static_out, _shape_key(x))
 
-    def _give_up(self, reason: str) -> None:
-        self.eager_reason = reason
-        self._captured = None
-        log.warning("CUDA graph for %s not used: %s; running the forward eagerly", type(self.model).__name__, reason)
 
 
 class _Step(torch.autograd.Function):
@@ -208,7 +223,7 @@ class _TrainingCapture:
 GRADIENT_TOLERANCE = 0.05
 
 
-class GraphedTraining(nn.Module):
+class GraphedTraining(_GraphWrapper[_TrainingCapture]):
     """``model``'s training forward and backward, each replayed from a CUDA graph: two graph launches per step.
 
     Why: ResNet-50 at 224 px trains at ~4,300 img/s on an H200 (a step every ~30 ms), and its forward is ~500 kernel
@@ -236,20 +251,12 @@ class GraphedTraining(nn.Module):
             (``runtime.cuda_graph_train: false``).
     """
 
+    giving_up = "CUDA graphs for training %s not used: %s; training eagerly"
+
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None) -> None:
-        super().__init__()
-        self.model = model
-        self.autocast_dtype = autocast_dtype
-        self._captured: _TrainingCapture | None = None
-        self._last_key: tuple[object, ...] | None = None
+        super().__init__(model, autocast_dtype)
         self._all_modules = list(model.modules())
         self._all_params = list(model.parameters())
-        self.eager_reason: str | None = None
-        self.replays = 0
-
-    @property
-    def captured(self) -> bool:
-        return self._captured is not None
 
     def _key(self, x: torch.Tensor) -> tuple[object, ...]:
         """What a capture is only valid for: the batch's shape and layout, which modules train (stage 2 keeps most of
@@ -273,10 +280,6 @@ class GraphedTraining(nn.Module):
             return self.model(x)
         self.replays += 1
         return _Step.apply(captured, x, *captured.params)
-
-    def _autocast(self) -> AbstractContextManager[None]:
-        dtype = self.autocast_dtype or torch.float32
-        return torch.autocast("cuda", dtype=dtype, enabled=self.autocast_dtype is not None, cache_enabled=False)
 
     def _capture(self, x: torch.Tensor, key: tuple[object, ...]) -> _TrainingCapture | None:
         """Both graphs, captured on ``x`` and checked against the eager step; None (eager from now on) when the check
@@ -344,10 +347,6 @@ class GraphedTraining(nn.Module):
         log.info("CUDA graphs captured for training on input %s: two graph launches per step", tuple(x.shape))
         return captured
 
-    def _give_up(self, reason: str) -> None:
-        self.eager_reason = reason
-        self._captured = None
-        log.warning("CUDA graphs for training %s not used: %s; training eagerly", type(self.model).__name__, reason)
 
 
 def _gradients_without_autocast(
