@@ -516,3 +516,33 @@ def test_on_cuda_a_training_step_that_cannot_be_captured_is_a_one_line_error() -
     line = _uncapturable("GraphedTraining(SyncsOnTheHost().cuda().train(), None)", "wrapped(x).sum().backward()")
     assert line.startswith("ConfigError: runtime.cuda_graph_train: SyncsOnTheHost's training step cannot")
     assert line.endswith("train with --no-cuda-graph (runtime.cuda_graph_train: false)")
+
+
+def _stages_losses(data_root: Path, out: Path, graphed: bool, device: str) -> list[float]:
+    """Stage 1 (two epochs) then stage 2 (uncached) of the tiny demo run, as `fgvc stage1/stage2` run them, with or
+    without ``runtime.cuda_graph_train``: every epoch's mean training loss."""
+    from conftest import tiny_config
+
+    from fgvc.engine.stage import run_stage1, run_stage2
+
+    runtime = {"deterministic": True, "seed": 0, "device": device, "cuda_graph_train": graphed, "cache_features": "off"}
+    cfg = tiny_config(data_root, out, stage1={"epochs": 2}, runtime=runtime)
+    first = run_stage1(cfg, progress=False)
+    second = run_stage2(cfg.run_dir(), {}, progress=False)
+    assert first.interrupted_by is None and second.interrupted_by is None
+    assert (second.stage_dir / "best.pt").is_file()
+    return [*first.history["train_loss"], *second.history["train_loss"]]
+
+
+@needs_cuda
+def test_on_cuda_both_stages_train_with_graphed_steps_as_without(
+    tiny_demo_root: Path, tmp_path: Path, fgvc_log: pytest.LogCaptureFixture
+) -> None:
+    """The whole path: `runtime.cuda_graph_train` through ``_training_module``, stage 1 and stage 2's frozen layout,
+    validation and checkpoints between epochs. Each stage captures once and trains as the eager run does."""
+    eager = _stages_losses(tiny_demo_root, tmp_path / "eager", False, "cuda")
+    assert "CUDA graphs captured for training" not in fgvc_log.text
+    graphed = _stages_losses(tiny_demo_root, tmp_path / "graphed", True, "cuda")
+    assert fgvc_log.text.count("CUDA graphs captured for training") == 2  # stage 1, stage 2
+    assert "training eagerly" not in fgvc_log.text
+    assert graphed == pytest.approx(eager, rel=1e-2)
