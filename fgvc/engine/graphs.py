@@ -226,11 +226,11 @@ GRADIENT_TOLERANCE = 0.05
 class GraphedTraining(_GraphWrapper[_TrainingCapture]):
     """``model``'s training forward and backward, each replayed from a CUDA graph: two graph launches per step.
 
-    Why: ResNet-50 at 224 px trains at ~4,300 img/s on an H200 (a step every ~30 ms), and its forward is ~500 kernel
-    launches queued by the Python thread. With ``decode: gpu`` that thread shares the interpreter lock with the
-    nvJPEG-preparing thread and the loader's pin thread: on the 2026-11-27 H200 traces it took ~30 ms to queue one
-    forward (15 ms with CPU decoding), and the epoch ran at 0.68-0.76 of the model's speed. Replayed, the forward and
-    the backward are one launch each, whoever holds the lock.
+    Why: ResNet-50 at 224 px trains at ~4,300 img/s on an H200 (a step every ~30 ms), and a step is ~1,450 operator
+    calls from the Python thread (915 kernel launches). With ``decode: gpu`` that thread shares the interpreter lock
+    with the nvJPEG-preparing thread and the loader's pin thread: on the 2026-11-27 H200 traces it took ~30 ms to
+    queue one forward (15 ms with CPU decoding), and the epoch ran at 0.68-0.76 of the model's speed. Replayed, the
+    forward and the backward are one graph launch each, whoever holds the lock.
 
     Captured like :class:`GraphedInference`: the second batch in a row of one shape and one train/eval layout of the
     modules; other shapes (the last, shorter batch) run eagerly. Before it is used, one replay of both graphs is
