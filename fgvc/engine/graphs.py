@@ -147,9 +147,9 @@ class GraphedInference(_GraphWrapper[_Captured]):
         replayed = captured.static_out.clone()
         if not captured.checked:
             eager = self.model(x)
-            difference = (F.softmax(replayed.float(), 1) - F.softmax(eager.float(), 1)).abs().max().item()
-            if not difference <= AGREEMENT_TOLERANCE:  # also catches NaN
-                self._give_up(f"its probabilities differ from the eager forward's by {difference:.1e}")
+            problem = _probabilities_disagree(replayed, eager)
+            if problem:
+                self._give_up(problem)
                 return eager
             captured.checked = True
         return replayed
@@ -174,7 +174,6 @@ class GraphedInference(_GraphWrapper[_Captured]):
                                   "predict") from err  # fmt: skip
         log.info("CUDA graph captured for input %s: one launch per batch", tuple(x.shape))
         return _Captured(graph, static_in, static_out, _shape_key(x))
-
 
 
 class _Step(torch.autograd.Function):
@@ -348,12 +347,19 @@ class GraphedTraining(_GraphWrapper[_TrainingCapture]):
         return captured
 
 
-
 def _gradients_without_autocast(
     params: tuple[torch.Tensor, ...], out: torch.Tensor, grad_out: torch.Tensor
 ) -> tuple[torch.Tensor | None, ...]:
     with torch.autocast("cuda", enabled=False):
         return torch.autograd.grad(out, params, grad_out, allow_unused=True)
+
+
+def _probabilities_disagree(replayed: torch.Tensor, eager: torch.Tensor) -> str:
+    """Why a replay's logits are not the eager forward's ("" when their probabilities agree)."""
+    difference = (F.softmax(replayed.float(), 1) - F.softmax(eager.float(), 1)).abs().max().item()
+    if not difference <= AGREEMENT_TOLERANCE:  # also catches NaN
+        return f"its probabilities differ from the eager forward's by {difference:.1e}"
+    return ""
 
 
 def _disagreement(
@@ -363,9 +369,8 @@ def _disagreement(
     eager_grads: Sequence[torch.Tensor | None],
 ) -> str:
     """Why a replayed step differs from the eager one ("" when it agrees): its probabilities, or a gradient."""
-    difference = (F.softmax(out.float(), 1) - F.softmax(eager_out.float(), 1)).abs().max().item()
-    if not difference <= AGREEMENT_TOLERANCE:  # also catches NaN
-        return f"its probabilities differ from the eager forward's by {difference:.1e}"
+    if problem := _probabilities_disagree(out, eager_out):
+        return problem
     pairs = [(g, e) for g, e in zip(grads, eager_grads, strict=True) if g is not None and e is not None]
     if not pairs:
         return ""
