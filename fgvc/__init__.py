@@ -12,6 +12,7 @@ The library behind each command, importable from here (loaded on first use: ``im
 """
 
 import os
+import random
 from importlib import import_module
 from typing import Any
 
@@ -44,11 +45,19 @@ __all__ = ["FgvcError", "__version__", *_PUBLIC]
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name's module when it is first used (torch loads only then)."""
+    """Import a public name's module when it is first used (torch loads only then).
+
+    Python's random generator is restored afterwards: a dependency draws from it on import (``rich.style``), and a
+    caller that seeded it before the first call would otherwise get another sequence than on a rerun.
+    """
     if name not in _PUBLIC:
         raise AttributeError(f"module 'fgvc' has no attribute '{name}'")
     module, attribute = _PUBLIC[name]
-    value = getattr(import_module(module), attribute)
+    python_rng = random.getstate()
+    try:
+        value = getattr(import_module(module), attribute)
+    finally:
+        random.setstate(python_rng)
     globals()[name] = value
     return value
 

@@ -185,6 +185,16 @@ def test_the_public_names_load_on_first_use() -> None:
         fgvc.stage3  # noqa: B018
 
 
+def test_the_first_use_of_a_public_name_leaves_pythons_random_generator_as_it_was() -> None:
+    """Importing fgvc's modules imports rich, whose ``rich.style`` draws from Python's generator at import."""
+    code = (
+        "import random, sys, fgvc; assert 'rich' not in sys.modules; random.seed(0); state = random.getstate(); "
+        "names = [getattr(fgvc, name) for name in fgvc.__all__]; assert 'rich.style' in sys.modules; "
+        "assert random.getstate() == state"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_progress_bars_refresh_once_a_minute_into_a_log_file(monkeypatch: pytest.MonkeyPatch) -> None:
     """A days-long run's stderr in a SLURM or nohup file: tqdm's 10 refreshes a second stay there (~95 MB a day)."""
     import io

@@ -131,7 +131,7 @@ def _ready_root(name: str, root: Path) -> Path:
         return root
     if root.resolve() != resolve_root(name, None).resolve():
         raise LayoutError(f"{root}: no demo data there; check the path, or generate it with `fgvc demo --data-root "
-                          f"{root}`")  # fmt: skip
+                          f"{root}` (which then runs the whole demo, a few minutes)")  # fmt: skip
     from fgvc.demo_data import ensure_demo  # the demo generator is only needed for this dataset
 
     return Path(ensure_demo(root))
