@@ -5,6 +5,7 @@ User-fixable problems raise :class:`fgvc.errors.FgvcError`; they are printed as 
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -438,10 +439,12 @@ def main() -> None:
     except OSError as err:  # a path the user gave that is a folder, a file, unwritable...: the path and the reason
         if err.filename is None:
             raise
-        reason = err.strerror or str(err)
+        reason, fix = err.strerror or str(err), "check the path"
         if isinstance(err, FileExistsError | NotADirectoryError) and Path(err.filename).is_file():
             reason = "a file where a folder is expected"
-        typer.echo(f"fgvc: error: {err.filename}: {reason}; check the path", err=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free some space and rerun (training resumes from its last checkpoint)"
+        typer.echo(f"fgvc: error: {err.filename}: {reason}; {fix}", err=True)
         sys.exit(2)
     except _USAGE_ERRORS as err:
         show = getattr(err, "show", None)

@@ -27,7 +27,8 @@ CacheFeatures = Literal["auto", "on", "off"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: `lr: .inf` passed `gt=0` and trained a stage of NaN weights to "finished"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -159,6 +160,15 @@ class RunConfig(_Section):
     predict: PredictConfig = Field(default_factory=PredictConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, value: str | None) -> str | None:
+        """The run's folder under ``out``: a name with a path in it (``../x``) would train somewhere else."""
+        if value is not None and (value in ("", ".", "..") or any(sep in value for sep in "/\\")):
+            raise ValueError(f"{value!r} is a path, not a folder name (no '/' or '\\', not '.' or '..'); the folder "
+                             "it goes in is `out`")  # fmt: skip
+        return value
+
     @field_validator("stage2")
     @classmethod
     def _stage2_does_not_mix(cls, value: StageConfig) -> StageConfig:
@@ -254,6 +264,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         path = shipped_recipe(path) or path
+    fgvc_folder = any((path.parent / name).exists() for name in ("stage1", "last.pt", "best.pt", "finished.json"))
+    if not path.is_file() and path.name == CONFIG_FILE and fgvc_folder:  # a run's or a stage's own, not a recipe
+        raise ConfigError(f"{path}: missing; fgvc saved this folder's settings there: restore it, or retrain with "
+                          "--force")  # fmt: skip
     if not path.is_file():
         names = ", ".join(sorted(recipe.stem for recipe in SHIPPED_RECIPES.glob("*.yaml")))
         raise ConfigError(f"{path}: no such recipe/config file; check the path (shipped recipes: {names})")

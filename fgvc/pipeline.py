@@ -224,6 +224,8 @@ def ensemble_recipe(
         foreign = foreign_header(Path(sample), header, spec)
         if foreign:
             raise SubmissionError(foreign)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # now, not after the predictions (hours on iNat): a file in its place fails
     # The val split fits the weights (search) or only fills the report: without images it is skipped in the latter case.
     search = ens.weights == "search"
     validate = search or bool(len(load_split(recipe.members[0].config, ens.val_split)))
@@ -253,7 +255,6 @@ def ensemble_recipe(
         combined,
         meta={"recipe": recipe.source, "members": [m.name for m in recipe.members], "weights": weights.tolist()},
     )
-    out = Path(out_dir)
     draft = out / f".{recipe.competition}.{owner_tag()}.draft"  # one per process; a killed one's goes on the next write
     try:  # the final name appears only once the file passed every check
         write_submission(combined, spec.name, draft, k=ens.top_k, header=header)

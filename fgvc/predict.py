@@ -39,14 +39,15 @@ from fgvc.engine.stage import (
     load_split,
     load_stage_model,
     make_loader,
+    require_run_folder,
     require_saved_root,
 )
 from fgvc.ensemble import combine_members, equal_weights
-from fgvc.errors import ConfigError, DataError
+from fgvc.errors import ConfigError, DataError, WeightsError
 from fgvc.io import decode_image
 from fgvc.metrics import summarize
 from fgvc.models import get_meta
-from fgvc.probs import Probabilities, as_stored
+from fgvc.probs import Probabilities, as_stored, nonfinite_rows
 from fgvc.transforms import tencrop_images_per_batch
 
 log = logging.getLogger("fgvc")
@@ -111,6 +112,7 @@ def resolve_stage(run_dir: Path, stage: int | None, res: int | None) -> Path:
     ``--stage 2`` with the resolution of an unfinished stage 2, or when no stage 2 has finished) uses it anyway, with
     that warning: a run stopped early on purpose stays usable.
     """
+    require_run_folder(run_dir)
     dirs = stage_dirs(run_dir)
     if not dirs:
         raise DataError(f"{run_dir}: no trained stage; run `fgvc stage1` (and `fgvc stage2`) first")
@@ -248,6 +250,9 @@ def predict_stage(
             full[idx] = scores
         unreadable = np.setdiff1d(np.arange(n_images), idx).tolist()
         log.warning("%d unreadable images got uniform probabilities so that every id has a row", len(unreadable))
+    if bad := nonfinite_rows(full):  # NaN weights: a file of them would pass for predictions and reach a submission
+        raise WeightsError(f"{find_stage_checkpoint(stage_dir)}: the model gives NaN or infinite probabilities for "
+                           f"{bad} of {n_images} images (its weights diverged); retrain with a lower --lr")  # fmt: skip
     frame = index.frame
     probs = Probabilities(
         probs=as_stored(full, in_place=True),  # exactly what the file holds, so reruns agree with it

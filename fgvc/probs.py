@@ -69,10 +69,12 @@ class Probabilities:
 
     @classmethod
     def load(cls, path: str | Path) -> Probabilities:
+        """Read a file :meth:`save` wrote; a damaged one, or one with rows that are not probabilities (NaN), is a
+        one-line :class:`DataError` naming it."""
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
-                return cls(
+                loaded = cls(
                     probs=from_storage(data["log_probs"]),
                     image_ids=data["image_ids"],
                     labels=data["labels"],
@@ -86,10 +88,19 @@ class Probabilities:
             raise DataError(
                 f"{path}: not an fgvc probability file ({err}); delete it and rerun `fgvc predict`"
             ) from None
+        if bad := nonfinite_rows(loaded.probs):  # an ensemble would weigh them in and submit class 0 for every row
+            raise DataError(f"{path}: {bad} of {len(loaded.probs)} rows hold NaN or infinite probabilities; delete it "
+                            "and rerun `fgvc predict` (with a model whose weights are finite)")  # fmt: skip
+        return loaded
 
 
 _TINY = np.finfo(np.float32).tiny  # log(0) would be -inf: the smallest normal float32 stands for 0
 _ROWS_PER_BLOCK = 4096  # temporaries stay at a few rows even for iNat 2021's 500,000 x 10,000 test matrix (20 GB)
+
+
+def nonfinite_rows(probs: np.ndarray) -> int:
+    """How many rows hold a NaN or an infinity (a model whose weights diverged), one block of rows at a time."""
+    return sum(int((~np.isfinite(probs[rows].sum(axis=1))).sum()) for rows in row_blocks(len(probs)))
 
 
 def row_blocks(n_rows: int) -> Iterator[slice]:

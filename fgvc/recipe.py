@@ -108,7 +108,8 @@ def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
     names = [m.name for m in members]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ConfigError(f"{source}: several members write to the same run folder {duplicates}; give each a 'name'")
+        raise ConfigError(f"{source}: several members write to the same run folder {duplicates}; give each a 'name' "
+                          "of its own")  # fmt: skip
     competition = _competition(source, values.get("competition"), members)
     try:  # checked now, not after hours of predicting
         check_top_k(competition_spec(competition), ensemble.top_k)

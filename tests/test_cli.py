@@ -125,6 +125,8 @@ def test_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, capsys:
         "flag.yaml": ("stage1: {res: true}\n", "stage1.res': expected a value, not the boolean true"),
         "section.yaml": ("data: demo\n", "'data' is 'demo', not a mapping of keys"),
         "binary.yaml": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text file"),
+        "infinite.yaml": ("stage1: {lr: .inf}\n", "stage1.lr"),  # passed gt=0: a stage of NaN weights, "finished"
+        "nan.yaml": ("stage2: {weight_decay: .nan}\n", "stage2.weight_decay"),
     }
     for name, (content, expected) in recipes.items():
         path = tmp_path / name
@@ -132,6 +134,11 @@ def test_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, capsys:
         code, err = run_main(monkeypatch, capsys, "stage1", "--recipe", str(path), "--workers", "0")
         assert code == 2 and expected in err and str(path) in err, (name, err)
         assert len(err.strip().splitlines()) == 1
+    run = tmp_path / "run"
+    for stage in ("stage1", "stage2-48"):
+        (run / stage).mkdir(parents=True)
+        for name in ("last.pt", "finished.json"):  # a finished stage's folder
+            (run / stage / name).write_bytes(b"")
     cases = [
         (["stage1", "--lr", "-1"], "'stage1.lr': Input should be greater than 0"),
         (["stage1", "--device", "gpu7"], "'runtime.device': 'gpu7' is not a device; use cpu, cuda, cuda:N or mps"),
@@ -150,6 +157,14 @@ def test_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, capsys:
         (["stage1", "--dataset", "demo", "--weights", str(tmp_path), "--arch", "timm:test_resnet", "--out",
           str(tmp_path / "runs")],
          "a folder, not a weights file"),
+        # a stage folder where the run folder is meant: it used to say "stage 1 has no checkpoint; run fgvc stage1"
+        (["stage2", "--run", str(run / "stage1"), "--test-res", "48"], f"a stage folder; pass the run folder that "
+                                                                        f"holds it: --run {run}"),
+        (["predict", "--run", str(run / "stage2-48")], f"--run {run}"),
+        (["sweep", "--run", str(run / "stage1"), "--res", "32"], f"--run {run}"),
+        (["predict", "--run", str(run), "--stage", "2", "--res", "48"],
+         f"{run / 'stage2-48' / 'config.yaml'}: missing; fgvc saved this folder's settings there"),
+        (["stage1", "--dataset", "demo", "--name", "../elsewhere"], "'../elsewhere' is a path, not a folder name"),
     ]  # fmt: skip
     for args, expected in cases:
         code, err = run_main(monkeypatch, capsys, *args)

@@ -562,6 +562,14 @@ def test_unreadable_mat_is_a_data_error(tmp_path: Path) -> None:
     _one_line_data_error("flowers", tmp_path, "setid.mat")
 
 
+@pytest.mark.parametrize("size", [100, 127])
+def test_a_mat_shorter_than_its_header_is_a_data_error(tmp_path: Path, size: int) -> None:
+    """An error page saved by curl, or a download cut off early: from 100 to 127 bytes, scipy raised IndexError."""
+    write_flowers(tmp_path)
+    (tmp_path / "imagelabels.mat").write_bytes(b"<html><head><title>404 Not Found</title></head>".ljust(size))
+    _one_line_data_error("flowers", tmp_path, "imagelabels.mat", "official archive")
+
+
 def test_flowers_index_outside_the_labels_is_a_data_error(tmp_path: Path) -> None:
     write_flowers(tmp_path)
     scipy.io.savemat(
@@ -604,6 +612,16 @@ def test_csv_label_unknown_to_train_names_the_line(tmp_path: Path) -> None:
     _one_line_data_error("csv", tmp_path, "val.csv:3", "'Robin'")
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_csv_listing_one_path_twice_is_a_data_error(tmp_path: Path, split: str) -> None:
+    """Training used the image twice, and a test copy made predict's file refused by ensemble with the wrong fix."""
+    write_csv(tmp_path)
+    table = tmp_path / f"{split}.csv"
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join([*lines, lines[1]]) + "\n")
+    _one_line_data_error("csv", tmp_path, f"{split}.csv:{len(lines) + 1}", repr(lines[1].split(",")[0]), "twice")
+
+
 def test_csv_without_label_column_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("file,class\na.jpg,x\n")
     _one_line_data_error("csv", tmp_path, "train.csv", "'path'")
@@ -625,6 +643,18 @@ def test_folder_val_may_be_named_valid_or_validation(tmp_path: Path, name: str) 
     (tmp_path / name).mkdir()  # empty: not a validation split of no images, but a hold-out of train, with a note
     official = DATASETS["folder"].reader(tmp_path)
     assert official.val is None and any(f"{name}: no images" in note for note in official.notes)
+
+
+@pytest.mark.parametrize("train", ["missing", "a file"])
+def test_split_folders_without_train_are_not_taken_for_classes(tmp_path: Path, train: str) -> None:
+    """train.zip not extracted yet: val/ and test/ used to become a two-class dataset, with only a note."""
+    write_folder(tmp_path)
+    shutil.rmtree(tmp_path / "train")
+    if train == "a file":
+        (tmp_path / "train").write_bytes(b"PK")
+    (tmp_path / "test" / "crane").mkdir()  # labelled test images: test/ holds a class folder too
+    shutil.copy(tmp_path / "val" / "crane" / "v.jpg", tmp_path / "test" / "crane" / "t.jpg")
+    _one_line_data_error("folder", tmp_path, "test/, val/ but no train/ folder", str(tmp_path / "train"))
 
 
 def test_folder_class_unknown_to_train_is_a_data_error(tmp_path: Path) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
-from dataset_fixtures import write_csv, write_cub, write_pets
+import scipy.io
+from dataset_fixtures import FLOWERS_SETS, write_csv, write_cub, write_flowers, write_pets
 from test_datasets import CASES
 
 from fgvc.datasets import DATASETS
@@ -90,11 +92,23 @@ def test_malformed_metadata_exits_2_with_the_file_and_line(tmp_path: Path) -> No
 
 
 def test_duplicate_image_ids_exit_1(tmp_path: Path) -> None:
+    """Flowers' setid.mat naming one image twice: the reader takes it, the check lists it."""
+    write_flowers(tmp_path)
+    sets = {name: list(indices) for name, indices in FLOWERS_SETS.items()}
+    sets["tstid"].append(sets["tstid"][0])
+    scipy.io.savemat(tmp_path / "setid.mat", {name: np.array([v], dtype=np.uint16) for name, v in sets.items()})
+    report = check_dataset("flowers", root=tmp_path, progress=False)
+    assert report.exit_code == 1
+    assert report.duplicate_ids == [f"test: image_{sets['tstid'][0]:05d}"]
+
+
+def test_a_csv_listing_an_image_twice_is_unreadable(tmp_path: Path) -> None:
+    """The CSV reader refuses it (training would use the image twice), like the readers of the official formats."""
     write_csv(tmp_path)
     (tmp_path / "test.csv").write_text("path\nimgs/g.jpg\nimgs/g.jpg\n")
     report = check_dataset("csv", root=tmp_path, progress=False)
-    assert report.exit_code == 1
-    assert report.duplicate_ids == ["test: imgs/g.jpg"]
+    assert report.exit_code == 2
+    assert "test.csv:3: path 'imgs/g.jpg' is listed twice" in report.render()
 
 
 def test_unknown_dataset_name_is_a_config_error() -> None:

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from conftest import tiny_config
 
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
-from fgvc.engine.stage import FINISHED, load_split, run_stage1, run_stage2
+from fgvc.engine.stage import FINISHED, _load_splits, load_split, run_stage1, run_stage2
 from fgvc.errors import ConfigError, DataError, RunExistsError, WeightsError
 from fgvc.models import get_meta
 from fgvc.probs import Probabilities
@@ -1332,3 +1333,113 @@ def test_schedule_warms_up_linearly_to_the_peak_then_decays_to_zero(
     cosine_steps = epochs * steps_per_epoch - warmup_steps
     assert decay[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * (cosine_steps - 1) / cosine_steps)))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # after the last step
+
+
+def test_an_empty_train_split_is_refused_and_a_finished_stage_survives(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """An empty or cut images.txt used to give epochs of nothing, exit 0 and a "finished" stage of random weights;
+    with --force it replaced a good model."""
+    data = tmp_path / "demo"
+    shutil.copytree(tiny_demo_root, data)
+    cfg = tiny_config(data, tmp_path / "runs")
+    run_stage1(cfg, progress=False)
+    stage_dir = cfg.run_dir() / "stage1"
+    kept = {path.name: path.read_bytes() for path in stage_dir.iterdir() if path.suffix in (".pt", ".json")}
+    assert FINISHED in kept
+    (data / "CUB_200_2011" / "images.txt").write_text("")
+    _load_splits.cache_clear()  # as in a new process, which reads the metadata again
+    with pytest.raises(DataError, match="the demo train split lists no images") as caught:
+        run_stage1(cfg, force=True, progress=False)
+    assert "\n" not in str(caught.value) and f"fgvc datasets check demo --root {data}" in str(caught.value)
+    assert {path.name: path.read_bytes() for path in stage_dir.iterdir() if path.suffix in (".pt", ".json")} == kept
+
+
+def test_weights_that_turn_nan_on_an_epochs_last_step_are_refused_before_anything_is_saved(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss is read a step late and checked, so an update that overflows on the last step was saved, validated
+    and marked finished; with --force it replaced the good model."""
+    import fgvc.engine.stage as stage_module
+    from fgvc.errors import TrainingError
+
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs")
+    run_stage1(cfg, progress=False)
+    stage_dir = cfg.run_dir() / "stage1"
+    kept = {path.name: path.read_bytes() for path in stage_dir.iterdir() if path.suffix in (".pt", ".json")}
+    epoch = stage_module.train_one_epoch
+
+    def diverging_last_step(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        stats = epoch(model, *args, **kwargs)
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(stage_module, "train_one_epoch", diverging_last_step)
+    with pytest.raises(TrainingError, match="weights became NaN or infinite in epoch 1; lower --lr"):
+        run_stage1(cfg, force=True, progress=False)
+    assert {path.name: path.read_bytes() for path in stage_dir.iterdir() if path.suffix in (".pt", ".json")} == kept
+
+
+_TORCH_SAVE = torch.save
+
+
+def _disk_full_on(names: tuple[str, ...]) -> Callable[..., None]:
+    """torch.save as a full disk makes it fail for the checkpoint files named: its writer wraps the file's OSError in
+    "unexpected pos" (torch 2.x)."""
+    save = _TORCH_SAVE  # not torch.save: a test may have patched it already
+
+    def saving(obj: object, fh: object, *args: object, **kwargs: object) -> None:
+        if any(name in str(getattr(fh, "name", "")) for name in names):
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+        save(obj, fh, *args, **kwargs)  # type: ignore[arg-type]
+
+    return saving
+
+
+def test_a_full_disk_names_the_checkpoint_and_never_leaves_an_old_last_pt_to_resume(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk was a traceback; a --force run whose last.pt failed left the old run's last.pt beside the new
+    best.pt, and the next run "resumed" it and marked that mixture finished."""
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs")
+    run_stage1(cfg, progress=False)
+    stage_dir = cfg.run_dir() / "stage1"
+    old_best = (stage_dir / BEST).stat().st_ino  # written by rename: another file has another inode
+
+    monkeypatch.setattr(torch, "save", _disk_full_on((BEST, LAST)))
+    assert load_checkpoint(stage_dir / LAST)["finished"]
+    with pytest.raises(OSError) as caught:  # the first write fails: the old model stays
+        run_stage1(cfg, force=True, progress=False)
+    assert caught.value.errno == 28 and caught.value.filename == str(stage_dir / BEST)
+    assert (stage_dir / BEST).stat().st_ino == old_best
+    assert not (stage_dir / FINISHED).exists() and not (stage_dir / LAST).exists()
+
+    monkeypatch.setattr(torch, "save", _disk_full_on((LAST,)))
+    with pytest.raises(OSError):  # best.pt written, last.pt not: nothing of the old run to resume
+        run_stage1(cfg, progress=False)
+    assert (stage_dir / BEST).stat().st_ino != old_best and not (stage_dir / LAST).exists()
+
+    monkeypatch.undo()
+    result = run_stage1(cfg, progress=False)  # a fresh run, not the old one's "finished" last.pt
+    assert len(result.history) == 1 and (stage_dir / FINISHED).is_file()
+    assert load_checkpoint(stage_dir / LAST)["finished"]
+
+
+def test_a_full_disk_is_one_line_saying_to_free_space(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import fgvc.engine.stage as stage_module
+    from fgvc.cli import main
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device", "/runs/x/stage1/best.pt")
+
+    monkeypatch.setattr(stage_module, "run_stage1", full)
+    monkeypatch.setattr(sys, "argv", ["fgvc", "stage1", "--dataset", "demo", "--workers", "0"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "/runs/x/stage1/best.pt: No space left on device; free some space" in err

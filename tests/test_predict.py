@@ -252,6 +252,28 @@ def test_a_model_trained_beside_another_hold_out_is_flagged_on_val(
         assert expected in caplog.text, caplog.text
 
 
+def test_a_model_of_nan_weights_and_a_file_of_nan_rows_are_refused(adapted_run: Path, tmp_path: Path) -> None:
+    """A diverged stage (trained before its weights were checked) used to give a file of NaN rows, "top-1 25.00", and
+    an ensemble took it in and submitted class 0 for every image, as "validated"."""
+    from fgvc.engine.checkpoint import BEST, load_checkpoint, save_checkpoint
+
+    run = tmp_path / "diverged"
+    shutil.copytree(adapted_run, run)
+    shutil.rmtree(run / "predictions", ignore_errors=True)
+    ckpt = load_checkpoint(run / "stage1" / BEST)
+    next(v for v in ckpt["model"].values() if v.is_floating_point()).fill_(float("nan"))
+    save_checkpoint(run / "stage1" / BEST, ckpt)
+    with pytest.raises(WeightsError, match=r"best\.pt: the model gives NaN or infinite probabilities for \d+ of"):
+        predict(run, split="test", stage=1, tta="none", progress=False)
+    assert not (run / "predictions").exists() or not list((run / "predictions").rglob("*.npz"))
+
+    good = Probabilities.load(predict(adapted_run, split="test", stage=1, tta="none", progress=False).path)
+    good.probs[1] = np.nan
+    good.save(tmp_path / "nan.npz")
+    with pytest.raises(DataError, match=r"nan\.npz: 1 of \d+ rows hold NaN or infinite probabilities; delete it"):
+        Probabilities.load(tmp_path / "nan.npz")
+
+
 def test_predict_and_sweep_use_only_finished_stages_unless_one_is_named(
     adapted_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -407,6 +429,10 @@ def test_missing_member_prints_the_command_that_produces_it(tmp_path: Path, tiny
     train_recipe(recipe_path, progress=False, members=["generic-b"])
     with pytest.raises(DataError, match=r"sample_submision\.csv: sample submission not found"):  # a typo, early
         ensemble_recipe(recipe_path, tmp_path / "submissions", tmp_path / "sample_submision.csv", progress=False)
+    (tmp_path / "a_file").write_text("not a folder\n")
+    with pytest.raises(FileExistsError) as caught:  # --out naming a file: before the predictions, not after
+        ensemble_recipe(recipe_path, tmp_path / "a_file", progress=False)
+    assert caught.value.filename == str(tmp_path / "a_file")
     assert not list((tmp_path / "runs").glob("*/predictions"))
 
 

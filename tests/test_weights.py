@@ -412,3 +412,15 @@ def test_missing_weights_are_reported_before_the_dataset_is_read(
     cfg = tiny_config(tmp_path / "data", tmp_path / "runs", model=model)
     with pytest.raises(WeightsError, match=expected):
         stage.run_stage1(cfg, progress=False)
+
+
+def test_a_checkpoint_holding_nan_is_refused_naming_the_file_and_tensor(tmp_path: Path) -> None:
+    """A diverged run's weights used to fail at the first step with "loss is nan ... lower --lr", naming no file."""
+    state = create_model("timm:test_resnet", 4).state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 4)
+    state[key][0] = float("nan")
+    torch.save(state, tmp_path / "diverged.pth")
+    with pytest.raises(WeightsError) as caught:
+        create_model("timm:test_resnet", 4, weights=tmp_path / "diverged.pth")
+    message = str(caught.value)
+    assert "diverged.pth" in message and repr(key) in message and "NaN" in message and "\n" not in message

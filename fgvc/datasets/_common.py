@@ -185,8 +185,9 @@ def load_mat(path: Path, variables: Sequence[str]) -> dict[str, Any]:
     """Load a MATLAB file with ``squeeze_me=False`` (shapes stay as MATLAB wrote them) and check its variables."""
     try:
         data = scipy.io.loadmat(path, squeeze_me=False)
-    except (ValueError, TypeError, OSError, RuntimeError, zlib.error, scipy.io.matlab.MatReadError) as exc:
-        # v7.3 (HDF5): RuntimeError; a damaged compressed variable: zlib.error
+    except (ValueError, TypeError, IndexError, OSError, RuntimeError, zlib.error, scipy.io.matlab.MatReadError) as exc:
+        # v7.3 (HDF5): RuntimeError; a damaged compressed variable: zlib.error; shorter than a MATLAB header (an error
+        # page saved by curl, a cut-off download): IndexError
         raise DataError(
             f"{path}: not a readable MATLAB file ({exc}); re-extract it from the official archive"
         ) from None

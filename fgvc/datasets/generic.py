@@ -49,6 +49,10 @@ def read_folder(root: Path) -> OfficialSplits:
     class_dirs = [folder for folder in list_subdirs(train_dir) if list_images(folder, recursive=True)]
     if not class_dirs:
         raise layout_error(root, "train/<class>/ image folders", "folder", "image folder")
+    split_names = sorted({folder.name for folder in class_dirs} & {*VAL_DIRS, "test"}) if not split_layout else []
+    if split_names:  # val/ and test/ without train/ (not extracted yet, or misnamed): not classes
+        raise DataError(f"{root}: {'/, '.join(split_names)}/ but no train/ folder; put the training images in "
+                        f"{root / 'train'}/<class>/")  # fmt: skip
     category_ids = sort_category_ids([folder.name for folder in class_dirs])
     mapping = label_map(category_ids)
     notes = []
@@ -136,6 +140,10 @@ def _read_table(path: Path, split: str) -> pd.DataFrame:
     empty_paths = table["path"].str.strip() == ""
     if empty_paths.any():
         raise DataError(f"{path}:{int(empty_paths.to_numpy().nonzero()[0][0]) + 2}: empty path")
+    repeated = table["path"].duplicated()
+    if repeated.any():  # one image id twice: its rows would count twice in training, and a submission refuses them
+        line = int(repeated.to_numpy().nonzero()[0][0]) + 2
+        raise DataError(f"{path}:{line}: path {table['path'][repeated].iloc[0]!r} is listed twice; keep one line")
     table["label"] = table["label"].str.strip()
     unlabelled = table["label"] == ""
     if split != "test" and unlabelled.any():

@@ -55,7 +55,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda fh: torch.save(state, fh))
+    try:
+        atomic_write(path, lambda fh: torch.save(state, fh))
+    except RuntimeError as err:  # torch's writer turns the file's own error (a full disk) into "unexpected pos ..."
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from err
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

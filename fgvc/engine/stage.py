@@ -78,7 +78,7 @@ from fgvc.engine.runtime import (
     setup_runtime,
 )
 from fgvc.engine.sampling import EpochBatches, EpochSampler
-from fgvc.errors import ConfigError, DataError, RunBusyError, RunExistsError
+from fgvc.errors import ConfigError, DataError, RunBusyError, RunExistsError, TrainingError
 from fgvc.fileio import atomic_write_text, remove_if_abandoned
 from fgvc.io import typical_source_pixels
 from fgvc.logs import run_log
@@ -398,6 +398,13 @@ def latest_run(out: str | Path = "runs") -> Path:
     return candidates[-1].parent.parent
 
 
+def require_run_folder(run_dir: Path) -> None:
+    """``--run runs/X/stage1`` (a stage folder, where the run folder is meant) said "stage 1 has no checkpoint; run
+    `fgvc stage1` first" of a stage that has one."""
+    if (run_dir.name == STAGE1 or run_dir.name.startswith("stage2-")) and (run_dir.parent / STAGE1).is_dir():
+        raise ConfigError(f"{run_dir}: a stage folder; pass the run folder that holds it: --run {run_dir.parent}")
+
+
 def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[str]:
     """Settings that differ between the checkpoint's config and this command (resuming would mix two runs)."""
     current = cfg.model_dump(mode="json")
@@ -499,6 +506,10 @@ def _train_stage(
     if stage == STAGE1 and state is None:
         weights_file(cfg.model.arch, cfg.model.weights)
     train_index, val_index = load_split(cfg, "train"), load_split(cfg, "val")
+    if len(train_index) == 0:  # an empty or cut metadata file: epochs of nothing would end "finished"
+        name = cfg.data.dataset
+        raise DataError(f"{cfg.data.resolved_root()}: the {name} train split lists no images; `fgvc datasets check "
+                        f"{name} --root {cfg.data.resolved_root()}` names the empty file, re-extract it")  # fmt: skip
     if state is not None:
         check_holdout(state, val_index, stage_dir)
     for note in train_index.notes:
@@ -607,18 +618,19 @@ def _train_stage(
     claimed = False
     # --force over earlier results: they go at this run's first checkpoint, so an interruption before its first epoch
     # ends saves nothing rather than claim the folder with a step or two of training
-    guarded = force and (bool(_built_on_old_model(run_dir, stage_dir, stage)) or (stage_dir / LAST).is_file())
+    guarded = force and bool(_built_on_old_model(run_dir, stage_dir, stage))
 
     def save(name: str, ckpt: dict[str, Any]) -> None:
         """Write a checkpoint of this run (rank 0 only calls it).
 
         Before the first one, and not earlier, the old results (with --force) and whatever was built on them go and
         this run's config is written: a run that fails before it has a checkpoint of its own (a corrupt image in the
-        first epoch, a crash) leaves the folder as it found it.
+        first epoch, a crash) leaves the folder as it found it. The old best.pt goes only once the first checkpoint is
+        written (the new best.pt replaces it), so that a write that fails (a full disk) leaves the old model.
         """
         nonlocal claimed
         if not claimed:
-            _retire_old_results(run_dir, stage_dir, stage, force)
+            _retire_old_results(run_dir, stage_dir, stage, force, keep=stage_dir / BEST)
             for stale in stage_dir.glob(".*.tmp"):  # half-written files of a process killed mid-write (SIGKILL, OOM)
                 remove_if_abandoned(stale)
             if state is None:
@@ -626,8 +638,10 @@ def _train_stage(
                 save_config(cfg, stage_dir / CONFIG_FILE)
                 if stage == STAGE1:
                     save_config(cfg, run_dir / CONFIG_FILE)
-            claimed = True
         save_checkpoint(stage_dir / name, ckpt)
+        if not claimed and force and name != BEST:  # not this run's model
+            (stage_dir / BEST).unlink(missing_ok=True)
+        claimed = True
 
     def checkpoint(epoch: int, micro: int, finished: bool, rngs: Sequence[object]) -> dict[str, Any]:
         """The resumable state; ``rngs`` holds every rank's RNG state (:func:`gather_objects`, called by all)."""
@@ -725,6 +739,8 @@ def _train_stage(
                 batch_size=stage_cfg.batch_size, samples=len(train_sampler), desc=desc, progress=progress, mix=mix,
             )  # fmt: skip
         stats = stats.after(partial if epoch == start_epoch else None)
+        if optimizer is not None:
+            _require_finite_weights(model, epoch + 1)
         bn_reset()
         # Each rank saw its own shard: average the BN statistics so that the saved model uses them all. Not after an
         # interruption in stage 1: there DDP copies rank 0's buffers to every rank before each forward, so rank 0's
@@ -774,6 +790,15 @@ def _train_stage(
                    "final": result.final, "before": before, "decode": decode, "source": source}  # fmt: skip
         atomic_write_text(stage_dir / FINISHED, json.dumps(summary, indent=2))
     return result
+
+
+def _require_finite_weights(model: nn.Module, epoch: int) -> None:
+    """Every step's loss is checked, but an update that overflows on an epoch's last step leaves NaN weights with no
+    loss after them to show it, and they would be saved, validated and marked finished."""
+    learned = [p.detach() for p in model.parameters() if p.requires_grad]
+    if learned and not bool(torch.stack([p.isfinite().all() for p in learned]).all()):
+        raise TrainingError(f"the weights became NaN or infinite in epoch {epoch}; lower --lr or disable --amp, then "
+                            "use --force")  # fmt: skip
 
 
 def _resumable_state(cfg: RunConfig, stage: str, stage_dir: Path) -> dict[str, Any] | None:
@@ -899,20 +924,23 @@ def _history_row(epoch: int, stats: EpochStats) -> dict[str, Any]:
     }
 
 
-def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool) -> None:
-    """Results the training about to start makes stale: with ``force`` the old model, and whatever was built on it."""
+def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool, keep: Path) -> None:
+    """Results the training about to start makes stale: with ``force`` the old model (but ``keep``), and whatever was
+    built on it."""
     if force:  # called when the new run writes its first checkpoint: from then on the old one is not "the" result
         for path in _built_on_old_model(run_dir, stage_dir, stage):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path != keep:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     # predictions of an unfinished or retrained model must not be reused
     shutil.rmtree(run_dir / "predictions" / stage_dir.name, ignore_errors=True)
 
 
 def _built_on_old_model(run_dir: Path, stage_dir: Path, stage: str) -> list[Path]:
-    """What a --force run retires: the stage's finished model, every sweep (one of its columns is that model), and for
-    stage 1 every stage 2 adapted from it (no checkpoint left: predict and stage 2 cannot pick them up) and all
-    predictions."""
-    paths = [stage_dir / FINISHED, stage_dir / BEST, *run_dir.glob("sweep-*.*")]
+    """What a --force run retires: the stage's old model (its last.pt too: should the new run's first last.pt fail to
+    be written, a rerun would resume the old one's and mark it finished beside the new best.pt), every sweep (one of
+    its columns is that model), and for stage 1 every stage 2 adapted from it (no checkpoint left: predict and stage 2
+    cannot pick them up) and all predictions."""
+    paths = [stage_dir / FINISHED, stage_dir / BEST, stage_dir / LAST, *run_dir.glob("sweep-*.*")]
     if stage == STAGE1:
         paths += [old / name for old in run_dir.glob("stage2-*") for name in (FINISHED, LAST, BEST)]
         paths.append(run_dir / "predictions")
@@ -1066,6 +1094,7 @@ def stage2_config(run_dir: str | Path, overrides: dict[str, Any], resume: bool =
     the settings it was started with, without retyping every flag. A --force run starts from the run's settings and
     the flags given.
     """
+    require_run_folder(Path(run_dir))
     values = load_config(_stage2_base(Path(run_dir), overrides, resume)).model_dump(mode="json")
     cfg = with_overrides(values, overrides, "command line")
     # The run folder is the one given, wherever it lives now.

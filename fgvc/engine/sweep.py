@@ -72,12 +72,14 @@ def sweep(
     """The leaderboard metric (:func:`fgvc.submission.leaderboard_metric`: top-1 for most datasets) of the stage-1
     model and of every finished stage-2 model at each test resolution (test augmentation)."""
     from fgvc.engine.runtime import is_main_process
+    from fgvc.engine.stage import require_run_folder
     from fgvc.predict import finished_stage_dirs, predict_stage, require_positive
 
     run_dir = Path(run_dir)
     if not resolutions:
         raise ConfigError("--res needs at least one resolution, e.g. --res 384,448,512")
     require_positive(("--batch-size", batch_size), *(("--res", r) for r in resolutions))
+    require_run_folder(run_dir)
     dirs = finished_stage_dirs(run_dir)
     if not dirs:
         raise DataError(f"{run_dir}: no finished stage; run `fgvc stage1` first")

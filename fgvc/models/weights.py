@@ -283,7 +283,17 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     state = _fit_classifier(state, target, meta.classifier + ".")
     _check_keys(state, target, meta.classifier + ".", meta.arch, path, written_for)
     _check_shapes(state, target, meta.arch, path)
+    _check_finite(state, path)
     net.load_state_dict(state, strict=False)
+
+
+def _check_finite(state: StateDict, path: str | Path) -> None:
+    """A checkpoint of a run that diverged: training from it fails at its first step with a loss of NaN, which
+    blames the learning rate and not the file."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise WeightsError(f"{path}: '{key}' holds NaN or infinite values (saved by a run that diverged); start "
+                               "from another checkpoint")  # fmt: skip
 
 
 def _timm_checkpoint_filter(state: StateDict, net: nn.Module) -> StateDict:
