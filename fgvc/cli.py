@@ -437,14 +437,14 @@ def main() -> None:
         typer.echo(f"fgvc: error: invalid value for {key}: {message} (got {err.errors()[0].get('input')!r})", err=True)
         sys.exit(2)
     except OSError as err:  # a path the user gave that is a folder, a file, unwritable...: the path and the reason
-        if err.filename is None:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if err.filename is None and not full:
             raise
-        reason, fix = err.strerror or str(err), "check the path"
+        reason, fix = err.strerror or str(err), "free some space and rerun" if full else "check the path"
         if isinstance(err, FileExistsError | NotADirectoryError) and Path(err.filename).is_file():
             reason = "a file where a folder is expected"
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            fix = "free some space and rerun (training resumes from its last checkpoint)"
-        typer.echo(f"fgvc: error: {err.filename}: {reason}; {fix}", err=True)
+        where = f"{err.filename}: " if err.filename is not None else ""
+        typer.echo(f"fgvc: error: {where}{reason}; {fix}", err=True)
         sys.exit(2)
     except _USAGE_ERRORS as err:
         show = getattr(err, "show", None)

@@ -162,11 +162,11 @@ class RunConfig(_Section):
 
     @field_validator("name")
     @classmethod
-    def _name_is_one_folder(cls, value: str | None) -> str | None:
-        """The run's folder under ``out``: a name with a path in it (``../x``) would train somewhere else."""
-        if value is not None and (value in ("", ".", "..") or any(sep in value for sep in "/\\")):
-            raise ValueError(f"{value!r} is a path, not a folder name (no '/' or '\\', not '.' or '..'); the folder "
-                             "it goes in is `out`")  # fmt: skip
+    def _name_stays_under_out(cls, value: str | None) -> str | None:
+        """The run's folder under ``out`` (``ablation/lr005`` included): ``../x`` or ``/x`` would train elsewhere."""
+        if value is not None and (value.strip() in ("", ".") or Path(value).is_absolute() or ".." in Path(value).parts):
+            raise ValueError(f"{value!r} is not a folder under `out` (no '..', not absolute); set `out` for another "
+                             "place")  # fmt: skip
         return value
 
     @field_validator("stage2")

@@ -49,9 +49,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Call ``write(fileobj)`` on a temp file, then move it over ``path``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        write(fh)
+    """Call ``write(fileobj)`` on a temp file, then move it over ``path``.
+
+    An error writing the temp file (a full disk: a write, the flush at close or the fsync, which name no file, or the
+    temp file's creation) names ``path``, the file the user knows.
+    """
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            write(fh)
+    except OSError as err:
+        named = err.filename is not None and not Path(str(err.filename)).name.startswith(f".{Path(path).name}.")
+        if named or err.errno is None:  # another file's error, or one made up by the caller's code: as it is
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -164,7 +164,7 @@ def test_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch, capsys:
         (["sweep", "--run", str(run / "stage1"), "--res", "32"], f"--run {run}"),
         (["predict", "--run", str(run), "--stage", "2", "--res", "48"],
          f"{run / 'stage2-48' / 'config.yaml'}: missing; fgvc saved this folder's settings there"),
-        (["stage1", "--dataset", "demo", "--name", "../elsewhere"], "'../elsewhere' is a path, not a folder name"),
+        (["stage1", "--dataset", "demo", "--name", "../elsewhere"], "'../elsewhere' is not a folder under `out`"),
     ]  # fmt: skip
     for args, expected in cases:
         code, err = run_main(monkeypatch, capsys, *args)

@@ -153,6 +153,21 @@ def test_other_starting_weights_are_another_model() -> None:
     assert config_conflicts(saved, now, STAGE1) == ["model.weights: imagenet -> None"]
 
 
+def test_a_run_name_may_hold_subfolders_but_not_leave_out(tmp_path: Path) -> None:
+    """`ablation/lr005` trains into runs/ablation/lr005 (runs named so before keep working); `../x` would not be
+    under runs/ at all."""
+    from fgvc.engine.stage import require_run_folder
+
+    assert RunConfig.model_validate({"name": "ablation/lr005"}).run_dir() == Path("runs/ablation/lr005")
+    for name in ("../elsewhere", "a/../../b", "/abs", "", "."):
+        with pytest.raises(ValueError, match="not a folder under `out`"):
+            RunConfig.model_validate({"name": name})
+    (tmp_path / "stage1" / "stage1").mkdir(parents=True)  # a run named "stage1": its folder is a run folder
+    require_run_folder(tmp_path / "stage1")
+    with pytest.raises(ConfigError, match=f"pass the run folder that holds it: --run {tmp_path / 'stage1'}$"):
+        require_run_folder(tmp_path / "stage1" / "stage1")
+
+
 def test_another_dataset_on_the_command_line_leaves_the_saved_root_behind(tmp_path: Path) -> None:
     saved = tmp_path / "config.yaml"
     save_config(config_from_dict({"data": {"dataset": "demo", "root": "/data/demo"}}), saved)

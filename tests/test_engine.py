@@ -1427,14 +1427,16 @@ def test_a_full_disk_names_the_checkpoint_and_never_leaves_an_old_last_pt_to_res
     assert load_checkpoint(stage_dir / LAST)["finished"]
 
 
+@pytest.mark.parametrize("filename", ["/runs/x/stage1/best.pt", None])
 def test_a_full_disk_is_one_line_saying_to_free_space(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, filename: str | None
 ) -> None:
+    """With the file's name where fgvc knows it; without one (an OSError from a library's write), still one line."""
     import fgvc.engine.stage as stage_module
     from fgvc.cli import main
 
     def full(*args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device", "/runs/x/stage1/best.pt")
+        raise OSError(28, "No space left on device", filename)
 
     monkeypatch.setattr(stage_module, "run_stage1", full)
     monkeypatch.setattr(sys, "argv", ["fgvc", "stage1", "--dataset", "demo", "--workers", "0"])
@@ -1442,4 +1444,33 @@ def test_a_full_disk_is_one_line_saying_to_free_space(
         main()
     err = capsys.readouterr().err
     assert exited.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert "/runs/x/stage1/best.pt: No space left on device; free some space" in err
+    assert f"fgvc: error: {filename + ': ' if filename else ''}No space left on device; free some space" in err
+
+
+def test_a_fresh_start_whose_first_checkpoint_is_last_pt_drops_an_earlier_best_pt(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With validation every 2 epochs the first checkpoint is last.pt: a best.pt left by a failed --force run (its
+    last.pt could not be written) stayed beside the new run's, and `predict --stage 1` read the old model."""
+    import fgvc.engine.stage as stage_module
+
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs", stage1={"epochs": 2, "val_every": 2})
+    run_stage1(cfg, progress=False)
+    stage_dir = cfg.run_dir() / "stage1"
+    monkeypatch.setattr(torch, "save", _disk_full_on((LAST,)))
+    with pytest.raises(OSError):
+        run_stage1(cfg, force=True, progress=False)
+    monkeypatch.undo()
+    assert (stage_dir / BEST).is_file() and not (stage_dir / LAST).exists()  # the old model, nothing to resume
+    epoch, calls = stage_module.train_one_epoch, []
+
+    def crash_in_epoch_2(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the machine went down")
+        return epoch(*args, **kwargs)
+
+    monkeypatch.setattr(stage_module, "train_one_epoch", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="went down"):
+        run_stage1(cfg, progress=False)
+    assert (stage_dir / LAST).is_file() and not (stage_dir / BEST).exists()

@@ -59,3 +59,22 @@ def test_a_temp_file_whose_writer_still_holds_it_is_kept_even_if_its_pid_looks_d
         os.close(fd)  # the writer is killed: its lock goes with it
     atomic_write_text(tmp_path / "b.csv", "x\n")
     assert not live.exists()
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path: Path) -> None:
+    """A write or the flush at close on a full disk raises an OSError with no file name: the CLI printed a traceback."""
+    import errno
+
+    import pytest
+
+    from fgvc.fileio import atomic_write
+
+    def full(fh: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "best.pt"
+    target.write_text("the earlier result\n")
+    with pytest.raises(OSError) as caught:
+        atomic_write(target, full)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert target.read_text() == "the earlier result\n" and [p.name for p in tmp_path.iterdir()] == ["best.pt"]

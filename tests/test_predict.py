@@ -261,7 +261,14 @@ def test_a_model_of_nan_weights_and_a_file_of_nan_rows_are_refused(adapted_run: 
     shutil.copytree(adapted_run, run)
     shutil.rmtree(run / "predictions", ignore_errors=True)
     ckpt = load_checkpoint(run / "stage1" / BEST)
+    weights = {k: v.clone() for k, v in ckpt["model"].items()}
     next(v for v in ckpt["model"].values() if v.is_floating_point()).fill_(float("nan"))
+    save_checkpoint(run / "stage1" / BEST, ckpt)
+    with pytest.raises(WeightsError, match=r"best\.pt: '.+' holds NaN or infinite values \(the run diverged\)"):
+        predict(run, split="test", stage=1, tta="none", progress=False)  # refused before the pass
+    # finite weights whose forward is NaN (a negative BatchNorm variance): the probabilities are checked too
+    ckpt["model"] = weights
+    next(v for k, v in ckpt["model"].items() if k.endswith("running_var")).fill_(-1.0)
     save_checkpoint(run / "stage1" / BEST, ckpt)
     with pytest.raises(WeightsError, match=r"best\.pt: the model gives NaN or infinite probabilities for \d+ of"):
         predict(run, split="test", stage=1, tta="none", progress=False)

@@ -49,7 +49,8 @@ def read_folder(root: Path) -> OfficialSplits:
     class_dirs = [folder for folder in list_subdirs(train_dir) if list_images(folder, recursive=True)]
     if not class_dirs:
         raise layout_error(root, "train/<class>/ image folders", "folder", "image folder")
-    split_names = sorted({folder.name for folder in class_dirs} & {*VAL_DIRS, "test"}) if not split_layout else []
+    names = {folder.name for folder in class_dirs}
+    split_names = sorted(names) if not split_layout and names <= {*VAL_DIRS, "test"} else []
     if split_names:  # val/ and test/ without train/ (not extracted yet, or misnamed): not classes
         raise DataError(f"{root}: {'/, '.join(split_names)}/ but no train/ folder; put the training images in "
                         f"{root / 'train'}/<class>/")  # fmt: skip

@@ -61,7 +61,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         cause: BaseException | None = err
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
-        if cause is None:
+        if not isinstance(cause, OSError) or cause.errno is None:
             raise
         raise OSError(cause.errno, cause.strerror, str(path)) from err
 

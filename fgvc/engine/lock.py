@@ -118,8 +118,12 @@ def _acquire(path: Path, shared: bool) -> int | None:
         os.close(fd)  # its last holder removed the file after we opened it: lock the one at the path now
     if not shared:
         started = dt.datetime.now().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {started}".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {started}".encode())
+        except OSError as err:  # a full disk: these name no file
+            os.close(fd)
+            raise OSError(err.errno, err.strerror, str(path)) from err
     return fd
 
 

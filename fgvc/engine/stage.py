@@ -78,7 +78,7 @@ from fgvc.engine.runtime import (
     setup_runtime,
 )
 from fgvc.engine.sampling import EpochBatches, EpochSampler
-from fgvc.errors import ConfigError, DataError, RunBusyError, RunExistsError, TrainingError
+from fgvc.errors import ConfigError, DataError, RunBusyError, RunExistsError, TrainingError, WeightsError
 from fgvc.fileio import atomic_write_text, remove_if_abandoned
 from fgvc.io import typical_source_pixels
 from fgvc.logs import run_log
@@ -97,6 +97,7 @@ from fgvc.models import (
     unwrap_model,
     weights_file,
 )
+from fgvc.models.weights import nonfinite_weight
 from fgvc.plots import plot_training_curves
 from fgvc.submission import leaderboard_metric
 from fgvc.transforms import build_transform
@@ -372,6 +373,9 @@ def load_stage_model(stage_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
     ckpt, identity = load_checkpoint_identified(path)
     model = create_model(ckpt["arch"], ckpt["num_classes"], None)
     load_model_state(model, ckpt["model"], path)
+    if key := nonfinite_weight(model, model.state_dict()):  # before a prediction pass, not after it
+        raise WeightsError(f"{path}: '{key}' holds NaN or infinite values (the run diverged); retrain the stage with a "
+                           "lower --lr")  # fmt: skip
     use_saved_input(model, ckpt)
     return model, ckpt, identity
 
@@ -401,7 +405,8 @@ def latest_run(out: str | Path = "runs") -> Path:
 def require_run_folder(run_dir: Path) -> None:
     """``--run runs/X/stage1`` (a stage folder, where the run folder is meant) said "stage 1 has no checkpoint; run
     `fgvc stage1` first" of a stage that has one."""
-    if (run_dir.name == STAGE1 or run_dir.name.startswith("stage2-")) and (run_dir.parent / STAGE1).is_dir():
+    stage_name = run_dir.name == STAGE1 or run_dir.name.startswith("stage2-")
+    if stage_name and (run_dir.parent / STAGE1).is_dir() and not (run_dir / STAGE1).is_dir():  # a run named stage1
         raise ConfigError(f"{run_dir}: a stage folder; pass the run folder that holds it: --run {run_dir.parent}")
 
 
@@ -507,9 +512,9 @@ def _train_stage(
         weights_file(cfg.model.arch, cfg.model.weights)
     train_index, val_index = load_split(cfg, "train"), load_split(cfg, "val")
     if len(train_index) == 0:  # an empty or cut metadata file: epochs of nothing would end "finished"
-        name = cfg.data.dataset
-        raise DataError(f"{cfg.data.resolved_root()}: the {name} train split lists no images; `fgvc datasets check "
-                        f"{name} --root {cfg.data.resolved_root()}` names the empty file, re-extract it")  # fmt: skip
+        name, root = cfg.data.dataset, cfg.data.resolved_root()
+        raise DataError(f"{root}: the {name} train split lists no images; re-extract its metadata files (`fgvc "
+                        f"datasets check {name} --root {root}` checks them)")  # fmt: skip
     if state is not None:
         check_holdout(state, val_index, stage_dir)
     for note in train_index.notes:
@@ -639,7 +644,7 @@ def _train_stage(
                 if stage == STAGE1:
                     save_config(cfg, run_dir / CONFIG_FILE)
         save_checkpoint(stage_dir / name, ckpt)
-        if not claimed and force and name != BEST:  # not this run's model
+        if not claimed and state is None and name != BEST:  # not this run's model (a --force run's, or a failed one's)
             (stage_dir / BEST).unlink(missing_ok=True)
         claimed = True
 

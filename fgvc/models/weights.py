@@ -283,17 +283,22 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     state = _fit_classifier(state, target, meta.classifier + ".")
     _check_keys(state, target, meta.classifier + ".", meta.arch, path, written_for)
     _check_shapes(state, target, meta.arch, path)
-    _check_finite(state, path)
+    if key := nonfinite_weight(net, state):  # a diverged run's: its first step's NaN loss would blame the lr
+        raise WeightsError(f"{path}: '{key}' holds NaN or infinite values (saved by a run that diverged); start from "
+                           "another checkpoint")  # fmt: skip
     net.load_state_dict(state, strict=False)
 
 
-def _check_finite(state: StateDict, path: str | Path) -> None:
-    """A checkpoint of a run that diverged: training from it fails at its first step with a loss of NaN, which
-    blames the learning rate and not the file."""
+def nonfinite_weight(net: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key of ``state`` that no trained model holds: a NaN anywhere, or an infinity in a parameter (buffers
+    may hold infinities on purpose, as clamp bounds)."""
+    params = {name for name, _ in net.named_parameters()}
     for key, value in state.items():
-        if value.is_floating_point() and not bool(value.isfinite().all()):
-            raise WeightsError(f"{path}: '{key}' holds NaN or infinite values (saved by a run that diverged); start "
-                               "from another checkpoint")  # fmt: skip
+        if not value.is_floating_point():
+            continue
+        if bool(value.isnan().any()) or (key in params and not bool(value.isfinite().all())):
+            return key
+    return None
 
 
 def _timm_checkpoint_filter(state: StateDict, net: nn.Module) -> StateDict:
