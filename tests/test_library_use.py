@@ -174,25 +174,18 @@ def test_opencv_keeps_the_callers_log_level(tiny_demo_root: Path) -> None:
         cv2.utils.logging.setLogLevel(level)
 
 
-def test_the_public_names_load_on_first_use() -> None:
+def test_the_public_names_load_on_first_use_and_leave_pythons_random_generator_as_it_was() -> None:
+    """Loading them imports rich, whose ``rich.style`` draws from Python's generator at import: a caller who seeded
+    it before the first call got another sequence than on a rerun."""
     code = (
-        "import sys, fgvc; assert 'torch' not in sys.modules; "
-        "names = [getattr(fgvc, name) for name in fgvc.__all__]; "
+        "import random, sys, fgvc; assert 'torch' not in sys.modules and 'rich' not in sys.modules; random.seed(0); "
+        "state = random.getstate(); names = [getattr(fgvc, name) for name in fgvc.__all__]; "
+        "assert 'rich.style' in sys.modules and random.getstate() == state; "
         "import fgvc.predict; assert callable(fgvc.run_predict) and 'torch' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError, match="no attribute 'stage3'"):
         fgvc.stage3  # noqa: B018
-
-
-def test_the_first_use_of_a_public_name_leaves_pythons_random_generator_as_it_was() -> None:
-    """Importing fgvc's modules imports rich, whose ``rich.style`` draws from Python's generator at import."""
-    code = (
-        "import random, sys, fgvc; assert 'rich' not in sys.modules; random.seed(0); state = random.getstate(); "
-        "names = [getattr(fgvc, name) for name in fgvc.__all__]; assert 'rich.style' in sys.modules; "
-        "assert random.getstate() == state"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_progress_bars_refresh_once_a_minute_into_a_log_file(monkeypatch: pytest.MonkeyPatch) -> None:
