@@ -635,7 +635,7 @@ def _train_stage(
         """
         nonlocal claimed
         if not claimed:
-            _retire_old_results(run_dir, stage_dir, stage, force, keep=stage_dir / BEST)
+            _retire_old_results(run_dir, stage_dir, stage, force)
             for stale in stage_dir.glob(".*.tmp"):  # half-written files of a process killed mid-write (SIGKILL, OOM)
                 remove_if_abandoned(stale)
             if state is None:
@@ -929,12 +929,12 @@ def _history_row(epoch: int, stats: EpochStats) -> dict[str, Any]:
     }
 
 
-def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool, keep: Path) -> None:
-    """Results the training about to start makes stale: with ``force`` the old model (but ``keep``), and whatever was
-    built on it."""
+def _retire_old_results(run_dir: Path, stage_dir: Path, stage: str, force: bool) -> None:
+    """Results the training about to start makes stale: with ``force`` the old model, and whatever was built on it.
+    Its best.pt stays until the new run's first checkpoint is written (``save`` in :func:`_train_stage`)."""
     if force:  # called when the new run writes its first checkpoint: from then on the old one is not "the" result
         for path in _built_on_old_model(run_dir, stage_dir, stage):
-            if path != keep:
+            if path != stage_dir / BEST:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     # predictions of an unfinished or retrained model must not be reused
     shutil.rmtree(run_dir / "predictions" / stage_dir.name, ignore_errors=True)
