@@ -64,6 +64,19 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         raise OSError(err.errno, err.strerror, str(path)) from err
 
 
+def require_writable(folder: str | Path) -> None:
+    """Create ``folder`` and write a probe file there: read-only storage, a file in its place or missing permissions
+    fail now, naming the folder, rather than after the hours of work whose result goes there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".probe.{owner_tag()}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(folder)) from err
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda fh: fh.write(text.encode()))
 

@@ -30,7 +30,7 @@ from fgvc.engine.stage import (
 )
 from fgvc.ensemble import align, combine, combine_members, resolve_weights
 from fgvc.errors import ConfigError, DataError, WeightsError
-from fgvc.fileio import owner_tag
+from fgvc.fileio import owner_tag, require_writable
 from fgvc.metrics import summarize
 from fgvc.models import check_resolution, model_meta, weights_file
 from fgvc.predict import mean_over_resolutions, predict_stage
@@ -225,7 +225,7 @@ def ensemble_recipe(
         if foreign:
             raise SubmissionError(foreign)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)  # now, not after the predictions (hours on iNat): a file in its place fails
+    require_writable(out)  # now, not after the predictions (hours on iNat)
     # The val split fits the weights (search) or only fills the report: without images it is skipped in the latter case.
     search = ens.weights == "search"
     validate = search or bool(len(load_split(recipe.members[0].config, ens.val_split)))

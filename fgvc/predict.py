@@ -44,6 +44,7 @@ from fgvc.engine.stage import (
 )
 from fgvc.ensemble import combine_members, equal_weights
 from fgvc.errors import ConfigError, DataError, WeightsError
+from fgvc.fileio import require_writable
 from fgvc.io import decode_image
 from fgvc.metrics import summarize
 from fgvc.models import get_meta
@@ -219,6 +220,7 @@ def predict_stage(
     if broadcast_from_main(rt, cached is not None):  # rank 0 decides: every rank must take the same branch
         return PredictResult(path, cached, broadcast_from_main(rt, _metrics(cached)), True)
 
+    require_writable(path.parent)  # read-only storage fails now, not after the pass (hours at iNat's size)
     model, ckpt, identity = load_stage_model(stage_dir)
     check_classes(ckpt, index, stage_dir, stage_dir / CONFIG_FILE)
     check_holdout(ckpt, index, stage_dir)

@@ -78,3 +78,28 @@ def test_a_full_disk_names_the_file_being_written(tmp_path: Path) -> None:
         atomic_write(target, full)
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
     assert target.read_text() == "the earlier result\n" and [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_a_folder_that_cannot_take_a_result_fails_before_the_work(tmp_path: Path, monkeypatch) -> None:
+    """Read-only storage (EROFS, which root meets too) or a file in the folder's place: named now, not after hours."""
+    import errno
+    import tempfile
+
+    import pytest
+
+    from fgvc.fileio import require_writable
+
+    require_writable(tmp_path / "new" / "predictions")  # created, and nothing left in it
+    assert list((tmp_path / "new" / "predictions").iterdir()) == []
+    (tmp_path / "taken").write_text("a file\n")
+    with pytest.raises(FileExistsError) as caught:
+        require_writable(tmp_path / "taken")
+    assert caught.value.filename == str(tmp_path / "taken")
+
+    def read_only(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "mount" / ".probe.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError) as caught:
+        require_writable(tmp_path / "mount")
+    assert caught.value.errno == errno.EROFS and caught.value.filename == str(tmp_path / "mount")

@@ -281,6 +281,22 @@ def test_a_model_of_nan_weights_and_a_file_of_nan_rows_are_refused(adapted_run: 
         Probabilities.load(tmp_path / "nan.npz")
 
 
+def test_a_prediction_that_could_not_be_written_fails_before_the_pass(
+    adapted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only run folder (archived runs, another user's) failed only once every image was scored."""
+    import fgvc.predict as predict_module
+
+    run = tmp_path / "run"
+    shutil.copytree(adapted_run, run)
+    shutil.rmtree(run / "predictions", ignore_errors=True)
+    (run / "predictions").write_text("a file where the folder goes\n")
+    monkeypatch.setattr(predict_module, "predict_probs", lambda *a, **k: pytest.fail("the pass ran"))
+    with pytest.raises(OSError) as caught:
+        predict(run, split="test", stage=1, tta="none", progress=False)
+    assert str(run / "predictions") in str(caught.value.filename)
+
+
 def test_predict_and_sweep_use_only_finished_stages_unless_one_is_named(
     adapted_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
