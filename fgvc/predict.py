@@ -254,7 +254,7 @@ def predict_stage(
         log.warning("%d unreadable images got uniform probabilities so that every id has a row", len(unreadable))
     if bad := nonfinite_rows(full):  # NaN weights: a file of them would pass for predictions and reach a submission
         raise WeightsError(f"{find_stage_checkpoint(stage_dir)}: the model gives NaN or infinite probabilities for "
-                           f"{bad} of {n_images} images (its weights diverged); retrain with a lower --lr")  # fmt: skip
+                           f"{bad} of {n_images} images (a diverged or damaged model); retrain the stage")  # fmt: skip
     frame = index.frame
     probs = Probabilities(
         probs=as_stored(full, in_place=True),  # exactly what the file holds, so reruns agree with it
