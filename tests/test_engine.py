@@ -1374,7 +1374,7 @@ def test_weights_that_turn_nan_on_an_epochs_last_step_are_refused_before_anythin
         return stats
 
     monkeypatch.setattr(stage_module, "train_one_epoch", diverging_last_step)
-    with pytest.raises(TrainingError, match="weights became NaN or infinite in epoch 1; lower --lr"):
+    with pytest.raises(TrainingError, match="' became NaN or infinite in epoch 1; lower --lr"):
         run_stage1(cfg, force=True, progress=False)
     assert {path.name: path.read_bytes() for path in stage_dir.iterdir() if path.suffix in (".pt", ".json")} == kept
 

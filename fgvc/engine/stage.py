@@ -800,10 +800,10 @@ def _train_stage(
 def _require_finite_weights(model: nn.Module, epoch: int) -> None:
     """Every step's loss is checked, but an update that overflows on an epoch's last step leaves NaN weights with no
     loss after them to show it, and they would be saved, validated and marked finished."""
-    learned = [p.detach() for p in model.parameters() if p.requires_grad]
-    if learned and not bool(torch.stack([p.isfinite().all() for p in learned]).all()):
-        raise TrainingError(f"the weights became NaN or infinite in epoch {epoch}; lower --lr or disable --amp, then "
-                            "use --force")  # fmt: skip
+    learned = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if key := nonfinite_weight(model, learned):
+        raise TrainingError(f"'{key}' became NaN or infinite in epoch {epoch}; lower --lr or disable --amp, then use "
+                            "--force")  # fmt: skip
 
 
 def _resumable_state(cfg: RunConfig, stage: str, stage_dir: Path) -> dict[str, Any] | None:
