@@ -17,10 +17,16 @@ from fgvc.errors import ConfigError
 from fgvc.models.meta import ModelMeta
 
 _NEARBY = 4  # sizes either side tried for the suggestion, in steps of 32
+# Largest side fgvc resizes images to. FixRes' resolutions are 224-800 px; a typo beyond this (``--res 100000``) used to
+# end in an OpenCV out-of-memory traceback from inside a loader worker, after the dataset read.
+MAX_RES = 4096
 
 
 def check_resolution(meta: ModelMeta, res: int) -> None:
     """A :class:`ConfigError` naming sizes that work if ``meta.arch`` cannot take ``res`` x ``res`` images."""
+    if not 1 <= res <= MAX_RES:
+        raise ConfigError(f"resolution {res} px is outside 1..{MAX_RES}, the sizes fgvc resizes images to (FixRes "
+                          "trains at 224-448 and tests at 1.15-1.7 x that); check the value")  # fmt: skip
     if meta.fixed_input_size and res != meta.input_size:
         raise ConfigError(
             f"{meta.arch} runs at {meta.input_size} px only (timm fixes its input size), not {res} px: FixRes needs a "
