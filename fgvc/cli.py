@@ -124,6 +124,10 @@ def stage1(
     label_smoothing: float | None = typer.Option(None),
     mixup: float | None = typer.Option(None, help="Mixup alpha, e.g. 0.8 (default 0: off)."),
     cutmix: float | None = typer.Option(None, help="CutMix alpha, e.g. 1.0 (default 0: off); with mixup, one a batch."),
+    ema_decay: float | None = typer.Option(
+        None, help="Average the weights over the steps with this decay, e.g. 0.9998 (timm's EMA with warm-up; default "
+        "0: off); the average is the model validated, saved and adapted in stage 2."
+    ),
     grad_accum: int | None = typer.Option(None, help="Micro-batches per optimiser step."),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16/fp16 autocast on GPU (default on)."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
@@ -159,7 +163,7 @@ def stage1(
         "stage1.res": res, "stage1.epochs": epochs, "stage1.batch_size": batch_size, "stage1.lr": lr,
         "stage1.opt": opt, "stage1.sched": sched, "stage1.warmup_epochs": warmup_epochs,
         "stage1.label_smoothing": label_smoothing, "stage1.grad_accum": grad_accum, "stage1.val_every": val_every,
-        "stage1.mixup": mixup, "stage1.cutmix": cutmix,
+        "stage1.mixup": mixup, "stage1.cutmix": cutmix, "stage1.ema_decay": ema_decay,
         "runtime.amp": amp, "runtime.compile": compile, "runtime.cuda_graph_train": cuda_graph, "runtime.seed": seed,
         "runtime.deterministic": deterministic,
         "runtime.device": device, "out": out, "name": name,

@@ -90,6 +90,9 @@ class StageConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     mixup: float = Field(0.0, ge=0.0)  # Mixup's alpha (timm's Mixup, soft targets); 0: off. Stage 1 only
     cutmix: float = Field(0.0, ge=0.0)  # CutMix's alpha; with mixup too, each batch uses one of the two at random
+    # EMA of the weights (timm's ModelEmaV3 with its warm-up), e.g. 0.9998; 0: off. Stage 1 only. Where on, the average
+    # is the stage's model: validated, saved as best.pt and read by stage 2 and predict (fgvc.engine.ema)
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     grad_accum: int = Field(1, gt=0)
     augment: Augment = "train"
     tune: Tune = "all"
@@ -172,10 +175,15 @@ class RunConfig(_Section):
     @field_validator("stage2")
     @classmethod
     def _stage2_does_not_mix(cls, value: StageConfig) -> StageConfig:
-        """FixRes' stage 2 fine-tunes on the test-time views; images mixed with others are not what it adapts to."""
+        """FixRes' stage 2 fine-tunes on the test-time views; images mixed with others are not what it adapts to.
+        Nor does it average weights: its few hundred steps re-estimate the BN statistics at the new resolution, which
+        an average would blur with the statistics of the steps before."""
         if value.mixup or value.cutmix:
             raise ValueError("Mixup/CutMix are stage-1 augmentations (stage 2 adapts to the test views): set them "
                              "under stage1, and 0 here")  # fmt: skip
+        if value.ema_decay:
+            raise ValueError("ema_decay averages stage 1's weights (stage 2 starts from that average): set it under "
+                             "stage1, and 0 here")  # fmt: skip
         return value
 
     def run_name(self) -> str:

@@ -270,3 +270,21 @@ def test_stage1_cuda_graph_sets_runtime_cuda_graph_train(
     assert code in (0, None) and seen == [expected]
     code, _ = run_main(monkeypatch, capsys, "stage2", "--run", "runs/x", *flags)
     assert code in (0, None) and seen == [expected, None if not flags else expected]
+
+
+def test_stage1_ema_decay_sets_the_weight_average(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    import fgvc.engine.stage
+
+    seen: list[float] = []
+    done = SimpleNamespace(interrupted_by=0)
+    monkeypatch.setattr(fgvc.engine.stage, "run_stage1", lambda cfg, force: seen.append(cfg.stage1.ema_decay) or done)
+    for flags in ([], ["--ema-decay", "0.9998"]):
+        code, _ = run_main(monkeypatch, capsys, "stage1", "--dataset", "folder", *flags)
+        assert code in (0, None)
+    assert seen == [0.0, 0.9998]
+    code, err = run_main(monkeypatch, capsys, "stage1", "--dataset", "folder", "--ema-decay", "1")
+    assert code == 2 and "stage1.ema_decay" in err and "\n" not in err.strip(), err

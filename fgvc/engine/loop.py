@@ -168,11 +168,13 @@ def train_one_epoch(
     desc: str = "train",
     progress: bool = True,
     mix: Mix | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """One pass over ``loader``; with ``optimizer=None`` only forward passes run (BN statistics re-estimation).
 
     ``prepare`` turns a loader batch into the normalised device tensor (see :class:`fgvc.data.OnDeviceNormalize`);
     ``mix`` then mixes images and labels (Mixup / CutMix, :mod:`fgvc.engine.mixing`) for a soft-target ``criterion``.
+    ``after_step`` runs after each optimiser step (the weight average's update, :mod:`fgvc.engine.ema`).
 
     Stops early, at an optimiser-step boundary, when ``stop`` is set; ``micro_steps`` then says where to resume.
 
@@ -199,6 +201,8 @@ def train_one_epoch(
         if empty:  # the accumulation group still ends here: its step and the schedule's must not be lost
             if boundary and optimizer is not None:
                 _step_without_last_batch(optimizer, scaler, scheduler, rt)
+                if after_step is not None:
+                    after_step()
         else:
             x = prepare(images)
             y = labels.to(rt.device, non_blocking=True)
@@ -217,6 +221,8 @@ def train_one_epoch(
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 if boundary:
                     optimizer_step(optimizer, scaler, scheduler)
+                    if after_step is not None:
+                        after_step()
             # The loss is read one step late, from a copy that step queued: waiting for it waits for that step only,
             # while this one is already queued, so the device does not idle while the host prepares the next batch.
             if pending is not None:

@@ -50,6 +50,7 @@ from fgvc.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from fgvc.engine.ema import WeightAverage
 from fgvc.engine.epochs import EpochStream, epoch_batches
 from fgvc.engine.feature_cache import (
     FeatureCache,
@@ -524,6 +525,10 @@ def _train_stage(
     meta = get_meta(model)
     set_trainable(model, stage_cfg.tune)
     rt.place(model)
+    average = WeightAverage(model, stage_cfg.ema_decay) if stage_cfg.ema_decay else None
+    if average is not None and state is not None:
+        average.load(state["model"], state["ema_updates"])
+    evaluated = average.module if average is not None else model  # the stage's model: validated and saved
 
     decode = resolve_decode(cfg, rt, model, stage_cfg.res, stage_cfg.batch_size, train_index.frame["path"].to_numpy(),
                             started_with=state.get("decode") if state is not None else None)  # fmt: skip
@@ -541,7 +546,7 @@ def _train_stage(
         """Top-1 / top-5 / mean per-class accuracy on the val split at the stage's resolution (test augmentation);
         None when a stop signal cut it short (on every rank alike)."""
         try:
-            probs, rows = predict_probs(model, val_loader, rt, val_prepare, desc=f"val@{stage_cfg.res}",
+            probs, rows = predict_probs(evaluated, val_loader, rt, val_prepare, desc=f"val@{stage_cfg.res}",
                                         progress=progress, stop=stop)  # fmt: skip
         except Stopped:
             return None
@@ -614,10 +619,10 @@ def _train_stage(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
         "%s %s: %s on %s | %d train / %d val images, %d classes | res %d, aug %s, tune %s (%.2fM trainable) | "
-        "lr %.3g, batch %d x%d x accum %d | from %s",
+        "lr %.3g, batch %d x%d x accum %d%s | from %s",
         stage, cfg.run_name(), cfg.model.arch, rt.describe(), len(train_index), len(val_index), num_classes,
         stage_cfg.res, stage_cfg.augment, stage_cfg.tune, trainable / 1e6, lr, stage_cfg.batch_size,
-        rt.world_size, stage_cfg.grad_accum, source,
+        rt.world_size, stage_cfg.grad_accum, f" | weight average {stage_cfg.ema_decay:g}" if average else "", source,
     )  # fmt: skip
 
     claimed = False
@@ -650,8 +655,9 @@ def _train_stage(
 
     def checkpoint(epoch: int, micro: int, finished: bool, rngs: Sequence[object]) -> dict[str, Any]:
         """The resumable state; ``rngs`` holds every rank's RNG state (:func:`gather_objects`, called by all)."""
-        return {
-            "model": unwrap_model(model).state_dict(),
+        averaged = {"trained": unwrap_model(model).state_dict(), "ema_updates": average.updates} if average else {}
+        return averaged | {
+            "model": unwrap_model(evaluated).state_dict(),
             "optimizer": optimizer.state_dict() if optimizer else None,
             "scheduler": scheduler.state_dict() if scheduler else None,
             "scaler": scaler.state_dict() if scaler else None,
@@ -742,6 +748,7 @@ def _train_stage(
                 net, stream.epoch(epoch), optimizer, scheduler, scaler, rt, prepare, criterion,
                 grad_accum=stage_cfg.grad_accum, stop=stop, start_micro_step=micro,
                 batch_size=stage_cfg.batch_size, samples=len(train_sampler), desc=desc, progress=progress, mix=mix,
+                after_step=average.update if average is not None else None,
             )  # fmt: skip
         stats = stats.after(partial if epoch == start_epoch else None)
         if optimizer is not None:
@@ -754,6 +761,8 @@ def _train_stage(
             from timm.utils import distribute_bn
 
             distribute_bn(model, rt.world_size, reduce=True)
+            if average is not None:  # each rank averaged its own statistics too (timm's train.py does the same)
+                distribute_bn(average.module, rt.world_size, reduce=True)
         if stats.interrupted:
             rngs = gather_objects(rt, rng_state())
             result.interrupted_by = stop.signum or signal.SIGTERM
@@ -879,7 +888,8 @@ def _starting_model(
         check_holdout(ckpt1, val_index, run_dir / STAGE1)
         source = f"stage 1 epoch {ckpt1['epoch']}"
     if state is not None:
-        load_model_state(model, state["model"], stage_dir / LAST)
+        # with a weight average, "model" is the average and "trained" the optimiser's weights (fgvc.engine.ema)
+        load_model_state(model, state.get("trained", state["model"]), stage_dir / LAST)
         use_saved_input(model, state)
         source = state.get("source", source)
     return model, source
