@@ -125,8 +125,9 @@ def stage1(
     mixup: float | None = typer.Option(None, help="Mixup alpha, e.g. 0.8 (default 0: off)."),
     cutmix: float | None = typer.Option(None, help="CutMix alpha, e.g. 1.0 (default 0: off); with mixup, one a batch."),
     ema_decay: float | None = typer.Option(
-        None, help="Average the weights over the steps with this decay, e.g. 0.9998 (timm's EMA with warm-up; default "
-        "0: off); the average is the model validated, saved and adapted in stage 2."
+        None, help="Average the weights over the steps with this decay at most, e.g. 0.9998 (timm's EMA; its warm-up "
+        "sets the decay in runs under ~300k steps; default 0: off); the average is the model validated, saved and "
+        "adapted in stage 2."
     ),
     grad_accum: int | None = typer.Option(None, help="Micro-batches per optimiser step."),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16/fp16 autocast on GPU (default on)."),

@@ -186,6 +186,15 @@ class RunConfig(_Section):
                              "stage1, and 0 here")  # fmt: skip
         return value
 
+    @field_validator("stage1")
+    @classmethod
+    def _an_average_needs_steps(cls, value: StageConfig) -> StageConfig:
+        """``bnstats`` takes no optimiser step: the average would stay the starting model and be saved as the result."""
+        if value.ema_decay and value.tune == "bnstats":
+            raise ValueError("ema_decay averages the weights after each optimiser step, and tune bnstats takes none: "
+                             "set ema_decay to 0 or tune to one that learns")  # fmt: skip
+        return value
+
     def run_name(self) -> str:
         if self.name:
             return self.name

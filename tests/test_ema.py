@@ -44,6 +44,8 @@ def test_the_average_is_a_stage_1_setting() -> None:
         config_from_dict({"stage2": {"ema_decay": 0.999}}, source="r.yaml")
     with pytest.raises(ConfigError, match=r"stage1.ema_decay"):
         config_from_dict({"stage1": {"ema_decay": 1.0}}, source="r.yaml")
+    with pytest.raises(ConfigError, match=r"invalid value for 'stage1': ema_decay averages the weights after each"):
+        config_from_dict({"stage1": {"ema_decay": 0.999, "tune": "bnstats"}}, source="r.yaml")  # it takes no step
 
 
 def test_the_average_is_what_stage_1_validates_and_saves_and_stage_2_adapts(
@@ -86,20 +88,23 @@ def test_the_average_is_what_stage_1_validates_and_saves_and_stage_2_adapts(
 def test_an_interrupted_run_goes_on_averaging_where_it_stopped(
     tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGTERM in the middle of epoch 2, then resume: the average and the weights are those of an unbroken run."""
-    straight = tiny_config(tiny_demo_root, tmp_path / "straight", stage1={"epochs": 2, "ema_decay": 0.9})
+    """SIGTERM in the middle of epoch 2, then resume (with two micro-batches a step): the average and the weights are
+    those of an unbroken run."""
+    settings = {"epochs": 2, "ema_decay": 0.9, "batch_size": 4, "grad_accum": 2}
+    straight = tiny_config(tiny_demo_root, tmp_path / "straight", stage1=settings)
     run_stage1(straight, progress=False)
-    resumed = tiny_config(tiny_demo_root, tmp_path / "resumed", stage1={"epochs": 2, "ema_decay": 0.9})
-    steps = len(load_split(resumed, "train")) // resumed.stage1.batch_size
+    resumed = tiny_config(tiny_demo_root, tmp_path / "resumed", stage1=settings)
+    batches = len(load_split(resumed, "train")) // resumed.stage1.batch_size
     with monkeypatch.context() as patch:
-        _StopAtStep(patch, signal.SIGTERM, at=steps + 2)
+        _StopAtStep(patch, signal.SIGTERM, at=batches + 3)  # the stop comes at the end of the step: 4 micro-batches
         assert run_stage1(resumed, progress=False).interrupted_by == signal.SIGTERM
     stopped = load_checkpoint(resumed.run_dir() / "stage1" / LAST)
-    assert (stopped["epoch"], stopped["ema_updates"]) == (1, steps + 2)
+    assert (stopped["epoch"], stopped["micro_step"]) == (1, 4)
+    assert stopped["ema_updates"] == stopped["scheduler"]["last_epoch"] == -(-batches // 2) + 2
     assert run_stage1(resumed, progress=False).interrupted_by is None
     a = load_checkpoint(straight.run_dir() / "stage1" / LAST)
     b = load_checkpoint(resumed.run_dir() / "stage1" / LAST)
-    assert a["ema_updates"] == b["ema_updates"] == 2 * steps
+    assert a["ema_updates"] == b["ema_updates"] == a["scheduler"]["last_epoch"]
     for entry in ("model", "trained"):
         for name, tensor in a[entry].items():
             assert torch.equal(tensor, b[entry][name]), (entry, name)
@@ -141,3 +146,41 @@ def test_under_ddp_every_rank_validates_the_same_average(tiny_demo_root: Path, t
     saved = load_checkpoint(tmp_path / "demo-timm-test_resnet-32" / "stage1" / LAST)["model"]
     for name, tensor in saved.items():
         assert torch.equal(tensor, ranks[0][name]), name
+
+
+RUNS = ("straight", "resumed")
+
+
+def _stopped_stage1_on_rank(rank: int, init_file: str, data_root: str, out: str) -> None:
+    """One rank of a two-process gloo stage 1 with a weight average: an unbroken run, then one stopped at its second
+    step (SIGTERM on both ranks, as a scheduler sends it) and resumed."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    for name in RUNS:
+        cfg = tiny_config(Path(data_root), Path(out) / name, stage1={"epochs": 1, "batch_size": 4, "ema_decay": 0.9},
+                          runtime={"device": "cpu"})  # fmt: skip
+        if name == "resumed":
+            with pytest.MonkeyPatch.context() as patch:
+                _StopAtStep(patch, signal.SIGTERM, at=2)
+                assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGTERM
+        assert run_stage1(cfg, progress=False).interrupted_by is None
+    dist.destroy_process_group()
+
+
+def test_under_ddp_a_resumed_epoch_ends_with_the_average_an_unbroken_one_has(
+    tiny_demo_root: Path, tmp_path: Path
+) -> None:
+    """Each rank's average holds its own BN statistics until the epoch ends; a stop inside the epoch saves their mean
+    (the update is linear: the epoch's end then averages to the same statistics), not rank 0's alone."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_stopped_stage1_on_rank, args=(str(tmp_path / "init"), str(tiny_demo_root), str(tmp_path)), nprocs=2)
+    a, b = (load_checkpoint(tmp_path / run / "demo-timm-test_resnet-32" / "stage1" / LAST) for run in RUNS)
+    assert a["ema_updates"] == b["ema_updates"] == a["scheduler"]["last_epoch"]
+    for entry in ("model", "trained"):
+        for name, tensor in a[entry].items():
+            torch.testing.assert_close(b[entry][name], tensor, rtol=0, atol=1e-6, msg=f"{entry} {name}")

@@ -201,7 +201,7 @@ def train_one_epoch(
         if empty:  # the accumulation group still ends here: its step and the schedule's must not be lost
             if boundary and optimizer is not None:
                 _step_without_last_batch(optimizer, scaler, scheduler, rt)
-                if after_step is not None:
+                if after_step is not None:  # also where only the schedule advanced: one update per scheduler step
                     after_step()
         else:
             x = prepare(images)

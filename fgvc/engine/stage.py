@@ -757,11 +757,14 @@ def _train_stage(
         # Each rank saw its own shard: average the BN statistics so that the saved model uses them all. Not after an
         # interruption in stage 1: there DDP copies rank 0's buffers to every rank before each forward, so rank 0's
         # (saved in last.pt) are what an uninterrupted run would have continued from.
-        if rt.distributed and not (stats.interrupted and broadcast_buffers):
+        if rt.distributed:
             from timm.utils import distribute_bn
 
-            distribute_bn(model, rt.world_size, reduce=True)
-            if average is not None:  # each rank averaged its own statistics too (timm's train.py does the same)
+            if not (stats.interrupted and broadcast_buffers):
+                distribute_bn(model, rt.world_size, reduce=True)
+            # Each rank's average took in its own statistics too (timm's train.py averages them as well). Also on an
+            # interruption: the update is linear, so averaging now ends the epoch at the same mean as averaging later.
+            if average is not None:
                 distribute_bn(average.module, rt.world_size, reduce=True)
         if stats.interrupted:
             rngs = gather_objects(rt, rng_state())
