@@ -235,6 +235,9 @@ def sweep(
     batch_size: int | None = typer.Option(None),
     workers: int | None = typer.Option(None),
     data_root: str | None = typer.Option(None, help="Where the dataset is now (default: where the run read it)."),
+    device: str | None = typer.Option(
+        None, help="cuda, cuda:1 or cpu (default: cuda when available, whatever the stage was trained on)."
+    ),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
     """The leaderboard metric (top-1; macro F1 for Herbarium 2020-22, top-3 for iNat 2018, top-5 for iNat 2017) of the
@@ -245,7 +248,8 @@ def sweep(
     from fgvc.engine.sweep import sweep as run_sweep
     from fgvc.metrics import METRIC_LABELS
 
-    result = run_sweep(run or latest_run(), _ints(res) or [], split, batch_size, workers, data_root=data_root)
+    result = run_sweep(run or latest_run(), _ints(res) or [], split, batch_size, workers, data_root=data_root,
+                       device=device)  # fmt: skip
     if not is_main_process():
         return
     _echo_table(result.table)
@@ -295,6 +299,9 @@ def predict(
         False, "--skip-corrupt", help="Give unreadable images uniform probabilities instead of stopping."
     ),
     data_root: str | None = typer.Option(None, help="Where the dataset is now (default: where the run read it)."),
+    device: str | None = typer.Option(
+        None, help="cuda, cuda:1 or cpu (default: cuda when available, whatever the stage was trained on)."
+    ),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
     """Per-image class probabilities (a .npz probability file); prints accuracy when the split has labels."""
@@ -306,7 +313,7 @@ def predict(
     result = run_predict(
         run or latest_run(), split=split, stage=stage, res=res, tta=tta, multi_res=_ints(multi_res),
         batch_size=batch_size, workers=workers, force=force, compile_model=compile, skip_corrupt=skip_corrupt or None,
-        data_root=data_root, cuda_graph=cuda_graph,
+        data_root=data_root, cuda_graph=cuda_graph, device=device,
     )  # fmt: skip
     if not is_main_process():  # rank 0 wrote the file and reports it
         return

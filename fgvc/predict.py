@@ -187,6 +187,7 @@ def predict_stage(
     skip_corrupt: bool | None = None,
     data_root: str | Path | None = None,
     cuda_graph: bool | None = None,
+    device: str | None = None,
 ) -> PredictResult:
     """Probabilities of one stage's model on one split at one resolution (cached).
 
@@ -197,6 +198,8 @@ def predict_stage(
     ``skip_corrupt``: give unreadable images uniform probabilities instead of stopping (None: as the stage was
     trained); the file records them, and a later call recomputes it once any of them reads.
     ``data_root``: where the dataset is now (None: where the stage was trained on it).
+    ``device``: where the pass runs (None: a GPU when this machine has one, whatever device the stage trained on: a
+    run trained on ``cuda:1``, or on a laptop's CPU, is often predicted on another machine).
     """
     stage_dir = Path(stage_dir)
     if tta not in TTA_CHOICES:
@@ -207,6 +210,7 @@ def predict_stage(
     arguments = {"data.workers": workers, "data.skip_corrupt": skip_corrupt,
                  "data.root": str(data_root) if data_root is not None else None}  # None: as the stage was trained
     cfg = with_overrides(saved.model_dump(mode="json"), arguments, "the prediction's arguments")
+    cfg.runtime.device = device
     if data_root is None:
         require_saved_root(cfg, stage_dir / CONFIG_FILE)
     index = load_split(cfg, split)
@@ -328,6 +332,7 @@ def predict(
     skip_corrupt: bool | None = None,
     data_root: str | Path | None = None,
     cuda_graph: bool | None = None,
+    device: str | None = None,
 ) -> PredictResult:
     """`fgvc predict`: one stage, one split, one or several resolutions (their softmax outputs averaged).
 
@@ -344,7 +349,7 @@ def predict(
     default_res = stage2_res(stage_dir) if stage_dir.name != STAGE1 else cfg.stage1.res
     resolutions = multi_res or [res or default_res]
     tta = tta or cfg.predict.tta
-    options = (batch_size, workers, force, progress, compile_model, skip_corrupt, data_root, cuda_graph)
+    options = (batch_size, workers, force, progress, compile_model, skip_corrupt, data_root, cuda_graph, device)
     if len(resolutions) == 1:
         return predict_stage(stage_dir, split, resolutions[0], tta, *options)
     path = prediction_path(run_dir, stage_dir, split, "+".join(str(r) for r in resolutions), tta)

@@ -288,3 +288,25 @@ def test_stage1_ema_decay_sets_the_weight_average(
     assert seen == [0.0, 0.9998]
     code, err = run_main(monkeypatch, capsys, "stage1", "--dataset", "folder", "--ema-decay", "1")
     assert code == 2 and "stage1.ema_decay" in err and "\n" not in err.strip(), err
+
+
+def test_predict_and_sweep_take_a_device(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Not the device the stage trained on (runtime.device in its config.yaml): the machine predicting may lack it."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    import fgvc.engine.sweep
+    import fgvc.predict
+
+    seen: list[object] = []
+    predicted = SimpleNamespace(cached=False, path=Path("p.npz"), metrics=None)
+    swept = SimpleNamespace(table=pd.DataFrame({"res": [32]}), best_model="stage1", best_res=32, metric="top1",
+                            best_score=1.0, csv_path="s.csv", png_path="s.png")  # fmt: skip
+    monkeypatch.setattr(fgvc.predict, "predict", lambda *a, **k: seen.append(k["device"]) or predicted)
+    monkeypatch.setattr(fgvc.engine.sweep, "sweep", lambda *a, **k: seen.append(k["device"]) or swept)
+    for command in (["predict"], ["sweep", "--res", "32"]):
+        for flags in ([], ["--device", "cpu"]):
+            code, _ = run_main(monkeypatch, capsys, *command, "--run", "runs/x", *flags)
+            assert code in (0, None)
+    assert seen == [None, "cpu", None, "cpu"]

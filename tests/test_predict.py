@@ -123,6 +123,39 @@ def test_compile_and_cuda_graph_follow_the_flags_else_the_stage_config(
     assert asked[-1] == (False, False)
 
 
+def test_prediction_runs_where_it_is_asked_or_on_what_this_machine_has_not_where_the_stage_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage trained with `--device cuda:1` (saved in its config.yaml) on a GPU server, predicted on a laptop: predict
+    refused with "use --device cpu", an option predict, sweep and ensemble did not have."""
+    import fgvc.predict as predict_module
+
+    stage_dir = _untrained_stage1(tmp_path)
+    config = stage_dir / "config.yaml"
+    config.write_text(config.read_text().replace("device: null", "device: cuda:1"))
+    used: list[str] = []
+    setup_runtime = predict_module.setup_runtime
+    monkeypatch.setattr(predict_module, "setup_runtime", lambda cfg: used.append(cfg.device) or setup_runtime(cfg))
+    assert predict_stage(stage_dir, "test", 28, "none", progress=False).probs is not None
+    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, device="cpu")
+    assert used == [None, "cpu"]  # not the saved cuda:1: None picks a GPU where there is one, else the CPU
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^--device cuda: no CUDA device is available here; use --device cpu"):
+            predict(stage_dir.parent, "test", stage=1, tta="none", force=True, progress=False, device="cuda")
+        sweep(stage_dir.parent, [28], split="test", progress=False)  # on the CPU, though the config says cuda:1
+
+
+def test_a_cuda_device_this_machine_lacks_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fgvc.config import RuntimeConfig
+    from fgvc.engine.runtime import setup_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device}) was called"))
+    with pytest.raises(ConfigError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 upwards"):
+        setup_runtime(RuntimeConfig(device="cuda:2"))
+
+
 def test_inference_network_graphs_only_on_cuda_and_compiling_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
@@ -623,7 +656,8 @@ def test_predict_without_tta_follows_the_runs_predict_setting(adapted_run: Path)
     assert result.path.name == "val-48-flip.npz" and result.probs.meta["tta"] == "flip"
 
 
-def test_ensemble_with_fixed_weights_needs_no_val_split_and_never_reuses_a_csv_name(tmp_path: Path) -> None:
+def _trained_fixed_weights_recipe(tmp_path: Path) -> Path:
+    """A generic recipe of one trained stage-1 member, ensembled with equal weights, on a folder without a val split."""
     root = _folder_dataset(tmp_path / "data")
     recipe_path = tmp_path / "generic.yaml"
     recipe_path.write_text(f"""competition: generic
@@ -638,12 +672,31 @@ members:
   - {{name: only, stage: 1}}
 """)
     train_recipe(recipe_path, progress=False)
+    return recipe_path
+
+
+def test_ensemble_with_fixed_weights_needs_no_val_split_and_never_reuses_a_csv_name(tmp_path: Path) -> None:
+    recipe_path = _trained_fixed_weights_recipe(tmp_path)
     first = ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
     second = ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
     assert first.submission != second.submission and first.submission.is_file() and second.submission.is_file()
     assert first.submission.read_text() == second.submission.read_text()
     assert first.table["val_top1"].isna().all()  # no validation images: no scores, but a submission
     assert not list((tmp_path / "submissions").glob(".*draft"))
+
+
+def test_ensemble_predicts_on_the_recipes_device_not_the_one_a_member_trained_on(tmp_path: Path) -> None:
+    recipe_path = _trained_fixed_weights_recipe(tmp_path)
+    saved = tmp_path / "runs" / "only" / "stage1" / "config.yaml"
+    saved.write_text(saved.read_text().replace("device: null", "device: cuda:1"))  # trained on a GPU server's 2nd GPU
+    assert ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False).submission.is_file()
+    if torch.cuda.is_available():
+        return
+    shutil.rmtree(tmp_path / "runs" / "only" / "predictions")  # cached files need no device: predict again
+    on_cuda = recipe_path.read_text().replace("{deterministic: true}", "{deterministic: true, device: cuda}")
+    recipe_path.write_text(on_cuda)
+    with pytest.raises(ConfigError, match=r"^--device cuda: no CUDA device is available here"):
+        ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
 
 
 def _one_epoch_recipe(tmp_path: Path, members: str) -> tuple[Path, str]:

@@ -127,7 +127,11 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     if cfg.device:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
+            raise ConfigError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu, or leave "
+                              "it unset (runtime.device) to use what this machine has")  # fmt: skip
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              "cuda:0 upwards; name one of them, or leave it unset (runtime.device)")  # fmt: skip
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
     else:

@@ -68,6 +68,7 @@ def sweep(
     workers: int | None = None,
     progress: bool = True,
     data_root: str | Path | None = None,
+    device: str | None = None,
 ) -> SweepResult:
     """The leaderboard metric (:func:`fgvc.submission.leaderboard_metric`: top-1 for most datasets) of the stage-1
     model and of every finished stage-2 model at each test resolution (test augmentation)."""
@@ -93,7 +94,7 @@ def sweep(
         column = []
         for res in table["res"]:
             result = predict_stage(stage_dir, split, int(res), "none", batch_size, workers, progress=progress,
-                                   data_root=data_root)  # fmt: skip
+                                   data_root=data_root, device=device)  # fmt: skip
             if result.metrics is None:
                 raise DataError(f"{run_dir}: the {split} split has no labels; sweep needs a labelled split")
             column.append(round(result.metrics[metric], 3))
