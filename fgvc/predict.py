@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable
 from contextlib import suppress
@@ -28,7 +29,14 @@ from fgvc.engine.graphs import MIN_BATCHES_TO_CAPTURE, GraphedInference
 from fgvc.engine.launch import already_distributed
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.loop import predict_probs
-from fgvc.engine.runtime import Runtime, broadcast_from_main, is_main_process, settings_restored, setup_runtime
+from fgvc.engine.runtime import (
+    Runtime,
+    broadcast_from_main,
+    device_available,
+    is_main_process,
+    settings_restored,
+    setup_runtime,
+)
 from fgvc.engine.stage import (
     FINISHED,
     STAGE1,
@@ -198,8 +206,7 @@ def predict_stage(
     ``skip_corrupt``: give unreadable images uniform probabilities instead of stopping (None: as the stage was
     trained); the file records them, and a later call recomputes it once any of them reads.
     ``data_root``: where the dataset is now (None: where the stage was trained on it).
-    ``device``: where the pass runs (None: a GPU when this machine has one, whatever device the stage trained on: a
-    run trained on ``cuda:1``, or on a laptop's CPU, is often predicted on another machine).
+    ``device``: where the pass runs (None: :func:`prediction_device`).
     """
     stage_dir = Path(stage_dir)
     if tta not in TTA_CHOICES:
@@ -210,7 +217,7 @@ def predict_stage(
     arguments = {"data.workers": workers, "data.skip_corrupt": skip_corrupt,
                  "data.root": str(data_root) if data_root is not None else None}  # None: as the stage was trained
     cfg = with_overrides(saved.model_dump(mode="json"), arguments, "the prediction's arguments")
-    cfg.runtime.device = device
+    cfg.runtime.device = prediction_device(device, cfg.runtime.device)
     if data_root is None:
         require_saved_root(cfg, stage_dir / CONFIG_FILE)
     index = load_split(cfg, split)
@@ -280,6 +287,19 @@ def predict_stage(
     )
     probs.save(path)
     return PredictResult(path, probs, broadcast_from_main(rt, _metrics(probs)), False)
+
+
+def prediction_device(asked: str | None, trained_on: str | None) -> str | None:
+    """Where a prediction runs: ``asked``; else the stage's own device where this machine and this launch can use it;
+    else None (a GPU where there is one). A run trained on a server's ``cuda:1`` is often predicted elsewhere."""
+    if asked is not None or not trained_on:
+        return asked
+    one_gpu = torch.device(trained_on).type == "cuda" and torch.device(trained_on).index is not None
+    if device_available(trained_on) and not (one_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return trained_on
+    log.info("the stage was trained on %s, which this %s cannot use: predicting on what it has (--device chooses)",
+             trained_on, "launch" if device_available(trained_on) else "machine")  # fmt: skip
+    return None
 
 
 def _metrics(probs: Probabilities | None) -> dict[str, float] | None:

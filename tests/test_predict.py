@@ -123,7 +123,7 @@ def test_compile_and_cuda_graph_follow_the_flags_else_the_stage_config(
     assert asked[-1] == (False, False)
 
 
-def test_prediction_runs_where_it_is_asked_or_on_what_this_machine_has_not_where_the_stage_trained(
+def test_prediction_runs_where_asked_else_where_the_stage_trained_if_this_machine_can(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stage trained with `--device cuda:1` (saved in its config.yaml) on a GPU server, predicted on a laptop: predict
@@ -133,27 +133,46 @@ def test_prediction_runs_where_it_is_asked_or_on_what_this_machine_has_not_where
     stage_dir = _untrained_stage1(tmp_path)
     config = stage_dir / "config.yaml"
     config.write_text(config.read_text().replace("device: null", "device: cuda:1"))
+    assert "device: cuda:1" in config.read_text()
     used: list[str] = []
     setup_runtime = predict_module.setup_runtime
     monkeypatch.setattr(predict_module, "setup_runtime", lambda cfg: used.append(cfg.device) or setup_runtime(cfg))
+    monkeypatch.setattr(predict_module, "device_available", lambda name: name == "cpu")  # a CPU-only machine
     assert predict_stage(stage_dir, "test", 28, "none", progress=False).probs is not None
     predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, device="cpu")
-    assert used == [None, "cpu"]  # not the saved cuda:1: None picks a GPU where there is one, else the CPU
+    sweep(stage_dir.parent, [32], split="test", progress=False, device="cpu")  # a new resolution: a real pass
+    config.write_text(config.read_text().replace("device: cuda:1", "device: cpu"))
+    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False)
+    # not the saved cuda:1 (None: a GPU where there is one, else the CPU); a saved device this machine has is kept
+    assert used == [None, "cpu", "cpu", "cpu"]
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match=r"^--device cuda: no CUDA device is available here; use --device cpu"):
+        with pytest.raises(ConfigError, match=r"^runtime.device cuda: no CUDA device is available here; run on the "
+                                              r"CPU: --device cpu, or runtime.device: cpu in a recipe$"):  # fmt: skip
             predict(stage_dir.parent, "test", stage=1, tta="none", force=True, progress=False, device="cuda")
-        sweep(stage_dir.parent, [28], split="test", progress=False)  # on the CPU, though the config says cuda:1
+        with pytest.raises(ConfigError, match=r"^runtime.device cuda: no CUDA device"):
+            sweep(stage_dir.parent, [36], split="test", progress=False, device="cuda")
 
 
-def test_a_cuda_device_this_machine_lacks_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_device_this_machine_or_launch_cannot_use_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from fgvc.config import RuntimeConfig
     from fgvc.engine.runtime import setup_runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device}) was called"))
-    with pytest.raises(ConfigError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 upwards"):
+    with pytest.raises(ConfigError, match=r"^runtime.device cuda:2: this machine has 2 visible CUDA device\(s\), "
+                                          r"cuda:0 to cuda:1; choose one with --device"):  # fmt: skip
         setup_runtime(RuntimeConfig(device="cuda:2"))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ConfigError, match=r"^runtime.device cuda:2: this machine has 2 visible .* fewer --gpus$"):
+        setup_runtime(RuntimeConfig())  # --gpus 3: the third process has no GPU of its own
+    with pytest.raises(ConfigError, match=r"^runtime.device cuda:0 would put all 3 processes on one GPU; .*cuda$"):
+        setup_runtime(RuntimeConfig(device="cuda:0"))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"^runtime.device mps: no Apple GPU \(MPS\) is available here; run on"):
+        setup_runtime(RuntimeConfig(device="mps"))
 
 
 def test_inference_network_graphs_only_on_cuda_and_compiling_wins(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -689,13 +708,14 @@ def test_ensemble_predicts_on_the_recipes_device_not_the_one_a_member_trained_on
     recipe_path = _trained_fixed_weights_recipe(tmp_path)
     saved = tmp_path / "runs" / "only" / "stage1" / "config.yaml"
     saved.write_text(saved.read_text().replace("device: null", "device: cuda:1"))  # trained on a GPU server's 2nd GPU
+    assert "device: cuda:1" in saved.read_text()
     assert ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False).submission.is_file()
     if torch.cuda.is_available():
         return
     shutil.rmtree(tmp_path / "runs" / "only" / "predictions")  # cached files need no device: predict again
     on_cuda = recipe_path.read_text().replace("{deterministic: true}", "{deterministic: true, device: cuda}")
     recipe_path.write_text(on_cuda)
-    with pytest.raises(ConfigError, match=r"^--device cuda: no CUDA device is available here"):
+    with pytest.raises(ConfigError, match=r"^runtime.device cuda: no CUDA device is available here"):
         ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
 
 

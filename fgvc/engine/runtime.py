@@ -116,6 +116,44 @@ def settings_restored() -> Iterator[None]:
 _flag_group: Any = None  # the host-side group of this process's process group (see Runtime.flag_group)
 
 
+_ON_CPU = "run on the CPU: --device cpu, or runtime.device: cpu in a recipe"
+
+
+def device_available(name: str) -> bool:
+    """Whether this machine has the device ``name`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return True
+
+
+def _chosen_device(name: str | None, world_size: int, local_rank: int) -> torch.device:
+    """``name`` (None: GPU ``LOCAL_RANK`` where CUDA is available, else the CPU), or a one-line error saying why this
+    machine or this launch cannot use it."""
+    if not name:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and world_size > 1:
+        raise ConfigError(f"runtime.device {name} would put all {world_size} processes on one GPU; each takes its own "
+                          "under --gpus: use --device cuda")  # fmt: skip
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device {name}: no CUDA device is available here; {_ON_CPU}")
+    if device.type == "cuda" and not device_available(str(device)):
+        count = torch.cuda.device_count()
+        raise ConfigError(f"runtime.device {device}: this machine has {count} visible CUDA device(s), cuda:0 to "
+                          f"cuda:{count - 1}; choose one with --device (runtime.device in a recipe), or use fewer "
+                          "--gpus")  # fmt: skip
+    if device.type == "mps" and not device_available(name):
+        raise ConfigError(f"runtime.device {name}: no Apple GPU (MPS) is available here; {_ON_CPU}")
+    return device
+
+
 def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     """Initialise the process group when launched by torchrun, pick the device and precision, set seeds.
 
@@ -124,18 +162,7 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu, or leave "
-                              "it unset (runtime.device) to use what this machine has")  # fmt: skip
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                              "cuda:0 upwards; name one of them, or leave it unset (runtime.device)")  # fmt: skip
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = _chosen_device(cfg.device, world_size, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not cfg.deterministic
