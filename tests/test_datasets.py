@@ -8,6 +8,7 @@ import shutil
 import sys
 import types
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -598,6 +599,22 @@ def test_birdsnap_bad_number_names_the_line(tmp_path: Path) -> None:
     lines[2] = "\t".join(fields)
     images.write_text("\n".join(lines) + "\n")
     _one_line_data_error("birdsnap", tmp_path, "images.txt:3", "species_id", "'two'")
+
+
+@pytest.mark.parametrize(("name", "writer", "classes", "listing"), [
+    ("birdsnap", write_birdsnap, "birdsnap/species.txt", "images.txt"),
+    ("cub", write_cub, "CUB_200_2011/classes.txt", "image_class_labels.txt"),
+])  # fmt: skip
+def test_a_cut_class_list_is_named_beside_the_file_that_uses_the_missing_class(
+    tmp_path: Path, name: str, writer: Callable[[Path], object], classes: str, listing: str
+) -> None:
+    """A class list cut short (an interrupted extraction) used to be reported against the image list alone."""
+    writer(tmp_path)
+    path = tmp_path / classes
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")  # the last class's line lost
+    kept = len(lines) - 1 - (name == "birdsnap")  # species.txt has a header line
+    _one_line_data_error(name, tmp_path, listing, f"is not in {path} ({kept} classes)", "re-extract them")
 
 
 def test_herbarium2019_non_numeric_folder_is_a_data_error(tmp_path: Path) -> None:

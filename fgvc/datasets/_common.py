@@ -269,13 +269,18 @@ def label_map(category_ids: Sequence[Any]) -> dict[Any, int]:
     return {category: index for index, category in enumerate(category_ids)}
 
 
-def map_labels(categories: Sequence[Any], mapping: dict[Any, int], path: Path, what: str = "category") -> list[int]:
-    """Translate original category ids to label indices; an id outside the class list raises :class:`DataError`."""
+def map_labels(
+    categories: Sequence[Any], mapping: dict[Any, int], path: Path, what: str = "category", classes: Path | None = None
+) -> list[int]:
+    """Translate original category ids to label indices; an id outside the class list raises :class:`DataError`
+    naming the file of the class list too (``classes``) where it is another file: a cut one is the likelier fault."""
     try:
         return [mapping[category] for category in categories]
     except KeyError as exc:
+        listed = f"{classes} ({len(mapping)} classes)" if classes is not None else "the class list"
         raise DataError(
-            f"{path}: {what} {exc.args[0]!r} is not in the class list; the metadata files disagree"
+            f"{path}: {what} {exc.args[0]!r} is not in {listed}; the metadata files disagree (one may be cut short): "
+            "re-extract them"
         ) from None
 
 

@@ -54,7 +54,8 @@ def read_birdsnap(root: Path) -> OfficialSplits:
     images["species_id"] = _numbers(images["species_id"], images_txt, "species_id", int)
     for column in BOX_COLUMNS:
         images[column] = _numbers(images[column], images_txt, column, float)
-    images["label"] = map_labels(images["species_id"].tolist(), label_map(category_ids), images_txt, "species_id")
+    images["label"] = map_labels(images["species_id"].tolist(), label_map(category_ids), images_txt, "species_id",
+                                 classes=species_txt)  # fmt: skip
     images["file"] = [absolute(image_dir, path) for path in images["path"]]
 
     test_paths = set(read_tsv(test_txt, ["path"])["path"])

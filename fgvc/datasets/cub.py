@@ -61,7 +61,8 @@ def read_cub(root: Path) -> OfficialSplits:
         read_columns(classes_txt, {"class_id": int, "class_name": str}, free_text_last=True), "class_id", classes_txt
     ).sort_values("class_id")
     category_ids = classes["class_id"].tolist()
-    table["label"] = map_labels(table["class_id"].tolist(), label_map(category_ids), base / "image_class_labels.txt")
+    labels_txt = base / "image_class_labels.txt"
+    table["label"] = map_labels(table["class_id"].tolist(), label_map(category_ids), labels_txt, classes=classes_txt)
 
     def split_frame(rows: pd.DataFrame) -> pd.DataFrame:
         extra = corner_boxes(rows["x"], rows["y"], rows["w"], rows["h"]) if "x" in rows else {}
