@@ -181,7 +181,7 @@ def member_probabilities(recipe: Recipe, member: Member, split: str, progress: b
     skip = member.config.data.skip_corrupt or None  # the recipe may allow it for prediction alone
     resolutions = member.multi_res or [member.test_res]
     root = member_data_root(member)
-    device = member.config.runtime.device  # the recipe's, as it reads now: not the device the member trained on
+    device = member.config.runtime.device  # the recipe's, as it reads now (None: the stage's own, where usable)
     parts = (predict_stage(stage_dir, split, r, tta, progress=progress, skip_corrupt=skip, data_root=root,
                            device=device).held_probs() for r in resolutions)  # fmt: skip
     return next(parts) if len(resolutions) == 1 else mean_over_resolutions(parts, resolutions)
