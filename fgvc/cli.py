@@ -236,7 +236,8 @@ def sweep(
     workers: int | None = typer.Option(None),
     data_root: str | None = typer.Option(None, help="Where the dataset is now (default: where the run read it)."),
     device: str | None = typer.Option(
-        None, help="cuda, cuda:1 or cpu (default: cuda when available, whatever the stage was trained on)."
+        None, help="cuda, cuda:1, mps or cpu (default: the stage's own where this machine can use it, else cuda when "
+        "available)."
     ),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
@@ -300,7 +301,8 @@ def predict(
     ),
     data_root: str | None = typer.Option(None, help="Where the dataset is now (default: where the run read it)."),
     device: str | None = typer.Option(
-        None, help="cuda, cuda:1 or cpu (default: cuda when available, whatever the stage was trained on)."
+        None, help="cuda, cuda:1, mps or cpu (default: the stage's own where this machine can use it, else cuda when "
+        "available)."
     ),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable
 from contextlib import suppress
@@ -34,6 +33,7 @@ from fgvc.engine.runtime import (
     broadcast_from_main,
     device_available,
     is_main_process,
+    local_processes,
     settings_restored,
     setup_runtime,
 )
@@ -55,7 +55,7 @@ from fgvc.errors import ConfigError, DataError, WeightsError
 from fgvc.fileio import require_writable
 from fgvc.io import decode_image
 from fgvc.metrics import summarize
-from fgvc.models import get_meta
+from fgvc.models import check_resolution, get_meta, model_meta
 from fgvc.probs import Probabilities, as_stored, nonfinite_rows
 from fgvc.transforms import tencrop_images_per_batch
 
@@ -295,10 +295,13 @@ def prediction_device(asked: str | None, trained_on: str | None) -> str | None:
     if asked is not None or not trained_on:
         return asked
     one_gpu = torch.device(trained_on).type == "cuda" and torch.device(trained_on).index is not None
-    if device_available(trained_on) and not (one_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    choose = "--device, or runtime.device in a recipe, chooses"
+    if device_available(trained_on) and not (one_gpu and local_processes() > 1):
+        if trained_on == "cpu" and torch.cuda.is_available():
+            log.info("the stage was trained on the CPU: predicting there too (%s)", choose)
         return trained_on
-    log.info("the stage was trained on %s, which this %s cannot use: predicting on what it has (--device chooses)",
-             trained_on, "launch" if device_available(trained_on) else "machine")  # fmt: skip
+    log.info("the stage was trained on %s, which this %s cannot use: predicting on what it has (%s)", trained_on,
+             "launch" if device_available(trained_on) else "machine", choose)  # fmt: skip
     return None
 
 
@@ -368,6 +371,7 @@ def predict(
     cfg = load_config(stage_dir / CONFIG_FILE)
     default_res = stage2_res(stage_dir) if stage_dir.name != STAGE1 else cfg.stage1.res
     resolutions = multi_res or [res or default_res]
+    require_resolutions(cfg.model.arch, resolutions)
     tta = tta or cfg.predict.tta
     options = (batch_size, workers, force, progress, compile_model, skip_corrupt, data_root, cuda_graph, device)
     if len(resolutions) == 1:
@@ -383,6 +387,14 @@ def predict(
     averaged = mean_over_resolutions(parts, resolutions)
     averaged.save(path)
     return PredictResult(path, averaged, _metrics(averaged), all(cached))
+
+
+def require_resolutions(arch: str, resolutions: Iterable[int]) -> None:
+    """Every resolution checked before the first pass: with several (--multi-res, a sweep) a bad last one used to be
+    refused only after the passes before it (hours at iNat's size)."""
+    meta = model_meta(arch)
+    for res in resolutions:
+        check_resolution(meta, res)
 
 
 def require_positive(*named: tuple[str, int | None]) -> None:

@@ -155,7 +155,7 @@ def test_prediction_runs_where_asked_else_where_the_stage_trained_if_this_machin
 
 def test_a_device_this_machine_or_launch_cannot_use_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from fgvc.config import RuntimeConfig
-    from fgvc.engine.runtime import setup_runtime
+    from fgvc.engine.runtime import _chosen_device, setup_runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -164,15 +164,29 @@ def test_a_device_this_machine_or_launch_cannot_use_is_a_one_line_error(monkeypa
                                           r"cuda:0 to cuda:1; choose one with --device"):  # fmt: skip
         setup_runtime(RuntimeConfig(device="cuda:2"))
     monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     monkeypatch.setenv("LOCAL_RANK", "2")
-    with pytest.raises(ConfigError, match=r"^runtime.device cuda:2: this machine has 2 visible .* fewer --gpus$"):
+    with pytest.raises(ConfigError, match=r"^3 processes on this machine need 3 visible GPUs, it has 2: use --gpus 2 "):
         setup_runtime(RuntimeConfig())  # --gpus 3: the third process has no GPU of its own
-    with pytest.raises(ConfigError, match=r"^runtime.device cuda:0 would put all 3 processes on one GPU; .*cuda$"):
+    with pytest.raises(ConfigError, match=r"^runtime.device cuda:0 would put all 3 processes on this machine on one"):
         setup_runtime(RuntimeConfig(device="cuda:0"))
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match=r"^runtime.device mps: no Apple GPU \(MPS\) is available here; run on"):
         setup_runtime(RuntimeConfig(device="mps"))
+    # accepted: a named GPU for one process per machine (one process, or one on each of two machines), each its own
+    assert _chosen_device("cuda:1", local_world_size=1, local_rank=0) == torch.device("cuda", 1)
+    assert _chosen_device("cuda", local_world_size=2, local_rank=1) == torch.device("cuda", 1)
+    assert _chosen_device(None, local_world_size=2, local_rank=1) == torch.device("cuda", 1)
+
+
+def test_every_resolution_is_checked_before_the_first_pass(tmp_path: Path) -> None:
+    """`--multi-res 28,100000` or `sweep --res 36,5000`: the bad one used to be refused after the good one's pass."""
+    stage_dir = _untrained_stage1(tmp_path)
+    with pytest.raises(ConfigError, match=r"^resolution 100000 px is outside 1\.\.4096"):
+        predict(stage_dir.parent, "test", stage=1, tta="none", multi_res=[28, 100000], progress=False)
+    with pytest.raises(ConfigError, match=r"^resolution 5000 px is outside 1\.\.4096"):
+        sweep(stage_dir.parent, [36, 5000], split="test", progress=False)
+    assert not (stage_dir.parent / "predictions").exists()
 
 
 def test_inference_network_graphs_only_on_cuda_and_compiling_wins(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -704,7 +718,7 @@ def test_ensemble_with_fixed_weights_needs_no_val_split_and_never_reuses_a_csv_n
     assert not list((tmp_path / "submissions").glob(".*draft"))
 
 
-def test_ensemble_predicts_on_the_recipes_device_not_the_one_a_member_trained_on(tmp_path: Path) -> None:
+def test_ensemble_predicts_on_the_recipes_device_else_the_members_where_this_machine_can(tmp_path: Path) -> None:
     recipe_path = _trained_fixed_weights_recipe(tmp_path)
     saved = tmp_path / "runs" / "only" / "stage1" / "config.yaml"
     saved.write_text(saved.read_text().replace("device: null", "device: cuda:1"))  # trained on a GPU server's 2nd GPU

@@ -129,7 +129,12 @@ def device_available(name: str) -> bool:
     return True
 
 
-def _chosen_device(name: str | None, world_size: int, local_rank: int) -> torch.device:
+def local_processes() -> int:
+    """The processes torchrun started on this machine (``LOCAL_WORLD_SIZE``; all of them on one machine)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def _chosen_device(name: str | None, local_world_size: int, local_rank: int) -> torch.device:
     """``name`` (None: GPU ``LOCAL_RANK`` where CUDA is available, else the CPU), or a one-line error saying why this
     machine or this launch cannot use it."""
     if not name:
@@ -137,18 +142,22 @@ def _chosen_device(name: str | None, world_size: int, local_rank: int) -> torch.
             return torch.device("cpu")
         name = "cuda"
     device = torch.device(name)
-    if device.type == "cuda" and device.index is not None and world_size > 1:
-        raise ConfigError(f"runtime.device {name} would put all {world_size} processes on one GPU; each takes its own "
-                          "under --gpus: use --device cuda")  # fmt: skip
-    if device.type == "cuda" and device.index is None:
+    own_gpu = device.type == "cuda" and device.index is None  # each process takes GPU LOCAL_RANK
+    if device.type == "cuda" and not own_gpu and local_world_size > 1:
+        raise ConfigError(f"runtime.device {name} would put all {local_world_size} processes on this machine on one "
+                          "GPU; each takes its own under --gpus: use --device cuda")  # fmt: skip
+    if own_gpu:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device {name}: no CUDA device is available here; {_ON_CPU}")
     if device.type == "cuda" and not device_available(str(device)):
         count = torch.cuda.device_count()
+        if own_gpu:
+            raise ConfigError(f"{local_world_size} processes on this machine need {local_world_size} visible GPUs, it "
+                              f"has {count}: use --gpus {count} (torchrun --nproc_per_node) or fewer, or --device "
+                              "cpu")  # fmt: skip
         raise ConfigError(f"runtime.device {device}: this machine has {count} visible CUDA device(s), cuda:0 to "
-                          f"cuda:{count - 1}; choose one with --device (runtime.device in a recipe), or use fewer "
-                          "--gpus")  # fmt: skip
+                          f"cuda:{count - 1}; choose one with --device (runtime.device in a recipe)")  # fmt: skip
     if device.type == "mps" and not device_available(name):
         raise ConfigError(f"runtime.device {name}: no Apple GPU (MPS) is available here; {_ON_CPU}")
     return device
@@ -162,7 +171,7 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _chosen_device(cfg.device, world_size, local_rank)
+    device = _chosen_device(cfg.device, local_processes(), local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not cfg.deterministic

@@ -74,7 +74,7 @@ def sweep(
     model and of every finished stage-2 model at each test resolution (test augmentation)."""
     from fgvc.engine.runtime import is_main_process
     from fgvc.engine.stage import require_run_folder
-    from fgvc.predict import finished_stage_dirs, predict_stage, require_positive
+    from fgvc.predict import finished_stage_dirs, predict_stage, require_positive, require_resolutions
 
     run_dir = Path(run_dir)
     if not resolutions:
@@ -85,6 +85,7 @@ def sweep(
     if not dirs:
         raise DataError(f"{run_dir}: no finished stage; run `fgvc stage1` first")
     cfg = load_config(run_dir / CONFIG_FILE)
+    require_resolutions(cfg.model.arch, resolutions)
     metric = leaderboard_metric(cfg.data.dataset)
     if cfg.data.train_on_all and split == "val" and is_main_process():
         log.warning("%s: data.train_on_all is set, so the val split was trained on and this sweep scores training "
