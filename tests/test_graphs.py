@@ -519,14 +519,15 @@ def test_on_cuda_a_training_step_that_cannot_be_captured_is_a_one_line_error() -
 
 
 def _stages_losses(data_root: Path, out: Path, graphed: bool, device: str) -> list[float]:
-    """Stage 1 (two epochs) then stage 2 (uncached) of the tiny demo run, as `fgvc stage1/stage2` run them, with or
-    without ``runtime.cuda_graph_train``: every epoch's mean training loss."""
+    """Stage 1 (two epochs, with a weight average: updated after each replayed step) then stage 2 (uncached, from that
+    average) of the tiny demo run, as `fgvc stage1/stage2` run them, with or without ``runtime.cuda_graph_train``:
+    every epoch's mean training loss."""
     from conftest import tiny_config
 
     from fgvc.engine.stage import run_stage1, run_stage2
 
     runtime = {"deterministic": True, "seed": 0, "device": device, "cuda_graph_train": graphed, "cache_features": "off"}
-    cfg = tiny_config(data_root, out, stage1={"epochs": 2}, runtime=runtime)
+    cfg = tiny_config(data_root, out, stage1={"epochs": 2, "ema_decay": 0.9}, runtime=runtime)
     first = run_stage1(cfg, progress=False)
     second = run_stage2(cfg.run_dir(), {}, progress=False)
     assert first.interrupted_by is None and second.interrupted_by is None
