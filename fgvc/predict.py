@@ -7,6 +7,7 @@ device and their softmax outputs are averaged. Results are cached as
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -295,14 +296,19 @@ def prediction_device(asked: str | None, trained_on: str | None) -> str | None:
     if asked is not None or not trained_on:
         return asked
     one_gpu = torch.device(trained_on).type == "cuda" and torch.device(trained_on).index is not None
-    choose = "--device, or runtime.device in a recipe, chooses"
     if device_available(trained_on) and not (one_gpu and local_processes() > 1):
         if trained_on == "cpu" and torch.cuda.is_available():
-            log.info("the stage was trained on the CPU: predicting there too (%s)", choose)
+            _say_once("the stage was trained on the CPU: predicting there too")
         return trained_on
-    log.info("the stage was trained on %s, which this %s cannot use: predicting on what it has (%s)", trained_on,
-             "launch" if device_available(trained_on) else "machine", choose)  # fmt: skip
+    where = "launch" if device_available(trained_on) else "machine"
+    _say_once(f"the stage was trained on {trained_on}, which this {where} cannot use: predicting on what it has")
     return None
+
+
+@functools.cache
+def _say_once(what: str) -> None:
+    """Once per process: a sweep or an ensemble predicts many times from the same stages."""
+    log.info("%s (--device, or runtime.device in a recipe, chooses)", what)
 
 
 def _metrics(probs: Probabilities | None) -> dict[str, float] | None:

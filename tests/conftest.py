@@ -26,14 +26,18 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture
 def fgvc_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Records of the "fgvc" logger, which may not propagate to the root (the CLI turns that off in this process)."""
+    """Records of the "fgvc" logger, each once: it may not propagate to the root (the CLI turns that off in this
+    process), and where it does, caplog's handler on the root would see every record a second time (counts of a line
+    then depended on whether a CLI test ran earlier in the process)."""
     logger = logging.getLogger("fgvc")
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(caplog.handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
     yield caplog
     logger.removeHandler(caplog.handler)
     logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture(scope="session")

@@ -124,7 +124,7 @@ def test_compile_and_cuda_graph_follow_the_flags_else_the_stage_config(
 
 
 def test_prediction_runs_where_asked_else_where_the_stage_trained_if_this_machine_can(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fgvc_log: pytest.LogCaptureFixture
 ) -> None:
     """A stage trained with `--device cuda:1` (saved in its config.yaml) on a GPU server, predicted on a laptop: predict
     refused with "use --device cpu", an option predict, sweep and ensemble did not have."""
@@ -138,13 +138,17 @@ def test_prediction_runs_where_asked_else_where_the_stage_trained_if_this_machin
     setup_runtime = predict_module.setup_runtime
     monkeypatch.setattr(predict_module, "setup_runtime", lambda cfg: used.append(cfg.device) or setup_runtime(cfg))
     monkeypatch.setattr(predict_module, "device_available", lambda name: name == "cpu")  # a CPU-only machine
+    predict_module._say_once.cache_clear()
     assert predict_stage(stage_dir, "test", 28, "none", progress=False).probs is not None
+    predict_stage(stage_dir, "test", 28, "none", force=True, progress=False)
+    said = "the stage was trained on cuda:1, which this machine cannot use: predicting on what it has (--device"
+    assert fgvc_log.text.count(said) == 1  # once, however many passes (a sweep, an ensemble)
     predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, device="cpu")
     sweep(stage_dir.parent, [32], split="test", progress=False, device="cpu")  # a new resolution: a real pass
     config.write_text(config.read_text().replace("device: cuda:1", "device: cpu"))
     predict_stage(stage_dir, "test", 28, "none", force=True, progress=False)
     # not the saved cuda:1 (None: a GPU where there is one, else the CPU); a saved device this machine has is kept
-    assert used == [None, "cpu", "cpu", "cpu"]
+    assert used == [None, None, "cpu", "cpu", "cpu"]
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^runtime.device cuda: no CUDA device is available here; run on the "
                                               r"CPU: --device cpu, or runtime.device: cpu in a recipe$"):  # fmt: skip
