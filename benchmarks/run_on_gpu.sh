@@ -26,8 +26,9 @@ trap 'kill "$clocks" 2>/dev/null || true' EXIT
 # The CUDA-only checks first (under a minute): the prefetching thread's stream ordering with nvJPEG on a busy device,
 # the ten-crop views cut on the device from pinned memory, then the CUDA graphs against the eager model (prediction,
 # then training). The graphs come last: in torch 2.11 a capture that fails leaves the random generator in capture mode
-# for the rest of the process. `timeout`: a hung test must not take the device call with it.
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_prefetch.py \
+# for the rest of the process. `timeout`: a hung test must not take the device call with it; -k: fgvc's training turns
+# SIGTERM into "stop at the next step", which a test hung inside a step never reaches.
+timeout -k 20 240 python3 -m pytest -q -p no:cacheprovider tests/test_prefetch.py \
     tests/test_data.py::test_on_cuda_tencrop_views_equal_the_cpu_ones tests/test_graphs.py 2>&1 \
     | tee "$out/pytest-cuda.log" || true
 if [ -n "${PROFILE_STAGE2:-}" ]; then  # PROFILE_STAGE2=1: where SENet-154's stage-2 step spends its time (~1 min)
