@@ -48,6 +48,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.close(fd)
 
 
+def at_path(err: OSError, path: str | Path) -> OSError:
+    """``err`` naming ``path``: a write, a flush or an fsync that fails (a full disk) names no file, or a temp file the
+    user never heard of; the CLI prints the file name and the reason (see ``fgvc.cli.main``)."""
+    return OSError(err.errno, err.strerror, str(path))
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write(fileobj)`` on a temp file, then move it over ``path``.
 
@@ -61,7 +67,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         named = err.filename is not None and not Path(str(err.filename)).name.startswith(f".{Path(path).name}.")
         if named or err.errno is None:  # another file's error, or one made up by the caller's code: as it is
             raise
-        raise OSError(err.errno, err.strerror, str(path)) from err
+        raise at_path(err, path) from err
 
 
 def require_writable(folder: str | Path) -> None:
@@ -74,7 +80,7 @@ def require_writable(folder: str | Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise OSError(err.errno, err.strerror, str(folder)) from err
+        raise at_path(err, folder) from err
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -32,9 +32,8 @@ from fgvc.engine.loop import predict_probs
 from fgvc.engine.runtime import (
     Runtime,
     broadcast_from_main,
-    device_available,
+    device_problem,
     is_main_process,
-    local_processes,
     settings_restored,
     setup_runtime,
 )
@@ -295,13 +294,12 @@ def prediction_device(asked: str | None, trained_on: str | None) -> str | None:
     else None (a GPU where there is one). A run trained on a server's ``cuda:1`` is often predicted elsewhere."""
     if asked is not None or not trained_on:
         return asked
-    one_gpu = torch.device(trained_on).type == "cuda" and torch.device(trained_on).index is not None
-    if device_available(trained_on) and not (one_gpu and local_processes() > 1):
+    if device_problem(trained_on) is None:
         if trained_on == "cpu" and torch.cuda.is_available():
             _say_once("the stage was trained on the CPU: predicting there too")
         return trained_on
-    where = "launch" if device_available(trained_on) else "machine"
-    _say_once(f"the stage was trained on {trained_on}, which this {where} cannot use: predicting on what it has")
+    _say_once(f"the stage was trained on {trained_on}, which this machine or launch cannot use: predicting on what it "
+              "has")  # fmt: skip
     return None
 
 

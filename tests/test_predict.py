@@ -137,11 +137,11 @@ def test_prediction_runs_where_asked_else_where_the_stage_trained_if_this_machin
     used: list[str] = []
     setup_runtime = predict_module.setup_runtime
     monkeypatch.setattr(predict_module, "setup_runtime", lambda cfg: used.append(cfg.device) or setup_runtime(cfg))
-    monkeypatch.setattr(predict_module, "device_available", lambda name: name == "cpu")  # a CPU-only machine
+    monkeypatch.setattr(predict_module, "device_problem", lambda name: None if name == "cpu" else "none here")
     predict_module._say_once.cache_clear()
     assert predict_stage(stage_dir, "test", 28, "none", progress=False).probs is not None
     predict_stage(stage_dir, "test", 28, "none", force=True, progress=False)
-    said = "the stage was trained on cuda:1, which this machine cannot use: predicting on what it has (--device"
+    said = "the stage was trained on cuda:1, which this machine or launch cannot use: predicting on what it has"
     assert fgvc_log.text.count(said) == 1  # once, however many passes (a sweep, an ensemble)
     predict_stage(stage_dir, "test", 28, "none", force=True, progress=False, device="cpu")
     sweep(stage_dir.parent, [32], split="test", progress=False, device="cpu")  # a new resolution: a real pass

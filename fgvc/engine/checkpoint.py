@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fgvc.errors import DataError, WeightsError
-from fgvc.fileio import atomic_write
+from fgvc.fileio import at_path, atomic_write
 from fgvc.models.meta import unwrap_model
 
 LAST = "last.pt"
@@ -63,7 +63,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             cause = cause.__cause__ or cause.__context__
         if not isinstance(cause, OSError) or cause.errno is None:
             raise
-        raise OSError(cause.errno, cause.strerror, str(path)) from err
+        raise at_path(cause, path) from err
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

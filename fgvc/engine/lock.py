@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fgvc.errors import RunBusyError
+from fgvc.fileio import at_path
 
 LOCK_FILE = ".lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # a filesystem without flock
@@ -123,7 +124,7 @@ def _acquire(path: Path, shared: bool) -> int | None:
             os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {started}".encode())
         except OSError as err:  # a full disk: these name no file
             os.close(fd)
-            raise OSError(err.errno, err.strerror, str(path)) from err
+            raise at_path(err, path) from err
     return fd
 
 

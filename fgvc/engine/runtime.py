@@ -119,7 +119,7 @@ _flag_group: Any = None  # the host-side group of this process's process group (
 _ON_CPU = "run on the CPU: --device cpu, or runtime.device: cpu in a recipe"
 
 
-def device_available(name: str) -> bool:
+def _device_available(name: str) -> bool:
     """Whether this machine has the device ``name`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
     device = torch.device(name)
     if device.type == "cuda":
@@ -150,7 +150,7 @@ def _chosen_device(name: str | None, local_world_size: int, local_rank: int) -> 
         device = torch.device("cuda", local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device {name}: no CUDA device is available here; {_ON_CPU}")
-    if device.type == "cuda" and not device_available(str(device)):
+    if device.type == "cuda" and not _device_available(str(device)):
         count = torch.cuda.device_count()
         if own_gpu:
             raise ConfigError(f"{local_world_size} processes on this machine need {local_world_size} visible GPUs, it "
@@ -158,9 +158,18 @@ def _chosen_device(name: str | None, local_world_size: int, local_rank: int) -> 
                               "cpu")  # fmt: skip
         raise ConfigError(f"runtime.device {device}: this machine has {count} visible CUDA device(s), cuda:0 to "
                           f"cuda:{count - 1}; choose one with --device (runtime.device in a recipe)")  # fmt: skip
-    if device.type == "mps" and not device_available(name):
+    if device.type == "mps" and not _device_available(name):
         raise ConfigError(f"runtime.device {name}: no Apple GPU (MPS) is available here; {_ON_CPU}")
     return device
+
+
+def device_problem(name: str) -> str | None:
+    """Why this machine and this launch cannot run on device ``name`` (None: they can): setup_runtime's refusal."""
+    try:
+        _chosen_device(name, local_processes(), int(os.environ.get("LOCAL_RANK", "0")))
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def setup_runtime(cfg: RuntimeConfig) -> Runtime:
