@@ -67,16 +67,12 @@ from fgvc.data import PREFETCH_FACTOR, OnDeviceNormalize
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.epochs import EpochStream, epoch_batches
 from fgvc.engine.graphs import GraphedInference, GraphedTraining
+from fgvc.engine.loaders import load_split, make_loader
 from fgvc.engine.loop import BatchWaits, EpochStats, optimizer_step, predict_probs, train_one_epoch
+from fgvc.engine.optim import build_optimizer, build_scheduler
 from fgvc.engine.runtime import Runtime, setup_runtime
 from fgvc.engine.sampling import EpochSampler
-from fgvc.engine.stage import (
-    build_optimizer,
-    build_scheduler,
-    load_split,
-    make_loader,
-    stage2_split,
-)
+from fgvc.engine.stage import stage2_split
 from fgvc.fileio import atomic_write_text
 from fgvc.logs import log_to_console
 from fgvc.models import create_model, get_meta, set_train_mode, set_trainable

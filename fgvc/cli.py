@@ -206,8 +206,9 @@ def stage2(
 ) -> None:
     """Stage 2: freeze all but the tuned parts, fine-tune at the test resolution with the test augmentation."""
     _maybe_torchrun(gpus)
+    from fgvc.engine.run_folder import latest_run
     from fgvc.engine.runtime import is_main_process
-    from fgvc.engine.stage import latest_run, run_stage2
+    from fgvc.engine.stage import run_stage2
 
     run_dir = run or latest_run()
     overrides = {
@@ -244,8 +245,8 @@ def sweep(
     """The leaderboard metric (top-1; macro F1 for Herbarium 2020-22, top-3 for iNat 2018, top-5 for iNat 2017) of the
     stage-1 (and stage-2) models at each test resolution: CSV table + PNG plot."""
     _maybe_torchrun(gpus)
+    from fgvc.engine.run_folder import latest_run
     from fgvc.engine.runtime import is_main_process
-    from fgvc.engine.stage import latest_run
     from fgvc.engine.sweep import sweep as run_sweep
     from fgvc.metrics import METRIC_LABELS
 
@@ -308,8 +309,8 @@ def predict(
 ) -> None:
     """Per-image class probabilities (a .npz probability file); prints accuracy when the split has labels."""
     _maybe_torchrun(gpus)
+    from fgvc.engine.run_folder import latest_run
     from fgvc.engine.runtime import is_main_process
-    from fgvc.engine.stage import latest_run
     from fgvc.predict import predict as run_predict
 
     result = run_predict(

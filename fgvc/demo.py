@@ -18,7 +18,7 @@ import pandas as pd
 
 from fgvc.datasets import resolve_root
 from fgvc.demo_data import ensure_demo
-from fgvc.engine.stage import STAGE1, stage2_dirname
+from fgvc.engine.run_folder import STAGE1, stage2_dirname
 from fgvc.engine.sweep import SweepResult, sweep
 from fgvc.metrics import summarize
 from fgvc.pipeline import EnsembleOutcome, ensemble_recipe, train_recipe

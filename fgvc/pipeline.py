@@ -17,17 +17,11 @@ import pandas as pd
 
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.checkpoint import LAST
+from fgvc.engine.loaders import load_split
 from fgvc.engine.lock import holder as lock_holder
-from fgvc.engine.stage import (
-    STAGE1,
-    check_model_settings,
-    config_conflicts,
-    is_finished,
-    load_split,
-    run_stage1,
-    run_stage2,
-    stage2_dirname,
-)
+from fgvc.engine.resume import config_conflicts
+from fgvc.engine.run_folder import STAGE1, is_finished, stage2_dirname
+from fgvc.engine.stage import check_model_settings, run_stage1, run_stage2
 from fgvc.ensemble import align, combine, combine_members, resolve_weights
 from fgvc.errors import ConfigError, DataError, WeightsError
 from fgvc.fileio import owner_tag, require_writable

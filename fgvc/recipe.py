@@ -30,7 +30,7 @@ from fgvc.submission import COMPETITIONS, check_top_k, competition_spec
 
 RECIPE_KEYS = ("competition", "ensemble", "members")
 MEMBER_KEYS = ("weight", "stage", "multi_res")
-STAGE1_DIR = "stage1"  # fgvc.engine.stage.STAGE1; not imported: this module imports without torch
+STAGE1_DIR = "stage1"  # fgvc.engine.run_folder.STAGE1; not imported: this module imports without torch
 
 
 class EnsembleConfig(BaseModel):

@@ -205,8 +205,8 @@ def test_gpu_decode_row_runs_through_the_engine_on_cpu(bench, tmp_path: Path) ->
     """The row the GPU run measures for ResNet-50 with ``decode: gpu``, run on the CPU (nvJPEG's CPU twin decodes)."""
     if bench.gpu_decode is None:
         pytest.skip(bench.GPU_DECODE_MISSING)
+    from fgvc.engine.loaders import load_split
     from fgvc.engine.runtime import setup_runtime
-    from fgvc.engine.stage import load_split
 
     sizes, case = bench.QUICK, bench.QUICK_CASES[0]
     bench.generate_jpegs(tmp_path / "data", sizes)

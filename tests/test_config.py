@@ -146,7 +146,8 @@ def test_the_competition_follows_the_members_dataset(tmp_path: Path) -> None:
 
 def test_other_starting_weights_are_another_model() -> None:
     """A recipe member whose weights changed was skipped as finished and ensembled."""
-    from fgvc.engine.stage import STAGE1, config_conflicts
+    from fgvc.engine.resume import config_conflicts
+    from fgvc.engine.run_folder import STAGE1
 
     saved = config_from_dict({"model": {"weights": "imagenet"}}).model_dump(mode="json")
     now = config_from_dict({"model": {"weights": "none"}})
@@ -156,7 +157,7 @@ def test_other_starting_weights_are_another_model() -> None:
 def test_a_run_name_may_hold_subfolders_but_not_leave_out(tmp_path: Path) -> None:
     """`ablation/lr005` trains into runs/ablation/lr005 (runs named so before keep working); `../x` would not be
     under runs/ at all."""
-    from fgvc.engine.stage import require_run_folder
+    from fgvc.engine.run_folder import require_run_folder
 
     assert RunConfig.model_validate({"name": "ablation/lr005"}).run_dir() == Path("runs/ablation/lr005")
     for name in ("../elsewhere", "a/../../b", "/abs", "", "."):
@@ -232,7 +233,8 @@ def test_a_misspelt_name_on_the_command_line_names_the_flag_not_the_recipe(tmp_p
 
 def test_resume_conflicts_compare_the_learning_rate_by_its_effect() -> None:
     """An explicit lr makes lr_base unused: a changed lr_base default must not block resuming or `fgvc train`."""
-    from fgvc.engine.stage import STAGE1, config_conflicts
+    from fgvc.engine.resume import config_conflicts
+    from fgvc.engine.run_folder import STAGE1
 
     explicit = config_from_dict({"stage1": {"lr": 0.01, "batch_size": 32}})
     saved = explicit.model_dump(mode="json")

@@ -14,7 +14,8 @@ import fgvc.engine.stage as stage_module
 from fgvc.config import config_from_dict
 from fgvc.engine.checkpoint import BEST, LAST, load_checkpoint
 from fgvc.engine.ema import WeightAverage
-from fgvc.engine.stage import load_split, run_stage1, run_stage2
+from fgvc.engine.loaders import load_split
+from fgvc.engine.stage import run_stage1, run_stage2
 from fgvc.errors import ConfigError
 
 

@@ -24,7 +24,9 @@ from conftest import tiny_config
 
 from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
-from fgvc.engine.stage import FINISHED, _load_splits, load_split, run_stage1, run_stage2
+from fgvc.engine.loaders import _load_splits, load_split
+from fgvc.engine.run_folder import FINISHED
+from fgvc.engine.stage import run_stage1, run_stage2
 from fgvc.errors import ConfigError, DataError, RunExistsError, WeightsError
 from fgvc.models import get_meta
 from fgvc.probs import Probabilities
@@ -313,7 +315,7 @@ def test_a_stop_before_stage_2_trains_saves_nothing_and_a_rerun_starts_it(
 
 def test_classes_are_their_category_ids_names_may_change(stage1_run: Path) -> None:
     """iNat 2018's categories.json replaces the training JSON's coded names: the same classes, not a new dataset."""
-    from fgvc.engine.stage import check_classes
+    from fgvc.engine.resume import check_classes
 
     cfg = load_config(stage1_run / CONFIG_FILE)
     index = load_split(cfg, "train")
@@ -434,7 +436,7 @@ def test_bnstats_averages_over_every_pass_and_resumes_the_average(stage1_run: Pa
     pass adds differently augmented samples), also when the stage was interrupted at the end of its first epoch."""
     import shutil
 
-    from fgvc.engine.stage import load_split
+    from fgvc.engine.loaders import load_split
     from fgvc.models import create_model
 
     runs = {}
@@ -669,9 +671,9 @@ def test_stage2_feature_cache_gives_the_same_weights_as_the_full_model(
 
 def test_device_decoding_trains_and_predicts_through_the_same_loops(tiny_demo_root: Path, tmp_path: Path) -> None:
     """`decode: gpu` swaps the dataset and the batch preparer only; on the CPU the same code runs end to end."""
+    from fgvc.engine.loaders import load_split, make_loader
     from fgvc.engine.loop import predict_probs, train_one_epoch
     from fgvc.engine.runtime import setup_runtime
-    from fgvc.engine.stage import load_split, make_loader
     from fgvc.models import create_model
 
     cfg = tiny_config(tiny_demo_root, tmp_path)
@@ -693,9 +695,9 @@ def test_device_decoding_trains_and_predicts_through_the_same_loops(tiny_demo_ro
 def test_tencrop_prediction_is_the_mean_softmax_of_ten_views_cut_by_hand(tiny_demo_root: Path, tmp_path: Path) -> None:
     """The loader ships each test-resized image once; the ten views cut on the device must be exactly the four corners,
     the centre and their mirror images that torchvision's TenCrop would cut from it."""
+    from fgvc.engine.loaders import make_loader
     from fgvc.engine.loop import predict_probs
     from fgvc.engine.runtime import setup_runtime
-    from fgvc.engine.stage import make_loader
     from fgvc.io import decode_image
     from fgvc.models import create_model
     from fgvc.transforms import build_transform
@@ -813,7 +815,7 @@ def test_epoch_stats_say_how_long_the_loop_waited_for_data(slow: str) -> None:
 
 def test_input_bound_hint_names_the_remedy_for_the_device() -> None:
     from fgvc.engine.loop import EpochStats
-    from fgvc.engine.stage import INPUT_BOUND_SHARE, input_bound_hint
+    from fgvc.engine.report import INPUT_BOUND_SHARE, input_bound_hint
 
     def stats(share: float) -> EpochStats:
         return EpochStats(0.1, 100, 10.0, 0.01, 0, 10, data_wait_s=10.0 * share)
@@ -833,25 +835,25 @@ def test_auto_decode_weighs_the_cpu_estimate_by_the_stored_image_size(
 ) -> None:
     import cv2
 
-    import fgvc.engine.stage as stage_module
+    import fgvc.engine.loaders as loaders
     import fgvc.gpu_decode
     from fgvc.config import RunConfig
     from fgvc.engine.runtime import Runtime
 
     path = tmp_path / "big.jpg"
     cv2.imwrite(str(path), np.zeros((1200, 1600, 3), np.uint8))  # 4x the 800x600 the CPU rate was measured on
-    monkeypatch.setattr(stage_module, "measure_images_per_s", lambda *args: 2000.0)
+    monkeypatch.setattr(loaders, "measure_images_per_s", lambda *args: 2000.0)
     monkeypatch.setattr(fgvc.gpu_decode, "gpu_decode_available", lambda device: True)
     rt = Runtime(device=torch.device("cuda", 0), amp_dtype=None, channels_last=False)
     cfg = RunConfig.model_validate({"data": {"decode": "auto", "workers": 16}})
     # 16 workers decode ~4,000 800x600 images/s but ~1,000 of these: a 2,000 img/s model needs the GPU decoder
-    assert stage_module.resolve_decode(cfg, rt, torch.nn.Linear(2, 2), 32, 4, np.array([str(path)])) == "gpu"
-    assert stage_module.resolve_decode(cfg, rt, torch.nn.Linear(2, 2), 32, 4) == "cpu"  # sizes unknown: 800x600
+    assert loaders.resolve_decode(cfg, rt, torch.nn.Linear(2, 2), 32, 4, np.array([str(path)])) == "gpu"
+    assert loaders.resolve_decode(cfg, rt, torch.nn.Linear(2, 2), 32, 4) == "cpu"  # sizes unknown: 800x600
 
 
 def test_a_resumed_auto_run_keeps_the_decoder_it_started_with(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--decode auto`` times the model; timed again at a resume it could switch the pixels mid-run."""
-    import fgvc.engine.stage as stage_module
+    import fgvc.engine.loaders as loaders
     import fgvc.gpu_decode
     from fgvc.config import RunConfig
     from fgvc.engine.runtime import Runtime
@@ -860,17 +862,17 @@ def test_a_resumed_auto_run_keeps_the_decoder_it_started_with(monkeypatch: pytes
         raise AssertionError("a resume with a saved decoder must not time the model")
 
     nvjpeg = {"available": True}
-    monkeypatch.setattr(stage_module, "measure_images_per_s", no_timing)
+    monkeypatch.setattr(loaders, "measure_images_per_s", no_timing)
     monkeypatch.setattr(fgvc.gpu_decode, "gpu_decode_available", lambda device: nvjpeg["available"])
     rt = Runtime(device=torch.device("cuda", 0), amp_dtype=None, channels_last=False)
     auto, net = RunConfig.model_validate({"data": {"decode": "auto"}}), torch.nn.Linear(2, 2)
-    assert stage_module.resolve_decode(auto, rt, net, 32, 4, started_with="gpu") == "gpu"
-    assert stage_module.resolve_decode(auto, rt, net, 32, 4, started_with="cpu") == "cpu"
+    assert loaders.resolve_decode(auto, rt, net, 32, 4, started_with="gpu") == "gpu"
+    assert loaders.resolve_decode(auto, rt, net, 32, 4, started_with="cpu") == "cpu"
     explicit = RunConfig.model_validate({"data": {"decode": "cpu"}})
-    assert stage_module.resolve_decode(explicit, rt, net, 32, 4, started_with="gpu") == "cpu"  # a flag still wins
+    assert loaders.resolve_decode(explicit, rt, net, 32, 4, started_with="gpu") == "cpu"  # a flag still wins
     nvjpeg["available"] = False  # resumed on a machine without nvJPEG: decided afresh (no estimate needed: cpu)
-    monkeypatch.setattr(stage_module, "measure_images_per_s", lambda *args: 1.0)
-    assert stage_module.resolve_decode(auto, rt, net, 32, 4, started_with="gpu") == "cpu"
+    monkeypatch.setattr(loaders, "measure_images_per_s", lambda *args: 1.0)
+    assert loaders.resolve_decode(auto, rt, net, 32, 4, started_with="gpu") == "cpu"
 
 
 def _decode_choice_on_rank(rank: int, init_file: str, out_dir: str) -> None:
@@ -879,8 +881,8 @@ def _decode_choice_on_rank(rank: int, init_file: str, out_dir: str) -> None:
 
     import fgvc.gpu_decode
     from fgvc.config import RunConfig
+    from fgvc.engine.loaders import resolve_decode
     from fgvc.engine.runtime import Runtime
-    from fgvc.engine.stage import resolve_decode
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     fgvc.gpu_decode.decode_mode = lambda *args: "gpu" if rank == 1 else "cpu"  # rank 1 "timed" another answer
@@ -1155,7 +1157,7 @@ def test_an_epoch_interrupted_on_its_last_step_keeps_its_whole_row(
 ) -> None:
     """SIGTERM during an epoch's last step: the resumed run has nothing left of that epoch to train, yet its row must
     report the loss, images and time of the part trained before the stop, as the uninterrupted run's does."""
-    from fgvc.engine.stage import load_split
+    from fgvc.engine.loaders import load_split
 
     straight = tiny_config(tiny_demo_root, tmp_path, stage1={"epochs": 2}, name="straight")
     run_stage1(straight, progress=False)
@@ -1242,8 +1244,8 @@ def test_ddp_training_batches_are_full_when_a_shard_holds_more_than_one(tiny_dem
     """drop_last follows this rank's shard, ceil(N / world size): 17 images on 2 ranks in batches of 8 gave each rank
     a batch of 8 and a batch of 1 (a BatchNorm statistic from one image)."""
     from fgvc.datasets.base import DatasetIndex
+    from fgvc.engine.loaders import load_split, make_loader
     from fgvc.engine.runtime import Runtime
-    from fgvc.engine.stage import load_split, make_loader
     from fgvc.models import create_model
 
     cfg = tiny_config(tiny_demo_root, tmp_path)
@@ -1287,7 +1289,7 @@ def test_a_stage_is_reloaded_with_the_input_statistics_it_was_trained_with(stage
     what its weights were trained with, and predict/stage 2 use that."""
     import shutil
 
-    from fgvc.engine.stage import load_stage_model
+    from fgvc.engine.checkpoint import load_stage_model
     from fgvc.models import model_meta
 
     run = tmp_path / "run"
@@ -1314,7 +1316,7 @@ def test_schedule_warms_up_linearly_to_the_peak_then_decays_to_zero(
     warmup_epochs: float, steps_per_epoch: int, warmup_steps: int
 ) -> None:
     from fgvc.config import StageConfig
-    from fgvc.engine.stage import build_scheduler
+    from fgvc.engine.optim import build_scheduler
 
     epochs = 3
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -63,7 +63,7 @@ def test_stage2_refuses_mixing() -> None:
 
 
 def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_default() -> None:
-    from fgvc.engine.stage import config_conflicts
+    from fgvc.engine.resume import config_conflicts
 
     cfg = config_from_dict({})
     saved = cfg.model_dump(mode="json")

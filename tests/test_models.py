@@ -370,8 +370,8 @@ def test_vit_family_models_are_built_to_run_at_any_resolution() -> None:
 def test_a_model_that_runs_at_one_size_only_is_refused_at_another(tiny_demo_root, tmp_path) -> None:
     from conftest import tiny_config
 
+    from fgvc.engine.loaders import load_split, make_loader
     from fgvc.engine.runtime import setup_runtime
-    from fgvc.engine.stage import load_split, make_loader
 
     meta = model_meta("timm:coatnet_0_rw_224")
     assert meta.fixed_input_size and meta.input_size == 224
@@ -406,8 +406,8 @@ def test_a_head_that_widens_after_the_trunk_keeps_bn_fc(name: str, last_bn: str)
 def test_a_patch_model_is_refused_at_a_resolution_its_patches_do_not_divide(tiny_demo_root, tmp_path) -> None:
     from conftest import tiny_config
 
+    from fgvc.engine.loaders import load_split, make_loader
     from fgvc.engine.runtime import setup_runtime
-    from fgvc.engine.stage import load_split, make_loader
 
     meta = model_meta("timm:vit_base_patch16_224_in21k")  # a deprecated name: built to take other sizes too
     assert (meta.fixed_input_size, meta.input_multiple) == (False, 16)

@@ -16,7 +16,8 @@ import torch
 from conftest import tiny_config
 from dataset_fixtures import write_herbarium2019, write_inat
 
-from fgvc.engine.stage import _load_splits, run_stage1, run_stage2
+from fgvc.engine.loaders import _load_splits
+from fgvc.engine.stage import run_stage1, run_stage2
 from fgvc.engine.sweep import apparent_size_factor, suggest_test_res, sweep
 from fgvc.errors import ConfigError, DataError, WeightsError
 from fgvc.io import decode_image
@@ -47,7 +48,7 @@ def test_tencrop_equals_the_mean_of_ten_hand_made_views(tmp_path: Path) -> None:
     data = tmp_path / "data"
     result = predict_stage(stage_dir, "test", 28, "tencrop", progress=False)
 
-    from fgvc.engine.stage import load_stage_model
+    from fgvc.engine.checkpoint import load_stage_model
     from fgvc.models import get_meta
 
     model, _, _ = load_stage_model(stage_dir)
@@ -300,7 +301,8 @@ def test_a_model_trained_beside_another_hold_out_is_flagged_on_val(
     had trained on, silently; so would a run whose dataset gained or lost images since."""
     from fgvc.config import load_config
     from fgvc.engine.checkpoint import BEST, load_checkpoint, save_checkpoint
-    from fgvc.engine.stage import holdout_digest, load_split
+    from fgvc.engine.loaders import load_split
+    from fgvc.engine.resume import holdout_digest
 
     cfg = load_config(adapted_run / "config.yaml")
     val = load_split(cfg, "val")

@@ -1,4 +1,5 @@
-"""Checkpoints: a plain dict with the model, the optimiser state, the position in training and the config.
+"""Checkpoints: a plain dict with the model, the optimiser state, the position in training and the config; and a
+finished stage's model rebuilt from its folder alone.
 
 Written atomically (temp file + rename), so a crash while writing leaves the previous checkpoint intact. Loaded with
 ``weights_only=True``: the file holds only tensors and plain Python values.
@@ -8,15 +9,19 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fgvc.errors import DataError, WeightsError
 from fgvc.fileio import at_path, atomic_write
+from fgvc.models import ModelMeta, create_model, get_meta, rgb, set_meta
 from fgvc.models.meta import unwrap_model
+from fgvc.models.weights import nonfinite_weight
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -104,3 +109,39 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
             f"{result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]})"
             "; check --arch or use the run folder that wrote it"
         )
+
+
+def find_stage_checkpoint(stage_dir: Path) -> Path:
+    """best.pt when validation picked one, else last.pt."""
+    for name in (BEST, LAST):
+        if (stage_dir / name).is_file():
+            return stage_dir / name
+    raise DataError(f"{stage_dir}: no checkpoint (best.pt / last.pt); run the stage first")
+
+
+def load_stage_model(stage_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
+    """Rebuild the model of a finished stage from its folder alone (architecture and classes come from the file);
+    with the identity of the checkpoint file read (:func:`fgvc.engine.checkpoint.load_checkpoint_identified`)."""
+    path = find_stage_checkpoint(stage_dir)
+    ckpt, identity = load_checkpoint_identified(path)
+    model = create_model(ckpt["arch"], ckpt["num_classes"], None)
+    load_model_state(model, ckpt["model"], path)
+    if key := nonfinite_weight(model, model.state_dict()):  # before a prediction pass, not after it
+        raise WeightsError(f"{path}: '{key}' holds NaN or infinite values (the run diverged); retrain the stage with a "
+                           "lower --lr")  # fmt: skip
+    use_saved_input(model, ckpt)
+    return model, ckpt, identity
+
+
+def saved_input(meta: ModelMeta) -> dict[str, Any]:
+    """What the weights expect of their input, saved with them: the registry's answer for a name can change (timm's
+    configs, fgvc's resolution of deprecated names), the trained weights' expectation does not."""
+    return {"mean": list(meta.mean), "std": list(meta.std), "interpolation": meta.interpolation}
+
+
+def use_saved_input(model: nn.Module, ckpt: dict[str, Any]) -> None:
+    """Give ``model`` the normalisation and resize interpolation its checkpoint was trained with (where it says)."""
+    saved = ckpt.get("input")
+    if saved:
+        set_meta(model, replace(get_meta(model), mean=rgb(saved["mean"]), std=rgb(saved["std"]),
+                                interpolation=saved["interpolation"]))  # fmt: skip

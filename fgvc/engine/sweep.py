@@ -72,8 +72,8 @@ def sweep(
 ) -> SweepResult:
     """The leaderboard metric (:func:`fgvc.submission.leaderboard_metric`: top-1 for most datasets) of the stage-1
     model and of every finished stage-2 model at each test resolution (test augmentation)."""
+    from fgvc.engine.run_folder import require_run_folder
     from fgvc.engine.runtime import is_main_process
-    from fgvc.engine.stage import require_run_folder
     from fgvc.predict import finished_stage_dirs, predict_stage, require_positive, require_resolutions
 
     run_dir = Path(run_dir)
