@@ -242,8 +242,9 @@ def sweep(
     ),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
-    """The leaderboard metric (top-1; macro F1 for Herbarium 2020-22, top-3 for iNat 2018, top-5 for iNat 2017) of the
-    stage-1 (and stage-2) models at each test resolution: CSV table + PNG plot."""
+    """Score the stage-1 (and stage-2) models at each test resolution: CSV table + PNG plot.
+
+    Scored on the leaderboard metric: top-1; macro F1 for Herbarium 2020-22; top-3 for iNat 2018, top-5 for 2017."""
     _maybe_torchrun(gpus)
     from fgvc.engine.run_folder import latest_run
     from fgvc.engine.runtime import is_main_process
@@ -370,8 +371,9 @@ def validate_submission(
     dataset: str | None = typer.Option(None, help="Check ids and categories against this dataset's test split."),
     data_root: Path | None = typer.Option(None, help="Dataset folder for --dataset."),
 ) -> None:
-    """Header, one row per test image, unique known ids, predictions per row, valid categories (with --dataset).
-    Exit 1 if invalid, 2 if unreadable."""
+    """Check a submission CSV: header, one row per test image, known ids, predictions per row, valid categories.
+
+    With --dataset, ids and categories are checked against its test split. Exit 1 if invalid, 2 if unreadable."""
     from fgvc.submission import validate_submission_file
 
     problems = validate_submission_file(file, competition, sample, dataset, data_root)

@@ -24,14 +24,13 @@ from torch import nn
 from fgvc.config import CONFIG_FILE, TTA, load_config, with_overrides
 from fgvc.data import close_loader
 from fgvc.datasets.base import DatasetIndex
-from fgvc.engine.checkpoint import file_identity, find_stage_checkpoint, load_stage_model
+from fgvc.engine.checkpoint import check_classes, check_holdout, file_identity, find_stage_checkpoint, load_stage_model
 from fgvc.engine.graphs import MIN_BATCHES_TO_CAPTURE, GraphedInference
 from fgvc.engine.launch import already_distributed
 from fgvc.engine.loaders import load_split, make_loader
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.loop import predict_probs
-from fgvc.engine.resume import check_classes, check_holdout
-from fgvc.engine.run_folder import FINISHED, STAGE1, is_finished, require_run_folder
+from fgvc.engine.run_folder import FINISHED, STAGE1, is_finished, require_run_folder, require_saved_root
 from fgvc.engine.runtime import (
     Runtime,
     broadcast_from_main,
@@ -40,7 +39,6 @@ from fgvc.engine.runtime import (
     settings_restored,
     setup_runtime,
 )
-from fgvc.engine.stage import require_saved_root
 from fgvc.ensemble import combine_members, equal_weights
 from fgvc.errors import ConfigError, DataError, WeightsError
 from fgvc.fileio import require_writable

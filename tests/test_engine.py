@@ -315,7 +315,7 @@ def test_a_stop_before_stage_2_trains_saves_nothing_and_a_rerun_starts_it(
 
 def test_classes_are_their_category_ids_names_may_change(stage1_run: Path) -> None:
     """iNat 2018's categories.json replaces the training JSON's coded names: the same classes, not a new dataset."""
-    from fgvc.engine.resume import check_classes
+    from fgvc.engine.checkpoint import check_classes
 
     cfg = load_config(stage1_run / CONFIG_FILE)
     index = load_split(cfg, "train")
@@ -325,6 +325,32 @@ def test_classes_are_their_category_ids_names_may_change(stage1_run: Path) -> No
     shifted = dataclasses.replace(index, category_ids=[*index.category_ids[1:], index.category_ids[0]])
     with pytest.raises(DataError, match="trained on other classes"):
         check_classes(ckpt, shifted, stage1_run / "stage1", stage1_run / CONFIG_FILE)
+
+
+def test_a_resume_over_a_dataset_whose_classes_changed_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed stage compares last.pt's classes with the data's: resumed over a copy whose class folders differ (the
+    same count, every label shifted), it used to go on training with each label meaning another class."""
+    from dataset_fixtures import write_folder
+
+    root = write_folder(tmp_path / "data").root
+    cfg = tiny_config(root, tmp_path / "runs", data={"dataset": "folder"}, stage1={"res": 28, "epochs": 2})
+    with monkeypatch.context() as patch:
+        _StopAtStep(patch, signal.SIGTERM, at=2)
+        assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGTERM
+    last = cfg.run_dir() / "stage1" / LAST
+    saved = last.read_bytes()
+    first = min(path.name for path in (root / "train").iterdir())
+    for split in ("train", "val"):
+        (root / split / first).rename(root / split / "zz-renamed")
+    _load_splits.cache_clear()  # as in a new process, which reads the folders again
+    with pytest.raises(DataError, match=rf"label 0 is '{first}' in the model") as caught:
+        run_stage1(cfg, progress=False)
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).endswith("resume with the data it was trained on (--data-root), or pass --force to "
+                                      "start over")  # fmt: skip
+    assert last.read_bytes() == saved  # the interrupted run is left to resume on its own data
 
 
 def test_stage2_force_starts_from_the_run_settings_not_the_old_stage2_flags(stage1_run: Path, tmp_path: Path) -> None:

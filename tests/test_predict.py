@@ -300,9 +300,8 @@ def test_a_model_trained_beside_another_hold_out_is_flagged_on_val(
     """A run from before the hold-out was keyed on image ids (no fingerprint in its checkpoints) validated on images it
     had trained on, silently; so would a run whose dataset gained or lost images since."""
     from fgvc.config import load_config
-    from fgvc.engine.checkpoint import BEST, load_checkpoint, save_checkpoint
+    from fgvc.engine.checkpoint import BEST, holdout_digest, load_checkpoint, save_checkpoint
     from fgvc.engine.loaders import load_split
-    from fgvc.engine.resume import holdout_digest
 
     cfg = load_config(adapted_run / "config.yaml")
     val = load_split(cfg, "val")

@@ -1,5 +1,6 @@
-"""Checkpoints: a plain dict with the model, the optimiser state, the position in training and the config; and a
-finished stage's model rebuilt from its folder alone.
+"""Checkpoints: a plain dict with the model, the optimiser state, the position in training and the config; a finished
+stage's model rebuilt from its folder alone; and whether the data a checkpoint meets is the data it was trained on (its
+classes, its validation hold-out).
 
 Written atomically (temp file + rename), so a crash while writing leaves the previous checkpoint intact. Loaded with
 ``weights_only=True``: the file holds only tensors and plain Python values.
@@ -7,6 +8,8 @@ Written atomically (temp file + rename), so a crash while writing leaves the pre
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 from dataclasses import replace
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fgvc.datasets.base import DatasetIndex
 from fgvc.errors import DataError, WeightsError
 from fgvc.fileio import at_path, atomic_write
 from fgvc.models import ModelMeta, create_model, get_meta, rgb, set_meta
@@ -25,6 +29,7 @@ from fgvc.models.weights import nonfinite_weight
 
 LAST = "last.pt"
 BEST = "best.pt"
+log = logging.getLogger("fgvc")
 
 
 def rng_state() -> dict[str, Any]:
@@ -121,7 +126,7 @@ def find_stage_checkpoint(stage_dir: Path) -> Path:
 
 def load_stage_model(stage_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
     """Rebuild the model of a finished stage from its folder alone (architecture and classes come from the file);
-    with the identity of the checkpoint file read (:func:`fgvc.engine.checkpoint.load_checkpoint_identified`)."""
+    with the identity of the checkpoint file read (:func:`load_checkpoint_identified`)."""
     path = find_stage_checkpoint(stage_dir)
     ckpt, identity = load_checkpoint_identified(path)
     model = create_model(ckpt["arch"], ckpt["num_classes"], None)
@@ -145,3 +150,62 @@ def use_saved_input(model: nn.Module, ckpt: dict[str, Any]) -> None:
     if saved:
         set_meta(model, replace(get_meta(model), mean=rgb(saved["mean"]), std=rgb(saved["std"]),
                                 interpolation=saved["interpolation"]))  # fmt: skip
+
+
+def class_info(index: DatasetIndex) -> dict[str, list]:
+    def plain(v: Any) -> Any:
+        return v.item() if hasattr(v, "item") else v
+
+    return {"names": list(index.class_names), "category_ids": [plain(c) for c in index.category_ids]}
+
+
+def check_classes(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path, config: Path | None) -> None:
+    """The checkpoint's classes must be the dataset's, in the same order: a renamed, added or removed class folder
+    would otherwise shift every label silently (accuracies, ensembles and submissions would all be wrong).
+
+    A class is its category id: names alone may change (iNat 2018/2019's real names from categories.json replace the
+    training JSON's codes). ``config`` is the file whose ``data.root`` was read, where the fix goes (predict, stage 2's
+    start); None for a resumed stage, whose data root comes from the command."""
+    trained, now = ckpt["classes"], class_info(index)
+    if trained["category_ids"] == now["category_ids"]:
+        return
+    was = list(zip(trained["names"], trained["category_ids"], strict=True))
+    is_ = list(zip(now["names"], now["category_ids"], strict=True))
+    if len(was) != len(is_):
+        why = f"{len(was)} classes, the dataset now {len(is_)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(was, is_, strict=True)) if a != b)
+        part = 0 if was[i][0] != is_[i][0] else 1  # the name, else the category id
+        why = f"label {i} is {was[i][part]!r} in the model, {is_[i][part]!r} in the dataset"
+    fix = (f"set data.root in {config} to the data it was trained on" if config is not None else
+           "resume with the data it was trained on (--data-root), or pass --force to start over")  # fmt: skip
+    raise DataError(
+        f"{stage_dir}: the model was trained on other classes than the {index.name} {index.split} split has ({why}); "
+        + fix
+    )
+
+
+HOLDOUT_KEYED = "2026-11-27"  # fgvc drew the hold-out as a permutation of train before this date (see check_holdout)
+
+
+def holdout_digest(index: DatasetIndex) -> str | None:
+    """A fingerprint of a val split that fgvc held out of train (None for a benchmark's own val split)."""
+    if not index.holdout:
+        return None
+    ids = "\n".join(sorted(map(str, index.frame["image_id"])))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def check_holdout(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path) -> None:
+    """Warn when ``index`` (a val split) is not the hold-out the model was trained beside: some of its images may then
+    have been training images, and val scores, sweeps and ensemble weights on it are optimistic."""
+    now = holdout_digest(index)
+    if now is None or ckpt.get("holdout", "") == now:
+        return
+    if "holdout" not in ckpt:
+        log.warning("%s was trained by an fgvc older than %s, which drew the validation hold-out differently: most of "
+                    "today's %s val images were training images for it, so scores on val are optimistic; retrain "
+                    "stage 1 with --force for a clean hold-out", stage_dir, HOLDOUT_KEYED, index.name)  # fmt: skip
+    else:
+        log.warning("%s: the validation hold-out changed since this model was trained (images were added to or removed "
+                    "from the dataset): a few val images may have been training images for it", stage_dir)  # fmt: skip

@@ -1,12 +1,12 @@
 """Whether a stage run may continue from its ``last.pt``, and the state it continues with.
 
-A checkpoint written with other settings, for other classes, by another number of processes or with other parameters
-learning is refused (``--force`` starts over); a validation hold-out that changed since is warned about.
+A checkpoint written with other settings, by another number of processes or with other parameters learning is refused
+(``--force`` starts over). Its classes and validation hold-out are compared with the dataset's by the stage itself
+(:func:`fgvc.engine.checkpoint.check_classes`, :func:`fgvc.engine.checkpoint.check_holdout`), as for any checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,71 +16,13 @@ from typing import Any
 import torch
 
 from fgvc.config import RunConfig, StageConfig
-from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import LAST, load_checkpoint, set_rng_state
 from fgvc.engine.loop import EpochStats
 from fgvc.engine.run_folder import STAGE1, refuse_finished
 from fgvc.engine.runtime import Runtime
-from fgvc.errors import ConfigError, DataError
+from fgvc.errors import ConfigError
 
 log = logging.getLogger("fgvc")
-
-
-def class_info(index: DatasetIndex) -> dict[str, list]:
-    def plain(v: Any) -> Any:
-        return v.item() if hasattr(v, "item") else v
-
-    return {"names": list(index.class_names), "category_ids": [plain(c) for c in index.category_ids]}
-
-
-def check_classes(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path, config: Path) -> None:
-    """The checkpoint's classes must be the dataset's, in the same order: a renamed, added or removed class folder
-    would otherwise shift every label silently (accuracies, ensembles and submissions would all be wrong).
-
-    A class is its category id: names alone may change (iNat 2018/2019's real names from categories.json replace the
-    training JSON's codes). ``config`` is the file whose ``data.root`` was read: every command that gets here reads it
-    from a run's config.yaml, so that is where the fix goes."""
-    trained, now = ckpt["classes"], class_info(index)
-    if trained["category_ids"] == now["category_ids"]:
-        return
-    was = list(zip(trained["names"], trained["category_ids"], strict=True))
-    is_ = list(zip(now["names"], now["category_ids"], strict=True))
-    if len(was) != len(is_):
-        why = f"{len(was)} classes, the dataset now {len(is_)}"
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(was, is_, strict=True)) if a != b)
-        part = 0 if was[i][0] != is_[i][0] else 1  # the name, else the category id
-        why = f"label {i} is {was[i][part]!r} in the model, {is_[i][part]!r} in the dataset"
-    raise DataError(
-        f"{stage_dir}: the model was trained on other classes than the {index.name} {index.split} split has ({why}); "
-        f"set data.root in {config} to the data it was trained on"
-    )
-
-
-HOLDOUT_KEYED = "2026-11-27"  # fgvc drew the hold-out as a permutation of train before this date (see check_holdout)
-
-
-def holdout_digest(index: DatasetIndex) -> str | None:
-    """A fingerprint of a val split that fgvc held out of train (None for a benchmark's own val split)."""
-    if not index.holdout:
-        return None
-    ids = "\n".join(sorted(map(str, index.frame["image_id"])))
-    return hashlib.sha256(ids.encode()).hexdigest()[:16]
-
-
-def check_holdout(ckpt: dict[str, Any], index: DatasetIndex, stage_dir: Path) -> None:
-    """Warn when ``index`` (a val split) is not the hold-out the model was trained beside: some of its images may then
-    have been training images, and val scores, sweeps and ensemble weights on it are optimistic."""
-    now = holdout_digest(index)
-    if now is None or ckpt.get("holdout", "") == now:
-        return
-    if "holdout" not in ckpt:
-        log.warning("%s was trained by an fgvc older than %s, which drew the validation hold-out differently: most of "
-                    "today's %s val images were training images for it, so scores on val are optimistic; retrain "
-                    "stage 1 with --force for a clean hold-out", stage_dir, HOLDOUT_KEYED, index.name)  # fmt: skip
-    else:
-        log.warning("%s: the validation hold-out changed since this model was trained (images were added to or removed "
-                    "from the dataset): a few val images may have been training images for it", stage_dir)  # fmt: skip
 
 
 def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[str]:
@@ -135,8 +77,8 @@ def resumable_state(cfg: RunConfig, stage: str, stage_dir: Path) -> dict[str, An
 
 
 @dataclass
-class Progress:
-    """Where a stage run stands: the epoch and optimiser step it starts at, the epochs done and best.pt's score."""
+class StartPoint:
+    """Where a stage run starts: the epoch and micro-batch, the epochs already done and best.pt's score so far."""
 
     metric: str  # what best.pt is chosen on: the dataset's leaderboard metric
     best: float = -1.0  # best.pt's score on it (unrounded, unlike the history's copy)
@@ -157,7 +99,7 @@ def resume_training(
     rt: Runtime,
     metric: str,
     what: str,
-) -> Progress:
+) -> StartPoint:
     """Load ``state`` (a ``last.pt``) into this run's optimiser, schedule, grad scaler and random generators, and
     return where it had got to. ``learning``: the names of the parameters that learn now; ``what``: the architecture
     and tune policy, for the message when those differ from the checkpoint's."""
@@ -178,15 +120,15 @@ def resume_training(
             f"{rt.world_size}: the schedule and data position would not match; resume with "
             f"{state.get('world_size', 1)} processes or pass --force"
         )
-    progress = Progress(metric, start_epoch=state["epoch"], start_micro=state["micro_step"], history=state["history"],
-                        before=state.get("before"))  # fmt: skip
+    point = StartPoint(metric, start_epoch=state["epoch"], start_micro=state["micro_step"], history=state["history"],
+                       before=state.get("before"))  # fmt: skip
     saved_best = state.get("best", -1.0)
     if isinstance(saved_best, dict) and metric in saved_best:
-        progress.best = saved_best[metric]
+        point.best = saved_best[metric]
     else:  # written by an fgvc that kept best.pt on top-1: this run goes on choosing the way it started
-        progress.metric, progress.best = "top1", float(saved_best) if not isinstance(saved_best, dict) else -1.0
-    if progress.start_micro and state.get("partial"):
-        progress.partial = EpochStats(**state["partial"])
+        point.metric, point.best = "top1", float(saved_best) if not isinstance(saved_best, dict) else -1.0
+    if point.start_micro and state.get("partial"):
+        point.partial = EpochStats(**state["partial"])
     rngs = state["rng"]  # one per rank (a dict: written by an fgvc that saved rank 0's only)
     set_rng_state(rngs[rt.rank] if isinstance(rngs, list) else rngs)
-    return progress
+    return point

@@ -72,6 +72,15 @@ def refuse_finished(stage_dir: Path, stage: str) -> None:
         raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose {other})")
 
 
+def require_saved_root(cfg: RunConfig, config_file: Path) -> None:
+    """A run's saved dataset folder that is gone (the dataset moved, or the run was copied to another machine) is named
+    as such, with the option that says where it is now, rather than as a mistyped path."""
+    root = cfg.data.resolved_root()
+    if cfg.data.root and not root.exists():
+        raise DataError(f"{root}: the dataset this run was trained on is no longer there (data.root in {config_file}); "
+                        "pass --data-root with the folder where it is now")  # fmt: skip
+
+
 def latest_run(out: str | Path = "runs") -> Path:
     """The run folder whose stage-1 checkpoint was written last."""
     candidates = sorted(Path(out).glob(f"*/{STAGE1}/{LAST}"), key=lambda p: p.stat().st_mtime)
@@ -138,7 +147,7 @@ class StageWriter:
         """Write ``ckpt`` as ``name`` (best.pt, last.pt) in the stage folder, atomically."""
         if not self.claimed:
             retire_old_results(self.run_dir, self.stage_dir, self.stage, self.force)
-            for stale in self.stage_dir.glob(".*.tmp"):  # half-written files of a process killed mid-write (OOM)
+            for stale in self.stage_dir.glob(".*.tmp"):  # half-written by a process killed mid-write (SIGKILL, OOM)
                 remove_if_abandoned(stale)
             if not self.resumed:
                 self.stage_dir.mkdir(parents=True, exist_ok=True)

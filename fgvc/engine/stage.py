@@ -36,6 +36,10 @@ from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import (
     BEST,
     LAST,
+    check_classes,
+    check_holdout,
+    class_info,
+    holdout_digest,
     load_model_state,
     load_stage_model,
     rng_state,
@@ -63,15 +67,7 @@ from fgvc.engine.loop import StopFlag, Stopped, predict_probs, stop_on_signals, 
 from fgvc.engine.mixing import build_mixing
 from fgvc.engine.optim import build_optimizer, build_scheduler
 from fgvc.engine.report import epoch_line, format_metrics, history_row, input_bound_hint, write_history
-from fgvc.engine.resume import (
-    Progress,
-    check_classes,
-    check_holdout,
-    class_info,
-    holdout_digest,
-    resumable_state,
-    resume_training,
-)
+from fgvc.engine.resume import StartPoint, resumable_state, resume_training
 from fgvc.engine.run_folder import (
     FINISHED,
     STAGE1,
@@ -80,6 +76,7 @@ from fgvc.engine.run_folder import (
     is_finished,
     refuse_finished,
     require_run_folder,
+    require_saved_root,
     stage2_dirname,
     stage_folder,
 )
@@ -178,7 +175,9 @@ def _train_stage(
         name, root = cfg.data.dataset, cfg.data.resolved_root()
         raise DataError(f"{root}: the {name} train split lists no images; re-extract its metadata files (`fgvc "
                         f"datasets check {name} --root {root}` checks them)")  # fmt: skip
-    if state is not None:
+    if state is not None:  # the same classes (a --data-root whose class folders changed would shift every label)
+        if "classes" in state:
+            check_classes(state, train_index, stage_dir, None)
         check_holdout(state, val_index, stage_dir)
     for note in train_index.notes:
         log.info("note: %s", note)
@@ -239,7 +238,7 @@ def _train_stage(
         position = resume_training(state, stage_dir, learning, optimizer, scheduler, scaler, rt, metric,
                                    f"{cfg.model.arch} / tune {stage_cfg.tune}")  # fmt: skip
     else:
-        position = Progress(metric)
+        position = StartPoint(metric)
     start_epoch, start_micro, history, before = (position.start_epoch, position.start_micro, position.history,
                                                  position.before)  # fmt: skip
     metric, best, partial = position.metric, position.best, position.partial
@@ -374,13 +373,14 @@ def _train_stage(
             rngs = gather_objects(rt, rng_state())
             result.interrupted_by = stop.signum or signal.SIGTERM
             result.history = pd.DataFrame(history)  # with this call's epochs
+            if not rt.is_main:  # rank 0 writes, and logs
+                return result
             if writer.guarded and not writer.claimed:  # a Ctrl-C just after a mistaken --force keeps the old models
                 log.info("interrupted by signal %s before the first epoch of this --force run ended: nothing saved, "
                          "the earlier results in %s are untouched (rerun with --force to retrain it)", stop.signum,
                          stage_dir)  # fmt: skip
                 return result
-            if rt.is_main:
-                writer.save(LAST, checkpoint(epoch, stats.micro_steps, False, rngs) | {"partial": asdict(stats)})
+            writer.save(LAST, checkpoint(epoch, stats.micro_steps, False, rngs) | {"partial": asdict(stats)})
             log.info("interrupted by signal %s: saved %s (epoch %d, step %d); %s", stop.signum, stage_dir / LAST,
                      epoch + 1, stats.micro_steps, resume_hint)  # fmt: skip
             return result
@@ -643,15 +643,6 @@ def _stage2_base(run_dir: Path, overrides: dict[str, Any], resume: bool) -> Path
     if resume and (started / LAST).is_file() and (started / CONFIG_FILE).is_file():
         return started / CONFIG_FILE
     return cfg_path
-
-
-def require_saved_root(cfg: RunConfig, config_file: Path) -> None:
-    """A run's saved dataset folder that is gone (the dataset moved, or the run was copied to another machine) is named
-    as such, with the option that says where it is now, rather than as a mistyped path."""
-    root = cfg.data.resolved_root()
-    if cfg.data.root and not root.exists():
-        raise DataError(f"{root}: the dataset this run was trained on is no longer there (data.root in {config_file}); "
-                        "pass --data-root with the folder where it is now")  # fmt: skip
 
 
 def run_stage2(
