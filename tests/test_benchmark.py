@@ -177,6 +177,15 @@ def test_ratios_and_targets_follow_the_issue(bench) -> None:
     assert graphed.ratio == pytest.approx(1.0)  # the eager ceiling alone
 
 
+def test_models_run_in_the_order_given(bench) -> None:
+    """A device session of 15 minutes runs the rows it needs most first: the time budget cuts the last models."""
+    arches = [case.arch for case in bench.select_cases(bench.parse_args(["--models", "resnet50, senet154,resnet50"]))]
+    assert arches == ["resnet50", "senet154"]
+    assert [case.arch for case in bench.select_cases(bench.parse_args([]))] == [c.arch for c in bench.FULL_CASES]
+    with pytest.raises(SystemExit, match="--models: unknown resnet5; choose from senet154"):
+        bench.select_cases(bench.parse_args(["--models", "resnet5"]))
+
+
 def test_sized_index_repeats_files_to_the_requested_count(bench, tmp_path: Path) -> None:
     from fgvc.datasets.base import DatasetIndex, frame
 
