@@ -126,7 +126,7 @@ def stage1(
     cutmix: float | None = typer.Option(None, help="CutMix alpha, e.g. 1.0 (default 0: off); with mixup, one a batch."),
     ema_decay: float | None = typer.Option(
         None, help="Average the weights over the steps with this decay at most, e.g. 0.9998 (timm's EMA; its warm-up "
-        "sets the decay in runs under ~300k steps; default 0: off); the average is the model validated, saved and "
+        "sets the decay in runs under ~350k steps; default 0: off); the average is the model validated, saved and "
         "adapted in stage 2."
     ),
     grad_accum: int | None = typer.Option(None, help="Micro-batches per optimiser step."),

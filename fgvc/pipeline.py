@@ -34,8 +34,7 @@ from fgvc.submission import (
     SubmissionError,
     check_submission,
     competition_spec,
-    foreign_header,
-    read_sample,
+    read_checked_sample,
     write_submission,
 )
 
@@ -214,11 +213,11 @@ def ensemble_recipe(
                         f"({', '.join(str(member_stage_dir(m)) for m in missing)}){busy}"
                         f"{command if idle else ''}")  # fmt: skip
     header = None  # the sample's header, when given, wins over the built-in one
-    if sample is not None:  # read now: a missing file or another competition's sample fails before any prediction
-        header = read_sample(Path(sample))[0]
-        foreign = foreign_header(Path(sample), header, spec)
-        if foreign:
-            raise SubmissionError(foreign)
+    if sample is not None:  # read now: a missing file, another competition's or another test set's sample fails
+        test_ids = load_split(recipe.members[0].config, "test").frame["image_id"].tolist()  # before any prediction
+        header, _, problems = read_checked_sample(Path(sample), spec, test_ids)
+        if problems:
+            raise SubmissionError(problems[0])
     out = Path(out_dir)
     require_writable(out)  # now, not after the predictions (hours on iNat)
     # The val split fits the weights (search) or only fills the report: without images it is skipped in the latter case.

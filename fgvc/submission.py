@@ -293,14 +293,8 @@ def collect_problems(
     reference_ids, reference_kind = None, "test set"
     setup: list[str] = []
     if sample is not None:
-        header, sample_ids = read_sample(Path(sample))
-        reference_ids, reference_kind = _normalised_ids(sample_ids, spec), "sample submission"
-        foreign = foreign_header(Path(sample), header, spec)
-        if foreign:
-            setup.append(foreign)
-        if test_ids is not None and set(reference_ids) != set(_normalised_ids(test_ids, spec)):
-            setup.append(f"the {len(reference_ids)} ids of the sample {sample} are not the test split's: is it "
-                         "another competition's (or year's) sample, or another copy of the dataset?")  # fmt: skip
+        header, reference_ids, setup = read_checked_sample(Path(sample), spec, test_ids)
+        reference_kind = "sample submission"
     elif test_ids is not None:
         reference_ids = _normalised_ids(test_ids, spec)
     categories = _normalised_categories(valid_categories, spec) if valid_categories is not None else None
@@ -324,6 +318,20 @@ def read_sample(sample: Path) -> tuple[tuple[str, ...], list[str]]:
     if not rows:
         raise SubmissionError(f"{sample}: the sample submission is empty; download it again")
     return tuple(rows[0]), [row[0] for row in rows[1:] if row]
+
+
+def read_checked_sample(
+    sample: Path, spec: CompetitionSpec, test_ids: Iterable[object] | None = None
+) -> tuple[tuple[str, ...], dict[str, None], list[str]]:
+    """A Kaggle sample submission's header and ids (as the CSV holds them), and why it cannot be the sample of this
+    competition's ``test_ids``: another competition's header, or other ids (another year's, another copy's)."""
+    header, sample_ids = read_sample(sample)
+    ids = _normalised_ids(sample_ids, spec)
+    problems = [foreign] if (foreign := foreign_header(sample, header, spec)) else []
+    if test_ids is not None and set(ids) != set(_normalised_ids(test_ids, spec)):
+        problems.append(f"{sample}: its {len(ids)} ids are not the test split's: is it another competition's (or "
+                        "year's) sample, or another copy of the dataset?")  # fmt: skip
+    return header, ids, problems
 
 
 def foreign_header(sample: Path, header: tuple[str, ...], spec: CompetitionSpec) -> str | None:

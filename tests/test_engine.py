@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _fgvc(*args: str, **kwargs) -> subprocess.Popen:
     # TQDM_MININTERVAL: live progress bars into the pipe, whose "img_s=" tells the tests a training step has finished
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "0.1"}
+    for name in kwargs.get("unset", ()):  # as a user's shell may leave it
+        env.pop(name, None)
     return subprocess.Popen([sys.executable, "-m", "fgvc", *args], cwd=kwargs.get("cwd", REPO), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
@@ -638,11 +640,12 @@ def test_a_rank_error_under_gpus_is_fgvc_one_line_error_and_exit_2(tmp_path: Pat
         (cub / "images" / line.split()[1]).write_bytes(b"not a jpeg")  # every image: whichever each rank reads first
     ddp = _fgvc("stage1", "--dataset", "demo", "--data-root", str(root), "--arch", "timm:test_resnet", "--weights",
                 "none", "--res", "32", "--epochs", "1", "--batch-size", "2", "--workers", "0", "--out",
-                str(tmp_path / "runs"), "--device", "cpu", "--gpus", "2")  # fmt: skip
+                str(tmp_path / "runs"), "--device", "cpu", "--gpus", "2", unset=["OMP_NUM_THREADS"])  # fmt: skip
     out, _ = ddp.communicate(timeout=600)
     assert ddp.returncode == 2, out
     assert "fgvc: error:" in out
     assert "Traceback" not in out and "ChildFailedError" not in out, out
+    assert "OMP_NUM_THREADS" not in out, out  # torchrun's banner: the launcher sets torchrun's default itself
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from fgvc.pipeline import ensemble_recipe, train_recipe
 from fgvc.predict import predict, predict_stage
 from fgvc.probs import Probabilities
 from fgvc.recipe import load_recipe
-from fgvc.submission import validate_submission
+from fgvc.submission import SubmissionError, validate_submission
 
 
 def _folder_dataset(root: Path) -> Path:
@@ -523,6 +524,10 @@ def test_missing_member_prints_the_command_that_produces_it(tmp_path: Path, tiny
     train_recipe(recipe_path, progress=False, members=["generic-b"])
     with pytest.raises(DataError, match=r"sample_submision\.csv: sample submission not found"):  # a typo, early
         ensemble_recipe(recipe_path, tmp_path / "submissions", tmp_path / "sample_submision.csv", progress=False)
+    other = tmp_path / "other_sample.csv"  # a generic sample takes any header: its ids say it is another test set's
+    other.write_text("Id,Predicted\n999999,0\n")
+    with pytest.raises(SubmissionError, match=rf"^{re.escape(str(other))}: its 1 ids are not the test split's"):
+        ensemble_recipe(recipe_path, tmp_path / "submissions", other, progress=False)
     (tmp_path / "a_file").write_text("not a folder\n")
     with pytest.raises(FileExistsError) as caught:  # --out naming a file: before the predictions, not after
         ensemble_recipe(recipe_path, tmp_path / "a_file", progress=False)

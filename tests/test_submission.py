@@ -338,7 +338,7 @@ def test_the_writer_takes_the_sample_header_and_both_id_lists_are_checked(tmp_pa
     assert out.read_text() == "Id,predicted\n10,5\n11,7\n"
     validate_submission(out, "herbarium2022", sample=sample)
     problems = collect_problems(out, "herbarium2022", test_ids=[10, 12], sample=sample)
-    assert len(problems) == 1 and f"the 2 ids of the sample {sample} are not the test split's" in problems[0]
+    assert len(problems) == 1 and f"{sample}: its 2 ids are not the test split's" in problems[0]
 
 
 def test_missing_files_are_submission_errors(tmp_path: Path) -> None:

@@ -54,9 +54,11 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
     # installed before the child starts: a signal in between would kill this process and leave torchrun running
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # torchrun's own default for several processes, said here so that it does not print its banner about it
+    env = {"OMP_NUM_THREADS": "1"} if nproc > 1 and "OMP_NUM_THREADS" not in os.environ else {}
     try:
         child = subprocess.Popen([*cmd, "fgvc", *strip_option(argv, "--gpus")], start_new_session=True,
-                                 preexec_fn=_terminate_with_parent)  # fmt: skip
+                                 preexec_fn=_terminate_with_parent, env=os.environ | env)  # fmt: skip
         if received:  # arrived while it started
             child.send_signal(signal.SIGTERM if received[0] == signal.SIGHUP else received[0])
         code = child.wait()
