@@ -27,6 +27,8 @@ datasets_app = typer.Typer(help="Dataset readers: list them, check a local copy.
 models_app = typer.Typer(help="Model registry.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
+_PREDICTION_DEVICE = ("cuda, cuda:1, mps or cpu (default: the stage's own where this machine can use it, else cuda "
+                      "when available).")  # fmt: skip
 
 
 def _print_version(requested: bool) -> None:
@@ -148,7 +150,7 @@ def stage1(
     deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic"),
     skip_corrupt: bool | None = typer.Option(None, "--skip-corrupt/--no-skip-corrupt"),
     decode: str | None = typer.Option(None, help="JPEG decoding: cpu, gpu (nvJPEG + augmentation on the GPU), auto."),
-    device: str | None = typer.Option(None, help="cuda, cuda:1 or cpu (default: cuda when available)."),
+    device: str | None = typer.Option(None, help="cuda, cuda:1, mps or cpu (default: cuda when available)."),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
     force: bool = typer.Option(False, "--force", help="Retrain a finished run from scratch."),
 ) -> None:
@@ -195,7 +197,7 @@ def stage2(
     cuda_graph: bool | None = typer.Option(
         None, "--cuda-graph/--no-cuda-graph", help="Replay each step from CUDA graphs (default: as stage 1 ran)."
     ),
-    device: str | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="cuda, cuda:1, mps or cpu (default: stage 1's setting)."),
     deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic"),
     cache_features: str | None = typer.Option(
         None, help="auto (default): compute the frozen trunk once when its output fits in memory; on; off."
@@ -236,10 +238,7 @@ def sweep(
     batch_size: int | None = typer.Option(None),
     workers: int | None = typer.Option(None),
     data_root: str | None = typer.Option(None, help="Where the dataset is now (default: where the run read it)."),
-    device: str | None = typer.Option(
-        None, help="cuda, cuda:1, mps or cpu (default: the stage's own where this machine can use it, else cuda when "
-        "available)."
-    ),
+    device: str | None = typer.Option(None, help=_PREDICTION_DEVICE),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
     """Score the stage-1 (and stage-2) models at each test resolution: CSV table + PNG plot.
@@ -302,10 +301,7 @@ def predict(
         False, "--skip-corrupt", help="Give unreadable images uniform probabilities instead of stopping."
     ),
     data_root: str | None = typer.Option(None, help="Where the dataset is now (default: where the run read it)."),
-    device: str | None = typer.Option(
-        None, help="cuda, cuda:1, mps or cpu (default: the stage's own where this machine can use it, else cuda when "
-        "available)."
-    ),
+    device: str | None = typer.Option(None, help=_PREDICTION_DEVICE),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
 ) -> None:
     """Per-image class probabilities (a .npz probability file); prints accuracy when the split has labels."""

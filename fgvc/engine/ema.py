@@ -46,4 +46,3 @@ class WeightAverage:
         """Continue the average saved in a checkpoint (``model``, and ``ema_updates``)."""
         self.module.load_state_dict(state_dict)
         self.updates = updates
-

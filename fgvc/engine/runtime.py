@@ -119,16 +119,6 @@ _flag_group: Any = None  # the host-side group of this process's process group (
 _ON_CPU = "run on the CPU: --device cpu, or runtime.device: cpu in a recipe"
 
 
-def _device_available(name: str) -> bool:
-    """Whether this machine has the device ``name`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
-    device = torch.device(name)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-    if device.type == "mps":
-        return torch.backends.mps.is_available()
-    return True
-
-
 def local_processes() -> int:
     """The processes torchrun started on this machine (``LOCAL_WORLD_SIZE``; all of them on one machine)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
@@ -150,15 +140,15 @@ def _chosen_device(name: str | None, local_world_size: int, local_rank: int) -> 
         device = torch.device("cuda", local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device {name}: no CUDA device is available here; {_ON_CPU}")
-    if device.type == "cuda" and not _device_available(str(device)):
-        count = torch.cuda.device_count()
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
         if own_gpu:
             raise ConfigError(f"{local_world_size} processes on this machine need {local_world_size} visible GPUs, it "
                               f"has {count}: use --gpus {count} (torchrun --nproc_per_node) or fewer, or --device "
                               "cpu")  # fmt: skip
         raise ConfigError(f"runtime.device {device}: this machine has {count} visible CUDA device(s), cuda:0 to "
                           f"cuda:{count - 1}; choose one with --device (runtime.device in a recipe)")  # fmt: skip
-    if device.type == "mps" and not _device_available(name):
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"runtime.device {name}: no Apple GPU (MPS) is available here; {_ON_CPU}")
     return device
 
