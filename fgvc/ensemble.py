@@ -92,13 +92,14 @@ def _check_unique_ids(member: Probabilities, position: int) -> None:
 
 
 def _check_same_classes(reference: Probabilities, member: Probabilities, position: int) -> None:
-    same_ids = np.array_equal(np.asarray(reference.category_ids), np.asarray(member.category_ids))
-    same_names = np.array_equal(np.asarray(reference.class_names), np.asarray(member.class_names))
-    if not (same_ids and same_names):  # the generic formats write class names: those must agree as well
+    """A class is its category id, as for a checkpoint (``check_classes``): names alone may differ (iNat 2018/2019's
+    real names from categories.json replace the training JSON's codes), and the ensemble keeps the first member's.
+    The generic datasets, whose CSV writes names, name each class by its id."""
+    if not np.array_equal(np.asarray(reference.category_ids), np.asarray(member.category_ids)):
         raise DataError(
-            f"ensemble {_describe(member, position)}: its {len(member.category_ids)} classes (category ids and "
-            f"names) differ from {_describe(reference, 0)}'s {len(reference.category_ids)}; ensemble only models "
-            "trained on the same dataset and class list"
+            f"ensemble {_describe(member, position)}: its {len(member.category_ids)} classes (category ids) differ "
+            f"from {_describe(reference, 0)}'s {len(reference.category_ids)}; ensemble only models trained on the "
+            "same dataset and class list"
         )
 
 

@@ -225,7 +225,11 @@ def ensemble_recipe(
     validate = search or bool(len(load_split(recipe.members[0].config, ens.val_split)))
     if not validate:
         log.info("the %s split has no images: the table has no validation scores", ens.val_split)
-    report = _Report(recipe, scored=validate, metric=spec.metric)
+    trained_on = [m.name for m in recipe.members if m.config.data.train_on_all]
+    if validate and ens.val_split == "val" and trained_on:  # search refuses them when the recipe loads
+        log.warning("%s: members %s trained on the val split (data.train_on_all), so the val scores below are "
+                    "scores on training images", recipe.source, ", ".join(trained_on))  # fmt: skip
+    report = _Report(recipe, scored=validate, metric=spec.metric, split=ens.val_split)
     if search:  # the search compares every member on every row: these matrices are all held at once
         val = align([member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members])
         if not val[0].has_labels:
@@ -297,8 +301,9 @@ class _Report:
     """The ensemble's table, one row per member, filled while each member's probabilities are loaded (the only time
     they are in memory), then the ensemble's row."""
 
-    def __init__(self, recipe: Recipe, scored: bool, metric: str) -> None:
+    def __init__(self, recipe: Recipe, scored: bool, metric: str, split: str) -> None:
         self.members = recipe.members
+        self.split = split  # the columns say where the scores come from: val, or test (CUB's labelled test split)
         self.scored = scored  # False: the rows come from the test split, whose labels (CUB has them) are not shown
         self.metrics = list(dict.fromkeys(("top1", "top5", metric)))  # and the leaderboard's (macro F1, top-3)
         self.rows: list[dict[str, object]] = [{} for _ in self.members]
@@ -318,8 +323,9 @@ class _Report:
         rows = [row | {"weight": round(float(weight), 3)} for row, weight in zip(self.rows, weights, strict=True)]
         rows.append({"member": f"ensemble ({method})", "stage": "", "res": "", "tta": "", "weight": 1.0}
                     | self.ensemble_scores)  # fmt: skip
-        return pd.DataFrame(rows)[["member", "stage", "res", "tta", "weight", *(f"val_{m}" for m in self.metrics)]]
+        scores = [f"{self.split}_{m}" for m in self.metrics]
+        return pd.DataFrame(rows)[["member", "stage", "res", "tta", "weight", *scores]]
 
     def _scores(self, probs: Probabilities | None) -> dict[str, float | None]:
         scores = summarize(probs.probs, probs.labels) if probs is not None and probs.has_labels else {}
-        return {f"val_{m}": round(scores[m], 2) if scores else None for m in self.metrics}
+        return {f"{self.split}_{m}": round(scores[m], 2) if scores else None for m in self.metrics}

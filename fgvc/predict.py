@@ -304,7 +304,11 @@ def _metrics(probs: Probabilities | None) -> dict[str, float] | None:
 
 
 def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> Probabilities | None:
-    """The file at ``path`` if this checkpoint computed it for these images; else None (the reason is logged)."""
+    """The file at ``path`` if this checkpoint computed it for these images; else None (the reason is logged).
+
+    A file this checkpoint computed for other images is a finished result (hours of 10-crop at iNat's size) of another
+    copy or version of the split: a ``DataError`` rather than a silent recompute over it (``--force`` replaces it).
+    One of another checkpoint is stale (retraining removes them; a copied run folder can still hold one)."""
     if not path.is_file():
         return None
     try:
@@ -314,10 +318,16 @@ def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> P
         return None
     same_images = _same_ids(probs.image_ids, index.frame["image_id"].to_numpy())
     same_classes = _same_ids(probs.category_ids, np.asarray(index.category_ids))  # else check_classes explains
-    if probs.meta.get("checkpoint") == _checkpoint_identity(stage_dir) and same_images and same_classes:
-        return probs if _still_unreadable(path, probs, index) else None
-    log.info("%s was computed by another checkpoint or for other images or classes: recomputing", path)
-    return None
+    if probs.meta.get("checkpoint") != _checkpoint_identity(stage_dir):
+        log.info("%s was computed by another checkpoint: recomputing", path)
+        return None
+    if not same_classes:  # the model's classes are not the dataset's any more: check_classes refuses the pass
+        return None
+    if not same_images:
+        raise DataError(f"{path}: computed by this checkpoint for another set of images ({len(probs.image_ids)}; the "
+                        f"split has {len(index)} now: another copy or version of the dataset, or --data-root); predict "
+                        "with --force to replace it, or move the file away")  # fmt: skip
+    return probs if _still_unreadable(path, probs, index) else None
 
 
 def inference_network(model: nn.Module, rt: Runtime, compile_model: bool, cuda_graph: bool) -> nn.Module:

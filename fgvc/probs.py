@@ -145,12 +145,12 @@ def as_stored(probs: np.ndarray, in_place: bool = False) -> np.ndarray:
 def _as_plain_array(values: Any) -> np.ndarray:
     """Ids as int64 when they are all integers, else as unicode strings (npz without pickle)."""
     arr = np.asarray(values)
-    if arr.dtype.kind in "iu":
+    if arr.dtype.kind == "i" or (arr.dtype.kind == "u" and (arr.size == 0 or arr.max() <= np.iinfo(np.int64).max)):
         return arr.astype(np.int64)
     try:
         as_int = arr.astype(np.int64)
         if (as_int.astype(str) == arr.astype(str)).all():
             return as_int
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # overflow: past int64 (a class folder "12345678901234567890")
         pass
     return arr.astype(str)

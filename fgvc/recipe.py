@@ -8,6 +8,7 @@ optional ``weight``, ``stage`` and ``multi_res``. A plain RunConfig file (no ``m
 
 from __future__ import annotations
 
+import logging
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from fgvc.submission import COMPETITIONS, check_top_k, competition_spec
 
 RECIPE_KEYS = ("competition", "ensemble", "members")
 MEMBER_KEYS = ("weight", "stage", "multi_res")
+log = logging.getLogger("fgvc")
 STAGE1_DIR = "stage1"  # fgvc.engine.run_folder.STAGE1; not imported: this module imports without torch
 
 
@@ -142,7 +144,7 @@ def _competition(source: str, given: object, members: list[Member]) -> str:
 
 
 def _check_weights(source: str, ensemble: EnsembleConfig, members: list[Member]) -> None:
-    """Member weights exist exactly when they are used; search does not fit weights on training images."""
+    """Member weights exist exactly when they are used; search fits weights on neither training nor test images."""
     weighted = [i for i, m in enumerate(members) if m.weight is not None]
     if ensemble.weights == "given":
         unweighted = [i for i, m in enumerate(members) if m.weight is None]
@@ -152,7 +154,11 @@ def _check_weights(source: str, ensemble: EnsembleConfig, members: list[Member])
     elif weighted:
         raise ConfigError(f"{source}: members[{weighted[0]}].weight is used only with ensemble.weights 'given' (this "
                           f"recipe has '{ensemble.weights}'); set weights: given, or remove the weights")  # fmt: skip
-    if ensemble.weights == "search" and ensemble.val_split == "val":
+    if ensemble.weights == "search" and ensemble.val_split == "test":
+        raise ConfigError(f"{source}: ensemble.weights 'search' with val_split 'test' would fit the weights on the "
+                          "test labels, and the scores it reports would not be test scores; search on val_split: val, "
+                          "or use equal or given weights to report test scores")  # fmt: skip
+    if ensemble.weights == "search":
         trained_on_val = [i for i, m in enumerate(members) if m.config.data.train_on_all]
         if trained_on_val:
             raise ConfigError(f"{source}: members[{trained_on_val[0]}] trains on the val split (data.train_on_all), "
@@ -206,6 +212,7 @@ def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> 
             values = members[0].config.model_dump(mode="json")
         else:
             values = raw | _run_folder_of(Path(recipe))
+    values, paired = _test_res_follows_train_res(values, overrides)
     data = given if isinstance(given := values.get("data"), dict) else {}
     dataset = overrides.get("data.dataset")
     if dataset is not None and dataset != data.get("dataset") and overrides.get("data.root") is None:
@@ -213,7 +220,29 @@ def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> 
     cfg = with_overrides(values, overrides, str(recipe) if recipe else "command line")
     flags = {"data.dataset": "--dataset", "model.arch": "--arch"}
     check_names(cfg, lambda key: flags[key] if overrides.get(key) is not None else f"{recipe or 'command line'}: {key}")
+    if paired is not None and paired[1] != cfg.stage2.res:
+        log.info("stage2.res %d (1.5 x --res %d) rather than %s's %d, which went with its stage1.res %s; `fgvc stage2 "
+                 "--test-res R` adapts at another", cfg.stage2.res, cfg.stage1.res, recipe, paired[1],
+                 paired[0])  # fmt: skip
     return cfg
+
+
+def _test_res_follows_train_res(
+    values: dict[str, Any], overrides: dict[str, Any]
+) -> tuple[dict[str, Any], tuple[Any, Any] | None]:
+    """``values`` without their ``stage2.res`` when ``--res`` changes the train resolution it was paired with, and
+    that pair (train, test resolution; None when kept): the recipe's 448 -> 672 run at ``--res 224`` adapts at 352
+    (1.5 x, ``default_test_res``), not at 672, a ratio of 3 that costs points (paper, Table 5). A test resolution given
+    with the flag is kept, and ``fgvc stage2 --test-res`` still picks any other."""
+    stage1, stage2 = values.get("stage1"), values.get("stage2")
+    train_res = overrides.get("stage1.res")
+    if train_res is None or overrides.get("stage2.res") is not None or not isinstance(stage2, dict):
+        return values, None
+    recipe_train_res = stage1.get("res") if isinstance(stage1, dict) else None
+    if "res" not in stage2 or recipe_train_res == train_res:
+        return values, None
+    kept = {key: value for key, value in stage2.items() if key != "res"}
+    return values | {"stage2": kept}, (recipe_train_res, stage2["res"])
 
 
 def check_names(cfg: RunConfig, where: Callable[[str], str]) -> None:

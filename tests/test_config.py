@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,25 @@ def test_cli_overrides_win_and_unset_flags_keep_the_recipe(tmp_path: Path) -> No
     cfg = resolve_run_config(recipe, {"stage1.epochs": 7, "stage1.lr": None})
     assert (cfg.model.arch, cfg.stage1.res, cfg.stage1.epochs, cfg.stage1.lr) == ("resnet50", 384, 7, None)
     assert merge({"a": {"b": 1, "c": 2}}, {"a.b": 3}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_a_new_train_resolution_takes_the_test_resolution_with_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The recipe's stage2.res is paired with its stage1.res: --res 224 over cub's 448 -> 672 adapts at 352 (1.5 x),
+    not at 672; the recipe's own train resolution, or a test resolution given with it, keeps the recipe's pair."""
+    assert (resolve_run_config("recipes/cub.yaml", {}).stage1.res, resolve_run_config("recipes/cub.yaml", {}).stage2.res
+            ) == (448, 672)  # fmt: skip
+    assert resolve_run_config("recipes/cub.yaml", {"stage1.res": 224}).stage2.res == 352  # 1.5 x 224 = 336, halves up
+    assert resolve_run_config("recipes/cub.yaml", {"stage1.res": 448}).stage2.res == 672
+    assert resolve_run_config("recipes/cub.yaml", {"stage1.res": 224, "stage2.res": 320}).stage2.res == 320
+    recipe = tmp_path / "r.yaml"  # a plain run config (a saved config.yaml) behaves the same
+    recipe.write_text("model: {arch: resnet50}\nstage1: {res: 448}\nstage2: {res: 704, epochs: 3}\n")
+    with caplog.at_level(logging.INFO, logger="fgvc"):
+        cfg = resolve_run_config(recipe, {"stage1.res": 320})
+    assert (cfg.stage2.res, cfg.stage2.epochs) == (480, 3)
+    logged = f"stage2.res 480 (1.5 x --res 320) rather than {recipe}'s 704, which went with its stage1.res 448"
+    assert logged in caplog.text
 
 
 def test_run_folder_name_and_learning_rate_scaling() -> None:
@@ -108,11 +128,14 @@ def test_member_weights_exist_exactly_when_the_recipe_uses_them(tmp_path: Path) 
     assert [m.weight for m in load_recipe(_recipe_file(tmp_path, "{weights: given}", both)).members] == [1, 2]
 
 
-def test_search_on_a_val_split_the_members_train_on_is_refused(tmp_path: Path) -> None:
+def test_search_on_a_val_split_the_members_train_on_or_on_the_test_split_is_refused(tmp_path: Path) -> None:
     members = "  - {name: a, data: {train_on_all: true}}\n"
     with pytest.raises(ConfigError, match=r"members\[0\] trains on the val split \(data.train_on_all\)"):
         load_recipe(_recipe_file(tmp_path, "{weights: search}", members))
     assert load_recipe(_recipe_file(tmp_path, "{weights: equal}", members)).members[0].config.data.train_on_all
+    with pytest.raises(ConfigError, match=r"recipe.yaml: ensemble.weights 'search' with val_split 'test' would fit"):
+        load_recipe(_recipe_file(tmp_path, "{weights: search, val_split: test}", "  - {name: a}\n"))
+    assert load_recipe(_recipe_file(tmp_path, "{weights: equal, val_split: test}", "  - {name: a}\n")).ensemble
 
 
 def test_top_k_and_competition_are_checked_when_the_recipe_loads(tmp_path: Path) -> None:
@@ -280,7 +303,8 @@ def test_top_level_recipe_mistakes_are_the_top_levels_not_the_first_members(tmp_
 
 def test_stage2_resolution_follows_the_train_resolution_unless_given(tmp_path: Path) -> None:
     """`fgvc stage1 --res 224` then `fgvc stage2`: adapting at the 448-px default's 672 would be 3x, not Table 10's
-    1.5x. A value given anywhere (flag, dotted or nested key, a saved run's config) is kept."""
+    1.5x. A value given anywhere (flag, dotted or nested key, a saved run's config) is kept, unless --res changes the
+    train resolution the file paired it with (the next test)."""
     assert config_from_dict({}).stage2.res == RunConfig().stage2.res == 672  # 448 x 1.5
     assert config_from_dict({"stage1.res": 224}).stage2.res == 352  # 336 to the nearest multiple of 32, halves up
     assert config_from_dict({"stage1": {"res": 491}, "stage2": {"epochs": 3}}).stage2.res == 736
@@ -290,4 +314,5 @@ def test_stage2_resolution_follows_the_train_resolution_unless_given(tmp_path: P
     assert resolve_run_config(None, {}).stage2.res == 672
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(saved))
-    assert resolve_run_config(path, {"stage1.res": 256}).stage2.res == 288
+    assert resolve_run_config(path, {}).stage2.res == resolve_run_config(path, {"stage1.res": 224}).stage2.res == 288
+    assert resolve_run_config(path, {"stage1.res": 256}).stage2.res == 384  # 1.5 x 256: the file's 288 went with 224

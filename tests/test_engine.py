@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -208,6 +209,24 @@ def test_best_pt_is_the_epoch_the_leaderboard_ranks_highest(
     assert load_checkpoint(stage_dir / BEST)["epoch"] == kept_epoch == result.best_epoch()["epoch"]
     assert json.loads((stage_dir / FINISHED).read_text())["best"] == {metric: scores[metric][kept_epoch - 1]}
     assert ("macro F1" in result.adapted_score()) == (metric == "macro_f1")
+
+
+def test_training_on_the_val_split_keeps_the_last_epoch_not_the_best_scoring(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With data.train_on_all the val split's scores are training scores: choosing on them picks the epoch that fits
+    the training images best, so best.pt is the last epoch (as without a val split)."""
+    import fgvc.engine.stage as stage_module
+
+    epochs = iter([60.0, 50.0])  # the first epoch scores higher on the images it trained on
+    monkeypatch.setattr(stage_module, "summarize", lambda *_: dict.fromkeys(("top1", "top5", "mean_per_class"),
+                                                                             next(epochs)))  # fmt: skip
+    cfg = tiny_config(tiny_demo_root, tmp_path, stage1={"epochs": 2}, data={"train_on_all": True})
+    with caplog.at_level(logging.INFO, logger="fgvc"):
+        result = run_stage1(cfg, progress=False)
+    assert load_checkpoint(cfg.run_dir() / "stage1" / BEST)["epoch"] == 2
+    assert result.best_epoch() is None and result.adapted_score() == "50.00 after adaptation"
+    assert "best.pt is the last epoch, not the best-scoring one" in caplog.text
 
 
 @pytest.mark.parametrize("old_format", [False, True])

@@ -312,6 +312,32 @@ def test_compute_cache_stores_the_trunk_output_by_dataset_row(image_frame):
     assert cache.features.dtype == torch.float32 and cache.nbytes == N_IMAGES * 192 * 3 * 3 * 4
 
 
+@pytest.mark.parametrize(("arch", "tune", "stored"), [("timm:test_resnet", "stage+bn+fc", torch.bfloat16),
+                                                     ("timm:test_vit", "fc", torch.float32),
+                                                     ("timm:test_convnext", "stage+bn+fc", torch.float32)])  # fmt: skip
+def test_under_amp_the_cache_keeps_the_trunk_outputs_own_dtype(image_frame, arch, tune, stored):
+    """A CNN's cut input comes out of bf16 convolutions; a ViT's or ConvNeXt's is a float32 stream (LayerNorm'd or
+    residual) even under autocast: rounding it to bf16 would make the cached path differ from the uncached one."""
+    torch.manual_seed(0)
+    model = create_model(arch, NUM_CLASSES)
+    meta = model.fgvc_meta
+    bf16 = Runtime(device=torch.device("cpu"), amp_dtype=torch.bfloat16, channels_last=False)
+    split = split_model(model, tune, torch.randn(2, 3, 64, 64), bf16.autocast)
+    assert split is not None and split.feature_dtype == stored
+    transform = build_transform("test", 64, interpolation=meta.interpolation)
+    loader = build_loader(ImageDataset(image_frame.iloc[:4], transform), batch_size=2,
+                          sampler=EpochSampler(4, shuffle=False))  # fmt: skip
+    prepare = OnDeviceNormalize(meta.mean, meta.std, "cpu", channels_last=False)
+    cache = compute_cache(split.trunk, loader, prepare, bf16, progress=False)
+    images = torch.stack([transform(decode_image(path)) for path in image_frame["path"][:4]])
+    model.eval()  # as compute_cache runs the trunk
+    with torch.no_grad(), bf16.autocast():
+        expected = split.trunk(prepare(images))
+    assert cache.features.dtype == stored
+    torch.testing.assert_close(cache.features, expected, rtol=0, atol=0)
+    assert cache.nbytes == cache_bytes_estimate(split, 4, 64, split.feature_dtype)
+
+
 def _run(
     model: nn.Module,
     tune: str,

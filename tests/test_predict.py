@@ -699,18 +699,19 @@ def test_predict_without_tta_follows_the_runs_predict_setting(adapted_run: Path)
     assert result.path.name == "val-48-flip.npz" and result.probs.meta["tta"] == "flip"
 
 
-def _trained_fixed_weights_recipe(tmp_path: Path) -> Path:
-    """A generic recipe of one trained stage-1 member, ensembled with equal weights, on a folder without a val split."""
+def _trained_fixed_weights_recipe(tmp_path: Path, data: str = "val_fraction: 0.0", ensemble: str = "") -> Path:
+    """A generic recipe of one trained stage-1 member, ensembled with equal weights, on a folder without a val split
+    (by default: ``data`` and ``ensemble`` add keys)."""
     root = _folder_dataset(tmp_path / "data")
     recipe_path = tmp_path / "generic.yaml"
     recipe_path.write_text(f"""competition: generic
 out: {tmp_path / 'runs'}
-data: {{dataset: folder, root: {root}, workers: 0, val_fraction: 0.0}}
+data: {{dataset: folder, root: {root}, workers: 0, {data}}}
 model: {{arch: "timm:test_resnet", weights: null}}
 stage1: {{res: 28, epochs: 1, batch_size: 4}}
 predict: {{tta: none, batch_size: 4}}
 runtime: {{deterministic: true}}
-ensemble: {{weights: equal}}
+ensemble: {{weights: equal{ensemble}}}
 members:
   - {{name: only, stage: 1}}
 """)
@@ -726,6 +727,25 @@ def test_ensemble_with_fixed_weights_needs_no_val_split_and_never_reuses_a_csv_n
     assert first.submission.read_text() == second.submission.read_text()
     assert first.table["val_top1"].isna().all()  # no validation images: no scores, but a submission
     assert not list((tmp_path / "submissions").glob(".*draft"))
+
+
+def test_the_ensemble_table_is_named_after_the_split_it_scores(tmp_path: Path) -> None:
+    recipe_path = _trained_fixed_weights_recipe(tmp_path, ensemble=", val_split: test")  # the folder's test is labelled
+    table = ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False).table
+    assert not any(column.startswith("val_") for column in table.columns)
+    test_scores = predict_stage(tmp_path / "runs" / "only" / "stage1", "test", 28, "none", progress=False).metrics
+    assert test_scores is not None and table["test_top1"].iloc[0] == pytest.approx(test_scores["top1"], abs=0.01)
+
+
+def test_an_ensemble_scoring_members_on_the_val_split_they_trained_on_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    recipe_path = _trained_fixed_weights_recipe(tmp_path, data="val_fraction: 0.5, train_on_all: true")
+    with caplog.at_level(logging.WARNING, logger="fgvc"):
+        table = ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False).table
+    assert table["val_top1"].notna().all()
+    assert "members only trained on the val split (data.train_on_all), so the val scores below are scores on " \
+        "training images" in caplog.text
 
 
 def test_ensemble_predicts_on_the_recipes_device_else_the_members_where_this_machine_can(tmp_path: Path) -> None:
@@ -850,3 +870,34 @@ def test_digit_string_ids_keep_their_leading_zeros(tmp_path: Path) -> None:
         numbers
     )
     assert Probabilities.load(numbers).image_ids.tolist() == [12, 3]  # plain integers stay integers (Kaggle's ids)
+
+
+def test_integer_ids_past_int64_are_kept_as_strings(tmp_path: Path) -> None:
+    """A folder dataset's class folder '12345678901234567890' is a number no int64 holds: saved as written."""
+    huge = [12345678901234567890, 2]  # as the generic CSV reader makes them: Python ints
+    path = tmp_path / "p.npz"
+    Probabilities(np.full((2, 2), 0.5, np.float32), np.array(["a", "b"]), np.full(2, -1),
+                  np.asarray(huge, dtype=object), np.array(["12345678901234567890", "2"])).save(path)  # fmt: skip
+    assert Probabilities.load(path).category_ids.tolist() == ["12345678901234567890", "2"]
+    unsigned = tmp_path / "u.npz"
+    Probabilities(np.full((2, 2), 0.5, np.float32), np.array([2**63, 1], dtype=np.uint64), np.full(2, -1),
+                  np.array([0, 1]), np.array(["0", "1"])).save(unsigned)  # fmt: skip
+    assert Probabilities.load(unsigned).image_ids.tolist() == [str(2**63), "1"]  # not wrapped to a negative number
+
+
+def test_a_prediction_file_of_other_images_is_replaced_only_with_force(tmp_path: Path) -> None:
+    """The same checkpoint on another copy of the split (a test image gone): the finished file stays."""
+    root = _folder_dataset(tmp_path / "data")
+    cfg = tiny_config(root, tmp_path / "runs", data={"dataset": "folder", "val_fraction": 0.0}, stage1={"res": 28})
+    run_stage1(cfg, progress=False)
+    first = predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)
+    kept = first.path.read_bytes()
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    (other / "test" / "b" / "b1.png").unlink()
+    wanted = r"test-28-none\.npz: computed by this checkpoint for another set of images \(6; the split has 5 now: "
+    with pytest.raises(DataError, match=wanted + r".*\); predict with --force to replace it"):
+        predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False, data_root=other)
+    assert first.path.read_bytes() == kept
+    replaced = predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False, data_root=other, force=True)
+    assert len(replaced.probs.image_ids) == 5 and not replaced.cached

@@ -14,8 +14,8 @@ model's own modules, so parameters, buffers and train/eval flags are shared. A s
 
 Usage in a stage-2 run (single process)::
 
-    split = split_model(model, tune, example)              # None: train uncached
-    use, why = should_cache(mode, augment, tune, cache_bytes_estimate(split, n, res, cache_dtype(rt)), budget)
+    split = split_model(model, tune, example, rt.autocast)  # None: train uncached
+    use, why = should_cache(mode, augment, tune, cache_bytes_estimate(split, n, res, split.feature_dtype), budget)
     cache = compute_cache(split.trunk, test_loader, prepare, rt)
     for epoch in ...:
         sampler.set_epoch(epoch, start=...)
@@ -30,6 +30,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeGuard, cast, get_args
 
@@ -141,6 +142,9 @@ class Split:
         cut: Name of the module whose input is cached.
         feature_shape: Per-image shape of the trunk output at the example's size.
         example_size: ``(H, W)`` of the example, the reference for :func:`cache_bytes_estimate`.
+        feature_dtype: What the trunk outputs under the run's precision, and so what the cache holds: the AMP dtype
+            for a CNN's convolutions, float32 where the cut input is a LayerNorm'd or residual float32 stream (timm's
+            ViTs and ConvNeXts under autocast), which rounding to bf16 would change.
     """
 
     trunk: Trunk
@@ -148,9 +152,12 @@ class Split:
     cut: str
     feature_shape: tuple[int, ...]
     example_size: tuple[int, int]
+    feature_dtype: torch.dtype = torch.float32
 
 
-def split_model(model: nn.Module, tune: str, example: torch.Tensor) -> Split | None:
+def split_model(
+    model: nn.Module, tune: str, example: torch.Tensor, autocast: Callable[[], AbstractContextManager] | None = None
+) -> Split | None:
     """Split ``model`` before the first block that ``tune`` trains, or None (logged) when that is not possible.
 
     Args:
@@ -158,17 +165,21 @@ def split_model(model: nn.Module, tune: str, example: torch.Tensor) -> Split | N
         tune: The stage-2 policy.
         example: A small ``(B, 3, H, W)`` batch on the model's device; random values, not zeros, so that the check
             ``tail(trunk(x)) == model(x)`` means something.
+        autocast: The run's precision (``Runtime.autocast``), under which the trunk runs once more on the example for
+            ``Split.feature_dtype``; None: float32.
     """
     net = unwrap_model(model)
     try:
-        return _split(net, tune, example)
+        return _split(net, tune, example, autocast)
     except _NotAChain as why:
         log.info("feature cache: cannot split %s for tune '%s' (%s); training through the whole model",
                  type(net).__name__, tune, why)  # fmt: skip
         return None
 
 
-def _split(net: nn.Module, tune: str, example: torch.Tensor) -> Split:
+def _split(
+    net: nn.Module, tune: str, example: torch.Tensor, autocast: Callable[[], AbstractContextManager] | None
+) -> Split:
     if tune == "all":
         raise _NotAChain("tune 'all' trains the whole network")
     elements = dict(_chain_elements(net))
@@ -184,7 +195,12 @@ def _split(net: nn.Module, tune: str, example: torch.Tensor) -> Split:
         tail = Tail([elements[name] for name in order[first:]])
     trunk = Trunk(net, elements[cut], cut)
     features = _verify(net, trunk, tail, example, cut)
-    return Split(trunk, tail, cut, tuple(features.shape[1:]), (int(example.shape[-2]), int(example.shape[-1])))
+    dtype = features.dtype
+    if autocast is not None:
+        with modes_restored(net), torch.no_grad(), autocast():
+            net.eval()
+            dtype = trunk(example).dtype
+    return Split(trunk, tail, cut, tuple(features.shape[1:]), (int(example.shape[-2]), int(example.shape[-1])), dtype)
 
 
 def _is_container(module: nn.Module) -> bool:
@@ -301,11 +317,6 @@ def _verify(net: nn.Module, trunk: Trunk, tail: Tail, example: torch.Tensor, cut
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Deciding whether to cache
-
-
-def cache_dtype(rt: Runtime) -> torch.dtype:
-    """Features are stored in the AMP dtype (what the tail's first layer would compute in anyway), else float32."""
-    return rt.amp_dtype or torch.float32
 
 
 def cache_bytes_estimate(split: Split, n_images: int, res: int, dtype: torch.dtype) -> int:
@@ -475,7 +486,8 @@ def compute_cache(
     progress: bool = True,
     stop: StopFlag | None = None,
 ) -> FeatureCache:
-    """Run the frozen trunk (eval mode, no grad, AMP as configured) over every image of ``loader``.
+    """Run the frozen trunk (eval mode, no grad, AMP as configured) over every image of ``loader``, and keep its
+    output in the dtype it comes in (:attr:`Split.feature_dtype`: rounding a float32 one would change the result).
 
     ``loader`` must yield ``(images, labels, rows)`` with the deterministic test transform (e.g. an unshuffled
     :class:`fgvc.data.ImageDataset` loader). The features stay on the accelerator when they fit in
@@ -483,7 +495,6 @@ def compute_cache(
     is set (the cache is one process's: no other rank to agree with).
     """
     n_rows = len(cast(Sized, loader.dataset))
-    dtype = cache_dtype(rt)
     features: torch.Tensor | None = None
     labels = torch.zeros(n_rows, dtype=torch.int64)
     present = torch.zeros(n_rows, dtype=torch.bool)
@@ -499,8 +510,8 @@ def compute_cache(
             with rt.autocast():
                 out = trunk(prepare(images))
             if features is None:
-                features = _allocate(n_rows, tuple(out.shape[1:]), dtype, rt)
-            features[rows.to(features.device)] = out.to(features.device, dtype)
+                features = _allocate(n_rows, tuple(out.shape[1:]), out.dtype, rt)
+            features[rows.to(features.device)] = out.to(features.device)
             labels[rows] = batch_labels.to(torch.int64)
             present[rows] = True
     if features is None:
@@ -508,8 +519,8 @@ def compute_cache(
     cache = FeatureCache(features, labels, present)
     where = "on " + str(rt.device) if features.device.type != "cpu" else "in CPU memory"
     log.info("feature cache: %d images at the input of %s, %s %s, %.0f MiB %s, in %.1f s", int(present.sum()),
-             trunk.cut, tuple(features.shape[1:]), str(dtype).replace("torch.", ""), cache.nbytes / 2**20, where,
-             time.perf_counter() - started)  # fmt: skip
+             trunk.cut, tuple(features.shape[1:]), str(features.dtype).replace("torch.", ""), cache.nbytes / 2**20,
+             where, time.perf_counter() - started)  # fmt: skip
     return cache
 
 

@@ -52,7 +52,6 @@ from fgvc.engine.feature_cache import (
     FeatureCache,
     Split,
     cache_bytes_estimate,
-    cache_dtype,
     compute_cache,
     default_budget_bytes,
     require_cacheable,
@@ -121,11 +120,13 @@ class StageResult:
     final: dict[str, float] | None = None  # validation metrics of the last epoch
     interrupted_by: int | None = None  # signal number when stopped by SIGINT/SIGTERM
     metric: str = "top1"  # what best.pt was chosen on: the dataset's leaderboard metric
+    chosen: bool = True  # False: best.pt is the last epoch (data.train_on_all trains on the val split)
 
     def best_epoch(self) -> dict[str, Any] | None:
-        """The history row of the epoch ``best.pt`` holds (the first with the best validation ``metric``), if any."""
+        """The history row of the epoch ``best.pt`` holds (the first with the best validation ``metric``), if one was
+        chosen."""
         column = f"val_{self.metric}"
-        if column not in self.history or self.history[column].isna().all():
+        if not self.chosen or column not in self.history or self.history[column].isna().all():
             return None
         return self.history.loc[self.history[column].idxmax()].to_dict()
 
@@ -233,6 +234,10 @@ def _train_stage(
     if stage != STAGE1 and cfg.runtime.cache_features == "on":
         require_cacheable(stage_cfg.augment, stage_cfg.tune, rt.world_size)
     metric = leaderboard_metric(cfg.data.dataset)  # best.pt is the epoch the leaderboard would rank highest
+    chooses = bool(len(val_index)) and not cfg.data.train_on_all  # else best.pt is the last epoch
+    if len(val_index) and cfg.data.train_on_all:
+        log.info("data.train_on_all: the val split is trained on, so its scores are scores on training images and "
+                 "best.pt is the last epoch, not the best-scoring one")  # fmt: skip
     learning = [name for name, param in unwrap_model(model).named_parameters() if param.requires_grad]
     if state is not None:
         position = resume_training(state, stage_dir, learning, optimizer, scheduler, scaler, rt, metric,
@@ -312,7 +317,7 @@ def _train_stage(
         rngs = gather_objects(rt, rng_state())
         if rt.is_main:
             state_now = checkpoint(done, 0, done == stage_cfg.epochs and not pending, rngs) | {"val_pending": pending}
-            if improved or not len(val_index):
+            if improved or not chooses:
                 keep = ("model", "arch", "input", "num_classes", "classes", "holdout", "config", "epoch", "res",
                         "stage", "best")  # fmt: skip
                 writer.save(BEST, {k: state_now[k] for k in keep} | {"metrics": metrics})
@@ -321,7 +326,8 @@ def _train_stage(
         barrier(rt)
         return pending
 
-    result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before, metric=metric)
+    result = StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before, metric=metric,
+                         chosen=chooses)  # fmt: skip
     if state is not None and state.get("val_pending"):  # the interruption came during that epoch's validation
         log.info("validating epoch %d first: a stop signal cut its validation short", start_epoch)
         metrics = validate()
@@ -540,7 +546,7 @@ def stage2_split(cfg: RunConfig, rt: Runtime, model: nn.Module, stage_cfg: Stage
         example = torch.randn(2, 3, stage_cfg.res, stage_cfg.res, device=rt.device).contiguous(
             memory_format=rt.memory_format
         )
-    return split_model(model, stage_cfg.tune, example)
+    return split_model(model, stage_cfg.tune, example, rt.autocast)
 
 
 def _feature_cache(
@@ -571,7 +577,7 @@ def _feature_cache(
                               "use --cache-features auto or off")  # fmt: skip
         log.info("feature cache not used: %s cannot be cut before its tuned part %s", cfg.model.arch, why)
         return None
-    estimate = cache_bytes_estimate(split, len(index), stage_cfg.res, cache_dtype(rt))
+    estimate = cache_bytes_estimate(split, len(index), stage_cfg.res, split.feature_dtype)
     should, reason = should_cache(mode, stage_cfg.augment, stage_cfg.tune, estimate, default_budget_bytes(rt.device))
     log.info("%s (cut at %s)", reason, split.cut)
     if not should:
