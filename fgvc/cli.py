@@ -332,7 +332,10 @@ def train(
     member: list[str] | None = typer.Option(
         None, "--member", help="Train only this member (repeatable), e.g. one member per machine."
     ),
-    force: bool = typer.Option(False, "--force", help="Retrain finished stages too."),
+    force: bool = typer.Option(
+        False, "--force", help="Retrain finished stages: from the first the recipe changed (stage 2 alone when only it "
+        "did), else all."
+    ),
 ) -> None:
     """Stage 1 and stage 2 for every member of a recipe, skipping finished stages."""
     from fgvc.pipeline import train_recipe

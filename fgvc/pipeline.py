@@ -54,26 +54,55 @@ def member_steps(member: Member) -> list[tuple[str, Path]]:
     return steps
 
 
+def changed_stage(member: Member) -> tuple[str, list[str]] | None:
+    """The member's first finished stage trained with settings the recipe no longer has, and what changed; None when
+    every finished stage is the recipe's."""
+    for stage, stage_dir in member_steps(member):
+        if is_finished(stage_dir):
+            saved = load_config(stage_dir / CONFIG_FILE).model_dump(mode="json")
+            if conflicts := config_conflicts(saved, member.config, stage):
+                return stage, conflicts
+    return None
+
+
 def refuse_changed_members(recipe: Recipe, members: list[Member]) -> None:
     """A finished stage trained with settings the recipe no longer has (edited since, or another recipe sharing the
     run folder) is not the recipe's model: neither skipped by training nor used by the ensemble. Checked for every
     member before any work starts, so that one error lists them all."""
     changed: list[tuple[Member, str]] = []
     for member in members:
-        for stage, stage_dir in member_steps(member):
-            if not is_finished(stage_dir):
-                continue
-            saved = load_config(stage_dir / CONFIG_FILE).model_dump(mode="json")
-            conflicts = config_conflicts(saved, member.config, stage)
-            if conflicts:  # a changed stage 1 is retrained with its stage 2: one line per member is enough
-                changed.append((member, f"member {member.name}: {stage} finished with other settings "
-                                        f"({'; '.join(conflicts)})"))  # fmt: skip
-                break
+        if found := changed_stage(member):  # a changed stage 1 is retrained with its stage 2: one line is enough
+            stage, conflicts = found
+            only = " (stage 2 alone: stage 1 is the recipe's)" if stage != STAGE1 else ""
+            changed.append((member, f"member {member.name}: {stage} finished with other settings "
+                                    f"({'; '.join(conflicts)}){only}"))  # fmt: skip
     if not changed:
         return
     command = member_train_command(recipe, *(member for member, _ in changed))
     raise ConfigError(f"{recipe.source}: {'; '.join(why for _, why in changed)}; retrain "
                       f"{'it' if len(changed) == 1 else 'them'} with `{command} --force`")  # fmt: skip
+
+
+def refuse_other_holdouts(recipe: Recipe, split: str) -> None:
+    """Members whose ``split`` holds other images (a hold-out drawn with another ``data.val_fraction`` or
+    ``data.split_seed``) cannot be scored or weighted together."""
+    first = recipe.members[0]
+    ids = load_split(first.config, split).frame["image_id"]
+    for member in recipe.members[1:]:
+        if not load_split(member.config, split).frame["image_id"].equals(ids):
+            settings = [f"data.{key} {getattr(m.config.data, key)}" for m in (first, member)
+                        for key in ("val_fraction", "split_seed")]  # fmt: skip
+            raise ConfigError(f"{recipe.source}: members {first.name} and {member.name} hold out different {split} "
+                              f"images ({', '.join(settings[:2])} vs {', '.join(settings[2:])}); give every member "
+                              "the same data.val_fraction and data.split_seed")  # fmt: skip
+
+
+def _other_stage2s(member: Member) -> list[str]:
+    """The member's finished stage-2 folders at other test resolutions than the recipe's."""
+    if member.stage != 2:
+        return []
+    own = member_stage_dir(member)
+    return sorted(str(d) for d in own.parent.glob("stage2-*") if d != own and is_finished(d))
 
 
 def member_data_root(member: Member) -> str:
@@ -130,6 +159,8 @@ def train_recipe(
     """Stage 1 then stage 2 for every member (or the ones named), skipping the stages that are already finished.
 
     Naming members lets an ensemble train on several machines at once, one member each, from the same recipe.
+    ``force`` retrains a member from its first stage whose settings the recipe has changed (its stage 2 alone when
+    only stage 2's changed: stage 1 can be days of work), and every stage of a member whose settings are unchanged.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     selected = select_members(recipe, members)
@@ -140,17 +171,25 @@ def train_recipe(
     outcomes: list[TrainOutcome] = []
     for position, member in enumerate(selected):
         cfg, run_dir = member.config, member.config.run_dir()
+        changed = changed_stage(member) if force else None
+        retrain = [stage for stage, _ in member_steps(member)] if force else []
+        if changed is not None:
+            retrain = retrain[retrain.index(changed[0]) :]
+            if retrain[0] != STAGE1:
+                log.info("%s: only %s's settings changed (%s): stage 1 is kept", member.name, changed[0],
+                         "; ".join(changed[1]))  # fmt: skip
         for stage, stage_dir in member_steps(member):
-            if is_finished(stage_dir) and not force:
+            if is_finished(stage_dir) and stage not in retrain:
                 outcomes.append(TrainOutcome(member.name, stage, "skipped (finished)"))
                 log.info("%s %s: finished earlier, skipped", member.name, stage)
                 continue
+            force_stage = stage in retrain
             if stage == STAGE1:
-                result = run_stage1(cfg, force=force, progress=progress)
+                result = run_stage1(cfg, force=force_stage, progress=progress)
             else:
                 overrides = {"stage2": cfg.stage2.model_dump(mode="json"), "runtime": cfg.runtime.model_dump(),
                              "data.root": member_data_root(member)}  # fmt: skip
-                result = run_stage2(run_dir, overrides, force=force, progress=progress)
+                result = run_stage2(run_dir, overrides, force=force_stage, progress=progress)
             if result.interrupted_by:
                 outcomes.append(TrainOutcome(member.name, stage, "interrupted", result.interrupted_by))
                 not_reached = selected[position + 1 :]
@@ -209,9 +248,11 @@ def ensemble_recipe(
         idle = [m for m in missing if m.name not in training]
         busy = "".join(f"; {name} is being trained by {who}" for name, who in training.items())
         command = f"; produce {'it' if len(idle) == 1 else 'them'} with: {member_train_command(recipe, *idle)}"
+        elsewhere = [f"{m.name} has {', '.join(found)} finished (to ensemble one, set its stage2.res)"
+                     for m in missing if (found := _other_stage2s(m))]  # fgvc stage2 --test-res R: another folder
         raise DataError(f"{recipe.source}: no finished checkpoint for {', '.join(m.name for m in missing)} "
                         f"({', '.join(str(member_stage_dir(m)) for m in missing)}){busy}"
-                        f"{command if idle else ''}")  # fmt: skip
+                        f"{''.join(f'; {line}' for line in elsewhere)}{command if idle else ''}")  # fmt: skip
     header = None  # the sample's header, when given, wins over the built-in one
     if sample is not None:  # read now: a missing file, another competition's or another test set's sample fails
         test_ids = load_split(recipe.members[0].config, "test").frame["image_id"].tolist()  # before any prediction
@@ -225,6 +266,8 @@ def ensemble_recipe(
     validate = search or bool(len(load_split(recipe.members[0].config, ens.val_split)))
     if not validate:
         log.info("the %s split has no images: the table has no validation scores", ens.val_split)
+    else:  # now, not once every member's 10-crop has run and the files fail to align
+        refuse_other_holdouts(recipe, ens.val_split)
     trained_on = [m.name for m in recipe.members if m.config.data.train_on_all]
     if validate and ens.val_split == "val" and trained_on:  # search refuses them when the recipe loads
         log.warning("%s: members %s trained on the val split (data.train_on_all), so the val scores below are "

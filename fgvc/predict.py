@@ -376,6 +376,9 @@ def predict(
     resolutions = multi_res or [res or default_res]
     require_resolutions(cfg.model.arch, resolutions)
     tta = tta or cfg.predict.tta
+    if cfg.data.train_on_all and split == "val" and is_main_process():  # as sweep says (ensembles say it once)
+        log.warning("%s: data.train_on_all is set, so the val split was trained on and its scores are scores on "
+                    "training images", run_dir)  # fmt: skip
     options = (batch_size, workers, force, progress, compile_model, skip_corrupt, data_root, cuda_graph, device)
     if len(resolutions) == 1:
         return predict_stage(stage_dir, split, resolutions[0], tta, *options)

@@ -32,7 +32,8 @@ from fgvc.submission import COMPETITIONS, check_top_k, competition_spec
 RECIPE_KEYS = ("competition", "ensemble", "members")
 MEMBER_KEYS = ("weight", "stage", "multi_res")
 log = logging.getLogger("fgvc")
-STAGE1_DIR = "stage1"  # fgvc.engine.run_folder.STAGE1; not imported: this module imports without torch
+# fgvc.engine.run_folder's STAGE1 and stage2_dirname; not imported: this module imports without torch
+STAGE1_DIR, STAGE2_PREFIX = "stage1", "stage2-"
 
 
 class EnsembleConfig(BaseModel):
@@ -73,8 +74,14 @@ class Recipe(BaseModel):
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe file; errors name the file, the member and the key."""
-    return recipe_from_values(read_yaml(path), str(path))
+    """Parse and validate a recipe file; errors name the file, the member and the key.
+
+    A run folder's own config.yaml is a one-member recipe of that folder, wherever it lives now and whatever the
+    current directory (its saved ``out`` is the relative path the run was started with)."""
+    values = read_yaml(path)
+    if not any(key in values for key in RECIPE_KEYS):
+        values = values | _run_folder_of(Path(path))
+    return recipe_from_values(values, str(path))
 
 
 def recipe_from_values(values: dict[str, Any], source: str) -> Recipe:
@@ -184,13 +191,14 @@ def member_train_command(recipe: Recipe, *members: Member) -> str:
 
 
 def _run_folder_of(config_file: Path) -> dict[str, str]:
-    """``out`` and ``name`` of the run folder that holds ``config_file`` (its ``config.yaml``, or its stage 1's), so
+    """``out`` and ``name`` of the run folder that holds ``config_file`` (its ``config.yaml``, or a stage's), so
     that `fgvc stage1 --recipe runs/X/config.yaml` resumes that folder wherever it lives now and whatever the current
     directory; nothing for any other file. The saved ``out`` is the relative path the run was started with."""
     if config_file.name != CONFIG_FILE:
         return {}
     folder = config_file.resolve().parent
-    run_dir = folder.parent if folder.name == STAGE1_DIR else folder
+    in_stage = folder.name == STAGE1_DIR or folder.name.startswith(STAGE2_PREFIX)
+    run_dir = folder.parent if in_stage else folder
     stage1 = run_dir / STAGE1_DIR
     if not ((stage1 / CONFIG_FILE).is_file() and any((stage1 / name).is_file() for name in ("last.pt", "best.pt"))):
         return {}  # not a folder fgvc trained in: a user's own config.yaml keeps its out and name

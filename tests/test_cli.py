@@ -45,6 +45,17 @@ def test_a_checkpoint_for_another_architecture_is_refused(tiny_demo_root: Path, 
     assert "other.pth" in line and "missing" in line and "unexpected" in line
 
 
+def test_a_one_image_batch_at_1x1_feature_maps_is_one_line(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """32 px at stride 32 leaves 1x1 maps: a training BatchNorm cannot normalise one image's one value per channel."""
+    result = fgvc("stage1", "--dataset", "demo", "--data-root", str(tiny_demo_root), "--arch", "timm:test_resnet",
+                  "--weights", "none", "--res", "32", "--batch-size", "1", "--epochs", "1", "--workers", "0",
+                  "--out", str(tmp_path))  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fgvc: error: ")]  # after the run's log
+    assert len(errors) == 1 and "a batch of one image reached a BatchNorm layer whose feature maps are 1x1" in errors[0]
+    assert errors[0].endswith("raise --batch-size or --res")
+
+
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stage1: {res: 448, lrr: 0.1}\n")

@@ -792,6 +792,36 @@ def test_train_and_ensemble_refuse_a_finished_member_whose_recipe_changed(tmp_pa
     assert not (tmp_path / "submissions").exists() or not list((tmp_path / "submissions").iterdir())
 
 
+def test_force_after_a_stage2_edit_retrains_stage2_and_keeps_stage1(tmp_path: Path) -> None:
+    """Stage 2's epochs edited: `train --force` redoes the 1-3 epoch stage 2, not the days of stage 1 under it; with
+    nothing edited, --force retrains every stage."""
+    recipe_path, text = _one_epoch_recipe(tmp_path, "  - {name: a, stage: 2, stage2: {res: 32, epochs: 1}}\n")
+    train_recipe(recipe_path, progress=False)
+    best1 = tmp_path / "runs" / "a" / "stage1" / "best.pt"
+    stage1_model = best1.read_bytes()
+    recipe_path.write_text(text.replace("epochs: 1}}", "epochs: 2}}"))
+    with pytest.raises(ConfigError, match=r"member a: stage2 finished with other settings \(stage2.epochs: 1 -> 2\) "
+                                          r"\(stage 2 alone: stage 1 is the recipe's\); retrain it with"):  # fmt: skip
+        train_recipe(recipe_path, progress=False)
+    outcomes = train_recipe(recipe_path, force=True, progress=False)
+    assert [(o.stage, o.status) for o in outcomes] == [("stage1", "skipped (finished)"), ("stage2", "trained")]
+    assert best1.read_bytes() == stage1_model
+    assert len(pd.read_csv(tmp_path / "runs" / "a" / "stage2-32" / "metrics.csv")) == 2
+    again = train_recipe(recipe_path, force=True, progress=False)  # unchanged: --force retrains everything
+    assert [(o.stage, o.status) for o in again] == [("stage1", "trained"), ("stage2", "trained")]
+
+
+def test_members_holding_out_other_images_are_refused_before_any_prediction(tmp_path: Path) -> None:
+    members = "".join(f"  - {{name: {name}, stage: 1, data: {{val_fraction: {fraction}}}}}\n"
+                      for name, fraction in (("a", 0.25), ("b", 0.5)))  # fmt: skip
+    recipe_path, _ = _one_epoch_recipe(tmp_path, members)
+    train_recipe(recipe_path, progress=False)
+    with pytest.raises(ConfigError, match=r"members a and b hold out different val images \(data.val_fraction 0.25, "
+                                          r"data.split_seed 0 vs data.val_fraction 0.5, data.split_seed 0\)"):
+        ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
+    assert not list((tmp_path / "runs").glob("*/predictions"))
+
+
 def test_changed_members_are_all_refused_before_any_training(tmp_path: Path) -> None:
     """Two members edited since they finished and a third not trained yet: one error names both edited members, and
     the third is not trained first (hours, on a real recipe) only to fail on the others after it."""
@@ -901,3 +931,47 @@ def test_a_prediction_file_of_other_images_is_replaced_only_with_force(tmp_path:
     assert first.path.read_bytes() == kept
     replaced = predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False, data_root=other, force=True)
     assert len(replaced.probs.image_ids) == 5 and not replaced.cached
+
+
+def test_a_single_runs_config_is_a_recipe_of_that_folder_from_any_directory(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fgvc ensemble runs/X/config.yaml` from elsewhere: the run's relative out must not start a new run under the
+    current directory, and a stage 2 adapted at another resolution than the config's is named, not retrained."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tiny_demo_root, Path("runs"))  # relative, as `fgvc stage1` saves it
+    run_stage1(cfg, progress=False)
+    run_dir = (tmp_path / cfg.run_dir()).resolve()
+    run_stage2(run_dir, {"stage2.res": 40}, progress=False)  # `fgvc stage2 --test-res 40`; the config says 48
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_recipe(run_dir / "config.yaml").members[0].config.run_dir().resolve() == run_dir
+    with pytest.raises(DataError, match=rf"no finished checkpoint for .*{run_dir / 'stage2-48'}.*has "
+                                        rf"{run_dir / 'stage2-40'} finished \(to ensemble one, set its stage2.res\)"):
+        ensemble_recipe(run_dir / "config.yaml", elsewhere / "submissions", progress=False)
+    outcome = ensemble_recipe(run_dir / "stage2-40" / "config.yaml", elsewhere / "submissions", progress=False)
+    assert outcome.table["res"].tolist()[0] == 40 and outcome.submission.is_file()
+    assert not (elsewhere / "runs").exists()
+
+
+def test_predicting_the_val_split_a_run_trained_on_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _folder_dataset(tmp_path / "data")
+    cfg = tiny_config(root, tmp_path / "runs", data={"dataset": "folder", "val_fraction": 0.5, "train_on_all": True},
+                      stage1={"res": 28})  # fmt: skip
+    run_stage1(cfg, progress=False)
+    with caplog.at_level(logging.WARNING, logger="fgvc"):
+        predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)
+        assert "train_on_all" not in caplog.text
+        predict(cfg.run_dir(), split="val", stage=1, tta="none", progress=False)
+    assert "data.train_on_all is set, so the val split was trained on and its scores are scores on training images" \
+        in caplog.text
+
+
+def test_without_run_the_run_picked_is_named(adapted_run: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The newest run under runs/ may be another than the user's (one trained with --out elsewhere): the log says."""
+    from fgvc.engine.run_folder import latest_run
+
+    with caplog.at_level(logging.INFO, logger="fgvc"):
+        assert latest_run(adapted_run.parent) == adapted_run
+    assert f"no --run: {adapted_run}, the newest stage-1 run under {adapted_run.parent}/ (--run DIR" in caplog.text

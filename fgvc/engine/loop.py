@@ -151,6 +151,20 @@ class EpochOfBatches(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
 
+@contextmanager
+def _single_image_batch_explained(n_images: int) -> Iterator[None]:
+    """A training-mode BatchNorm cannot normalise one value per channel: torch's error, for one image whose maps are
+    1x1 (32 px at stride 32), becomes a line that says which settings lead there."""
+    try:
+        yield
+    except ValueError as err:
+        if n_images != 1 or "Expected more than 1 value per channel" not in str(err):
+            raise
+        raise TrainingError("a batch of one image reached a BatchNorm layer whose feature maps are 1x1 at this "
+                            "resolution, which it cannot normalise (--batch-size 1, or a batch that unreadable images "
+                            "left with one image); raise --batch-size or --res") from None  # fmt: skip
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: EpochOfBatches,
@@ -209,13 +223,13 @@ def train_one_epoch(
             if mix is not None:
                 x, y = mix(x, y)
             if optimizer is None:
-                with torch.no_grad(), rt.autocast():
+                with torch.no_grad(), rt.autocast(), _single_image_batch_explained(len(labels)):
                     loss = criterion(model(x), y)
             else:
                 defer_sync = rt.distributed and not boundary and hasattr(model, "no_sync")
                 sync = cast(Any, model).no_sync() if defer_sync else nullcontext()  # DDP, maybe compiled
                 with sync:
-                    with rt.autocast():
+                    with rt.autocast(), _single_image_batch_explained(len(labels)):
                         loss = criterion(model(x), y)
                     scaled = loss / group
                     (scaler.scale(scaled) if scaler else scaled).backward()

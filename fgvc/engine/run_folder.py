@@ -12,6 +12,7 @@ Layout::
 
 from __future__ import annotations
 
+import logging
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,6 +26,7 @@ from fgvc.engine.runtime import Runtime, broadcast_from_main
 from fgvc.errors import ConfigError, DataError, RunBusyError, RunExistsError
 from fgvc.fileio import remove_if_abandoned
 
+log = logging.getLogger("fgvc")
 STAGE1 = "stage1"
 FINISHED = "finished.json"  # written last: a cheap "this stage is done" marker with its final metrics
 
@@ -82,11 +84,15 @@ def require_saved_root(cfg: RunConfig, config_file: Path) -> None:
 
 
 def latest_run(out: str | Path = "runs") -> Path:
-    """The run folder whose stage-1 checkpoint was written last."""
+    """The run folder whose stage-1 checkpoint was written last, named in the log: runs trained with another ``--out``
+    are not under ``out``, and the newest one there may be another run than the user's."""
     candidates = sorted(Path(out).glob(f"*/{STAGE1}/{LAST}"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise DataError(f"{out}: no stage-1 run found; run `fgvc stage1` first or pass --run DIR")
-    return candidates[-1].parent.parent
+    run_dir = candidates[-1].parent.parent
+    log.info("no --run: %s, the newest stage-1 run under %s/ (--run DIR picks another, e.g. one trained with --out)",
+             run_dir, out)  # fmt: skip
+    return run_dir
 
 
 def require_run_folder(run_dir: Path) -> None:
