@@ -65,6 +65,17 @@ def changed_stage(member: Member) -> tuple[str, list[str]] | None:
     return None
 
 
+def retrained_stages(member: Member, force: bool) -> list[str]:
+    """The member's stages a train run redoes even when finished: none without ``force``; with it, those from the
+    first stage whose settings the recipe changed (stage 2 alone when only its settings changed: stage 1 can be days
+    of work), else every stage."""
+    if not force:
+        return []
+    stages = [stage for stage, _ in member_steps(member)]
+    changed = changed_stage(member)
+    return stages[stages.index(changed[0]) :] if changed else stages
+
+
 def refuse_changed_members(recipe: Recipe, members: list[Member]) -> None:
     """A finished stage trained with settings the recipe no longer has (edited since, or another recipe sharing the
     run folder) is not the recipe's model: neither skipped by training nor used by the ensemble. Checked for every
@@ -85,16 +96,19 @@ def refuse_changed_members(recipe: Recipe, members: list[Member]) -> None:
 
 def refuse_other_holdouts(recipe: Recipe, split: str) -> None:
     """Members whose ``split`` holds other images (a hold-out drawn with another ``data.val_fraction`` or
-    ``data.split_seed``) cannot be scored or weighted together."""
+    ``data.split_seed``, another copy of the dataset) cannot be scored or weighted together."""
     first = recipe.members[0]
-    ids = load_split(first.config, split).frame["image_id"]
+    ids = set(load_split(first.config, split).frame["image_id"].astype(str))
     for member in recipe.members[1:]:
-        if not load_split(member.config, split).frame["image_id"].equals(ids):
-            settings = [f"data.{key} {getattr(m.config.data, key)}" for m in (first, member)
-                        for key in ("val_fraction", "split_seed")]  # fmt: skip
-            raise ConfigError(f"{recipe.source}: members {first.name} and {member.name} hold out different {split} "
-                              f"images ({', '.join(settings[:2])} vs {', '.join(settings[2:])}); give every member "
-                              "the same data.val_fraction and data.split_seed")  # fmt: skip
+        if set(load_split(member.config, split).frame["image_id"].astype(str)) == ids:
+            continue
+        a, b = first.config.data, member.config.data
+        pairs = {"data.root": (member_data_root(first), member_data_root(member)),
+                 "data.val_fraction": (a.val_fraction, b.val_fraction), "data.split_seed": (a.split_seed, b.split_seed)}
+        differ = [f"{key} {mine} vs {theirs}" for key, (mine, theirs) in pairs.items() if mine != theirs]
+        why = "; ".join(differ) if differ else "the same settings: the dataset's files differ"
+        raise ConfigError(f"{recipe.source}: members {first.name} and {member.name} have different {split} images "
+                          f"({why}); give every member the same dataset and hold-out")  # fmt: skip
 
 
 def _other_stage2s(member: Member) -> list[str]:
@@ -117,9 +131,10 @@ def refuse_unrunnable_members(recipe: Recipe, members: list[Member], force: bool
     stage 1. (The test resolution is the last stage's own, checked with it.)"""
     problems: list[str] = []
     for member in members:
+        retrain = retrained_stages(member, force)
         try:
             for stage, stage_dir in member_steps(member):
-                if force or not is_finished(stage_dir):
+                if stage in retrain or not is_finished(stage_dir):
                     check_model_settings(member.config, stage)
             for res in member.multi_res or []:
                 check_resolution(model_meta(member.config.model.arch), res)
@@ -135,7 +150,7 @@ def refuse_missing_weights(recipe: Recipe, members: list[Member], force: bool) -
     missing: list[str] = []
     for member in members:
         stage1_dir = member_steps(member)[0][1]
-        if not force and (is_finished(stage1_dir) or (stage1_dir / LAST).is_file()):
+        if STAGE1 not in retrained_stages(member, force) and (is_finished(stage1_dir) or (stage1_dir / LAST).is_file()):
             continue  # finished or resumed: its weights were read at its start
         try:
             weights_file(member.config.model.arch, member.config.model.weights)
@@ -159,8 +174,7 @@ def train_recipe(
     """Stage 1 then stage 2 for every member (or the ones named), skipping the stages that are already finished.
 
     Naming members lets an ensemble train on several machines at once, one member each, from the same recipe.
-    ``force`` retrains a member from its first stage whose settings the recipe has changed (its stage 2 alone when
-    only stage 2's changed: stage 1 can be days of work), and every stage of a member whose settings are unchanged.
+    ``force`` retrains finished stages too, as :func:`retrained_stages` says.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     selected = select_members(recipe, members)
@@ -171,13 +185,9 @@ def train_recipe(
     outcomes: list[TrainOutcome] = []
     for position, member in enumerate(selected):
         cfg, run_dir = member.config, member.config.run_dir()
-        changed = changed_stage(member) if force else None
-        retrain = [stage for stage, _ in member_steps(member)] if force else []
-        if changed is not None:
-            retrain = retrain[retrain.index(changed[0]) :]
-            if retrain[0] != STAGE1:
-                log.info("%s: only %s's settings changed (%s): stage 1 is kept", member.name, changed[0],
-                         "; ".join(changed[1]))  # fmt: skip
+        retrain = retrained_stages(member, force)
+        if force and STAGE1 not in retrain:
+            log.info("%s: only stage 2's settings changed: stage 1 is kept", member.name)
         for stage, stage_dir in member_steps(member):
             if is_finished(stage_dir) and stage not in retrain:
                 outcomes.append(TrainOutcome(member.name, stage, "skipped (finished)"))

@@ -324,9 +324,11 @@ def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> P
     if not same_classes:  # the model's classes are not the dataset's any more: check_classes refuses the pass
         return None
     if not same_images:
-        raise DataError(f"{path}: computed by this checkpoint for another set of images ({len(probs.image_ids)}; the "
-                        f"split has {len(index)} now: another copy or version of the dataset, or --data-root); predict "
-                        "with --force to replace it, or move the file away")  # fmt: skip
+        now = set(index.frame["image_id"].astype(str))
+        gone = sum(str(image_id) not in now for image_id in probs.image_ids)
+        raise DataError(f"{path}: computed by this checkpoint for other images ({len(probs.image_ids)}, {gone} of "
+                        f"them not in the {len(index)} the split has now: another copy or version of the dataset, or "
+                        "--data-root); move the file away, or `fgvc predict ... --force` replaces it")  # fmt: skip
     return probs if _still_unreadable(path, probs, index) else None
 
 

@@ -77,10 +77,13 @@ def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe file; errors name the file, the member and the key.
 
     A run folder's own config.yaml is a one-member recipe of that folder, wherever it lives now and whatever the
-    current directory (its saved ``out`` is the relative path the run was started with)."""
+    current directory (its saved ``out`` is the relative path the run was started with); its stage 1's is a recipe
+    of the stage-1 model."""
     values = read_yaml(path)
-    if not any(key in values for key in RECIPE_KEYS):
-        values = values | _run_folder_of(Path(path))
+    if not any(key in values for key in RECIPE_KEYS) and (folder := _run_folder_of(Path(path))):
+        values = values | folder
+        if Path(path).resolve().parent.name == STAGE1_DIR:  # runs/X/stage1/config.yaml: the stage-1 model
+            values["members"] = [{"stage": 1}]
     return recipe_from_values(values, str(path))
 
 
@@ -220,7 +223,7 @@ def resolve_run_config(recipe: str | Path | None, overrides: dict[str, Any]) -> 
             values = members[0].config.model_dump(mode="json")
         else:
             values = raw | _run_folder_of(Path(recipe))
-    values, paired = _test_res_follows_train_res(values, overrides)
+    values, paired = _test_res_follows_train_res(merge({}, values, str(recipe)), overrides)  # dotted keys nested
     data = given if isinstance(given := values.get("data"), dict) else {}
     dataset = overrides.get("data.dataset")
     if dataset is not None and dataset != data.get("dataset") and overrides.get("data.root") is None:
@@ -247,6 +250,7 @@ def _test_res_follows_train_res(
     if train_res is None or overrides.get("stage2.res") is not None or not isinstance(stage2, dict):
         return values, None
     recipe_train_res = stage1.get("res") if isinstance(stage1, dict) else None
+    recipe_train_res = RunConfig().stage1.res if recipe_train_res is None else recipe_train_res  # the default's pair
     if "res" not in stage2 or recipe_train_res == train_res:
         return values, None
     kept = {key: value for key, value in stage2.items() if key != "res"}

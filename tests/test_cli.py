@@ -53,7 +53,7 @@ def test_a_one_image_batch_at_1x1_feature_maps_is_one_line(tiny_demo_root: Path,
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("fgvc: error: ")]  # after the run's log
     assert len(errors) == 1 and "a batch of one image reached a BatchNorm layer whose feature maps are 1x1" in errors[0]
-    assert errors[0].endswith("raise --batch-size or --res")
+    assert errors[0].endswith("raise the stage's batch size (--batch-size) or resolution (--res, --test-res)")
 
 
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path: Path) -> None:

@@ -71,6 +71,14 @@ def test_a_new_train_resolution_takes_the_test_resolution_with_it(
     assert (cfg.stage2.res, cfg.stage2.epochs) == (480, 3)
     logged = f"stage2.res 480 (1.5 x --res 320) rather than {recipe}'s 704, which went with its stage1.res 448"
     assert logged in caplog.text
+    recipe.write_text("model: {arch: resnet50}\nstage1.res: 448\nstage2.res: 704\n")  # dotted keys: the same
+    assert resolve_run_config(recipe, {"stage1.res": 320}).stage2.res == 480
+    recipe.write_text("model: {arch: resnet50}\nstage2: {res: 704}\n")  # paired with the default 448
+    assert resolve_run_config(recipe, {"stage1.res": 448}).stage2.res == 704
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fgvc"):
+        assert resolve_run_config(recipe, {"stage1.res": 320}).stage2.res == 480
+    assert "which went with its stage1.res 448" in caplog.text
 
 
 def test_run_folder_name_and_learning_rate_scaling() -> None:

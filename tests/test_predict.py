@@ -795,10 +795,16 @@ def test_train_and_ensemble_refuse_a_finished_member_whose_recipe_changed(tmp_pa
 def test_force_after_a_stage2_edit_retrains_stage2_and_keeps_stage1(tmp_path: Path) -> None:
     """Stage 2's epochs edited: `train --force` redoes the 1-3 epoch stage 2, not the days of stage 1 under it; with
     nothing edited, --force retrains every stage."""
-    recipe_path, text = _one_epoch_recipe(tmp_path, "  - {name: a, stage: 2, stage2: {res: 32, epochs: 1}}\n")
+    from fgvc.models import create_model
+
+    start = tmp_path / "start.pth"  # stage 1's starting weights: gone by the time stage 2 is edited (another machine)
+    torch.save(create_model("timm:test_resnet", 2).state_dict(), start)
+    member = f"  - {{name: a, stage: 2, model: {{weights: {start}}}, stage2: {{res: 32, epochs: 1}}}}\n"
+    recipe_path, text = _one_epoch_recipe(tmp_path, member)
     train_recipe(recipe_path, progress=False)
     best1 = tmp_path / "runs" / "a" / "stage1" / "best.pt"
     stage1_model = best1.read_bytes()
+    start.unlink()
     recipe_path.write_text(text.replace("epochs: 1}}", "epochs: 2}}"))
     with pytest.raises(ConfigError, match=r"member a: stage2 finished with other settings \(stage2.epochs: 1 -> 2\) "
                                           r"\(stage 2 alone: stage 1 is the recipe's\); retrain it with"):  # fmt: skip
@@ -807,7 +813,10 @@ def test_force_after_a_stage2_edit_retrains_stage2_and_keeps_stage1(tmp_path: Pa
     assert [(o.stage, o.status) for o in outcomes] == [("stage1", "skipped (finished)"), ("stage2", "trained")]
     assert best1.read_bytes() == stage1_model
     assert len(pd.read_csv(tmp_path / "runs" / "a" / "stage2-32" / "metrics.csv")) == 2
-    again = train_recipe(recipe_path, force=True, progress=False)  # unchanged: --force retrains everything
+    with pytest.raises(WeightsError, match=r"start\.pth"):  # unchanged: --force retrains everything, from the weights
+        train_recipe(recipe_path, force=True, progress=False)
+    torch.save(create_model("timm:test_resnet", 2).state_dict(), start)
+    again = train_recipe(recipe_path, force=True, progress=False)
     assert [(o.stage, o.status) for o in again] == [("stage1", "trained"), ("stage2", "trained")]
 
 
@@ -816,8 +825,8 @@ def test_members_holding_out_other_images_are_refused_before_any_prediction(tmp_
                       for name, fraction in (("a", 0.25), ("b", 0.5)))  # fmt: skip
     recipe_path, _ = _one_epoch_recipe(tmp_path, members)
     train_recipe(recipe_path, progress=False)
-    with pytest.raises(ConfigError, match=r"members a and b hold out different val images \(data.val_fraction 0.25, "
-                                          r"data.split_seed 0 vs data.val_fraction 0.5, data.split_seed 0\)"):
+    with pytest.raises(ConfigError, match=r"members a and b have different val images \(data.val_fraction 0.25 vs "
+                                          r"0.5\); give every member the same dataset and hold-out"):
         ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
     assert not list((tmp_path / "runs").glob("*/predictions"))
 
@@ -925,8 +934,9 @@ def test_a_prediction_file_of_other_images_is_replaced_only_with_force(tmp_path:
     other = tmp_path / "other"
     shutil.copytree(root, other)
     (other / "test" / "b" / "b1.png").unlink()
-    wanted = r"test-28-none\.npz: computed by this checkpoint for another set of images \(6; the split has 5 now: "
-    with pytest.raises(DataError, match=wanted + r".*\); predict with --force to replace it"):
+    wanted = r"test-28-none\.npz: computed by this checkpoint for other images \(6, 1 of them not in the 5 the "
+    with pytest.raises(DataError, match=wanted + r"split has now: .*\); move the file away, or `fgvc predict \.\.\. "
+                                                 r"--force` replaces it"):  # fmt: skip
         predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False, data_root=other)
     assert first.path.read_bytes() == kept
     replaced = predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False, data_root=other, force=True)
@@ -952,6 +962,8 @@ def test_a_single_runs_config_is_a_recipe_of_that_folder_from_any_directory(
         ensemble_recipe(run_dir / "config.yaml", elsewhere / "submissions", progress=False)
     outcome = ensemble_recipe(run_dir / "stage2-40" / "config.yaml", elsewhere / "submissions", progress=False)
     assert outcome.table["res"].tolist()[0] == 40 and outcome.submission.is_file()
+    stage1 = ensemble_recipe(run_dir / "stage1" / "config.yaml", elsewhere / "submissions", progress=False)
+    assert (stage1.table["stage"].tolist()[0], stage1.table["res"].tolist()[0]) == (1, 32)
     assert not (elsewhere / "runs").exists()
 
 
@@ -960,6 +972,7 @@ def test_predicting_the_val_split_a_run_trained_on_says_so(tmp_path: Path, caplo
     cfg = tiny_config(root, tmp_path / "runs", data={"dataset": "folder", "val_fraction": 0.5, "train_on_all": True},
                       stage1={"res": 28})  # fmt: skip
     run_stage1(cfg, progress=False)
+    caplog.clear()  # stage 1's own lines say train_on_all too
     with caplog.at_level(logging.WARNING, logger="fgvc"):
         predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False)
         assert "train_on_all" not in caplog.text

@@ -161,8 +161,9 @@ def _single_image_batch_explained(n_images: int) -> Iterator[None]:
         if n_images != 1 or "Expected more than 1 value per channel" not in str(err):
             raise
         raise TrainingError("a batch of one image reached a BatchNorm layer whose feature maps are 1x1 at this "
-                            "resolution, which it cannot normalise (--batch-size 1, or a batch that unreadable images "
-                            "left with one image); raise --batch-size or --res") from None  # fmt: skip
+                            "resolution, which it cannot normalise (a batch size of 1, or a batch that unreadable "
+                            "images left with one image); raise the stage's batch size (--batch-size) or resolution "
+                            "(--res, --test-res)") from None  # fmt: skip
 
 
 def train_one_epoch(
