@@ -693,3 +693,54 @@ def test_pets_line_with_another_breeds_class_id_is_a_data_error(tmp_path: Path) 
     other_id = max(int(x.split()[1]) for x in trainval.read_text().splitlines()) + 1
     trainval.write_text(trainval.read_text().replace(line, f"Abyssinian_3 {other_id} 1 1"))
     _one_line_data_error("pets", tmp_path, "trainval.txt", "breed Abyssinian is given several class ids")
+
+
+@pytest.mark.parametrize("ending", ["\t", " "])
+def test_birdsnap_lines_ending_in_whitespace_keep_the_official_split(ending: str, tmp_path: Path) -> None:
+    """A tab ending each data line (not the header) used to shift every field (pandas read the first as an index
+    column) and a trailing space changed every path: either way no test path matched images.txt, and the whole test
+    set silently became training images."""
+    truth = write_birdsnap(tmp_path)
+    for name in ("test_images.txt", "images.txt", "species.txt"):
+        path = truth.root / "birdsnap" / name
+        header, *rows = path.read_text().splitlines()
+        path.write_text("".join(f"{line}\n" for line in [header, *(row + ending for row in rows)]))
+    official = DATASETS["birdsnap"].reader(truth.root)
+    assert_split(official.train, truth, "train")
+    assert_split(official.test, truth, "test")
+
+
+def test_birdsnap_test_paths_that_match_nothing_are_an_error(tmp_path: Path) -> None:
+    truth = write_birdsnap(tmp_path)
+    test_txt = truth.root / "birdsnap" / "test_images.txt"
+    lines = test_txt.read_text().splitlines()
+    test_txt.write_text("\n".join([lines[0], *(f"other/{line}" for line in lines[1:])]) + "\n")
+    with pytest.raises(DataError, match=r"test_images\.txt: 4 of its 4 paths are not in images\.txt \(e\.g\. 'other/"):
+        DATASETS["birdsnap"].reader(truth.root)
+
+
+def test_cars_all_in_one_release_beside_a_devkit_is_read(tmp_path: Path) -> None:
+    """Prep scripts fetch car_devkit.tgz next to car_ims/ + cars_annos.mat for its class names: there is no cars_train/
+    then, and the all-in-one release must be read rather than the layout refused."""
+    truth = write_cars(tmp_path / "all", variant="all_in_one")
+    devkit_truth = write_cars(tmp_path / "devkit")
+    shutil.copytree(devkit_truth.root / "devkit", truth.root / "devkit")
+    official = DATASETS["cars"].reader(truth.root)
+    assert_split(official.train, truth, "train")
+    assert_split(official.test, truth, "test")
+
+
+def test_cars_kaggle_labelled_test_file_in_car_devkit_is_found(tmp_path: Path) -> None:
+    truth = write_cars(tmp_path, variant="kaggle")
+    (truth.root / "cars_test_annos_withlabels.mat").rename(truth.root / "car_devkit" / "cars_test_annos_withlabels.mat")
+    official = DATASETS["cars"].reader(truth.root)
+    assert_split(official.test, truth, "test")  # labelled, not -1
+    assert not official.notes
+
+
+def test_nabirds_boxes_written_as_floats_are_read(tmp_path: Path) -> None:
+    truth = write_nabirds(tmp_path)
+    boxes = truth.root / "nabirds" / "bounding_boxes.txt"
+    boxes.write_text("".join(f"{line.split()[0]} {' '.join(f'{float(v):.1f}' for v in line.split()[1:])}\n"
+                             for line in boxes.read_text().splitlines()))  # fmt: skip
+    assert_split(DATASETS["nabirds"].reader(truth.root).train, truth, "train")

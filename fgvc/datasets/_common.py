@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -110,12 +111,20 @@ def read_columns(path: Path, columns: dict[str, Callable[[str], Any]], free_text
 
 
 def read_tsv(path: Path, required: Sequence[str]) -> pd.DataFrame:
-    """Read a tab-separated file with a header line (Birdsnap), checking that the required columns are present."""
+    """Read a tab-separated file with a header line (Birdsnap), checking that the required columns are present.
+
+    Values are stripped, and a tab ending each line (one field more than the header) is not read as an index column:
+    either used to shift or change every path, which then matched nothing in the other files."""
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
+        with warnings.catch_warnings():  # "loss of data": the empty fields after the trailing tabs
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE,
+                                index_col=False)  # fmt: skip
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: not a tab-separated table ({message}); re-extract the official file") from None
+    table.columns = [str(column).strip() for column in table.columns]
+    table = table.apply(lambda column: column.str.strip())
     return require_columns(table, path, required)
 
 

@@ -39,8 +39,9 @@ def read_cars(root: Path) -> OfficialSplits:
     root = Path(root)
     for base in (root, root / "stanford_cars"):
         devkit = _find_devkit(base)
-        if devkit is not None:
-            return _read_devkit_release(base, devkit)
+        all_in_one = (base / "cars_annos.mat").exists() and (base / "car_ims").is_dir()
+        if devkit is not None and not (all_in_one and not (base / "cars_train").is_dir()):
+            return _read_devkit_release(base, devkit)  # (a devkit beside the all-in-one release: for its names)
         if (base / "cars_annos.mat").exists():
             return _read_all_in_one_release(base)
     raise layout_error(root, "devkit/cars_meta.mat (or cars_annos.mat)", NAME, TITLE)
@@ -69,6 +70,7 @@ def _read_devkit_release(base: Path, devkit: Path) -> OfficialSplits:
     test_mat = first_existing(
         [
             base / "cars_test_annos_withlabels.mat",
+            *([devkit.parent / "cars_test_annos_withlabels.mat"] if devkit != base else []),  # Kaggle's car_devkit/
             devkit / "cars_test_annos_withlabels.mat",
             devkit / "cars_test_annos.mat",
         ]
@@ -80,8 +82,8 @@ def _read_devkit_release(base: Path, devkit: Path) -> OfficialSplits:
     notes = []
     if (test["label"] < 0).all() and len(test):
         notes.append(
-            f"{test_mat.name} has no labels: test labels are -1; put cars_test_annos_withlabels.mat beside devkit/ "
-            "to measure test accuracy"
+            f"{test_mat.name} has no labels: test labels are -1; put cars_test_annos_withlabels.mat in {base} to "
+            "measure test accuracy"
         )
     return OfficialSplits(
         train=_frame(train, train_dir),

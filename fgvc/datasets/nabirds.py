@@ -59,7 +59,7 @@ def read_nabirds(root: Path) -> OfficialSplits:
     check_flags(table["is_train"], split_txt)
     boxes_txt = base / "bounding_boxes.txt"
     if boxes_txt.exists():
-        columns: dict[str, Callable[[str], Any]] = {"image_id": str, "x": int, "y": int, "w": int, "h": int}
+        columns: dict[str, Callable[[str], Any]] = {"image_id": str, "x": float, "y": float, "w": float, "h": float}
         table = attach(table, read_columns(boxes_txt, columns), "image_id", boxes_txt, "images.txt")
 
     classes_txt = base / "classes.txt"
