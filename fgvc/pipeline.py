@@ -27,7 +27,7 @@ from fgvc.errors import ConfigError, DataError, WeightsError
 from fgvc.fileio import owner_tag, require_writable
 from fgvc.metrics import summarize
 from fgvc.models import check_resolution, model_meta, weights_file
-from fgvc.predict import mean_over_resolutions, predict_stage
+from fgvc.predict import mean_over_resolutions, predict_stage, stage_dirs
 from fgvc.probs import Probabilities
 from fgvc.recipe import Member, Recipe, load_recipe, member_train_command, select_members
 from fgvc.submission import (
@@ -116,7 +116,7 @@ def _other_stage2s(member: Member) -> list[str]:
     if member.stage != 2:
         return []
     own = member_stage_dir(member)
-    return sorted(str(d) for d in own.parent.glob("stage2-*") if d != own and is_finished(d))
+    return [str(d) for d in stage_dirs(own.parent) if d.name != STAGE1 and d != own and is_finished(d)]
 
 
 def member_data_root(member: Member) -> str:
@@ -125,16 +125,15 @@ def member_data_root(member: Member) -> str:
     return str(member.config.data.resolved_root().resolve())
 
 
-def refuse_unrunnable_members(recipe: Recipe, members: list[Member], force: bool) -> None:
+def refuse_unrunnable_members(recipe: Recipe, members: list[Member], retrain: dict[str, list[str]]) -> None:
     """Each unfinished stage's resolution and tune policy, and the extra test resolutions, checked against the
     member's architecture before any member trains: one that cannot run its stage 2 used to fail only after its whole
     stage 1. (The test resolution is the last stage's own, checked with it.)"""
     problems: list[str] = []
     for member in members:
-        retrain = retrained_stages(member, force)
         try:
             for stage, stage_dir in member_steps(member):
-                if stage in retrain or not is_finished(stage_dir):
+                if stage in retrain[member.name] or not is_finished(stage_dir):
                     check_model_settings(member.config, stage)
             for res in member.multi_res or []:
                 check_resolution(model_meta(member.config.model.arch), res)
@@ -144,13 +143,13 @@ def refuse_unrunnable_members(recipe: Recipe, members: list[Member], force: bool
         raise ConfigError(f"{recipe.source}: {'; '.join(problems)}")
 
 
-def refuse_missing_weights(recipe: Recipe, members: list[Member], force: bool) -> None:
+def refuse_missing_weights(recipe: Recipe, members: list[Member], retrain: dict[str, list[str]]) -> None:
     """Every member that will start stage 1 from its weights needs the file now, not after the members before it
     have trained for hours: checked before any work starts, one error for them all."""
     missing: list[str] = []
     for member in members:
         stage1_dir = member_steps(member)[0][1]
-        if STAGE1 not in retrained_stages(member, force) and (is_finished(stage1_dir) or (stage1_dir / LAST).is_file()):
+        if STAGE1 not in retrain[member.name] and (is_finished(stage1_dir) or (stage1_dir / LAST).is_file()):
             continue  # finished or resumed: its weights were read at its start
         try:
             weights_file(member.config.model.arch, member.config.model.weights)
@@ -180,20 +179,20 @@ def train_recipe(
     selected = select_members(recipe, members)
     if not force:
         refuse_changed_members(recipe, selected)
-    refuse_unrunnable_members(recipe, selected, force)
-    refuse_missing_weights(recipe, selected, force)
+    retrain = {member.name: retrained_stages(member, force) for member in selected}  # member name -> stages
+    refuse_unrunnable_members(recipe, selected, retrain)
+    refuse_missing_weights(recipe, selected, retrain)
     outcomes: list[TrainOutcome] = []
     for position, member in enumerate(selected):
         cfg, run_dir = member.config, member.config.run_dir()
-        retrain = retrained_stages(member, force)
-        if force and STAGE1 not in retrain:
+        if force and STAGE1 not in retrain[member.name]:
             log.info("%s: only stage 2's settings changed: stage 1 is kept", member.name)
         for stage, stage_dir in member_steps(member):
-            if is_finished(stage_dir) and stage not in retrain:
+            if is_finished(stage_dir) and stage not in retrain[member.name]:
                 outcomes.append(TrainOutcome(member.name, stage, "skipped (finished)"))
                 log.info("%s %s: finished earlier, skipped", member.name, stage)
                 continue
-            force_stage = stage in retrain
+            force_stage = stage in retrain[member.name]
             if stage == STAGE1:
                 result = run_stage1(cfg, force=force_stage, progress=progress)
             else:

@@ -59,13 +59,13 @@ def read_birdsnap(root: Path) -> OfficialSplits:
     images["file"] = [absolute(image_dir, path) for path in images["path"]]
 
     test_paths = set(read_tsv(test_txt, ["path"])["path"])
-    if test_paths and len(test_paths - set(images["path"])) > len(test_paths) / 2:  # else its images would train
-        raise DataError(f"{test_txt}: {len(test_paths - set(images['path']))} of its {len(test_paths)} paths are not "
-                        f"in {images_txt.name} (e.g. {sorted(test_paths - set(images['path']))[0]!r}); re-extract the "
-                        "official files")  # fmt: skip
+    unknown = sorted(test_paths - set(images["path"]))
+    if len(unknown) > len(test_paths) / 2:  # else the test set's images would silently train
+        raise DataError(f"{test_txt}: {len(unknown)} of its {len(test_paths)} paths are not in {images_txt.name} "
+                        f"(e.g. {unknown[0]!r}); re-extract the official files")  # fmt: skip
     is_test = images["path"].isin(test_paths)
     present = pd.Series([os.path.isfile(path) for path in images["file"]], index=images.index, dtype=bool)
-    notes = _missing_notes(present, is_test, len(test_paths - set(images["path"])), image_dir)
+    notes = _missing_notes(present, is_test, len(unknown), image_dir)
 
     def split_frame(rows: pd.DataFrame) -> pd.DataFrame:
         boxes = {target: rows[source].tolist() for source, target in BOX_COLUMNS.items()}
