@@ -3,11 +3,12 @@
 OpenCV decodes first (fast, applies EXIF orientation, drops alpha, expands grayscale, maps 16-bit to 8-bit). Pillow is
 the fallback for what OpenCV cannot read (e.g. odd files named ``.jpg``) and the judge of truncated JPEGs.
 
-Truncation policy: a JPEG whose data does not end with the end-of-image marker, or that OpenCV refuses, is kept only if
-Pillow can load it completely (trailing bytes after a complete image are harmless); otherwise it is corrupt. Older
-OpenCV builds return a half-grey image for a truncated JPEG with only a warning, so the marker check keeps the policy
-the same whichever OpenCV is installed. A JPEG that runs into padding (zeros) with no end marker before it is corrupt
-without asking Pillow, which reads the zeros as image data: a download cut off into a file allocated at full size.
+Truncation policy: a JPEG with no end-of-image marker after its last scan, or that OpenCV refuses, is kept only if
+Pillow can load it completely; otherwise it is corrupt. Bytes after the marker (maker notes, a second embedded picture,
+padding) are harmless. Older OpenCV builds return a half-grey image for a truncated JPEG with only a warning, so the
+marker check keeps the policy the same whichever OpenCV is installed. A JPEG that runs into padding (zeros) with no end
+marker is corrupt without asking Pillow, which reads the zeros as image data: a download cut off into a file allocated
+at full size.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fgvc.errors import CorruptImageError, DataError
 
 _JPEG_START = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
+_JPEG_SCAN = b"\xff\xda"  # start of scan: entropy-coded data follows, in which 0xff is never followed by 0xd9 or 0xda
 _PADDING = b"\x00\r\n\t "  # bytes some writers append after the end-of-image marker
 
 
@@ -118,9 +120,15 @@ def is_complete_jpeg(data: bytes) -> bool:
     return data.startswith(_JPEG_START) and data.rstrip(_PADDING).endswith(_JPEG_END)
 
 
+def _ends_after_last_scan(data: bytes) -> bool:
+    """The end-of-image marker follows the last scan's data (an EXIF thumbnail's marker lies before the main scans)."""
+    last_scan = data.rfind(_JPEG_SCAN)
+    return last_scan >= 0 and data.find(_JPEG_END, last_scan) >= 0
+
+
 def looks_truncated(data: bytes) -> bool:
-    """A JPEG that does not end with the end-of-image marker lost its tail (or carries trailing bytes)."""
-    return data.startswith(_JPEG_START) and not is_complete_jpeg(data)
+    """A JPEG whose last scan is not followed by the end-of-image marker lost its tail."""
+    return data.startswith(_JPEG_START) and not _ends_after_last_scan(data)
 
 
 _PADDED_TAIL = 16  # bytes of padding that no data runs into: a JPEG's data may end in "ff 00" (byte stuffing)
@@ -130,7 +138,7 @@ def cut_off_and_padded(data: bytes) -> bool:
     """A JPEG whose data runs into padding with no end-of-image marker before it (see the module's policy)."""
     stripped = data.rstrip(_PADDING)
     padded = len(data) - len(stripped) >= _PADDED_TAIL
-    return data.startswith(_JPEG_START) and padded and not stripped.endswith(_JPEG_END)
+    return padded and looks_truncated(stripped)
 
 
 def _decode_with_pillow(data: bytes) -> np.ndarray | None:

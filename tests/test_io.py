@@ -177,6 +177,16 @@ def test_trailing_bytes_after_complete_jpeg_are_harmless(tmp_path: Path) -> None
     np.testing.assert_array_equal(decode_image(padded), decode_image(clean))
 
 
+def test_bytes_after_the_end_marker_need_no_second_opinion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow refuses images over its decompression-bomb limit (179 Mpx) and reads zeros as pixels; neither may make a
+    complete photo with a trailer (then padding) corrupt."""
+    clean = write_jpeg(tmp_path / "clean.jpg", stripes([RED, BLUE]))
+    trailer = tmp_path / "trailer.jpg"
+    trailer.write_bytes(clean.read_bytes() + b"EXIFTRAILER" + b"\0" * 64)
+    monkeypatch.setattr(fgvc_io, "_decode_with_pillow", lambda data: None)
+    np.testing.assert_array_equal(decode_image(trailer), decode_image(clean))
+
+
 def truncated_jpeg(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     full = write_jpeg(tmp_path / "full.jpg", rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
