@@ -72,6 +72,13 @@ class ModelConfig(_Section):
         """``weights: none`` in a recipe means what ``--weights none`` means (random init), not a file called none."""
         return None if value is not None and value.lower() == "none" else value
 
+    def resolved_weights(self) -> str | None:
+        """``weights`` with a file path made absolute (from the working directory, as every path of a run): what a
+        run folder records, so that it starts from the same file wherever it is run again."""
+        if self.weights is None or self.weights == "imagenet":
+            return self.weights
+        return str(Path(self.weights).expanduser().resolve())
+
 
 class StageConfig(_Section):
     """One training stage. Stage 1 and stage 2 are the same loop with different values."""

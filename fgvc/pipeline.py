@@ -54,14 +54,25 @@ def member_steps(member: Member) -> list[tuple[str, Path]]:
     return steps
 
 
-def changed_stage(member: Member) -> tuple[str, list[str]] | None:
-    """The member's first finished stage trained with settings the recipe no longer has, and what changed; None when
-    every finished stage is the recipe's."""
+@dataclass
+class ChangedStage:
+    """A member's stage, finished or interrupted, that was trained with settings the recipe no longer has."""
+
+    stage: str
+    state: str  # "finished" or "interrupted"
+    conflicts: list[str]
+
+
+def changed_stage(member: Member) -> ChangedStage | None:
+    """The member's first stage, finished or interrupted (a ``last.pt`` to resume), trained with settings the recipe
+    no longer has; None when every such stage is the recipe's. An interrupted one counts: its stage would refuse to
+    resume only once the members before it had trained, and the ``--force`` it asks for would retrain them too."""
     for stage, stage_dir in member_steps(member):
-        if is_finished(stage_dir):
-            saved = load_config(stage_dir / CONFIG_FILE).model_dump(mode="json")
+        finished = is_finished(stage_dir)
+        if (finished or (stage_dir / LAST).is_file()) and (stage_dir / CONFIG_FILE).is_file():
+            saved = load_config(stage_dir / CONFIG_FILE).model_dump(mode="json")  # written with its first checkpoint
             if conflicts := config_conflicts(saved, member.config, stage):
-                return stage, conflicts
+                return ChangedStage(stage, "finished" if finished else "interrupted", conflicts)
     return None
 
 
@@ -73,20 +84,19 @@ def retrained_stages(member: Member, force: bool) -> list[str]:
         return []
     stages = [stage for stage, _ in member_steps(member)]
     changed = changed_stage(member)
-    return stages[stages.index(changed[0]) :] if changed else stages
+    return stages[stages.index(changed.stage) :] if changed else stages
 
 
 def refuse_changed_members(recipe: Recipe, members: list[Member]) -> None:
-    """A finished stage trained with settings the recipe no longer has (edited since, or another recipe sharing the
-    run folder) is not the recipe's model: neither skipped by training nor used by the ensemble. Checked for every
-    member before any work starts, so that one error lists them all."""
+    """A stage trained with settings the recipe no longer has (edited since, or another recipe sharing the run folder)
+    is not the recipe's model: neither skipped nor resumed by training, nor used by the ensemble. Checked for every
+    member before any work starts, so that one error lists them all, with the members alone in the command it gives."""
     changed: list[tuple[Member, str]] = []
     for member in members:
         if found := changed_stage(member):  # a changed stage 1 is retrained with its stage 2: one line is enough
-            stage, conflicts = found
-            only = " (stage 2 alone: stage 1 is the recipe's)" if stage != STAGE1 else ""
-            changed.append((member, f"member {member.name}: {stage} finished with other settings "
-                                    f"({'; '.join(conflicts)}){only}"))  # fmt: skip
+            only = " (stage 2 alone: stage 1 is the recipe's)" if found.stage != STAGE1 else ""
+            changed.append((member, f"member {member.name}: {found.stage} {found.state} with other settings "
+                                    f"({'; '.join(found.conflicts)}){only}"))  # fmt: skip
     if not changed:
         return
     command = member_train_command(recipe, *(member for member, _ in changed))

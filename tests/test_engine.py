@@ -190,6 +190,34 @@ def test_an_interrupted_run_resumes_from_its_folder_alone_wherever_it_now_lives(
     assert load_config(moved / "stage2-40" / CONFIG_FILE).stage2.epochs == 2
 
 
+def test_a_relative_weights_path_is_recorded_absolute_and_compared_as_the_file_it_names(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--weights w.pth` was saved as given: the run's config.yaml, run from another folder, started from whatever
+    w.pth was there, and naming the same file by its absolute path was refused as a change of settings."""
+    from fgvc.models import create_model
+
+    work, other = tmp_path / "work", tmp_path / "other"
+    for folder in (work, other):
+        folder.mkdir()
+        torch.save(create_model("timm:test_resnet", 2).state_dict(), folder / "w.pth")
+    monkeypatch.chdir(work)
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs", model={"weights": "w.pth"}, stage1={"epochs": 2})
+    with monkeypatch.context() as patch:
+        _StopAtStep(patch, signal.SIGTERM, at=2)
+        assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGTERM
+    run_dir = tmp_path / "runs" / cfg.run_name()
+    assert load_config(run_dir / CONFIG_FILE).model.weights == str(work / "w.pth")
+    monkeypatch.chdir(other)  # here w.pth is another file: not the run's start
+    with pytest.raises(ConfigError, match=r"model.weights: .*work/w.pth -> .*other/w.pth"):
+        run_stage1(tiny_config(tiny_demo_root, tmp_path / "runs", model={"weights": "w.pth"}, stage1={"epochs": 2}),
+                   progress=False)  # fmt: skip
+    absolute = tiny_config(tiny_demo_root, tmp_path / "runs", model={"weights": str(work / "w.pth")},
+                           stage1={"epochs": 2})  # fmt: skip
+    assert run_stage1(absolute, progress=False).interrupted_by is None
+    assert "resuming" in (run_dir / "stage1" / "train.log").read_text()
+
+
 @pytest.mark.parametrize(("metric", "kept_epoch"), [("top1", 2), ("macro_f1", 1)])
 def test_best_pt_is_the_epoch_the_leaderboard_ranks_highest(
     tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metric: str, kept_epoch: int
@@ -453,6 +481,33 @@ def test_stage2_requires_a_finished_stage1(tiny_demo_root: Path, tmp_path: Path)
     save_checkpoint(cfg.run_dir() / "stage1" / LAST, {"epoch": 0})  # stopped before the end: no finished marker
     with pytest.raises(DataError, match="stage 1 is not finished"):
         run_stage2(cfg.run_dir(), {"stage2.res": 48}, progress=False)
+
+
+def test_stage2_refuses_a_run_config_whose_architecture_is_not_stage_1s(stage1_run: Path, tmp_path: Path) -> None:
+    """config.yaml's arch edited: stage 2 trained stage 1's model but saved the edited name, which predict then could
+    not load ("checkpoint does not fit this model")."""
+    run = tmp_path / stage1_run.name
+    shutil.copytree(stage1_run, run)
+    (run / CONFIG_FILE).write_text((run / CONFIG_FILE).read_text().replace("timm:test_resnet", "timm:resnet18"))
+    with pytest.raises(ConfigError, match=r"config.yaml: model.arch is timm:resnet18, but stage 1 trained "
+                                          r"timm:test_resnet; stage 2 adapts that model: set model.arch back"):
+        run_stage2(run, {"stage2.res": 40}, progress=False)
+    assert not list(run.glob("stage2-40/*.pt"))
+
+
+def test_a_new_stage1_under_stage2_models_of_a_deleted_one_is_refused(stage1_run: Path, tmp_path: Path) -> None:
+    """stage1/ deleted by hand, stage1 run again: the stage-2 models of the old one stayed marked finished, and
+    predict and `fgvc train` took them as adapted from the new one."""
+    run = tmp_path / stage1_run.name
+    shutil.copytree(stage1_run, run)
+    run_stage2(run, {"stage2.res": 36, "stage2.epochs": 0}, progress=False)
+    shutil.rmtree(run / "stage1")
+    cfg = load_config(run / CONFIG_FILE).model_copy(update={"out": str(tmp_path)})
+    with pytest.raises(RunExistsError, match=r"stage2-36 adapted an earlier stage 1 that is gone; pass --force"):
+        run_stage1(cfg, progress=False)
+    assert (run / "stage2-36" / FINISHED).is_file()
+    assert run_stage1(cfg, force=True, progress=False).interrupted_by is None
+    assert not (run / "stage2-36" / FINISHED).exists()
 
 
 def test_a_finished_stage_names_the_option_that_picks_another(stage1_run: Path) -> None:

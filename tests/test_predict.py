@@ -820,6 +820,34 @@ def test_force_after_a_stage2_edit_retrains_stage2_and_keeps_stage1(tmp_path: Pa
     assert [(o.stage, o.status) for o in again] == [("stage1", "trained"), ("stage2", "trained")]
 
 
+def test_an_interrupted_member_whose_recipe_changed_is_refused_up_front_and_forced_alone(tmp_path: Path) -> None:
+    """b's stage 1 was interrupted, then its recipe edited: the stage itself refused to resume only after a had been
+    visited, asking for a --force that, for the whole recipe, retrains a too. Now the refusal comes first and names b
+    alone; an interrupted stage 2 is redone alone, as a finished one is."""
+    members = "  - {name: a, stage: 1}\n  - {name: b, stage: 2, stage1: {lr: 0.01}, stage2: {res: 32, epochs: 1}}\n"
+    recipe_path, text = _one_epoch_recipe(tmp_path, members)
+    train_recipe(recipe_path, progress=False)
+    runs = tmp_path / "runs"
+    (runs / "b" / "stage1" / "finished.json").unlink()  # as an interruption leaves it: last.pt, no finished.json
+    recipe_path.write_text(text.replace("lr: 0.01", "lr: 0.02"))
+    a_model = (runs / "a" / "stage1" / "best.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"member b: stage1 interrupted with other settings \(stage1.lr: 0.01 -> "
+                                          r"0.02\); retrain it with `fgvc train .* --member b --force`$"):  # fmt: skip
+        train_recipe(recipe_path, progress=False)
+    outcomes = train_recipe(recipe_path, force=True, progress=False, members=["b"])
+    assert [(o.stage, o.status) for o in outcomes] == [("stage1", "trained"), ("stage2", "trained")]
+    assert (runs / "a" / "stage1" / "best.pt").read_bytes() == a_model
+    (runs / "b" / "stage2-32" / "finished.json").unlink()
+    recipe_path.write_text(text.replace("lr: 0.01", "lr: 0.02").replace("epochs: 1}}", "epochs: 2}}"))
+    with pytest.raises(ConfigError, match=r"member b: stage2 interrupted with other settings \(stage2.epochs: 1 -> 2"
+                                          r"\) \(stage 2 alone: stage 1 is the recipe's\)"):  # fmt: skip
+        train_recipe(recipe_path, progress=False)
+    b_stage1 = (runs / "b" / "stage1" / "best.pt").read_bytes()
+    outcomes = train_recipe(recipe_path, force=True, progress=False, members=["b"])
+    assert [(o.stage, o.status) for o in outcomes] == [("stage1", "skipped (finished)"), ("stage2", "trained")]
+    assert (runs / "b" / "stage1" / "best.pt").read_bytes() == b_stage1
+
+
 def test_members_holding_out_other_images_are_refused_before_any_prediction(tmp_path: Path) -> None:
     members = "".join(f"  - {{name: {name}, stage: 1, data: {{val_fraction: {fraction}}}}}\n"
                       for name, fraction in (("a", 0.25), ("b", 0.5)))  # fmt: skip

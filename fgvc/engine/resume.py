@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fgvc.config import RunConfig, StageConfig
+from fgvc.config import ModelConfig, RunConfig, StageConfig
 from fgvc.engine.checkpoint import LAST, load_checkpoint, set_rng_state
 from fgvc.engine.loop import EpochStats
 from fgvc.engine.run_folder import STAGE1, refuse_finished
@@ -37,6 +37,8 @@ def config_conflicts(saved: dict[str, Any], cfg: RunConfig, stage: str) -> list[
     checks += [(section, key) for key in current[section] if key not in _NOT_COMPARED]
     for sec, key in checks:
         old, new = saved.get(sec, {}).get(key, defaults[sec][key]), current[sec][key]
+        if (sec, key) == ("model", "weights"):  # one file, named relative to the working directory or not
+            old, new = (ModelConfig(weights=value).resolved_weights() for value in (old, new))
         if old != new:
             out.append(f"{sec}.{key}: {old} -> {new}")
     old_lr, new_lr = _learning_rate(saved.get(section, {})), _learning_rate(current[section])

@@ -69,9 +69,17 @@ def stage_folder(cfg: RunConfig, stage: str) -> Path:
 
 
 def refuse_finished(stage_dir: Path, stage: str) -> None:
+    """A finished stage, or for a stage 1 that has no checkpoint, stage-2 models adapted from an earlier one (its
+    folder deleted): a new stage 1 would leave them marked finished, and predict and train would use them."""
     if is_finished(stage_dir):
         other = "another --name" if stage == STAGE1 else "another --test-res"
         raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose {other})")
+    if stage == STAGE1 and not (stage_dir / LAST).is_file():
+        folders = sorted(stage_dir.parent.glob("stage2-*"))
+        adapted = [d.name for d in folders if any((d / name).is_file() for name in (FINISHED, BEST, LAST))]
+        if adapted:
+            raise RunExistsError(f"{stage_dir.parent}: {', '.join(adapted)} adapted an earlier stage 1 that is gone; "
+                                 "pass --force to train stage 1 again and retire them (or choose another --name)")
 
 
 def require_saved_root(cfg: RunConfig, config_file: Path) -> None:

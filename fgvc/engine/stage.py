@@ -254,6 +254,7 @@ def _train_stage(
             log.info("resuming %s from epoch %d, step %d", stage_dir, start_epoch + 1, start_micro)
     else:
         cfg.data.root = str(cfg.data.resolved_root().resolve())  # the run folder must not depend on the cwd
+        cfg.model.weights = cfg.model.resolved_weights()
         if stage != STAGE1 and len(val_index):
             before = validate()
             if before is None:
@@ -492,6 +493,10 @@ def _starting_model(
             source += f" ({started_from}, {started_from.stat().st_size:,} bytes)"
     else:
         model, ckpt1, _ = load_stage_model(run_dir / STAGE1)
+        if ckpt1["arch"] != cfg.model.arch:  # the run's config.yaml edited: its checkpoints would name another model
+            raise ConfigError(f"{run_dir / CONFIG_FILE}: model.arch is {cfg.model.arch}, but stage 1 trained "
+                              f"{ckpt1['arch']}; stage 2 adapts that model: set model.arch back to {ckpt1['arch']} "
+                              f"(another architecture is another run: `fgvc stage1 --arch`)")  # fmt: skip
         check_classes(ckpt1, train_index, run_dir / STAGE1, run_dir / CONFIG_FILE)
         check_holdout(ckpt1, val_index, run_dir / STAGE1)
         source = f"stage 1 epoch {ckpt1['epoch']}"
