@@ -176,6 +176,12 @@ def test_bare_timm_name_suggests_the_prefix_and_typo_suggests_close_matches():
         model_meta("timm:convnext_bse")
 
 
+def test_a_cadene_name_outside_the_registry_suggests_timms_port():
+    with pytest.raises(ConfigError, match=r"unknown architecture 'se_resnext50_32x4d' \(did you mean "
+                                          r"timm:legacy_seresnext50_32x4d\?\)"):  # fmt: skip
+        model_meta("se_resnext50_32x4d")
+
+
 @pytest.mark.parametrize("num_classes", [0, -3, 2.5, True])
 def test_num_classes_must_be_a_positive_integer(num_classes):
     with pytest.raises(ConfigError, match="num_classes"):

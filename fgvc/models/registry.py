@@ -25,11 +25,12 @@ from torch import nn
 
 from fgvc.errors import ConfigError, WeightsError
 from fgvc.models.meta import ModelMeta, modes_restored, rgb, set_meta
-from fgvc.models.weights import WeightsLocation, hf_file, hub_file, lite0_package_file, load_weights
+from fgvc.models.weights import WeightsLocation, hf_file, hf_hub_cache, hub_file, lite0_package_file, load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_PREFIX = "timm:"
+HF_URL = "https://huggingface.co/"
 WSL_URL = "https://download.pytorch.org/models/ig_resnext101_32x48-3e41cc8a.pth"
 EXAMPLE_TIMM_MODELS = ("timm:tf_efficientnet_lite0", "timm:convnext_base")  # also shown by `fgvc models list`
 
@@ -46,6 +47,7 @@ class ModelSpec:
     meta: ModelMeta
     locations: Callable[[], list[WeightsLocation]]
     download_url: str
+    also_loads: str = ""  # another download that loads as well (a Cadene model's timm twin)
 
 
 # --- Cadene's pretrainedmodels ---------------------------------------------------------------------------------------
@@ -70,8 +72,8 @@ def _build_cadene(name: str, pool: str, num_classes: int) -> nn.Module:
 def _cadene_spec(
     name: str, build: Callable[[int], nn.Module], last_bn: str, last_stage: tuple[str, ...], timm_twin: str | None
 ) -> ModelSpec:
-    """A Cadene architecture. ``timm_twin`` is timm's model with exactly the same state-dict keys, whose weight files
-    are accepted as well (after Cadene's own file)."""
+    """A Cadene architecture. ``timm_twin`` is timm's port with the same state-dict keys (up to the classifier's name,
+    see ``weights._CLASSIFIER_ALIASES``), whose weight files are accepted as well (after Cadene's own file)."""
     pretrained_settings = _import_pretrainedmodels().pretrained_settings
     # The models only carry mean/std when built with weights; the settings table always has them.
     settings = pretrained_settings[name]["imagenet"]
@@ -88,7 +90,8 @@ def _cadene_spec(
         num_classes=1000,
     )
     twin = partial(_timm_locations, timm_twin) if timm_twin else list
-    return ModelSpec(build, meta, lambda: [hub_file(Path(url).name), *twin()], url)
+    also = _timm_download_url(timm_twin) if timm_twin else ""
+    return ModelSpec(build, meta, lambda: [hub_file(Path(url).name), *twin()], url, also)
 
 
 # --- ResNets through timm ---------------------------------------------------------------------------------------------
@@ -353,7 +356,7 @@ def _timm_locations(model_name: str) -> list[WeightsLocation]:
         named = getattr(cfg, "hf_hub_filename", None)
         files = [named] if named else []
         found += [hf_file(cfg.hf_hub_id, f) for f in [*files, "model.safetensors", "pytorch_model.bin"]]
-    if cfg is not None and _url(cfg):
+    if cfg is not None and _url(cfg) and not _url(cfg).endswith(".npz"):  # Google's JAX files: not a torch checkpoint
         found.append(hub_file(Path(_url(cfg)).name))
     base, tag = timm.models.split_model_name_tag(model_name)
     if base == "tf_efficientnet_lite0" and tag in ("", "in1k"):
@@ -362,12 +365,15 @@ def _timm_locations(model_name: str) -> list[WeightsLocation]:
 
 
 def _timm_download_url(model_name: str) -> str:
+    """timm's Hugging Face file where there is one: the config's other URL may be a file fgvc cannot read (Google's
+    ``.npz`` for ViTs) or one in the original authors' naming."""
     cfg = timm.models.get_pretrained_cfg(model_name)
     if cfg is None:
         return "(timm has no pretrained weights for this model)"
-    if _url(cfg):
-        return _url(cfg)
-    return f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors"
+    if cfg.hf_hub_id:
+        file = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+        return f"{HF_URL}{cfg.hf_hub_id}/resolve/main/{file}"
+    return _url(cfg)
 
 
 def _unknown_timm_model(model_name: str) -> ConfigError:
@@ -439,7 +445,7 @@ REGISTRY: dict[str, Callable[[], ModelSpec]] = {
         partial(_build_cadene, "inceptionresnetv2", "avgpool_1a"),
         "conv2d_7b.bn",
         ("repeat_2", "block8", "conv2d_7b"),
-        None,  # timm's inception_resnet_v2 names its classifier `classif`: not key-compatible
+        "inception_resnet_v2",  # the same keys but the classifier's, `classif` there (renamed on load)
     ),
     # Cadene's PNASNet hard-codes TensorFlow's "SAME" padding for 331 px and fails at half of all sizes (those with
     # size % 16 in 3..10, e.g. 662 = 2x native). timm's port has Cadene's state-dict keys (so Cadene's checkpoint
@@ -469,7 +475,9 @@ def model_spec(name: str) -> ModelSpec:
         return REGISTRY[name]()
     if name.startswith(TIMM_PREFIX):
         return _timm_spec(name[len(TIMM_PREFIX) :])
-    hint = f" (did you mean {TIMM_PREFIX}{name}?)" if timm.is_model(name) else ""
+    # timm's ports of Cadene's other models (se_resnext50_32x4d -> legacy_seresnext50_32x4d) take Cadene's files
+    port = next((n for n in (name, f"legacy_{name}", "legacy_" + name.replace("_", "", 1)) if timm.is_model(n)), None)
+    hint = f" (did you mean {TIMM_PREFIX}{port}?)" if port else ""
     raise ConfigError(
         f"unknown architecture '{name}'{hint}; choose one of {', '.join(REGISTRY)}, or any timm model as "
         f"{TIMM_PREFIX}<name> (e.g. {EXAMPLE_TIMM_MODELS[0]})"
@@ -515,10 +523,15 @@ def _no_weights_error(name: str) -> WeightsError:
     looked = "; ".join(f"{', '.join(files)} in {place}" for place, files in places.items())
     target = _drop_in_location(name)
     fix = f"copy it to {target.place}, or pass --weights PATH" if target else "pass it as --weights PATH"
+    if spec.download_url.startswith(HF_URL):  # the cache fgvc reads can be copied over as it is
+        repo = spec.download_url[len(HF_URL) :].split("/resolve/")[0]
+        folder = f"models--{repo.replace('/', '--')}"
+        fix += f", or copy the {folder} folder of that machine's Hugging Face cache into {hf_hub_cache()}"
     install = next((f"{loc.install}, or " for loc in spec.locations() if loc.install), "")  # one command is simplest
+    also = f"; timm's copy loads too: {spec.also_loads}" if spec.also_loads else ""
     return WeightsError(
         f"no ImageNet weights for {name}: looked for {looked}; {install}download {spec.download_url} on a connected "
-        f"machine and {fix}"
+        f"machine and {fix}{also}"
     )
 
 

@@ -13,12 +13,14 @@ import argparse
 import importlib
 import os
 import pickle
+import pickletools
 import re
 import sys
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import IO, cast
 
 import numpy as np
 import torch
@@ -140,16 +142,49 @@ def read_checkpoint(path: str | Path) -> object:
                 f"{path}: not a readable PyTorch or safetensors checkpoint ({reason}); re-download or re-save it"
             ) from None
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))  # unpickling it could run code
+        name = blocked.group(1) if blocked else "unknown"
+        if blocked and _pickled_root_class(path) == name:  # torch.save(model): the whole object, not a dict
+            raise WeightsError(
+                f"{path}: holds a whole pickled {name} object, which fgvc does not unpickle; re-save its weights "
+                "alone: torch.save(torch.load(f, weights_only=False).state_dict(), 'weights.pth')"
+            ) from None
         raise WeightsError(
-            f"{path}: holds a Python object besides tensors ({blocked.group(1) if blocked else 'unknown'}) that fgvc "
-            "does not unpickle; re-save its weights alone: torch.save(torch.load(f, weights_only=False)"
-            "['state_dict'], 'weights.pth')"
+            f"{path}: holds a Python object besides tensors ({name}) that fgvc does not unpickle; re-save its weights "
+            "alone: torch.save(torch.load(f, weights_only=False)['state_dict'], 'weights.pth')"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError, IndexError, KeyError, SafetensorError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(
             f"{path}: not a readable PyTorch or safetensors checkpoint ({first_line}); re-download or re-save it"
         ) from None
+
+
+def _pickled_root_class(path: Path) -> str | None:
+    """The class ("module.Name") whose instance a torch file pickles at its root, read from the pickle's opcodes
+    without running any of it; None where the root is a dict or list, or the file does not say (the pre-1.6 format,
+    which pickles a module's class by its source)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+            with archive.open(member) as pickled:
+                return _first_global(pickled)
+    except (OSError, zipfile.BadZipFile, StopIteration, ValueError):  # the caller's message stands without it
+        return None
+
+
+def _first_global(pickled: IO[bytes]) -> str | None:
+    """The class a pickle's first object-building opcode names, if that opcode is a class lookup."""
+    strings: list[str] = []
+    for opcode, arg, _ in pickletools.genops(pickled):
+        if opcode.name in ("PROTO", "FRAME", "MEMOIZE"):
+            continue
+        if opcode.name == "GLOBAL":
+            return str(arg).replace(" ", ".")
+        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE") and len(strings) < 2:
+            strings.append(str(arg))  # protocol 4+: module and name pushed, then STACK_GLOBAL
+            continue
+        return ".".join(strings) if opcode.name == "STACK_GLOBAL" and len(strings) == 2 else None
+    return None
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -280,6 +315,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         state = convert_efficientnet_pytorch(state, net)
     state = _timm_checkpoint_filter(state, net)
     target = net.state_dict()
+    state = _rename_classifier(state, target, meta.classifier + ".")
     state = _fit_classifier(state, target, meta.classifier + ".")
     _check_keys(state, target, meta.classifier + ".", meta.arch, path, written_for)
     _check_shapes(state, target, meta.arch, path)
@@ -313,6 +349,19 @@ def _timm_checkpoint_filter(state: StateDict, net: nn.Module) -> StateDict:
         return dict(filter_fn(state, net))
     except Exception:  # timm's converters assume their own family's keys and fail in many ways
         return state
+
+
+# One head under two names in two ports of a network: timm's inception_resnet_v2 calls Cadene's `last_linear` `classif`.
+_CLASSIFIER_ALIASES = {"last_linear.": "classif.", "classif.": "last_linear."}
+
+
+def _rename_classifier(state: StateDict, target: StateDict, prefix: str) -> StateDict:
+    """A checkpoint of the other port, whose classifier has the other name, with the model's name for it (the bodies
+    are the same, so either port's ImageNet file loads into the other)."""
+    other = _CLASSIFIER_ALIASES.get(prefix)
+    if other is None or any(k.startswith(prefix) for k in state) or any(k.startswith(other) for k in target):
+        return state
+    return {prefix + k[len(other) :] if k.startswith(other) else k: v for k, v in state.items()}
 
 
 def _fit_classifier(state: StateDict, target: StateDict, prefix: str) -> StateDict:
