@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import random
 import signal
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -196,7 +195,6 @@ def build_loader(
     generator.manual_seed(seed)
     if workers > 0:
         _end_workers_at_exit()
-    context = worker_start_method() if workers > 0 else None
     batching: dict[str, Any] = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
         "batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler, "drop_last": drop_last}
     return DataLoader(
@@ -209,40 +207,7 @@ def build_loader(
         generator=generator,
         persistent_workers=workers > 0,
         prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
-        multiprocessing_context=context,
     )
-
-
-# The releases that carry the fix of https://github.com/python/cpython/issues/112275 (3.12 never had the bug)
-_FORK_FIXED_IN = {(3, 8): 20, (3, 9): 20, (3, 10): 15, (3, 11): 10}
-_FORKSERVER_PRELOAD = ["fgvc.data"]  # torch, OpenCV, albumentations, pandas: imported once, not in every worker
-
-
-def fork_can_deadlock(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
-    """Whether this CPython can leave a forked child hung for good (gh-112275).
-
-    A thread that Python did not start (one of torch.distributed's C++ threads calling back into Python) takes the
-    interpreter's thread-list lock while it registers; a fork at that moment copies the lock held, and the child waits
-    on it before running any Python. Seen here once in a run of two CPU processes, as a validation loader forked its
-    workers.
-    """
-    fixed = _FORK_FIXED_IN.get((version[0], version[1]))
-    return fixed is not None and version[2] < fixed
-
-
-def worker_start_method() -> str | None:
-    """``forkserver`` where forking a loader's workers could hang (a distributed run on a CPython of
-    :func:`fork_can_deadlock`), else None: the platform's default (fork on Linux, which shares the dataset's memory).
-
-    The fork server is a single-threaded process that imports fgvc's data modules once; each worker forked from it
-    receives the dataset pickled (a copy per worker, rather than fork's shared pages).
-    """
-    if not fork_can_deadlock() or "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    multiprocessing.get_context("forkserver").set_forkserver_preload(_FORKSERVER_PRELOAD)
-    return "forkserver"
 
 
 def close_loader(loader: Any) -> None:

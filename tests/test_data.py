@@ -18,7 +18,6 @@ from fgvc.data import (
     build_loader,
     collate_skip_none,
     collate_tencrop,
-    fork_can_deadlock,
     normalize_on_device,
 )
 from fgvc.errors import CorruptImageError
@@ -216,37 +215,6 @@ def test_seeded_sampler_batches_do_not_depend_on_workers(tmp_path: Path) -> None
         runs[workers] = torch.cat(images)
     assert torch.equal(runs[0], runs[2])
     assert not torch.equal(runs[0][0], runs[0][1])
-
-
-@pytest.mark.parametrize(("version", "hangs"), [
-    ((3, 11, 7), True), ((3, 11, 10), False), ((3, 10, 14), True), ((3, 10, 15), False), ((3, 12, 0), False),
-    ((3, 13, 1), False),
-])  # fmt: skip
-def test_fork_can_deadlock_on_the_releases_before_cpythons_fix(version: tuple[int, int, int], hangs: bool) -> None:
-    assert fork_can_deadlock(version) is hangs
-
-
-def test_distributed_loaders_on_an_affected_python_start_workers_from_a_fork_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """gh-112275: fork from a process with torch.distributed's threads can hang the child; the workers then come
-    from a fork server, and must see the same dataset, seeds and collate function as forked ones."""
-    dataset = ImageDataset(noise_frame(tmp_path, 5), build_transform("train", RES))
-    expected = torch.cat(collect(build_loader(dataset, 2, workers=0, sampler=PairSampler(5)))[0])
-    assert build_loader(dataset, 2, workers=2, sampler=PairSampler(5)).multiprocessing_context is None
-    monkeypatch.setattr("fgvc.data.fork_can_deadlock", lambda: True)
-    assert build_loader(dataset, 2, workers=2, sampler=PairSampler(5)).multiprocessing_context is None
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        loader = build_loader(dataset, 2, workers=2, sampler=PairSampler(5))
-        assert loader.multiprocessing_context.get_start_method() == "forkserver"
-        images, _, rows = collect(loader)
-    finally:
-        torch.distributed.destroy_process_group()
-    assert list(rows) == [4, 3, 2, 1, 0] and torch.equal(torch.cat(images), expected)
-    tencrop = build_loader(ImageDataset(noise_frame(tmp_path, 3), build_transform("tencrop", RES)), 3, workers=1,
-                           collate_fn=partial(collate_tencrop, res=RES))  # fmt: skip
-    assert next(iter(tencrop))[0].images.shape[0] == 3
 
 
 def test_callers_sampler_excludes_shuffle(image_frame: pd.DataFrame) -> None:

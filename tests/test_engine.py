@@ -212,6 +212,12 @@ def test_a_relative_weights_path_is_recorded_absolute_and_compared_as_the_file_i
     with pytest.raises(ConfigError, match=r"model.weights: .*work/w.pth -> .*other/w.pth"):
         run_stage1(tiny_config(tiny_demo_root, tmp_path / "runs", model={"weights": "w.pth"}, stage1={"epochs": 2}),
                    progress=False)  # fmt: skip
+    monkeypatch.chdir(work)  # resumed with the relative path, and stopped again: its last.pt names the file too
+    with monkeypatch.context() as patch:
+        _StopAtStep(patch, signal.SIGTERM, at=2)
+        assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGTERM
+    assert load_checkpoint(run_dir / "stage1" / LAST)["config"]["model"]["weights"] == str(work / "w.pth")
+    monkeypatch.chdir(other)
     absolute = tiny_config(tiny_demo_root, tmp_path / "runs", model={"weights": str(work / "w.pth")},
                            stage1={"epochs": 2})  # fmt: skip
     assert run_stage1(absolute, progress=False).interrupted_by is None
@@ -487,7 +493,7 @@ def test_stage2_refuses_a_run_config_whose_architecture_is_not_stage_1s(stage1_r
     """config.yaml's arch edited: stage 2 trained stage 1's model but saved the edited name, which predict then could
     not load ("checkpoint does not fit this model")."""
     run = tmp_path / stage1_run.name
-    shutil.copytree(stage1_run, run)
+    shutil.copytree(stage1_run, run, ignore=shutil.ignore_patterns("stage2-*", "predictions"))  # other tests'
     (run / CONFIG_FILE).write_text((run / CONFIG_FILE).read_text().replace("timm:test_resnet", "timm:resnet18"))
     with pytest.raises(ConfigError, match=r"config.yaml: model.arch is timm:resnet18, but stage 1 trained "
                                           r"timm:test_resnet; stage 2 adapts that model: set model.arch back"):
@@ -499,7 +505,7 @@ def test_a_new_stage1_under_stage2_models_of_a_deleted_one_is_refused(stage1_run
     """stage1/ deleted by hand, stage1 run again: the stage-2 models of the old one stayed marked finished, and
     predict and `fgvc train` took them as adapted from the new one."""
     run = tmp_path / stage1_run.name
-    shutil.copytree(stage1_run, run)
+    shutil.copytree(stage1_run, run, ignore=shutil.ignore_patterns("stage2-*", "predictions"))  # other tests'
     run_stage2(run, {"stage2.res": 36, "stage2.epochs": 0}, progress=False)
     shutil.rmtree(run / "stage1")
     cfg = load_config(run / CONFIG_FILE).model_copy(update={"out": str(tmp_path)})
@@ -1579,3 +1585,34 @@ def test_a_fresh_start_whose_first_checkpoint_is_last_pt_drops_an_earlier_best_p
     with pytest.raises(RuntimeError, match="went down"):
         run_stage1(cfg, progress=False)
     assert (stage_dir / LAST).is_file() and not (stage_dir / BEST).exists()
+
+
+@pytest.mark.parametrize(("version", "hangs"), [
+    ((3, 11, 7), True), ((3, 11, 10), False), ((3, 10, 14), True), ((3, 10, 15), False), ((3, 12, 0), False),
+    ((3, 13, 1), False),
+])  # fmt: skip
+def test_fork_can_deadlock_on_the_releases_before_cpythons_fix(version: tuple[int, int, int], hangs: bool) -> None:
+    from fgvc.engine.runtime import fork_can_deadlock
+
+    assert fork_can_deadlock(version) is hangs
+
+
+def test_a_multi_process_run_on_an_affected_python_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gh-112275 can hang a loader worker at its fork, for good: the user learns why a run might stall, and the fix."""
+    import fgvc.engine.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_fork_warned", False)
+    monkeypatch.setattr(runtime, "fork_can_deadlock", lambda: True)
+    monkeypatch.setattr(runtime, "_FORK_FIXED_IN", {sys.version_info[:2]: 99})
+    with caplog.at_level(logging.WARNING, logger="fgvc"):
+        runtime._warn_about_fork_once(world_size=1, rank=0)
+        runtime._warn_about_fork_once(world_size=2, rank=1)
+        assert not caplog.records
+        for _ in range(2):
+            runtime._warn_about_fork_once(world_size=2, rank=0)
+    assert len(caplog.records) == 1
+    assert "gh-112275" in caplog.records[0].message and f"{sys.version_info[0]}.{sys.version_info[1]}.99" in (
+        caplog.records[0].message
+    )

@@ -6,8 +6,10 @@ looks at environment variables or CLI flags itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from torch import nn
 
 from fgvc.config import RuntimeConfig
 from fgvc.errors import ConfigError
+
+log = logging.getLogger("fgvc")
 
 T = TypeVar("T")
 CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"  # cuBLAS reproducibility needs it set before its first call
@@ -162,6 +166,36 @@ def device_problem(name: str) -> str | None:
     return None
 
 
+# The releases that carry the fix of https://github.com/python/cpython/issues/112275 (3.12 never had the bug)
+_FORK_FIXED_IN = {(3, 8): 20, (3, 9): 20, (3, 10): 15, (3, 11): 10}
+_fork_warned = False
+
+
+def fork_can_deadlock(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
+    """Whether this CPython can leave a forked child hung for good (gh-112275).
+
+    A thread that Python did not start (a C++ thread of torch.distributed calling back into Python) takes the
+    interpreter's thread-list lock while it registers; a fork at that moment copies the lock held, and the child waits
+    on it before running any Python. Seen here once, in a run of two CPU processes, as a validation loader forked its
+    workers. Starting workers from a fork server instead costs a copy of the dataset per worker, keeps their log lines
+    out of train.log and ties them to a process that a group SIGTERM kills: so the run says it, once.
+    """
+    fixed = _FORK_FIXED_IN.get((version[0], version[1]))
+    return fixed is not None and version[2] < fixed
+
+
+def _warn_about_fork_once(world_size: int, rank: int) -> None:
+    global _fork_warned
+    if world_size > 1 and rank == 0 and not _fork_warned and fork_can_deadlock():
+        _fork_warned = True
+        version = ".".join(map(str, sys.version_info[:3]))
+        fixed = _FORK_FIXED_IN[(sys.version_info[0], sys.version_info[1])]
+        log.warning("Python %s can hang a loader worker as it starts in a multi-process run (CPython bug gh-112275, "
+                    "fixed in %d.%d.%d): if a run stops making progress at the start of an epoch or of validation, "
+                    "stop it (it resumes) and use a newer Python", version, sys.version_info[0], sys.version_info[1],
+                    fixed)  # fmt: skip
+
+
 def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     """Initialise the process group when launched by torchrun, pick the device and precision, set seeds.
 
@@ -186,6 +220,7 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
     seed_everything(cfg.seed + rank)
+    _warn_about_fork_once(world_size, rank)
     return Runtime(
         device=device,
         amp_dtype=_amp_dtype(device, cfg.amp),

@@ -247,6 +247,9 @@ def _train_stage(
     start_epoch, start_micro, history, before = (position.start_epoch, position.start_micro, position.history,
                                                  position.before)  # fmt: skip
     metric, best, partial = position.metric, position.best, position.partial
+    # saved as the file it names: every checkpoint's config must resume from any directory (the resume check compared
+    # the resolved files, so a resumed run's relative path names the saved one)
+    cfg.model.weights = cfg.model.resolved_weights()
     if state is not None:
         if start_epoch >= stage_cfg.epochs:  # the process that saved the last epoch stopped before finished.json
             log.info("%s: training had finished (epoch %d); writing its results", stage_dir, start_epoch)
@@ -254,7 +257,6 @@ def _train_stage(
             log.info("resuming %s from epoch %d, step %d", stage_dir, start_epoch + 1, start_micro)
     else:
         cfg.data.root = str(cfg.data.resolved_root().resolve())  # the run folder must not depend on the cwd
-        cfg.model.weights = cfg.model.resolved_weights()
         if stage != STAGE1 and len(val_index):
             before = validate()
             if before is None:

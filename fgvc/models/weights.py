@@ -146,7 +146,8 @@ def read_checkpoint(path: str | Path) -> object:
         if blocked and _pickled_root_class(path) == name:  # torch.save(model): the whole object, not a dict
             raise WeightsError(
                 f"{path}: holds a whole pickled {name} object, which fgvc does not unpickle; re-save its weights "
-                "alone: torch.save(torch.load(f, weights_only=False).state_dict(), 'weights.pth')"
+                "alone: obj = torch.load(f, weights_only=False), then torch.save(obj.state_dict(), 'weights.pth') for "
+                "a model (obj['state_dict'] for a dict)"
             ) from None
         raise WeightsError(
             f"{path}: holds a Python object besides tensors ({name}) that fgvc does not unpickle; re-save its weights "
