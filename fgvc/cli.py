@@ -418,14 +418,6 @@ def demo(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _one_line(err: Exception) -> str:
-    """The message alone, also when a DataLoader worker re-raised it with the worker's traceback attached."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
 def _cli_exception_classes() -> tuple[tuple[type[Exception], ...], tuple[type[BaseException], ...]]:
     """(usage errors, aborts): typer's own classes (typer >= 0.2x vendors click as typer._click, whose exceptions do
     not derive from click's) and click's, where an older typer uses click (which fgvc does not depend on directly)."""
@@ -446,7 +438,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except FgvcError as err:
-        typer.echo(f"fgvc: error: {_one_line(err)}", err=True)
+        typer.echo(f"fgvc: error: {err}", err=True)
         sys.exit(err.exit_code)
     except ValidationError as err:  # a setting assigned after the config was built (e.g. predict --workers -1)
         key, message = first_error(err)

@@ -13,6 +13,16 @@ class FgvcError(Exception):
 
     exit_code = 2
 
+    def __init__(self, *args: object) -> None:
+        """torch re-raises an error from a DataLoader worker as ``type(err)("Caught ... Original Traceback ...")``:
+        the message is kept as the original's one line (its traceback's last line, after the class name)."""
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") and _WORKER in args[0]:
+            args = (args[0].rstrip().splitlines()[-1].split(": ", 1)[-1],)
+        super().__init__(*args)
+
+
+_WORKER = "Original Traceback"
+
 
 class ConfigError(FgvcError):
     """A recipe or CLI value that does not fit the configuration model."""

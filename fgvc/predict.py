@@ -152,7 +152,15 @@ def stage_decode(stage_dir: Path, rt: Runtime) -> str:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise DataError(f"{finished}: damaged; delete it and rerun the command that trained this stage, which "
                         "rewrites it from the finished last.pt without training again") from None  # fmt: skip
-    return "gpu" if trained == "gpu" and rt.device.type == "cuda" else "cpu"
+    if trained != "gpu":
+        return "cpu"
+    from fgvc.gpu_decode import gpu_decode_available
+
+    if gpu_decode_available(rt.device):
+        return "gpu"
+    log.info("%s decoded its JPEGs on the GPU, which %s cannot here: decoding on the CPU (its resizing differs "
+             "slightly)", stage_dir, rt.device)  # fmt: skip
+    return "cpu"
 
 
 def _checkpoint_identity(stage_dir: Path) -> str:

@@ -254,16 +254,18 @@ def check_submission(
 
 
 def validate_submission_file(
-    path: Path,
+    path: str | Path,
     competition: str,
-    sample: Path | None = None,
+    sample: str | Path | None = None,
     dataset: str | None = None,
-    data_root: Path | None = None,
+    data_root: str | Path | None = None,
 ) -> list[str]:
     """`fgvc validate-submission`: the problems of ``path`` against ``dataset``'s test split and/or ``sample``; a
     missing file or no reference at all is a one-line :class:`DataError`."""
     from fgvc.datasets import load_index
 
+    path, sample = Path(path), Path(sample) if sample is not None else None
+    data_root = Path(data_root) if data_root is not None else None
     if not path.is_file():
         raise DataError(f"{path}: no such file" + ("; it is a folder, name the CSV in it" if path.is_dir() else ""))
     if not dataset and not sample:

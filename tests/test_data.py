@@ -149,6 +149,7 @@ def test_corrupt_file_error_names_it(image_frame: pd.DataFrame, tmp_path: Path, 
     else:
         pytest.fail("a corrupt image without skip_corrupt must raise")
     assert "broken.jpg" in message
+    assert "\n" not in message and message.startswith(str(tmp_path))  # a library caller gets the one line too
 
 
 def test_collate_of_only_unreadable_items_is_empty() -> None:

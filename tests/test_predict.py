@@ -240,15 +240,47 @@ def test_multi_res_averages_resolutions(adapted_run: Path) -> None:
     assert both.path.name == "val-32+40-none.npz"
 
 
+def test_a_stage_trained_with_gpu_decoding_is_predicted_on_the_cpu_with_a_note_where_the_gpu_cannot_decode(
+    adapted_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stage's decoder is kept where this device has it (predict and training see the same pixels); elsewhere
+    the CPU decodes, and the log says so rather than switching silently."""
+    import json
+    import logging
+
+    run = tmp_path / adapted_run.name
+    shutil.copytree(adapted_run, run, ignore=shutil.ignore_patterns("predictions"))
+    marker = run / "stage2-48" / "finished.json"
+    marker.write_text(json.dumps(json.loads(marker.read_text()) | {"decode": "gpu"}))
+    with caplog.at_level(logging.INFO, logger="fgvc"):
+        result = predict(run, split="val", tta="none", progress=False)
+    assert result.probs.probs.shape[0] > 0
+    assert any("decoded its JPEGs on the GPU, which cpu cannot here: decoding on the CPU" in r.message
+               for r in caplog.records), [r.message for r in caplog.records]  # fmt: skip
+
+
 def test_sweep_writes_table_and_plot(adapted_run: Path) -> None:
-    result = sweep(adapted_run, [32, 48, 40], split="val", progress=False)
-    assert list(result.table["res"]) == [32, 40, 48]
+    result = sweep(adapted_run, [32, 48, 40, 32], split="val", progress=False)
+    assert list(result.table["res"]) == [32, 40, 48]  # each once: a repeated one was a second row
     assert list(result.table.columns) == ["res", "stage1", "stage2-48"]
     assert result.csv_path.is_file() and result.png_path.read_bytes()[:4] == b"\x89PNG"
     assert (result.csv_path.name, result.png_path.name) == ("sweep-val.csv", "sweep-val.png")  # one pair per split
     best = result.table.set_index("res")[result.best_model][result.best_res]
     assert best == result.table[["stage1", "stage2-48"]].to_numpy().max() == pytest.approx(result.best_score)
     assert result.metric == "top1"  # the demo has no leaderboard
+
+
+def test_sweep_refuses_an_unlabelled_split_before_any_pass(tmp_path: Path) -> None:
+    """A Kaggle test split has no labels: the sweep said so only after its first whole pass (hours on iNat)."""
+    recipe_path, _ = _one_epoch_recipe(tmp_path, "  - {name: only, stage: 1}\n")
+    train_recipe(recipe_path, progress=False)
+    run = tmp_path / "runs" / "only"
+    for image in sorted((tmp_path / "data" / "test").glob("*/*.png")):  # a flat test/ folder: no labels
+        image.rename(image.parent.parent / f"{image.parent.name}-{image.name}")
+    _load_splits.cache_clear()  # read once per process: a new command would read the moved files
+    with pytest.raises(DataError, match=r"the test split has no labels; sweep needs a labelled split"):
+        sweep(run, [28, 32], split="test", progress=False)
+    assert not (run / "predictions").exists()
 
 
 def test_sweep_scores_the_datasets_leaderboard_metric(

@@ -17,6 +17,7 @@ from fgvc.submission import (
     collect_problems,
     predictions_to_frame,
     validate_submission,
+    validate_submission_file,
     write_submission,
 )
 
@@ -358,3 +359,14 @@ def test_a_repeated_category_in_a_row_and_an_empty_file_are_rejected(tmp_path) -
     assert any("line 2" in p and "more than once" in p for p in collect_problems(path, "inat2017"))
     path.write_text("id,predicted\n")
     assert any("no prediction rows" in p for p in collect_problems(path, "inat2019"))
+
+
+def test_the_library_validation_takes_paths_as_strings(tmp_path: Path) -> None:
+    """Every public function takes str or Path; this one raised AttributeError ('str' has no is_file) on a str."""
+    with pytest.raises(DataError, match=r"missing.csv: no such file"):
+        validate_submission_file(str(tmp_path / "missing.csv"), "generic", sample=str(tmp_path / "sample.csv"))
+    written = tmp_path / "sub.csv"
+    written.write_text("id,predicted\n1,3\n")
+    sample = tmp_path / "sample.csv"
+    sample.write_text("id,predicted\n1,0\n")
+    assert validate_submission_file(str(written), "generic", sample=str(sample)) == []

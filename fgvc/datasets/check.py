@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from fgvc.datasets import get_spec, resolve_root
-from fgvc.errors import DataError, FgvcError
+from fgvc.errors import DataError, FgvcError, LayoutError
 from fgvc.progress import progress_bar
 
 SHOWN = 10  # how many missing / unreadable files the report lists before "... and N more"
@@ -73,7 +73,7 @@ class CheckReport:
                 [
                     header,
                     f"dataset not readable: {self.layout_error}",
-                    "expected layout:",
+                    *(["expected layout:"] if self.expected_layout else []),
                     *(f"  {line}" for line in (self.expected_layout or "").splitlines()),
                 ]
             )
@@ -125,9 +125,9 @@ def check_dataset(
         return report
     try:
         official = spec.reader(resolved)
-    except DataError as exc:
+    except DataError as exc:  # the tree only where files are not where expected, not for a malformed file
         report.layout_error = str(exc)
-        report.expected_layout = spec.layout
+        report.expected_layout = spec.layout if isinstance(exc, LayoutError) else None
         return report
 
     frames = {"train": official.train, "val": official.val, "test": official.test}

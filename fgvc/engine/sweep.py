@@ -72,6 +72,7 @@ def sweep(
 ) -> SweepResult:
     """The leaderboard metric (:func:`fgvc.submission.leaderboard_metric`: top-1 for most datasets) of the stage-1
     model and of every finished stage-2 model at each test resolution (test augmentation)."""
+    from fgvc.engine.loaders import load_split
     from fgvc.engine.run_folder import require_run_folder
     from fgvc.engine.runtime import is_main_process
     from fgvc.predict import finished_stage_dirs, predict_stage, require_positive, require_resolutions
@@ -90,14 +91,16 @@ def sweep(
     if cfg.data.train_on_all and split == "val" and is_main_process():
         log.warning("%s: data.train_on_all is set, so the val split was trained on and this sweep scores training "
                     "images; sweep a run without it to choose the resolution", run_dir)  # fmt: skip
-    table = pd.DataFrame({"res": sorted(resolutions)})
+    moved = {"data": cfg.data.model_copy(update={"root": str(data_root)})} if data_root is not None else {}
+    if not (load_split(cfg.model_copy(update=moved), split).frame["label"] >= 0).any():  # not after a pass over it
+        raise DataError(f"{run_dir}: the {split} split has no labels; sweep needs a labelled split")
+    table = pd.DataFrame({"res": sorted(set(resolutions))})
     for stage_dir in dirs:
         column = []
         for res in table["res"]:
             result = predict_stage(stage_dir, split, int(res), "none", batch_size, workers, progress=progress,
                                    data_root=data_root, device=device)  # fmt: skip
-            if result.metrics is None:
-                raise DataError(f"{run_dir}: the {split} split has no labels; sweep needs a labelled split")
+            assert result.metrics is not None  # the split's labels were checked above
             column.append(round(result.metrics[metric], 3))
         table[stage_dir.name] = column
     long = table.melt(id_vars="res", var_name="model", value_name="score")
