@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -301,6 +303,22 @@ def test_list_models_reports_sizes_normalisation_and_local_weights(tmp_path, mon
     # The lite0 package ships its checkpoint, so the example timm model always has ImageNet weights locally.
     assert table.loc["timm:tf_efficientnet_lite0", "weights_present"]
     assert table.loc["timm:tf_efficientnet_lite0", "weights_file"].endswith("efficientnet-lite0-57934424.pth")
+
+
+def test_the_listed_hugging_face_place_is_where_the_file_is_found(tmp_path, monkeypatch):
+    """`fgvc models list` showed <cache>/models--timm--X/model.safetensors, where the file is never looked for: the
+    cache keeps it in a snapshot named by refs/main."""
+    from fgvc.models import expected_weights_file, weights_file
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    shown = expected_weights_file("timm:resnet18")
+    assert shown.startswith(str(tmp_path / "hf" / "models--timm--resnet18")) and "/snapshots/<revision>/" in shown
+    placed = Path(shown.replace("<revision>", "0123abc"))
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"weights")
+    (placed.parents[2] / "refs").mkdir()
+    (placed.parents[2] / "refs" / "main").write_text("0123abc")
+    assert weights_file("timm:resnet18", "imagenet") == placed
 
 
 def test_model_spec_is_built_once_per_name():

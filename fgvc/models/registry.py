@@ -512,6 +512,8 @@ def expected_weights_file(name: str) -> str:
     if target is None and not locations:
         return ""
     target = target or locations[0]
+    if not target.drop_in and "/models--" in target.place:  # a Hugging Face cache keeps its files in snapshots
+        return f"{target.place}/snapshots/<revision>/{target.file}"
     return f"{target.place}/{target.file}"
 
 
