@@ -9,6 +9,7 @@ import datetime as dt
 import itertools
 import logging
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fgvc.config import CONFIG_FILE, load_config
 from fgvc.engine.checkpoint import LAST
 from fgvc.engine.loaders import load_split
 from fgvc.engine.lock import holder as lock_holder
+from fgvc.engine.lock import stage_lock
 from fgvc.engine.resume import config_conflicts
 from fgvc.engine.run_folder import STAGE1, is_finished, stage2_dirname
 from fgvc.engine.stage import check_model_settings, run_stage1, run_stage2
@@ -252,12 +254,26 @@ def ensemble_recipe(
     sample: str | Path | None = None,
     progress: bool = True,
 ) -> EnsembleOutcome:
-    """Predict missing members, weight them on the validation split, write and validate the Kaggle CSV."""
+    """Predict missing members, weight them on the validation split, write and validate the Kaggle CSV.
+
+    Each finished member's stage folders are held with shared locks until the submission is written: a ``--force``
+    retraining of a member (which locks them exclusively) is refused meanwhile, rather than replace the model between
+    its val and test predictions, and an ensemble is refused while one runs.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process combines: the other ranks would hold no matrices
         raise ConfigError("fgvc ensemble runs in one process, not under torchrun: predict the members on several GPUs "
                           "first with `fgvc predict --run RUN --split val|test --gpus N` (the files are reused), then "
                           "run `fgvc ensemble` alone")  # fmt: skip
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    with ExitStack() as held:
+        for member in recipe.members:
+            for _, step_dir in member_steps(member):
+                if is_finished(step_dir):
+                    held.enter_context(stage_lock(step_dir, shared=True))
+        return _ensemble(recipe, Path(out_dir), sample, progress)
+
+
+def _ensemble(recipe: Recipe, out: Path, sample: str | Path | None, progress: bool) -> EnsembleOutcome:
     refuse_changed_members(recipe, recipe.members)  # before hours of prediction, not after
     spec = competition_spec(recipe.competition)
     ens = recipe.ensemble
@@ -278,7 +294,6 @@ def ensemble_recipe(
         header, _, problems = read_checked_sample(Path(sample), spec, test_ids)
         if problems:
             raise SubmissionError(problems[0])
-    out = Path(out_dir)
     require_writable(out)  # now, not after the predictions (hours on iNat)
     # The val split fits the weights (search) or only fills the report: without images it is skipped in the latter case.
     search = ens.weights == "search"
@@ -332,30 +347,46 @@ def ensemble_recipe(
 
 def _publish(draft: Path, combined: Probabilities, out_dir: Path, competition: str) -> Path:
     """Give the checked CSV its name, ``<competition>-<date>-<time>.csv`` (``-2``, ``-3``... when that name or its
-    .npz is taken), and save the probabilities it came from next to it under the same stem.
+    .npz is taken), and put the probabilities it came from next to it under the same stem.
 
-    The name is claimed with a hard link, which fails on an existing file: two ensembles finishing in the same second
-    keep both submissions, where checking the name and then renaming onto it lets the second replace the first.
+    The probabilities are written first, under a draft name (minutes at iNat's size): a process killed meanwhile
+    leaves no CSV without its .npz. The CSV's name is claimed with a hard link, which fails on an existing file (or,
+    without hard links, by creating it exclusively): two ensembles finishing in the same second keep both
+    submissions, where checking the name and then renaming onto it lets the second replace the first. The .npz then
+    takes the same stem by a rename.
     """
-    stem = f"{competition}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    probs_draft = draft.with_name(f"{draft.stem}.npz.draft")
+    try:
+        combined.save(probs_draft)
+        path = _claim_name(draft, out_dir, f"{competition}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        try:
+            os.replace(probs_draft, path.with_suffix(".npz"))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+    finally:
+        probs_draft.unlink(missing_ok=True)
+
+
+def _claim_name(draft: Path, out_dir: Path, stem: str) -> Path:
+    """The first free ``<stem>[-n].csv`` in ``out_dir`` (its .npz free too), holding ``draft``'s content."""
     for n in itertools.count(1):
         path = out_dir / (f"{stem}.csv" if n == 1 else f"{stem}-{n}.csv")
         if path.with_suffix(".npz").exists():
             continue
         try:
             os.link(draft, path)
+            return path
         except FileExistsError:
             continue
-        except OSError:  # a file system without hard links: the name was free a moment ago
-            if path.exists():
+        except OSError:  # a file system without hard links: claim the name by creating it, then fill it
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            except FileExistsError:
                 continue
             os.replace(draft, path)
-        try:
-            combined.save(path.with_suffix(".npz"))
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return path
+            return path
     raise AssertionError("unreachable")
 
 

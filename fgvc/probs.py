@@ -8,6 +8,7 @@ submission writing need no model, no dataset reader and no torch.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,7 @@ class Probabilities:
                 )
         except FileNotFoundError:
             raise DataError(f"{path}: probability file not found; run `fgvc predict` first") from None
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:  # cut or damaged in a copy
             raise DataError(
                 f"{path}: not an fgvc probability file ({err}); delete it and rerun `fgvc predict`"
             ) from None

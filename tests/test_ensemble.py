@@ -335,13 +335,22 @@ def test_ensemble_under_torchrun_is_refused_with_the_way_to_use_several_gpus(mon
         ensemble_recipe(Path("recipes/cub.yaml"))
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
 def test_an_ensemble_never_replaces_a_submission_another_one_wrote_in_the_same_second(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
 ) -> None:
-    """Two ensembles finishing in the same second: the name the other process took after any check is not reused."""
+    """Two ensembles finishing in the same second: the name the other process took after any check is not reused,
+    also on a file system without hard links (where the fallback checked the name, then replaced onto it)."""
     import datetime as dt
+    import errno
 
     from fgvc import pipeline
+
+    if not hard_links:
+        def no_link(*args: object) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(pipeline.os, "link", no_link)
 
     class Clock(dt.datetime):
         @classmethod
@@ -358,6 +367,25 @@ def test_an_ensemble_never_replaces_a_submission_another_one_wrote_in_the_same_s
     assert path.name == "cub-20261127-080000-2.csv" and path.read_text() == "this submission"
     assert theirs.read_text() == "the other process's submission"
     assert Probabilities.load(path.with_suffix(".npz")).probs.shape == (2, 3)
+
+
+def test_a_submission_stopped_while_its_probabilities_are_written_leaves_no_csv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CSV was published first and the .npz written after it (minutes at iNat's size): a kill between them left a
+    submission without the probabilities it came from."""
+    from fgvc import pipeline
+
+    def stopped(self: Probabilities, path: Path) -> None:
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Probabilities, "save", stopped)
+    draft = tmp_path / ".cub.host-1.draft"
+    draft.write_text("this submission")
+    with pytest.raises(KeyboardInterrupt):
+        pipeline._publish(draft, make_member([1, 2], np.full((2, 3), 1 / 3)), tmp_path, "cub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [draft.name]  # the caller removes its draft
 
 
 def test_hill_climb_gives_an_exact_tie_to_the_lower_index() -> None:

@@ -880,6 +880,39 @@ def test_an_interrupted_member_whose_recipe_changed_is_refused_up_front_and_forc
     assert (runs / "b" / "stage1" / "best.pt").read_bytes() == b_stage1
 
 
+def test_an_ensemble_holds_its_members_models_against_a_forced_retraining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fgvc train --force` during an ensemble replaced a member's model between its val and test predictions: the
+    submission came from another model than the weights and table were fitted on, and said nothing."""
+    import fgvc.pipeline as pipeline
+    from fgvc.config import load_config
+    from fgvc.engine.lock import stage_lock
+    from fgvc.errors import RunBusyError
+
+    recipe_path, _ = _one_epoch_recipe(tmp_path, "  - {name: a, stage: 1}\n")
+    train_recipe(recipe_path, progress=False)
+    stage1 = tmp_path / "runs" / "a" / "stage1"
+    with stage_lock(stage1), pytest.raises(RunBusyError, match=r"stage1 is being trained by .*, which will replace its"
+                                                                 r" model; wait for it to end"):  # fmt: skip
+        ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False)
+    assert not (tmp_path / "submissions").exists() or not list((tmp_path / "submissions").iterdir())
+    refused: list[str] = []
+    original = pipeline.member_probabilities
+
+    def retrain_meanwhile(*args: object, **kwargs: object) -> object:
+        try:  # what a second terminal's `fgvc train --force` does while this ensemble predicts
+            run_stage1(load_config(stage1 / "config.yaml"), force=True, progress=False)
+        except RunBusyError as err:
+            refused.append(str(err))
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "member_probabilities", retrain_meanwhile)
+    assert ensemble_recipe(recipe_path, tmp_path / "submissions", progress=False).submission.is_file()
+    assert refused and all("stage1: its model is being read by another process (a stage 2 adapting it, an "
+                           "ensemble); wait for it to end" in why for why in refused)  # fmt: skip
+
+
 def test_members_holding_out_other_images_are_refused_before_any_prediction(tmp_path: Path) -> None:
     members = "".join(f"  - {{name: {name}, stage: 1, data: {{val_fraction: {fraction}}}}}\n"
                       for name, fraction in (("a", 0.25), ("b", 0.5)))  # fmt: skip
@@ -1048,3 +1081,26 @@ def test_without_run_the_run_picked_is_named(adapted_run: Path, caplog: pytest.L
     with caplog.at_level(logging.INFO, logger="fgvc"):
         assert latest_run(adapted_run.parent) == adapted_run
     assert f"no --run: {adapted_run}, the newest stage-1 run under {adapted_run.parent}/ (--run DIR" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "flipped"])
+def test_a_damaged_probability_file_is_a_data_error_and_predict_recomputes_it(
+    adapted_run: Path, tmp_path: Path, damage: str
+) -> None:
+    """A file cut short or altered in a copy of the run folder (fgvc's own writes are atomic) raised BadZipFile or
+    EOFError with a traceback; it is a one-line DataError, so a cached prediction is recomputed."""
+    path = tmp_path / "p.npz"
+    categories = np.array([3, 7])
+    Probabilities(np.full((2, 2), 0.5, np.float32), np.array([1, 2]), np.full(2, -1), categories, categories).save(path)
+    data = bytearray(path.read_bytes())
+    if damage == "flipped":
+        data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data[: len(data) // 2] if damage == "truncated" else b"" if damage == "empty" else data))
+    with pytest.raises(DataError, match=r"p.npz: not an fgvc probability file .*; delete it and rerun `fgvc predict`"):
+        Probabilities.load(path)
+    run = tmp_path / "run"
+    shutil.copytree(adapted_run, run)
+    first = predict(run, split="val", tta="none", progress=False)
+    first.path.write_bytes(path.read_bytes())
+    again = predict(run, split="val", tta="none", progress=False)
+    assert not again.cached and Probabilities.load(again.path).probs.shape == first.probs.probs.shape

@@ -88,7 +88,7 @@ def _acquire(path: Path, shared: bool) -> int | None:
             if not shared or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             log.warning("%s: cannot lock a folder this process may not write; nothing stops its retraining while this "
-                        "stage 2 adapts its model", path.parent)  # fmt: skip
+                        "process reads its model", path.parent)  # fmt: skip
             return None
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -97,8 +97,15 @@ def _acquire(path: Path, shared: bool) -> int | None:
                 os.close(fd)
                 time.sleep(0.05)
                 continue
-            who = _read(fd) or "another process"
+            who = _read(fd)  # written by an exclusive holder only
             os.close(fd)
+            if not who and not shared:  # shared holders alone: readers of the model, which a retraining would retire
+                raise RunBusyError(f"{path.parent}: its model is being read by another process (a stage 2 adapting it, "
+                                   "an ensemble); wait for it to end, then rerun this command") from None  # fmt: skip
+            who = who or "another process"
+            if shared:  # a reader of the model (stage 2, an ensemble) while it is being retrained
+                raise RunBusyError(f"{path.parent} is being trained by {who}, which will replace its model; wait for "
+                                   "it to end, then rerun this command") from None  # fmt: skip
             raise RunBusyError(
                 f"{path.parent} is being trained by {who}; wait for it to end (a second run there would mix its "
                 "checkpoints into that run's), or stop that process and rerun this command to resume"
