@@ -105,7 +105,7 @@ def remove_dead_leftovers(folder: Path) -> None:
         return
     for name in names:
         owned = _OWNED.search(name) if name.startswith(".") else None
-        if not owned or owned["host"] != host or _running(int(owned["pid"])):
+        if not owned or owned["host"] != host or process_running(int(owned["pid"])):
             continue
         if name.endswith(".draft"):  # a draft lives from its write to its publication: minutes, never hours
             with suppress(OSError):
@@ -131,7 +131,8 @@ def remove_if_abandoned(path: Path) -> None:
         os.close(fd)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process of this host has this pid (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

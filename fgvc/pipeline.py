@@ -355,7 +355,7 @@ def _publish(draft: Path, combined: Probabilities, out_dir: Path, competition: s
     submissions, where checking the name and then renaming onto it lets the second replace the first. The .npz then
     takes the same stem by a rename.
     """
-    probs_draft = draft.with_name(f"{draft.stem}.npz.draft")
+    probs_draft = out_dir / f".{competition}.npz.{owner_tag()}.draft"  # fileio.remove_dead_leftovers knows the form
     try:
         combined.save(probs_draft)
         path = _claim_name(draft, out_dir, f"{competition}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -385,7 +385,11 @@ def _claim_name(draft: Path, out_dir: Path, stem: str) -> Path:
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             except FileExistsError:
                 continue
-            os.replace(draft, path)
+            try:
+                os.replace(draft, path)
+            except BaseException:
+                path.unlink(missing_ok=True)  # not an empty CSV under a submission's name
+                raise
             return path
     raise AssertionError("unreachable")
 

@@ -85,7 +85,7 @@ class Probabilities:
                 )
         except FileNotFoundError:
             raise DataError(f"{path}: probability file not found; run `fgvc predict` first") from None
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:  # cut or damaged in a copy
+        except (OSError, KeyError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile) as err:  # damaged
             raise DataError(
                 f"{path}: not an fgvc probability file ({err}); delete it and rerun `fgvc predict`"
             ) from None

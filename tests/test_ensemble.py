@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from pathlib import Path
 
@@ -375,8 +376,10 @@ def test_a_submission_stopped_while_its_probabilities_are_written_leaves_no_csv(
     """The CSV was published first and the .npz written after it (minutes at iNat's size): a kill between them left a
     submission without the probabilities it came from."""
     from fgvc import pipeline
+    from fgvc.fileio import _OWNED
 
     def stopped(self: Probabilities, path: Path) -> None:
+        assert _OWNED.search(Path(path).name)  # a SIGKILL here leaves it: the next write there removes it, once old
         Path(path).write_bytes(b"half")
         raise KeyboardInterrupt
 
@@ -386,6 +389,30 @@ def test_a_submission_stopped_while_its_probabilities_are_written_leaves_no_csv(
     with pytest.raises(KeyboardInterrupt):
         pipeline._publish(draft, make_member([1, 2], np.full((2, 3), 1 / 3)), tmp_path, "cub")
     assert sorted(p.name for p in tmp_path.iterdir()) == [draft.name]  # the caller removes its draft
+
+
+def test_without_hard_links_a_failed_fill_leaves_no_empty_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from fgvc import pipeline
+
+    def refuse(*args: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    replace = os.replace
+    draft = tmp_path / ".cub.host-1.draft"
+
+    def fail(source: object, target: object) -> None:  # filling the claimed name fails; other renames work
+        if Path(str(source)) == draft:
+            raise OSError(errno.EIO, "Input/output error")
+        replace(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline.os, "link", refuse)
+    monkeypatch.setattr(pipeline.os, "replace", fail)
+    draft.write_text("this submission")
+    with pytest.raises(OSError, match="Input/output error"):
+        pipeline._publish(draft, make_member([1, 2], np.full((2, 3), 1 / 3)), tmp_path, "cub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [draft.name]
 
 
 def test_hill_climb_gives_an_exact_tie_to_the_lower_index() -> None:

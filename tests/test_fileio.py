@@ -23,14 +23,16 @@ def test_a_write_removes_the_temp_files_of_dead_writers_on_this_host_only(tmp_pa
     host = owner_tag().rpartition("-")[0]
     dead = tmp_path / f".test-448-tencrop.npz.{host}-{_dead_pid()}.k3x9q2ab.tmp"
     draft = tmp_path / f".inat2019.{host}-{_dead_pid()}.draft"  # a killed ensemble's checked-but-unpublished CSV
+    probs_draft = tmp_path / f".inat2019.npz.{host}-{_dead_pid()}.draft"  # and the probabilities it was to publish
     fresh_draft = tmp_path / f".inat2019.{host}-{_dead_pid()}.draft"  # unlocked: only its age tells it is abandoned
     live = tmp_path / f".val-448-none.npz.{host}-{os.getppid()}.a1b2c3d4.tmp"
     other_host = tmp_path / f".test-448-tencrop.npz.{host}x-{_dead_pid()}.k3x9q2ab.tmp"
     foreign = tmp_path / ".notes.tmp"  # not written by fgvc: not its to remove
-    for path in (dead, draft, fresh_draft, live, other_host, foreign):
+    for path in (dead, draft, probs_draft, fresh_draft, live, other_host, foreign):
         path.write_bytes(b"half")
     old = draft.stat().st_mtime - 7 * 3600
     os.utime(draft, (old, old))
+    os.utime(probs_draft, (old, old))
     atomic_write_text(tmp_path / "other.csv", "a,b\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [live.name, other_host.name, foreign.name, fresh_draft.name, "other.csv"]

@@ -170,3 +170,33 @@ def test_stage_2_runs_beside_a_stage_1_folder_it_may_not_write(
     monkeypatch.setattr(lock_module.os, "open", read_only_stage1)
     assert run_stage2(cfg.run_dir(), {"stage2.res": 40}, progress=False).final is not None
     assert not stage1_lock.exists()
+
+
+def test_a_lock_file_naming_a_dead_process_of_this_host_names_nobody(tmp_path: Path) -> None:
+    """A stage 2 SIGKILLed in its first epoch leaves its line in .lock; an ensemble reading the folder later kept the
+    file, and a retraining was told a dead process trained there ("or stop that process")."""
+    import socket
+
+    stage_dir = tmp_path / "stage2-48"
+    stage_dir.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    (stage_dir / LOCK_FILE).write_text(f"pid {child.pid} on host {socket.gethostname()} since 2026-11-28T08:00:00")
+    reading = pytest.raises(RunBusyError, match=r"stage2-48: its model is being read by another process")
+    with stage_lock(stage_dir, shared=True), reading, stage_lock(stage_dir):  # an ensemble reads; a retraining starts
+        pass
+    assert (os.stat(stage_dir / LOCK_FILE).st_mode & 0o777) == 0o666  # its owner can still open it to write
+
+
+def test_a_lock_file_a_reader_creates_stays_writable_for_the_folders_owner(tmp_path: Path) -> None:
+    """Created by a reader (another user's ensemble) with mode 0644, .lock refused its owner's next training with a
+    raw PermissionError."""
+    stage_dir = tmp_path / "stage1"
+    stage_dir.mkdir()
+    old = os.umask(0o022)
+    try:
+        with stage_lock(stage_dir, shared=True):
+            pass
+    finally:
+        os.umask(old)
+    assert (os.stat(stage_dir / LOCK_FILE).st_mode & 0o777) == 0o666

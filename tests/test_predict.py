@@ -283,6 +283,18 @@ def test_sweep_refuses_an_unlabelled_split_before_any_pass(tmp_path: Path) -> No
     assert not (run / "predictions").exists()
 
 
+def test_sweep_names_a_moved_dataset_and_an_empty_split_as_predict_does(tmp_path: Path) -> None:
+    recipe_path, _ = _one_epoch_recipe(tmp_path, "  - {name: only, stage: 1}\n")  # val_fraction 0: no val images
+    train_recipe(recipe_path, progress=False)
+    run = tmp_path / "runs" / "only"
+    with pytest.raises(DataError, match=r"the val split has no images"):
+        sweep(run, [28], split="val", progress=False)
+    (tmp_path / "data").rename(tmp_path / "moved")
+    with pytest.raises(DataError, match=r"the dataset this run was trained on is no longer there .* --data-root"):
+        sweep(run, [28], split="test", progress=False)
+    assert list(sweep(run, [28], split="test", data_root=tmp_path / "moved", progress=False).table["res"]) == [28]
+
+
 def test_sweep_scores_the_datasets_leaderboard_metric(
     adapted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,14 +13,15 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from fgvc.errors import RunBusyError
-from fgvc.fileio import at_path
+from fgvc.fileio import at_path, process_running
 
 LOCK_FILE = ".lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # a filesystem without flock
@@ -90,6 +91,10 @@ def _acquire(path: Path, shared: bool) -> int | None:
             log.warning("%s: cannot lock a folder this process may not write; nothing stops its retraining while this "
                         "process reads its model", path.parent)  # fmt: skip
             return None
+        if shared:  # a reader may create the file: the folder's owner must still open it for writing afterwards
+            with suppress(OSError):
+                if os.fstat(fd).st_uid == os.geteuid():
+                    os.fchmod(fd, 0o666)
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -129,6 +134,7 @@ def _acquire(path: Path, shared: bool) -> int | None:
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {started}".encode())
+            os.fsync(fd)  # seen at once by other hosts (NFS caches writes), which name the holder from it
         except OSError as err:  # a full disk: these name no file
             os.close(fd)
             raise at_path(err, path) from err
@@ -136,10 +142,16 @@ def _acquire(path: Path, shared: bool) -> int | None:
 
 
 def _read(fd: int) -> str:
+    """The holder the lock file names, "" where it names none, or a process of this host that is gone: a holder
+    killed by SIGKILL leaves its line, which a later reader (a stage 2, an ensemble) keeps while it holds the file."""
     try:
-        return os.pread(fd, 1024, 0).decode(errors="replace").strip()
+        text = os.pread(fd, 1024, 0).decode(errors="replace").strip()
     except OSError:
         return ""
+    named = re.match(r"pid (\d+) on host (\S+) ", text)
+    if named and named[2] == socket.gethostname() and not process_running(int(named[1])):
+        return ""
+    return text
 
 
 def _missing_folders(folder: Path) -> list[Path]:

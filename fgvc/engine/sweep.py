@@ -73,7 +73,7 @@ def sweep(
     """The leaderboard metric (:func:`fgvc.submission.leaderboard_metric`: top-1 for most datasets) of the stage-1
     model and of every finished stage-2 model at each test resolution (test augmentation)."""
     from fgvc.engine.loaders import load_split
-    from fgvc.engine.run_folder import require_run_folder
+    from fgvc.engine.run_folder import require_run_folder, require_saved_root
     from fgvc.engine.runtime import is_main_process
     from fgvc.predict import finished_stage_dirs, predict_stage, require_positive, require_resolutions
 
@@ -91,8 +91,11 @@ def sweep(
     if cfg.data.train_on_all and split == "val" and is_main_process():
         log.warning("%s: data.train_on_all is set, so the val split was trained on and this sweep scores training "
                     "images; sweep a run without it to choose the resolution", run_dir)  # fmt: skip
+    if data_root is None:  # the dataset moved: said as such, as predict says it
+        require_saved_root(cfg, run_dir / CONFIG_FILE)
     moved = {"data": cfg.data.model_copy(update={"root": str(data_root)})} if data_root is not None else {}
-    if not (load_split(cfg.model_copy(update=moved), split).frame["label"] >= 0).any():  # not after a pass over it
+    labels = load_split(cfg.model_copy(update=moved), split).frame["label"]
+    if len(labels) and not (labels >= 0).any():  # not after a pass over it (an empty split: predict says so)
         raise DataError(f"{run_dir}: the {split} split has no labels; sweep needs a labelled split")
     table = pd.DataFrame({"res": sorted(set(resolutions))})
     for stage_dir in dirs:
@@ -100,7 +103,8 @@ def sweep(
         for res in table["res"]:
             result = predict_stage(stage_dir, split, int(res), "none", batch_size, workers, progress=progress,
                                    data_root=data_root, device=device)  # fmt: skip
-            assert result.metrics is not None  # the split's labels were checked above
+            if result.metrics is None:  # checked above; kept for a split whose labelled rows were all unreadable
+                raise DataError(f"{run_dir}: the {split} split has no labels; sweep needs a labelled split")
             column.append(round(result.metrics[metric], 3))
         table[stage_dir.name] = column
     long = table.melt(id_vars="res", var_name="model", value_name="score")
