@@ -85,7 +85,7 @@ class Probabilities:
                 )
         except FileNotFoundError:
             raise DataError(f"{path}: probability file not found; run `fgvc predict` first") from None
-        except (OSError, KeyError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile) as err:  # damaged
+        except (OSError, KeyError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile) as err:  # a cut copy
             raise DataError(
                 f"{path}: not an fgvc probability file ({err}); delete it and rerun `fgvc predict`"
             ) from None
