@@ -7,6 +7,8 @@ message and exits with code 2; library callers can catch the class.
 
 from __future__ import annotations
 
+_WORKER = "Original Traceback"  # in the message torch gives an error it re-raises from a DataLoader worker
+
 
 class FgvcError(Exception):
     """A problem in the user's input, reported as one line; the CLI exits with code 2."""
@@ -19,9 +21,6 @@ class FgvcError(Exception):
         if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") and _WORKER in args[0]:
             args = (args[0].rstrip().splitlines()[-1].split(": ", 1)[-1],)
         super().__init__(*args)
-
-
-_WORKER = "Original Traceback"
 
 
 class ConfigError(FgvcError):

@@ -92,22 +92,28 @@ def test_checkpoints_without_num_batches_tracked_load(tmp_path, lite0_state):
     assert_same(old_style, create_model(LITE0, 10, weights=tmp_path / "old.pth"))
 
 
-@pytest.mark.slow
-def test_cadene_1001_class_checkpoint_loads_with_and_without_the_background_row(tmp_path):
+def cadene_inceptionresnetv2_file(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """A file as Cadene's were: built by pretrainedmodels itself, 1001 classes (background first), saved without
+    num_batches_tracked (PyTorch 0.3); its state dict and its path."""
     import pretrainedmodels
 
+    net = pretrainedmodels.inceptionresnetv2(num_classes=1001, pretrained=None)
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = folder / "inceptionresnetv2-520b38e4.pth"
+    torch.save(state, path)
+    return state, path
+
+
+@pytest.mark.slow
+def test_cadene_1001_class_checkpoint_loads_with_and_without_the_background_row(tmp_path):
     torch.manual_seed(2)
-    # Built by pretrainedmodels itself, as Cadene's files were; saved without num_batches_tracked (PyTorch 0.3).
-    cadene = pretrainedmodels.inceptionresnetv2(num_classes=1001, pretrained=None)
-    state = {k: v for k, v in cadene.state_dict().items() if not k.endswith("num_batches_tracked")}
-    del cadene
-    torch.save(state, tmp_path / "inceptionresnetv2-520b38e4.pth")
-    imagenet = create_model("inceptionresnetv2", 1000, weights=tmp_path / "inceptionresnetv2-520b38e4.pth")
+    state, path = cadene_inceptionresnetv2_file(tmp_path)
+    imagenet = create_model("inceptionresnetv2", 1000, weights=path)
     assert_same(state, imagenet, skip="last_linear.")
     assert torch.equal(imagenet.last_linear.weight, state["last_linear.weight"][1:])
     assert torch.equal(imagenet.last_linear.bias, state["last_linear.bias"][1:])
     del imagenet
-    birds = create_model("inceptionresnetv2", 200, weights=tmp_path / "inceptionresnetv2-520b38e4.pth")
+    birds = create_model("inceptionresnetv2", 200, weights=path)
     assert_same(state, birds, skip="last_linear.")
     assert birds.last_linear.weight.shape == (200, 1536)
 
@@ -115,8 +121,6 @@ def test_cadene_1001_class_checkpoint_loads_with_and_without_the_background_row(
 def test_timm_and_cadene_inception_resnet_v2_files_load_into_each_other(empty_caches, tmp_path):
     """The bodies are the same, only the classifier's name differs (``classif`` in timm, ``last_linear`` in Cadene):
     timm's Hugging Face copy serves the recipes' ``inceptionresnetv2`` where Cadene's server (its only source) fails."""
-    import pretrainedmodels
-
     torch.manual_seed(4)
     timm_model = create_model("timm:inception_resnet_v2", 1000).eval()
     timm_state = timm_model.state_dict()  # shares the model's tensors
@@ -139,12 +143,8 @@ def test_timm_and_cadene_inception_resnet_v2_files_load_into_each_other(empty_ca
         assert logits.isfinite().all() and logits.std() > 0.01
         torch.testing.assert_close(logits, timm_model(x), rtol=1e-4, atol=1e-4)
     del timm_state, timm_model, cadene
-    # The other way: Cadene's own layout (1001 classes, background first, no num_batches_tracked) into timm's model.
-    net = pretrainedmodels.inceptionresnetv2(num_classes=1001, pretrained=None)
-    cadene_state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    del net
-    torch.save(cadene_state, tmp_path / "inceptionresnetv2-520b38e4.pth")
-    ported = create_model("timm:inception_resnet_v2", 1000, weights=tmp_path / "inceptionresnetv2-520b38e4.pth")
+    cadene_state, path = cadene_inceptionresnetv2_file(tmp_path)  # the other way: Cadene's file into timm's model
+    ported = create_model("timm:inception_resnet_v2", 1000, weights=path)
     assert_same(cadene_state, ported, skip="last_linear.")
     assert torch.equal(ported.classif.weight, cadene_state["last_linear.weight"][1:])
     assert torch.equal(ported.classif.bias, cadene_state["last_linear.bias"][1:])
