@@ -95,16 +95,17 @@ def sweep(
         require_saved_root(cfg, run_dir / CONFIG_FILE)
     moved = {"data": cfg.data.model_copy(update={"root": str(data_root)})} if data_root is not None else {}
     labels = load_split(cfg.model_copy(update=moved), split).frame["label"]
+    no_labels = f"{run_dir}: the {split} split has no labels; sweep needs a labelled split (--split val)"
     if len(labels) and not (labels >= 0).any():  # not after a pass over it (an empty split: predict says so)
-        raise DataError(f"{run_dir}: the {split} split has no labels; sweep needs a labelled split")
+        raise DataError(no_labels)
     table = pd.DataFrame({"res": sorted(set(resolutions))})
     for stage_dir in dirs:
         column = []
         for res in table["res"]:
             result = predict_stage(stage_dir, split, int(res), "none", batch_size, workers, progress=progress,
                                    data_root=data_root, device=device)  # fmt: skip
-            if result.metrics is None:  # checked above; kept for a split whose labelled rows were all unreadable
-                raise DataError(f"{run_dir}: the {split} split has no labels; sweep needs a labelled split")
+            if result.metrics is None:  # checked above (this narrows the type)
+                raise DataError(no_labels)
             column.append(round(result.metrics[metric], 3))
         table[stage_dir.name] = column
     long = table.melt(id_vars="res", var_name="model", value_name="score")
