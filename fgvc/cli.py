@@ -317,7 +317,7 @@ def predict(
     )  # fmt: skip
     if not is_main_process():  # rank 0 wrote the file and reports it
         return
-    if result.cached and not multi_res:
+    if result.cached:
         typer.echo(f"reused {result.path} (computed earlier by this checkpoint; --force recomputes it)")
     else:
         typer.echo(f"wrote {result.path}")

@@ -394,15 +394,15 @@ def predict(
         return predict_stage(stage_dir, split, resolutions[0], tta, *options)
     path = prediction_path(run_dir, stage_dir, split, "+".join(str(r) for r in resolutions), tta)
     if not is_main_process():  # this rank helps compute each resolution; rank 0 averages and writes them
-        helped = [predict_stage(stage_dir, split, r, tta, *options).cached for r in resolutions]
-        return PredictResult(path, None, None, all(helped))
-    cached: list[bool] = []
+        for r in resolutions:
+            predict_stage(stage_dir, split, r, tta, *options)
+        return PredictResult(path, None, None, cached=False)
     parts = (  # one resolution's matrix in memory at a time, next to the running mean
-        _noting_cached(predict_stage(stage_dir, split, r, tta, *options), cached) for r in resolutions
+        predict_stage(stage_dir, split, r, tta, *options).held_probs() for r in resolutions
     )
     averaged = mean_over_resolutions(parts, resolutions)
     averaged.save(path)
-    return PredictResult(path, averaged, _metrics(averaged), all(cached))
+    return PredictResult(path, averaged, _metrics(averaged), cached=False)  # the average is written anew each time
 
 
 def require_resolutions(arch: str, resolutions: Iterable[int]) -> None:
@@ -425,12 +425,6 @@ def mean_over_resolutions(parts: Iterable[Probabilities], resolutions: list[int]
     time: ``parts`` may be a generator that predicts or loads each."""
     mean = combine_members(parts, equal_weights(len(resolutions)))
     return replace(mean, meta=mean.meta | {"res": "+".join(str(r) for r in resolutions)})
-
-
-def _noting_cached(result: PredictResult, cached: list[bool]) -> Probabilities:
-    """``result``'s probabilities, its ``cached`` flag appended to ``cached`` (keeps no reference to the matrix)."""
-    cached.append(result.cached)
-    return result.held_probs()
 
 
 def _still_unreadable(path: Path, probs: Probabilities, index: DatasetIndex) -> bool:

@@ -261,6 +261,24 @@ def test_predict_passes_cuda_graph_through(
     assert [call["cuda_graph"] for call in calls] == [expected]
 
 
+@pytest.mark.parametrize(("multi_res", "cached", "said"), [("32,", True, "reused"), ("32,", False, "wrote"),
+                                                         (None, True, "reused"), ("32,40", False, "wrote")])
+def test_predict_says_reused_exactly_when_the_library_reused_the_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, multi_res: str | None,
+    cached: bool, said: str,
+) -> None:  # fmt: skip
+    """`--multi-res 32,` is one resolution: its file reused as is used to be reported as "wrote"."""
+    from types import SimpleNamespace
+
+    import fgvc.predict
+
+    monkeypatch.setattr(fgvc.predict, "predict", lambda run_dir, **kwargs: SimpleNamespace(
+        cached=cached, path=tmp_path / "p.npz", metrics=None))  # fmt: skip
+    flags = ["--multi-res", multi_res] if multi_res else []
+    code, out = run_main(monkeypatch, capsys, "predict", "--run", str(tmp_path), *flags)
+    assert code in (0, None) and out.startswith(said)
+
+
 @pytest.mark.parametrize(("flags", "expected"), [([], False), (["--cuda-graph"], True), (["--no-cuda-graph"], False)])
 def test_stage1_cuda_graph_sets_runtime_cuda_graph_train(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, flags: list[str], expected: bool

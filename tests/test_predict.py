@@ -238,6 +238,9 @@ def test_multi_res_averages_resolutions(adapted_run: Path) -> None:
     both = predict(adapted_run, split="val", stage=1, tta="none", multi_res=[32, 40], progress=False)
     np.testing.assert_allclose(both.probs.probs, (a + b) / 2, atol=2e-3)
     assert both.path.name == "val-32+40-none.npz"
+    assert not both.cached  # the average is written anew even though both resolutions' files were reused
+    one = predict(adapted_run, split="val", stage=1, tta="none", multi_res=[32], progress=False)
+    assert one.cached and one.path.name == "val-32-none.npz"  # `--multi-res 32,`: the one file, reused
 
 
 def test_a_stage_trained_with_gpu_decoding_is_predicted_on_the_cpu_with_a_note_where_the_gpu_cannot_decode(
