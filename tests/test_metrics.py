@@ -54,6 +54,17 @@ def test_topk_indices_equals_a_full_stable_sort_with_many_ties() -> None:
         np.testing.assert_array_equal(topk_indices(scores, k), expected)
 
 
+def test_topk_indices_ranks_nan_scores_last_for_every_k() -> None:
+    """k=1 took argmax, which picks a NaN first, while k>1 ranked NaNs last: the two disagreed on a row's best class."""
+    rng = np.random.default_rng(2)
+    scores = rng.random((300, 12)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.2] = np.nan
+    scores[7] = np.nan  # a row of NaNs only
+    for k in (1, 2, 12):
+        expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(topk_indices(scores, k), expected)
+
+
 def test_topk_indices_on_float16_probabilities() -> None:
     rng = np.random.default_rng(1)
     probs = rng.dirichlet(np.ones(30), size=200).astype(np.float16)
