@@ -22,10 +22,10 @@ from fgvc.engine.loaders import load_split
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.lock import stage_lock
 from fgvc.engine.resume import config_conflicts
-from fgvc.engine.run_folder import STAGE1, is_finished, stage2_dirname
+from fgvc.engine.run_folder import STAGE1, is_finished, orphaned_stage2s, stage2_dirname
 from fgvc.engine.stage import check_model_settings, run_stage1, run_stage2
 from fgvc.ensemble import align, combine, combine_members, resolve_weights
-from fgvc.errors import ConfigError, DataError, WeightsError
+from fgvc.errors import ConfigError, DataError, RunExistsError, WeightsError
 from fgvc.fileio import owner_tag, require_writable
 from fgvc.metrics import summarize
 from fgvc.models import check_resolution, model_meta, weights_file
@@ -104,6 +104,19 @@ def refuse_changed_members(recipe: Recipe, members: list[Member]) -> None:
     command = member_train_command(recipe, *(member for member, _ in changed))
     raise ConfigError(f"{recipe.source}: {'; '.join(why for _, why in changed)}; retrain "
                       f"{'it' if len(changed) == 1 else 'them'} with `{command} --force`")  # fmt: skip
+
+
+def refuse_orphaned_stage2s(recipe: Recipe, members: list[Member]) -> None:
+    """Stage-2 models under a member's deleted stage 1 (:func:`~fgvc.engine.run_folder.orphaned_stage2s`): the
+    member's new stage 1 would refuse to start only once the members before it had trained. Checked up front."""
+    orphaned = [(member, names) for member in members if (names := orphaned_stage2s(member.config.run_dir()))]
+    if not orphaned:
+        return
+    why = "; ".join(f"member {member.name}: {', '.join(names)} adapted an earlier stage 1 that is gone ("
+                    f"{member.config.run_dir()})" for member, names in orphaned)  # fmt: skip
+    command = member_train_command(recipe, *(member for member, _ in orphaned))
+    raise RunExistsError(f"{recipe.source}: {why}; train {'it' if len(orphaned) == 1 else 'them'} again and retire "
+                         f"those models with `{command} --force`")  # fmt: skip
 
 
 def refuse_other_holdouts(recipe: Recipe, split: str) -> None:
@@ -191,6 +204,7 @@ def train_recipe(
     selected = select_members(recipe, members)
     if not force:
         refuse_changed_members(recipe, selected)
+        refuse_orphaned_stage2s(recipe, selected)
     retrain = {member.name: retrained_stages(member, force) for member in selected}  # member name -> stages
     refuse_unrunnable_members(recipe, selected, retrain)
     refuse_missing_weights(recipe, selected, retrain)

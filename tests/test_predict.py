@@ -20,7 +20,7 @@ from dataset_fixtures import write_herbarium2019, write_inat
 from fgvc.engine.loaders import _load_splits
 from fgvc.engine.stage import run_stage1, run_stage2
 from fgvc.engine.sweep import apparent_size_factor, suggest_test_res, sweep
-from fgvc.errors import ConfigError, DataError, WeightsError
+from fgvc.errors import ConfigError, DataError, RunExistsError, WeightsError
 from fgvc.io import decode_image
 from fgvc.pipeline import ensemble_recipe, train_recipe
 from fgvc.predict import predict, predict_stage
@@ -956,6 +956,21 @@ def test_changed_members_are_all_refused_before_any_training(tmp_path: Path) -> 
     assert not (tmp_path / "runs" / "c").exists()
     assert [o.status for o in train_recipe(recipe_path, progress=False, members=["c"])] == ["trained"]
     assert (tmp_path / "runs" / "c").is_dir()
+
+
+def test_stage2_models_under_a_deleted_stage1_are_refused_before_any_training(tmp_path: Path) -> None:
+    """Member a's stage1/ deleted by hand, its stage-2 model left: the refusal came only once member b, listed
+    before it, had trained (hours on a real recipe); it now comes first, naming a alone in the command it gives."""
+    members = "  - {name: b, stage: 1}\n  - {name: a, stage: 2, stage2: {res: 32, epochs: 1}}\n"
+    recipe_path, _ = _one_epoch_recipe(tmp_path, members)
+    train_recipe(recipe_path, progress=False, members=["a"])
+    shutil.rmtree(tmp_path / "runs" / "a" / "stage1")
+    with pytest.raises(RunExistsError, match=r"member a: stage2-32 adapted an earlier stage 1 that is gone \(.*runs/a"
+                                             r"\); train it again and retire those models with `fgvc train .* "
+                                             r"--member a --force`"):  # fmt: skip
+        train_recipe(recipe_path, progress=False)
+    assert not (tmp_path / "runs" / "b").exists()
+    assert [o.status for o in train_recipe(recipe_path, progress=False, members=["a"], force=True)] == ["trained"] * 2
 
 
 def test_missing_member_weights_are_all_refused_before_any_training(tmp_path: Path) -> None:

@@ -74,12 +74,18 @@ def refuse_finished(stage_dir: Path, stage: str) -> None:
     if is_finished(stage_dir):
         other = "another --name" if stage == STAGE1 else "another --test-res"
         raise RunExistsError(f"{stage_dir} is finished; pass --force to train it again (or choose {other})")
-    if stage == STAGE1 and not (stage_dir / LAST).is_file():
-        folders = sorted(stage_dir.parent.glob("stage2-*"))
-        adapted = [d.name for d in folders if any((d / name).is_file() for name in (FINISHED, BEST, LAST))]
-        if adapted:
-            raise RunExistsError(f"{stage_dir.parent}: {', '.join(adapted)} adapted an earlier stage 1 that is gone; "
-                                 "pass --force to train stage 1 again and retire them (or choose another --name)")
+    if stage == STAGE1 and (orphaned := orphaned_stage2s(stage_dir.parent)):
+        raise RunExistsError(f"{stage_dir.parent}: {', '.join(orphaned)} adapted an earlier stage 1 that is gone; "
+                             "pass --force to train stage 1 again and retire them (or choose another --name)")
+
+
+def orphaned_stage2s(run_dir: Path) -> list[str]:
+    """The run's stage-2 folders holding a model (or its start) while stage 1 has no checkpoint: they adapted an
+    earlier stage 1 whose folder was deleted, and a new stage 1 would leave them looking like its own."""
+    if (run_dir / STAGE1 / LAST).is_file():
+        return []
+    folders = sorted(run_dir.glob("stage2-*"))
+    return [d.name for d in folders if any((d / name).is_file() for name in (FINISHED, BEST, LAST))]
 
 
 def require_saved_root(cfg: RunConfig, config_file: Path) -> None:
