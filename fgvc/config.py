@@ -19,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from fgvc.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
+# A run folder's names (fgvc.engine.run_folder describes the layout), here so that torch-free modules read them too.
+STAGE1 = "stage1"
+STAGE2_PREFIX = "stage2-"  # + the test resolution
+LAST, BEST = "last.pt", "best.pt"
+FINISHED = "finished.json"  # written last: a cheap "this stage is done" marker with its final metrics
 Tune = Literal["all", "fc", "bn+fc", "bnstats+fc", "stage+bn+fc", "bnstats"]
 Augment = Literal["train", "test", "test2"]
 TTA = Literal["none", "flip", "tencrop"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fgvc.config import CONFIG_FILE, TTA, load_config, with_overrides
+from fgvc.config import BEST, CONFIG_FILE, LAST, STAGE2_PREFIX, TTA, load_config, with_overrides
 from fgvc.data import close_loader
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import check_classes, check_holdout, file_identity, find_stage_checkpoint, load_stage_model
@@ -30,7 +30,14 @@ from fgvc.engine.launch import already_distributed
 from fgvc.engine.loaders import load_split, make_loader
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.loop import predict_probs
-from fgvc.engine.run_folder import FINISHED, STAGE1, is_finished, require_run_folder, require_saved_root
+from fgvc.engine.run_folder import (
+    FINISHED,
+    STAGE1,
+    is_finished,
+    require_run_folder,
+    require_saved_root,
+    stage2_dirname,
+)
 from fgvc.engine.runtime import (
     Runtime,
     broadcast_from_main,
@@ -71,7 +78,7 @@ def stage_dirs(run_dir: Path) -> list[Path]:
     found = [
         d
         for d in run_dir.glob("stage*")
-        if re.fullmatch(r"stage1|stage2-\d+", d.name) and ((d / "last.pt").is_file() or (d / "best.pt").is_file())
+        if re.fullmatch(rf"{STAGE1}|{STAGE2_PREFIX}\d+", d.name) and ((d / LAST).is_file() or (d / BEST).is_file())
     ]
     return sorted(found, key=lambda d: (d.name != STAGE1, stage2_res(d) if d.name != STAGE1 else 0))
 
@@ -114,7 +121,7 @@ def resolve_stage(run_dir: Path, stage: int | None, res: int | None) -> Path:
     dirs = stage_dirs(run_dir)
     if not dirs:
         raise DataError(f"{run_dir}: no trained stage; run `fgvc stage1` (and `fgvc stage2`) first")
-    stage1, named = run_dir / STAGE1, run_dir / f"stage2-{res}"
+    stage1, named = run_dir / STAGE1, run_dir / stage2_dirname(res) if res is not None else None
     stage2 = [d for d in dirs if d.name != STAGE1]
     finished2 = [d for d in stage2 if is_finished(d)]
     if stage == 1 or (stage is None and not finished2):

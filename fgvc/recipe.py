@@ -17,7 +17,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from fgvc.config import (
+    BEST,
     CONFIG_FILE,
+    LAST,
+    STAGE1,
+    STAGE2_PREFIX,
     RunConfig,
     config_from_dict,
     first_error,
@@ -32,8 +36,6 @@ from fgvc.submission import COMPETITIONS, check_top_k, competition_spec
 RECIPE_KEYS = ("competition", "ensemble", "members")
 MEMBER_KEYS = ("weight", "stage", "multi_res")
 log = logging.getLogger("fgvc")
-# fgvc.engine.run_folder's STAGE1 and stage2_dirname; not imported: this module imports without torch
-STAGE1_DIR, STAGE2_PREFIX = "stage1", "stage2-"
 
 
 class EnsembleConfig(BaseModel):
@@ -82,7 +84,7 @@ def load_recipe(path: str | Path) -> Recipe:
     values = read_yaml(path)
     if not any(key in values for key in RECIPE_KEYS) and (folder := _run_folder_of(Path(path))):
         values = values | folder
-        if Path(path).resolve().parent.name == STAGE1_DIR:  # runs/X/stage1/config.yaml: the stage-1 model
+        if Path(path).resolve().parent.name == STAGE1:  # runs/X/stage1/config.yaml: the stage-1 model
             values["members"] = [{"stage": 1}]
     return recipe_from_values(values, str(path))
 
@@ -200,10 +202,10 @@ def _run_folder_of(config_file: Path) -> dict[str, str]:
     if config_file.name != CONFIG_FILE:
         return {}
     folder = config_file.resolve().parent
-    in_stage = folder.name == STAGE1_DIR or folder.name.startswith(STAGE2_PREFIX)
+    in_stage = folder.name == STAGE1 or folder.name.startswith(STAGE2_PREFIX)
     run_dir = folder.parent if in_stage else folder
-    stage1 = run_dir / STAGE1_DIR
-    if not ((stage1 / CONFIG_FILE).is_file() and any((stage1 / name).is_file() for name in ("last.pt", "best.pt"))):
+    stage1 = run_dir / STAGE1
+    if not ((stage1 / CONFIG_FILE).is_file() and any((stage1 / name).is_file() for name in (LAST, BEST))):
         return {}  # not a folder fgvc trained in: a user's own config.yaml keeps its out and name
     return {"out": str(run_dir.parent), "name": run_dir.name}
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fgvc.config import BEST, LAST
 from fgvc.datasets.base import DatasetIndex
 from fgvc.errors import DataError, WeightsError
 from fgvc.fileio import at_path, atomic_write
@@ -27,8 +28,6 @@ from fgvc.models import ModelMeta, create_model, get_meta, rgb, set_meta
 from fgvc.models.meta import unwrap_model
 from fgvc.models.weights import nonfinite_weight
 
-LAST = "last.pt"
-BEST = "best.pt"
 log = logging.getLogger("fgvc")
 
 

@@ -18,8 +18,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from fgvc.config import CONFIG_FILE, RunConfig, save_config
-from fgvc.engine.checkpoint import BEST, LAST, save_checkpoint
+from fgvc.config import BEST, CONFIG_FILE, FINISHED, LAST, STAGE1, STAGE2_PREFIX, RunConfig, save_config
+from fgvc.engine.checkpoint import save_checkpoint
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.lock import stage_lock
 from fgvc.engine.runtime import Runtime, broadcast_from_main
@@ -27,12 +27,10 @@ from fgvc.errors import ConfigError, DataError, RunBusyError, RunExistsError
 from fgvc.fileio import remove_if_abandoned
 
 log = logging.getLogger("fgvc")
-STAGE1 = "stage1"
-FINISHED = "finished.json"  # written last: a cheap "this stage is done" marker with its final metrics
 
 
 def stage2_dirname(res: int) -> str:
-    return f"stage2-{res}"
+    return f"{STAGE2_PREFIX}{res}"
 
 
 def claim_folder(rt: Runtime, stage_dir: Path, stage: str, opened: ExitStack) -> None:
@@ -41,7 +39,7 @@ def claim_folder(rt: Runtime, stage_dir: Path, stage: str, opened: ExitStack) ->
     stage 2 that a retraining would retire."""
     busy, failure = None, None
     if rt.is_main:
-        adapting = [(d, who) for d in sorted(stage_dir.parent.glob("stage2-*")) if (who := lock_holder(d))]
+        adapting = [(d, who) for d in sorted(stage_dir.parent.glob(f"{STAGE2_PREFIX}*")) if (who := lock_holder(d))]
         if stage == STAGE1 and adapting:  # said before stage 1's own lock, which their shared locks refuse anyway
             busy = (f"{adapting[0][0]} is being trained by {adapting[0][1]} from this stage 1's model, which --force "
                     "would retire; wait for it to end, or stop it first")  # fmt: skip
@@ -84,7 +82,7 @@ def orphaned_stage2s(run_dir: Path) -> list[str]:
     earlier stage 1 whose folder was deleted, and a new stage 1 would leave them looking like its own."""
     if (run_dir / STAGE1 / LAST).is_file():
         return []
-    folders = sorted(run_dir.glob("stage2-*"))
+    folders = sorted(run_dir.glob(f"{STAGE2_PREFIX}*"))
     return [d.name for d in folders if any((d / name).is_file() for name in (FINISHED, BEST, LAST))]
 
 
@@ -112,7 +110,7 @@ def latest_run(out: str | Path = "runs") -> Path:
 def require_run_folder(run_dir: Path) -> None:
     """``--run runs/X/stage1`` (a stage folder, where the run folder is meant) said "stage 1 has no checkpoint; run
     `fgvc stage1` first" of a stage that has one."""
-    stage_name = run_dir.name == STAGE1 or run_dir.name.startswith("stage2-")
+    stage_name = run_dir.name == STAGE1 or run_dir.name.startswith(STAGE2_PREFIX)
     if stage_name and (run_dir.parent / STAGE1).is_dir() and not (run_dir / STAGE1).is_dir():  # a run named stage1
         raise ConfigError(f"{run_dir}: a stage folder; pass the run folder that holds it: --run {run_dir.parent}")
 
@@ -135,7 +133,7 @@ def built_on_old_model(run_dir: Path, stage_dir: Path, stage: str) -> list[Path]
     cannot pick them up) and all predictions."""
     paths = [stage_dir / FINISHED, stage_dir / BEST, stage_dir / LAST, *run_dir.glob("sweep-*.*")]
     if stage == STAGE1:
-        paths += [old / name for old in run_dir.glob("stage2-*") for name in (FINISHED, LAST, BEST)]
+        paths += [old / name for old in run_dir.glob(f"{STAGE2_PREFIX}*") for name in (FINISHED, LAST, BEST)]
         paths.append(run_dir / "predictions")
     else:
         paths.append(run_dir / "predictions" / stage_dir.name)
