@@ -56,10 +56,17 @@ def align_to(reference: Probabilities | None, member: Probabilities, position: i
             probs=np.asarray(member.probs)[rows],
             image_ids=np.asarray(member.image_ids)[rows],
             labels=np.asarray(member.labels)[rows],
-            meta=dict(member.meta),
+            meta=_reordered_meta(member.meta, rows),
         )
     _check_same_labels(reference, member, position)
     return member
+
+
+def _reordered_meta(meta: dict, rows: np.ndarray) -> dict:
+    """``meta`` of a matrix whose rows were reordered by ``rows``: its ``unreadable`` row numbers follow them."""
+    if not meta.get("unreadable"):
+        return dict(meta)
+    return meta | {"unreadable": np.flatnonzero(np.isin(rows, meta["unreadable"])).tolist()}
 
 
 def without_matrix(member: Probabilities) -> Probabilities:

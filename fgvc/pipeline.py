@@ -325,8 +325,8 @@ def _ensemble(recipe: Recipe, out: Path, sample: str | Path | None, progress: bo
         val = align([member_probabilities(recipe, m, ens.val_split, progress) for m in recipe.members])
         if not val[0].has_labels:
             raise ConfigError(f"{recipe.source}: ensemble.weights 'search' needs a labelled {ens.val_split} split")
-        weights = resolve_weights("search", val_probs=[p.probs for p in val], labels=val[0].labels, method=ens.method,
-                                  metric=spec.metric)  # fmt: skip
+        weights = resolve_weights("search", val_probs=[p.probs for p in val], labels=val[0].scored_labels(),
+                                  method=ens.method, metric=spec.metric)  # fmt: skip
         for position in range(len(val)):  # no loop variable left holding a member after `del val`
             report(position, val[position])
         report.ensemble(replace(val[0], probs=combine([p.probs for p in val], weights, ens.method)))
@@ -438,5 +438,5 @@ class _Report:
         return pd.DataFrame(rows)[["member", "stage", "res", "tta", "weight", *scores]]
 
     def _scores(self, probs: Probabilities | None) -> dict[str, float | None]:
-        scores = summarize(probs.probs, probs.labels) if probs is not None and probs.has_labels else {}
+        scores = summarize(probs.probs, probs.scored_labels()) if probs is not None and probs.has_labels else {}
         return {f"{self.split}_{m}": round(scores[m], 2) if scores else None for m in self.metrics}

@@ -315,7 +315,11 @@ def _say_once(what: str) -> None:
 
 def _metrics(probs: Probabilities | None) -> dict[str, float] | None:
     """Accuracy figures where the split has labels (None on a DDP rank that holds no matrix)."""
-    return summarize(probs.probs, probs.labels) if probs is not None and probs.has_labels else None
+    if probs is None or not probs.has_labels:
+        return None
+    if unreadable := probs.meta.get("unreadable"):
+        log.info("the %d unreadable images are not scored", len(unreadable))
+    return summarize(probs.probs, probs.scored_labels())
 
 
 def _cached_probabilities(path: Path, stage_dir: Path, index: DatasetIndex) -> Probabilities | None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from fgvc.errors import DataError
 from fgvc.fileio import atomic_write
+from fgvc.metrics import UNKNOWN_LABEL
 
 
 @dataclass
@@ -49,8 +50,19 @@ class Probabilities:
 
     @property
     def has_labels(self) -> bool:
-        """Some rows are labelled: metrics (over those rows) and weight search apply."""
-        return bool((self.labels >= 0).any())
+        """Some rows are labelled (and were readable): metrics (over those rows) and weight search apply."""
+        return bool((self.scored_labels() >= 0).any())
+
+    def scored_labels(self) -> np.ndarray:
+        """The labels that metrics score against: unknown (-1) also for the images that were unreadable when the file
+        was computed (meta ``unreadable``). Their uniform rows are no prediction: the tie went to the first class and
+        scored a hit wherever that was the label. Training's validation skips them alike."""
+        rows = self.meta.get("unreadable") or []
+        if not rows:
+            return self.labels
+        labels = np.array(self.labels, dtype=np.int64)
+        labels[rows] = UNKNOWN_LABEL
+        return labels
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file + rename)."""

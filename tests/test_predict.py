@@ -718,6 +718,31 @@ def test_an_unreadable_test_image_is_skipped_on_request_and_recomputed_once_it_r
     assert not np.allclose(fixed.probs.probs[row], [0.5, 0.5])
 
 
+def test_an_unreadable_image_is_not_scored(tmp_path: Path) -> None:
+    """Its uniform row's tie goes to the first class: an unreadable image of that class scored as a hit, so
+    `predict --skip-corrupt` (and the ensemble's table) reported a higher accuracy the more images were unreadable."""
+    from dataclasses import replace
+
+    from fgvc.ensemble import align
+    from fgvc.metrics import summarize
+
+    root = _folder_dataset(tmp_path / "data")
+    cfg = tiny_config(root, tmp_path / "runs", data={"dataset": "folder", "val_fraction": 0.0}, stage1={"res": 28})
+    run_stage1(cfg, progress=False)
+    image = root / "test" / "a" / "a1.png"
+    image.write_bytes(image.read_bytes()[:100])
+    result = predict(cfg.run_dir(), split="test", stage=1, tta="none", progress=False, skip_corrupt=True)
+    probs = result.probs
+    assert probs is not None and result.metrics is not None
+    row = probs.image_ids.tolist().index("test/a/a1.png")
+    assert probs.labels[row] == 0 and probs.meta["unreadable"] == [row]
+    readable = np.arange(len(probs.labels)) != row
+    assert result.metrics == summarize(probs.probs[readable], probs.labels[readable])
+    reversed_rows = replace(probs, probs=probs.probs[::-1], image_ids=probs.image_ids[::-1], labels=probs.labels[::-1])
+    _, aligned = align([probs, replace(reversed_rows, meta=probs.meta | {"unreadable": [len(readable) - 1 - row]})])
+    assert aligned.meta["unreadable"] == [row]  # a member's rows put in the first one's order: its note follows them
+
+
 def test_predicting_on_a_dataset_whose_classes_changed_is_a_one_line_error(tmp_path: Path) -> None:
     root = _folder_dataset(tmp_path / "data")
     cfg = tiny_config(root, tmp_path / "runs", data={"dataset": "folder", "val_fraction": 0.0}, stage1={"res": 28})
