@@ -203,6 +203,9 @@ def stage2(
         None, help="auto (default): compute the frozen trunk once when its output fits in memory; on; off."
     ),
     data_root: str | None = typer.Option(None, help="Where the dataset is now (default: where stage 1 read it)."),
+    skip_corrupt: bool | None = typer.Option(
+        None, "--skip-corrupt/--no-skip-corrupt", help="Skip unreadable images (default: as stage 1 ran)."
+    ),
     gpus: int | None = typer.Option(None, help="Launch torchrun with this many processes on this machine."),
     force: bool = typer.Option(False, "--force", help="Redo a finished stage 2 at this resolution."),
 ) -> None:
@@ -218,7 +221,7 @@ def stage2(
         "stage2.batch_size": batch_size, "data.workers": workers, "data.decode": decode, "runtime.amp": amp,
         "runtime.compile": compile, "runtime.cuda_graph_train": cuda_graph,
         "runtime.device": device, "runtime.deterministic": deterministic, "runtime.cache_features": cache_features,
-        "data.root": data_root,
+        "data.root": data_root, "data.skip_corrupt": skip_corrupt,
     }  # fmt: skip
     result = run_stage2(run_dir, overrides, force=force)
     if result.interrupted_by:

@@ -88,7 +88,7 @@ def decode_image(path: str | Path) -> np.ndarray:
 def _corrupt(path: Path) -> CorruptImageError:
     return CorruptImageError(
         f"{path}: image is corrupt or truncated; re-download it, or skip unreadable images with --skip-corrupt "
-        "(fgvc stage1, fgvc predict) or data.skip_corrupt: true in the recipe"
+        "(fgvc stage1, stage2, predict) or data.skip_corrupt: true in the recipe"
     )
 
 

@@ -301,6 +301,24 @@ def test_stage1_cuda_graph_sets_runtime_cuda_graph_train(
     assert code in (0, None) and seen == [expected, None if not flags else expected]
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"), [([], None), (["--skip-corrupt"], True), (["--no-skip-corrupt"], False)]
+)
+def test_stage2_skip_corrupt_overrides_stage_1s_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, flags: list[str], expected: bool | None
+) -> None:
+    from types import SimpleNamespace
+
+    import fgvc.engine.stage
+
+    seen: list[object] = []
+    done = SimpleNamespace(interrupted_by=0, before=None, final=None)
+    monkeypatch.setattr(fgvc.engine.stage, "run_stage2",
+                        lambda run_dir, overrides, force: seen.append(overrides["data.skip_corrupt"]) or done)
+    code, _ = run_main(monkeypatch, capsys, "stage2", "--run", "runs/x", *flags)
+    assert code in (0, None) and seen == [expected]
+
+
 def test_stage1_ema_decay_sets_the_weight_average(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

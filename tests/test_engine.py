@@ -104,6 +104,22 @@ def test_force_that_fails_in_its_first_epoch_leaves_the_finished_run_as_it_was(
     assert {path: path.read_bytes() for path in files} == before
 
 
+def test_stage2_skips_unreadable_images_on_request(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """An image that became unreadable after stage 1: the error pointed stage 2 to a --skip-corrupt it lacked."""
+    import shutil
+
+    root = tmp_path / "demo"
+    shutil.copytree(tiny_demo_root, root)
+    cfg = tiny_config(root, tmp_path / "runs")
+    run_stage1(cfg, progress=False)
+    for image in sorted((root / "CUB_200_2011" / "images").rglob("*.jpg"))[:2]:
+        image.write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"skip unreadable images with --skip-corrupt \(fgvc stage1, stage2, predict"):
+        run_stage2(cfg.run_dir(), {"stage2.res": 40}, progress=False)
+    assert run_stage2(cfg.run_dir(), {"stage2.res": 40, "data.skip_corrupt": True}, progress=False).final is not None
+    assert (cfg.run_dir() / "stage2-40" / FINISHED).is_file()
+
+
 class _StopAtStep:
     """Patch the loss so that its ``at``-th call sends ``signum`` to this process: a stop request that arrives in the
     middle of that training step, as a Ctrl-C or a scheduler's SIGTERM does. ``restart`` counts again for a new run."""
