@@ -104,6 +104,26 @@ def test_force_that_fails_in_its_first_epoch_leaves_the_finished_run_as_it_was(
     assert {path: path.read_bytes() for path in files} == before
 
 
+def test_a_stop_signal_that_reached_another_rank_alone_is_named_and_exits_with_its_code(
+    tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGINT to rank 1 alone: rank 0 logged "interrupted by signal None" and the command exited 143 (SIGTERM's
+    code). Here the ranks' reduction is stood in for: from the third check on, another rank reports SIGINT."""
+    import itertools
+    import logging
+
+    import fgvc.engine.loop
+
+    checks = itertools.count()
+    monkeypatch.setattr(fgvc.engine.loop, "max_over_ranks",
+                        lambda rt, value: value or (signal.SIGINT if next(checks) >= 2 else 0))  # fmt: skip
+    cfg = tiny_config(tiny_demo_root, tmp_path / "runs")
+    with caplog.at_level(logging.INFO, logger="fgvc"):
+        assert run_stage1(cfg, progress=False).interrupted_by == signal.SIGINT
+    assert f"interrupted by signal {int(signal.SIGINT)}: saved" in caplog.text
+    assert (cfg.run_dir() / "stage1" / LAST).is_file()
+
+
 def test_stage2_skips_unreadable_images_on_request(tiny_demo_root: Path, tmp_path: Path) -> None:
     """An image that became unreadable after stage 1: the error pointed stage 2 to a --skip-corrupt it lacked."""
     import shutil

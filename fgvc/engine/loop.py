@@ -21,7 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fgvc.data import STOP_SIGNALS
-from fgvc.engine.runtime import Runtime, all_reduce_sum, any_rank, gather_objects, gather_rows_on_main
+from fgvc.engine.runtime import (
+    Runtime,
+    all_reduce_sum,
+    any_rank,
+    gather_objects,
+    gather_rows_on_main,
+    max_over_ranks,
+)
 from fgvc.errors import TrainingError
 from fgvc.progress import progress_bar
 
@@ -35,10 +42,26 @@ class StopFlag:
     """Set by SIGINT/SIGTERM; the loop stops at the next optimiser step so that a checkpoint can be written."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # the signal this process received
+        self.elsewhere: int | None = None  # the one another rank received, when only it did (stop_on_any_rank)
 
     def __bool__(self) -> bool:
         return self.signum is not None
+
+    @property
+    def number(self) -> int | None:
+        """The signal that stopped the run, whichever rank received it: for the log and the exit code."""
+        return self.signum or self.elsewhere
+
+
+def stop_on_any_rank(rt: Runtime, stop: StopFlag) -> bool:
+    """Whether any rank received a stop signal, on every rank (they stop at the same step). A rank that did not
+    records the signal's number: rank 0 logged "signal None" and the command exited 143 for a SIGINT that reached
+    another rank alone. (``signum`` stays unset: a later signal here is a first one, not an insisting second.)"""
+    signum = max_over_ranks(rt, stop.signum or 0)
+    if signum and not stop:
+        stop.elsewhere = signum
+    return bool(signum)
 
 
 class Stopped(Exception):
@@ -251,7 +274,7 @@ def train_one_epoch(
         shown = "-" if math.isnan(batch_loss) else f"{batch_loss:.3f}"  # nan: the first loss is read a step late
         # shown at the bar's own refresh (10 per second): refreshing at every step writes ~100 bytes per step to stderr
         bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{seen * rt.world_size / elapsed:.0f}", refresh=False)
-        if boundary and stop is not None and any_rank(rt, bool(stop)):  # all ranks stop at the same step
+        if boundary and stop is not None and stop_on_any_rank(rt, stop):  # all ranks stop at the same step
             if pending is not None:
                 total_loss += _read_loss(pending[0], pending[2]) * pending[1]
             return _epoch_stats(rt, total_loss, seen, skipped, started, lr, micro, waits, interrupted=True)
@@ -396,7 +419,7 @@ def predict_probs(
     checked = 0 if stop is None else min(gather_objects(rt, len(loader)))
     bar = progress_bar(loader, desc=desc, enabled=progress and rt.is_main)
     for i, (images, _labels, idx) in enumerate((waits or BatchWaits())(bar)):
-        if i < checked and any_rank(rt, bool(stop)):
+        if i < checked and stop is not None and stop_on_any_rank(rt, stop):
             raise Stopped
         if len(idx) == 0:
             continue

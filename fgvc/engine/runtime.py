@@ -252,15 +252,20 @@ def all_reduce_sum(rt: Runtime, values: list[float]) -> list[float]:
 
 def any_rank(rt: Runtime, flag: bool) -> bool:
     """True on every rank when it is true on one (e.g. a signal that reached only some processes)."""
+    return bool(max_over_ranks(rt, int(flag)))
+
+
+def max_over_ranks(rt: Runtime, value: int) -> int:
+    """The largest of the ranks' ``value`` (small ints: flags, signal numbers), on every rank."""
     if not rt.distributed:
-        return flag
+        return value
     if rt.flag_group is not None:  # on the host: reading the result does not wait for the GPU's queued work
-        t = torch.tensor([float(flag)])
+        t = torch.tensor([float(value)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=rt.flag_group)
-        return bool(t.item())
-    t = torch.tensor([float(flag)], device=rt.device if rt.device.type == "cuda" else "cpu")
+        return int(t.item())
+    t = torch.tensor([float(value)], device=rt.device if rt.device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def gather_objects(rt: Runtime, obj: T) -> list[T]:

@@ -62,7 +62,7 @@ from fgvc.engine.feature_cache import (
 from fgvc.engine.graphs import GraphedTraining
 from fgvc.engine.loaders import load_split, make_loader, resolve_decode
 from fgvc.engine.lock import holder as lock_holder
-from fgvc.engine.loop import StopFlag, Stopped, predict_probs, stop_on_signals, train_one_epoch
+from fgvc.engine.loop import StopFlag, Stopped, predict_probs, stop_on_any_rank, stop_on_signals, train_one_epoch
 from fgvc.engine.mixing import build_mixing
 from fgvc.engine.optim import build_optimizer, build_scheduler
 from fgvc.engine.report import epoch_line, format_metrics, history_row, input_bound_hint, write_history
@@ -81,7 +81,6 @@ from fgvc.engine.run_folder import (
 )
 from fgvc.engine.runtime import (
     Runtime,
-    any_rank,
     barrier,
     broadcast_from_main,
     gather_objects,
@@ -220,9 +219,9 @@ def _train_stage(
     def stopped_before_training(during: str) -> StageResult:
         """A stop signal while no training step has run since the last checkpoint: nothing new to save."""
         again = "the earlier results are untouched; rerun with --force to start it again" if force else resume_hint
-        log.info("interrupted by signal %s during %s; nothing new to save; %s", stop.signum, during, again)
+        log.info("interrupted by signal %s during %s; nothing new to save; %s", stop.number, during, again)
         return StageResult(stage_dir=stage_dir, history=pd.DataFrame(history), before=before, metric=metric,
-                           interrupted_by=stop.signum or signal.SIGTERM)  # fmt: skip
+                           interrupted_by=stop.number or signal.SIGTERM)  # fmt: skip
 
     train_batches = epoch_batches(train_loader)
     steps_per_epoch = max(1, math.ceil(train_batches.batches_in() / stage_cfg.grad_accum))
@@ -380,17 +379,17 @@ def _train_stage(
             _average_bn_over_ranks(model, average, rt.world_size, keep_rank0=stats.interrupted and broadcast_buffers)
         if stats.interrupted:
             rngs = gather_objects(rt, rng_state())
-            result.interrupted_by = stop.signum or signal.SIGTERM
+            result.interrupted_by = stop.number or signal.SIGTERM
             result.history = pd.DataFrame(history)  # with this call's epochs
             if not rt.is_main:  # rank 0 writes, and logs
                 return result
             if writer.guarded and not writer.claimed:  # a Ctrl-C just after a mistaken --force keeps the old models
                 log.info("interrupted by signal %s before the first epoch of this --force run ended: nothing saved, "
-                         "the earlier results in %s are untouched (rerun with --force to retrain it)", stop.signum,
+                         "the earlier results in %s are untouched (rerun with --force to retrain it)", stop.number,
                          stage_dir)  # fmt: skip
                 return result
             writer.save(LAST, checkpoint(epoch, stats.micro_steps, False, rngs) | {"partial": asdict(stats)})
-            log.info("interrupted by signal %s: saved %s (epoch %d, step %d); %s", stop.signum, stage_dir / LAST,
+            log.info("interrupted by signal %s: saved %s (epoch %d, step %d); %s", stop.number, stage_dir / LAST,
                      epoch + 1, stats.micro_steps, resume_hint)  # fmt: skip
             return result
         history.append(history_row(epoch + 1, stats))
@@ -399,10 +398,10 @@ def _train_stage(
         if not input_hint_given and (hint := input_bound_hint(stats, cfg.data.workers, decode, rt.device)):
             log.info(hint)
             input_hint_given = True
-        if any_rank(rt, bool(stop)):
+        if stop_on_any_rank(rt, stop):
             after = f"epoch {epoch + 1}" + (" (its validation runs first on resume)" if pending else "")
-            log.info("interrupted by signal %s after %s; %s", stop.signum, after, resume_hint)
-            result.interrupted_by = stop.signum or signal.SIGTERM
+            log.info("interrupted by signal %s after %s; %s", stop.number, after, resume_hint)
+            result.interrupted_by = stop.number or signal.SIGTERM
             result.history = pd.DataFrame(history)  # with this call's epochs
             return result
     if stage_cfg.epochs == 0:  # evaluation-only stage (e.g. a zero-epoch baseline)
