@@ -436,27 +436,60 @@ def _cli_exception_classes() -> tuple[tuple[type[Exception], ...], tuple[type[Ba
 _USAGE_ERRORS, _ABORTS = _cli_exception_classes()
 
 
+def _say(line: str) -> None:
+    """An error line on stderr, once per ``--gpus`` launch when every rank hits it (:func:`first_to_say`)."""
+    from fgvc.engine.launch import first_to_say
+
+    if first_to_say(line):
+        typer.echo(line, err=True)
+
+
+def _lost_another_process(err: RuntimeError) -> bool:
+    """A collective that failed because another rank ended (killed, or stopped on its own error): its cause is said
+    by that rank or by the launcher, and this rank's traceback (~100 lines) hid it."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return False
+    text = str(err)
+    return isinstance(err, distributed.DistError) or any(
+        sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first sentence (gloo's goes on with advice: "This is typically caused by ...")."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+
+
 def main() -> None:
     """Console entry point: FgvcError and invalid settings -> one line on stderr, exit 2; usage errors -> usage, 2."""
     try:
         code = app(standalone_mode=False)
     except FgvcError as err:
-        typer.echo(f"fgvc: error: {err}", err=True)
+        _say(f"fgvc: error: {err}")
         sys.exit(err.exit_code)
     except ValidationError as err:  # a setting assigned after the config was built (e.g. predict --workers -1)
         key, message = first_error(err)
-        typer.echo(f"fgvc: error: invalid value for {key}: {message} (got {err.errors()[0].get('input')!r})", err=True)
+        _say(f"fgvc: error: invalid value for {key}: {message} (got {err.errors()[0].get('input')!r})")
         sys.exit(2)
     except OSError as err:  # a path the user gave that is a folder, a file, unwritable...: the path and the reason
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)
         if err.filename is None and not full:
             raise
         reason, fix = err.strerror or str(err), "free some space and rerun" if full else "check the path"
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "make it writable, or write elsewhere (--out for runs)"
         if isinstance(err, FileExistsError | NotADirectoryError) and Path(err.filename).is_file():
             reason = "a file where a folder is expected"
         where = f"{err.filename}: " if err.filename is not None else ""
-        typer.echo(f"fgvc: error: {where}{reason}; {fix}", err=True)
+        _say(f"fgvc: error: {where}{reason}; {fix}")
         sys.exit(2)
+    except RuntimeError as err:
+        if not _lost_another_process(err):
+            raise
+        _say(f"fgvc: error: lost contact with another process of this run ({_first_line(err)}); the line about that "
+             "process says why it ended")  # fmt: skip
+        sys.exit(1)
     except _USAGE_ERRORS as err:
         show = getattr(err, "show", None)
         if show is not None:

@@ -762,6 +762,76 @@ def test_a_rank_error_under_gpus_is_fgvc_one_line_error_and_exit_2(tmp_path: Pat
     assert "fgvc: error:" in out
     assert "Traceback" not in out and "ChildFailedError" not in out, out
     assert "OMP_NUM_THREADS" not in out, out  # torchrun's banner: the launcher sets torchrun's default itself
+    assert "failed (exitcode" not in out, out  # torchrun's report of the rank's exit, after the rank's own line
+    empty = tmp_path / "empty"  # an error that every rank hits: printed once, not once per rank
+    empty.mkdir()
+    ddp = _fgvc("stage1", "--dataset", "demo", "--data-root", str(empty), "--arch", "timm:test_resnet", "--weights",
+                "none", "--res", "32", "--out", str(tmp_path / "runs"), "--device", "cpu", "--gpus", "2")  # fmt: skip
+    out, _ = ddp.communicate(timeout=600)
+    assert ddp.returncode == 2 and out.count(f"fgvc: error: {empty}: no demo data there") == 1, out
+
+
+def test_an_error_line_is_said_once_per_gpus_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fgvc.engine.launch import ONCE_DIR_ENV, first_to_say
+
+    monkeypatch.delenv(ONCE_DIR_ENV, raising=False)
+    assert first_to_say("fgvc: error: x") and first_to_say("fgvc: error: x")  # a torchrun of one's own: each rank
+    monkeypatch.setenv(ONCE_DIR_ENV, str(tmp_path))
+    assert first_to_say("fgvc: error: x") and not first_to_say("fgvc: error: x")
+    assert first_to_say("fgvc: error: y")  # another rank's own error (its corrupt image) is said too
+
+
+def test_the_failure_that_ended_a_gpus_run_is_the_first_one_not_the_ranks_torchrun_ended() -> None:
+    from types import SimpleNamespace
+
+    from fgvc.engine.launch import first_failure
+
+    def failure(exitcode: int, timestamp: int) -> SimpleNamespace:
+        return SimpleNamespace(exitcode=exitcode, timestamp=timestamp)
+
+    # rank 1's own error; rank 0, stopped by torchrun's SIGTERM, saved and exited 143 (the exit code was rank 0's)
+    assert first_failure({0: failure(143, 10), 1: failure(2, 10)})[0] == 1
+    assert first_failure({0: failure(-15, 9), 1: failure(2, 10)})[0] == 1
+    assert first_failure({0: failure(1, 10), 1: failure(-9, 10)})[0] == 1  # rank 0 lost the rank that was killed
+    assert first_failure({0: failure(2, 11), 1: failure(2, 10)})[0] == 1
+    assert first_failure({0: failure(-15, 10), 1: failure(143, 10)})[0] == 0  # all ended by SIGTERM: the first
+
+
+@pytest.mark.slow
+def test_a_rank_killed_under_gpus_is_named_in_one_line(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """SIGKILL to one rank (what the out-of-memory killer sends): the other rank printed a ~100-line traceback of its
+    lost connection, and nothing said which process died or why."""
+    import threading
+
+    args = [*_stage1_args(tiny_demo_root, tmp_path, "ddp"), "--epochs", "50", "--gpus", "2"]
+    run = _fgvc(*args)
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(iter(lambda: run.stdout.read(1), "")))
+    reader.start()
+    deadline = time.time() + 300
+    while "img_s=" not in "".join(printed):
+        assert time.time() < deadline and run.poll() is None, "".join(printed)
+        time.sleep(0.01)
+    rank1 = [pid for pid in _descendants(run.pid) if b"LOCAL_RANK=1" in Path(f"/proc/{pid}/environ").read_bytes()]
+    os.kill(rank1[0], signal.SIGKILL)
+    run.wait(timeout=300)
+    reader.join()
+    out = "".join(printed)
+    assert run.returncode == 128 + signal.SIGKILL, out
+    assert f"fgvc: error: rank 1 (pid {rank1[0]}) was killed by SIGKILL: most often the out-of-memory killer" in out
+    assert "Traceback" not in out and "failed (exitcode" not in out, out
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children before grandchildren."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop(0)
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            children = [int(c) for c in (task / "children").read_text().split()]
+            found += children
+            queue += children
+    return found
 
 
 @pytest.mark.slow

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent dies (Linux)
+ONCE_DIR_ENV = "FGVC_ONCE_DIR"  # set by launch_torchrun: where the ranks claim the error lines they print
 
 
 def strip_option(argv: list[str], name: str) -> list[str]:
@@ -56,6 +62,8 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     # torchrun's own default for several processes, said here so that it does not print its banner about it
     env = {"OMP_NUM_THREADS": "1"} if nproc > 1 and "OMP_NUM_THREADS" not in os.environ else {}
+    once_dir = tempfile.mkdtemp(prefix="fgvc-once-")
+    env[ONCE_DIR_ENV] = once_dir
     try:
         child = subprocess.Popen([*cmd, "fgvc", *strip_option(argv, "--gpus")], start_new_session=True,
                                  preexec_fn=_terminate_with_parent, env=os.environ | env)  # fmt: skip
@@ -67,7 +75,25 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
             child.terminate()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(once_dir, ignore_errors=True)
     return 128 + received[0] if received else code
+
+
+def first_to_say(line: str) -> bool:
+    """Whether this process is the first of its ``--gpus`` launch to print ``line``: an error every rank hits (a
+    wrong path, a finished run) was printed once per rank. Always True outside such a launch (a torchrun started by
+    hand, several nodes): each process then prints its own."""
+    folder = os.environ.get(ONCE_DIR_ENV)
+    if not folder:
+        return True
+    try:
+        fd = os.open(os.path.join(folder, hashlib.sha1(line.encode()).hexdigest()), os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    except OSError:  # the folder is gone or unwritable: better twice than never
+        return True
+    os.close(fd)
+    return True
 
 
 def _terminate_with_parent() -> None:
@@ -81,21 +107,45 @@ def _terminate_with_parent() -> None:
 def _torchrun_main() -> None:
     """torchrun with fgvc's exit codes: a rank's one-line error (exit 2) or a forwarded signal (128 + signal) is the
     exit code of the whole command, without torchrun's traceback and failure report after the rank's own message."""
-    import logging
-
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # its "failed (exitcode: N) local_rank: ..." line: after a rank's own message, or replaced by _say_killed's
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+        lambda record: not str(record.msg).startswith("failed (exitcode")
+    )
     try:
         torchrun()
     except ChildFailedError as err:
-        codes = [failure.exitcode for failure in err.failures.values() if failure.exitcode]
-        code = codes[0] if codes else 1
-        sys.exit(code if code > 0 else 128 - code)  # a rank killed by a signal (-9: the OOM killer) -> 137
+        rank, cause = first_failure(err.failures)
+        if cause.exitcode < 0:
+            _say_killed(rank, cause)
+        sys.exit(cause.exitcode if cause.exitcode > 0 else 128 - cause.exitcode)  # killed by signal 9 -> 137
     except SignalException as err:
         sys.exit(128 + int(err.sigval))
+
+
+_ENDED_BY_TORCHRUN = (-signal.SIGTERM, 128 + signal.SIGTERM)  # the other ranks, once one has failed
+
+
+def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The rank whose failure ended the run and its ``ProcessFailure``: the earliest, leaving out the ranks that
+    torchrun terminated because of it (SIGTERM); of those failing in the same second, a killed one first (the others
+    lost it), then in rank order."""
+    ranked = sorted(failures.items(), key=lambda item: (item[1].exitcode in _ENDED_BY_TORCHRUN, item[1].timestamp,
+                                                         item[1].exitcode >= 0, item[0]))  # fmt: skip
+    return ranked[0]
+
+
+def _say_killed(rank: int, failure: Any) -> None:
+    """One line for a rank killed by a signal, which prints nothing itself: SIGKILL is what the out-of-memory killer
+    sends (8 ranks x 8 loader workers of a large dataset hold many copies of its index)."""
+    name = failure.signal_name()
+    hint = (": most often the out-of-memory killer; try fewer --workers or a smaller --batch-size"
+            if failure.exitcode == -signal.SIGKILL else "")  # fmt: skip
+    print(f"fgvc: error: rank {rank} (pid {failure.pid}) was killed by {name}{hint}", file=sys.stderr)
 
 
 if __name__ == "__main__":

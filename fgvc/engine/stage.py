@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import signal
+import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -517,8 +518,11 @@ def _training_module(
     tuned module, so a frozen trunk records nothing without a no_grad wrapper."""
     net = model
     if rt.distributed and learns:
-        net = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                      broadcast_buffers=broadcast_buffers)  # fmt: skip
+        with warnings.catch_warnings():  # torch 2.14 deprecates the argument, yet its warning says to keep it for
+            # False (its successor still syncs the buffers at the start: no equivalent yet); printed by every rank
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+            net = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                                          broadcast_buffers=broadcast_buffers)  # fmt: skip
     if runtime.cuda_graph_train and learns:
         why_not = training_graph_obstacle(rt, grad_accum, runtime.compile)
         if why_not is None:
