@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -259,6 +260,26 @@ def test_predict_passes_cuda_graph_through(
     code, out = run_main(monkeypatch, capsys, "predict", "--run", str(tmp_path), *flags)
     assert code in (0, None) and "wrote" in out
     assert [call["cuda_graph"] for call in calls] == [expected]
+
+
+@pytest.mark.parametrize(("err", "said"), [
+    (OSError(errno.EROFS, "Read-only file system", "runs/x/stage1/.lock"),
+     "fgvc: error: runs/x/stage1/.lock: Read-only file system; make it writable, or write elsewhere (--out for runs)"),
+    (OSError(errno.ENOSPC, "No space left on device", "runs/x/stage1/last.pt"),
+     "fgvc: error: runs/x/stage1/last.pt: No space left on device; free some space and rerun"),
+])  # fmt: skip
+def test_a_file_system_error_names_the_path_and_the_fix(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, err: OSError, said: str
+) -> None:
+    """A read-only folder was told to "check the path", which is no fix."""
+    import fgvc.predict
+
+    def failing(run_dir: Path, **kwargs: object) -> None:
+        raise err
+
+    monkeypatch.setattr(fgvc.predict, "predict", failing)
+    code, out = run_main(monkeypatch, capsys, "predict", "--run", "runs/x")
+    assert code == 2 and out.strip() == said
 
 
 @pytest.mark.parametrize(("multi_res", "cached", "said"), [("32,", True, "reused"), ("32,", False, "wrote"),
