@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch/torchvision are pinned here only as an install hint for the local wheel cache; pyproject uses ranges.
+# pyproject.toml gives ranges (torch>=2.4): pip takes what the machine's index or wheel cache offers within them.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

@@ -81,7 +81,8 @@ def datasets_list() -> None:
     from fgvc.datasets import list_datasets
 
     _echo_table(list_datasets().drop(columns=["layout"]))
-    typer.echo("\nexpected layouts: datasets/<name>/README.md, or `fgvc datasets check <name>` on a folder")
+    typer.echo("\nexpected layouts: `fgvc datasets check <name>` (on a folder: what it lacks); downloads: "
+               "datasets/<name>/README.md in fgvc's source tree")
 
 
 @datasets_app.command("check")

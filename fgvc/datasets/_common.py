@@ -27,6 +27,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 
 
 def readme(name: str) -> str:
+    """Where the layout and the download are described: in fgvc's source tree, which an installed wheel lacks."""
     return f"datasets/{name}/README.md"
 
 
@@ -34,7 +35,8 @@ def layout_error(root: Path, missing: str, name: str, title: str, found: Path | 
     hint = f"; {found} holds it: pass --root {found} (or data.root in the recipe)" if found else ""
     return LayoutError(
         f"{root}: {missing} not found, so this is not the {title} layout{hint}; "
-        f"see {readme(name)} or run `fgvc datasets check {name}` for the expected tree"
+        f"run `fgvc datasets check {name}` for the expected tree ({readme(name)} in fgvc's source tree says where to "
+        "download it)"
     )
 
 
