@@ -1497,6 +1497,11 @@ def test_resume_is_refused_when_other_parameters_would_learn(
     with pytest.raises(ConfigError, match=r"other parameters learning \(then old_bn\.weight; now "
                                           r"layer4\.0\.bn2\.weight, layer4\.0\.bn2\.bias\)"):  # fmt: skip
         run_stage1(cfg, progress=False)
+    save_checkpoint(path, state | {"world_size": 2})  # written by a `--gpus 2` run, resumed in one process
+    with pytest.raises(ConfigError, match=r"last.pt was written by 2 processes, this run has 1: the schedule and data "
+                                          r"position would not match; resume with --gpus 2 \(or as many torchrun "
+                                          r"processes\), or pass --force to start over"):  # fmt: skip
+        run_stage1(cfg, progress=False)
 
 
 def test_a_stage_is_reloaded_with_the_input_statistics_it_was_trained_with(stage1_run: Path, tmp_path: Path) -> None:

