@@ -488,9 +488,11 @@ def main() -> None:
     except RuntimeError as err:
         if not _lost_another_process(err):
             raise
+        from fgvc.engine.launch import LOST_CONTACT_EXIT
+
         _say(f"fgvc: error: lost contact with another process of this run ({_first_line(err)}); the line about that "
              "process says why it ended")  # fmt: skip
-        sys.exit(1)
+        sys.exit(LOST_CONTACT_EXIT)
     except _USAGE_ERRORS as err:
         show = getattr(err, "show", None)
         if show is not None:

@@ -784,7 +784,7 @@ def test_an_error_line_is_said_once_per_gpus_launch(tmp_path: Path, monkeypatch:
 def test_the_failure_that_ended_a_gpus_run_is_the_first_one_not_the_ranks_torchrun_ended() -> None:
     from types import SimpleNamespace
 
-    from fgvc.engine.launch import first_failure
+    from fgvc.engine.launch import LOST_CONTACT_EXIT, first_failure
 
     def failure(exitcode: int, timestamp: int) -> SimpleNamespace:
         return SimpleNamespace(exitcode=exitcode, timestamp=timestamp)
@@ -794,6 +794,7 @@ def test_the_failure_that_ended_a_gpus_run_is_the_first_one_not_the_ranks_torchr
     assert first_failure({0: failure(-15, 9), 1: failure(2, 10)})[0] == 1
     assert first_failure({0: failure(1, 10), 1: failure(-9, 10)})[0] == 1  # rank 0 lost the rank that was killed
     assert first_failure({0: failure(2, 11), 1: failure(2, 10)})[0] == 1
+    assert first_failure({0: failure(LOST_CONTACT_EXIT, 10), 1: failure(2, 10)})[0] == 1  # rank 0 lost rank 1
     assert first_failure({0: failure(-15, 10), 1: failure(143, 10)})[0] == 0  # all ended by SIGTERM: the first
 
 

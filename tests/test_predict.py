@@ -996,6 +996,8 @@ def test_stage2_models_under_a_deleted_stage1_are_refused_before_any_training(tm
         train_recipe(recipe_path, progress=False)
     assert not (tmp_path / "runs" / "b").exists()
     assert [o.status for o in train_recipe(recipe_path, progress=False, members=["a"], force=True)] == ["trained"] * 2
+    (tmp_path / "runs" / "a" / "stage1" / "last.pt").unlink()  # deleted to save space: best.pt is the model
+    assert {o.status for o in train_recipe(recipe_path, progress=False, members=["a"])} == {"skipped (finished)"}
 
 
 def test_missing_member_weights_are_all_refused_before_any_training(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 _PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent dies (Linux)
 ONCE_DIR_ENV = "FGVC_ONCE_DIR"  # set by launch_torchrun: where the ranks claim the error lines they print
+LOST_CONTACT_EXIT = 3  # a rank whose collective failed because another rank ended: that rank's code is the run's
 
 
 def strip_option(argv: list[str], name: str) -> list[str]:
@@ -127,14 +128,15 @@ def _torchrun_main() -> None:
         sys.exit(128 + int(err.sigval))
 
 
-_ENDED_BY_TORCHRUN = (-signal.SIGTERM, 128 + signal.SIGTERM)  # the other ranks, once one has failed
+# the other ranks, once one has failed: terminated by torchrun (SIGTERM), or left without it in a collective
+_CONSEQUENCES = (-signal.SIGTERM, 128 + signal.SIGTERM, LOST_CONTACT_EXIT)
 
 
 def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
-    """The rank whose failure ended the run and its ``ProcessFailure``: the earliest, leaving out the ranks that
-    torchrun terminated because of it (SIGTERM); of those failing in the same second, a killed one first (the others
-    lost it), then in rank order."""
-    ranked = sorted(failures.items(), key=lambda item: (item[1].exitcode in _ENDED_BY_TORCHRUN, item[1].timestamp,
+    """The rank whose failure ended the run and its ``ProcessFailure``: the earliest, leaving out the ranks that ended
+    because of it (:data:`_CONSEQUENCES`); of those failing in the same second (whole seconds), a killed one first
+    (the others lost it), then in rank order."""
+    ranked = sorted(failures.items(), key=lambda item: (item[1].exitcode in _CONSEQUENCES, item[1].timestamp,
                                                          item[1].exitcode >= 0, item[0]))  # fmt: skip
     return ranked[0]
 

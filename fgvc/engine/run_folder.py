@@ -79,8 +79,9 @@ def refuse_finished(stage_dir: Path, stage: str) -> None:
 
 def orphaned_stage2s(run_dir: Path) -> list[str]:
     """The run's stage-2 folders holding a model (or its start) while stage 1 has no checkpoint: they adapted an
-    earlier stage 1 whose folder was deleted, and a new stage 1 would leave them looking like its own."""
-    if (run_dir / STAGE1 / LAST).is_file():
+    earlier stage 1 whose folder was deleted, and a new stage 1 would leave them looking like its own. A finished
+    stage 1 whose last.pt was deleted to save space (its best.pt kept) is no new stage 1."""
+    if (run_dir / STAGE1 / LAST).is_file() or is_finished(run_dir / STAGE1):
         return []
     folders = sorted(run_dir.glob(f"{STAGE2_PREFIX}*"))
     return [d.name for d in folders if any((d / name).is_file() for name in (FINISHED, BEST, LAST))]
