@@ -45,6 +45,33 @@ def _fgvc(*args: str, **kwargs) -> subprocess.Popen:
                             start_new_session=True)  # fmt: skip
 
 
+class _Training:
+    """A `fgvc` command started in a session of its own, its output read as it comes, returned once its progress bar
+    has shown a finished training step: a signal sent then stops it mid-run."""
+
+    def __init__(self, *args: str) -> None:
+        import threading
+
+        self.process = _fgvc(*args)
+        self.printed: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.printed.extend(iter(lambda: self.process.stdout.read(1),
+                                                                                "")))  # fmt: skip
+        self._reader.start()
+        deadline = time.time() + 300
+        while "img_s=" not in self.output():
+            assert time.time() < deadline and self.process.poll() is None, self.output()
+            time.sleep(0.01)
+
+    def output(self) -> str:
+        return "".join(self.printed)
+
+    def ended(self) -> tuple[int, str]:
+        """The exit code and the whole output, once the command has ended."""
+        self.process.wait(timeout=300)
+        self._reader.join()
+        return self.process.returncode, self.output()
+
+
 @pytest.fixture(scope="module")
 def stage1_run(tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = tiny_config(tiny_demo_root, tmp_path_factory.mktemp("runs"), stage1={"epochs": 2})
@@ -661,27 +688,16 @@ def _stage1_args(data_root: Path, out: Path, name: str) -> list[str]:
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_demo_root: Path, tmp_path: Path) -> None:
-    import threading
-
     straight = _fgvc(*_stage1_args(tiny_demo_root, tmp_path, "straight"))
     out, _ = straight.communicate(timeout=600)
     assert straight.returncode == 0, out
 
-    interrupted = _fgvc(*_stage1_args(tiny_demo_root, tmp_path, "resumed"))
-    printed: list[str] = []
-    reader = threading.Thread(target=lambda: printed.extend(iter(lambda: interrupted.stdout.read(1), "")))
-    reader.start()
-    deadline = time.time() + 300
-    while "img_s=" not in "".join(printed):  # the progress bar has shown a finished training step
-        assert time.time() < deadline and interrupted.poll() is None, "".join(printed)
-        time.sleep(0.01)
+    interrupted = _Training(*_stage1_args(tiny_demo_root, tmp_path, "resumed"))
     # to the whole process group, loader worker included, as `timeout` and SLURM do; 20 epochs of 14 steps: the run
     # is far from its end
-    os.killpg(interrupted.pid, signal.SIGTERM)
-    interrupted.wait(timeout=300)
-    reader.join()
-    out = "".join(printed)
-    assert interrupted.returncode == 128 + signal.SIGTERM, out
+    os.killpg(interrupted.process.pid, signal.SIGTERM)
+    code, out = interrupted.ended()
+    assert code == 128 + signal.SIGTERM, out
     state = load_checkpoint(tmp_path / "resumed" / "stage1" / LAST)
     assert not state["finished"] and state["micro_step"] > 0  # stopped inside an epoch
 
@@ -802,23 +818,12 @@ def test_the_failure_that_ended_a_gpus_run_is_the_first_one_not_the_ranks_torchr
 def test_a_rank_killed_under_gpus_is_named_in_one_line(tiny_demo_root: Path, tmp_path: Path) -> None:
     """SIGKILL to one rank (what the out-of-memory killer sends): the other rank printed a ~100-line traceback of its
     lost connection, and nothing said which process died or why."""
-    import threading
-
-    args = [*_stage1_args(tiny_demo_root, tmp_path, "ddp"), "--epochs", "50", "--gpus", "2"]
-    run = _fgvc(*args)
-    printed: list[str] = []
-    reader = threading.Thread(target=lambda: printed.extend(iter(lambda: run.stdout.read(1), "")))
-    reader.start()
-    deadline = time.time() + 300
-    while "img_s=" not in "".join(printed):
-        assert time.time() < deadline and run.poll() is None, "".join(printed)
-        time.sleep(0.01)
-    rank1 = [pid for pid in _descendants(run.pid) if b"LOCAL_RANK=1" in Path(f"/proc/{pid}/environ").read_bytes()]
+    run = _Training(*_stage1_args(tiny_demo_root, tmp_path, "ddp"), "--epochs", "50", "--gpus", "2")
+    rank1 = [pid for pid in _descendants(run.process.pid)
+             if b"LOCAL_RANK=1" in Path(f"/proc/{pid}/environ").read_bytes()]  # fmt: skip
     os.kill(rank1[0], signal.SIGKILL)
-    run.wait(timeout=300)
-    reader.join()
-    out = "".join(printed)
-    assert run.returncode == 128 + signal.SIGKILL, out
+    code, out = run.ended()
+    assert code == 128 + signal.SIGKILL, out
     assert f"fgvc: error: rank 1 (pid {rank1[0]}) was killed by SIGKILL: most often the out-of-memory killer" in out
     assert "Traceback" not in out and "failed (exitcode" not in out, out
 
@@ -840,21 +845,11 @@ def test_ctrl_c_on_a_ddp_run_saves_a_checkpoint_that_resumes(tiny_demo_root: Pat
     """Ctrl-C in a terminal signals the whole foreground process group. torchrun used to get it twice (from the
     terminal and from fgvc's launcher), and its interrupted shutdown sent the workers a second signal, on which they
     aborted without saving."""
-    import threading
-
     args = [*_stage1_args(tiny_demo_root, tmp_path, "ddp"), "--gpus", "2"]
-    interrupted = _fgvc(*args)  # a session of its own: killpg below is a terminal's Ctrl-C to exactly this command
-    printed: list[str] = []
-    reader = threading.Thread(target=lambda: printed.extend(iter(lambda: interrupted.stdout.read(1), "")))
-    reader.start()
-    deadline = time.time() + 300
-    while "img_s=" not in "".join(printed):
-        assert time.time() < deadline and interrupted.poll() is None, "".join(printed)
-        time.sleep(0.01)
-    os.killpg(interrupted.pid, signal.SIGINT)
-    interrupted.wait(timeout=300)
-    reader.join()
-    assert interrupted.returncode == 128 + signal.SIGINT, "".join(printed)
+    interrupted = _Training(*args)  # a session of its own: killpg below is a terminal's Ctrl-C to exactly this command
+    os.killpg(interrupted.process.pid, signal.SIGINT)
+    code, out = interrupted.ended()
+    assert code == 128 + signal.SIGINT, out
     state = load_checkpoint(tmp_path / "ddp" / "stage1" / LAST)
     assert not state["finished"] and len(state["rng"]) == 2  # each rank's random state
     resumed = _fgvc(*args)
