@@ -451,8 +451,8 @@ def _lost_another_process(err: RuntimeError) -> bool:
     distributed = sys.modules.get("torch.distributed")
     if distributed is None or not distributed.is_available() or not distributed.is_initialized():
         return False
-    text = str(err)
-    return isinstance(err, distributed.DistError) or any(
+    text = str(err)  # the peer's socket closing (gloo); other distributed errors keep their traceback
+    return isinstance(err, distributed.DistNetworkError) or any(
         sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
     )
 
