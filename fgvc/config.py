@@ -24,6 +24,12 @@ STAGE1 = "stage1"
 STAGE2_PREFIX = "stage2-"  # + the test resolution
 LAST, BEST = "last.pt", "best.pt"
 FINISHED = "finished.json"  # written last: a cheap "this stage is done" marker with its final metrics
+
+
+def stage2_dirname(res: int) -> str:
+    return f"{STAGE2_PREFIX}{res}"
+
+
 Tune = Literal["all", "fc", "bn+fc", "bnstats+fc", "stage+bn+fc", "bnstats"]
 Augment = Literal["train", "test", "test2"]
 TTA = Literal["none", "flip", "tencrop"]

@@ -16,9 +16,9 @@ from typing import Any
 
 import pandas as pd
 
+from fgvc.config import STAGE1, stage2_dirname
 from fgvc.datasets import resolve_root
 from fgvc.demo_data import ensure_demo
-from fgvc.engine.run_folder import STAGE1, stage2_dirname
 from fgvc.engine.sweep import SweepResult, sweep
 from fgvc.metrics import summarize
 from fgvc.pipeline import EnsembleOutcome, ensemble_recipe, refuse_missing_weights, train_recipe

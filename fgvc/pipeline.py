@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fgvc.config import CONFIG_FILE, load_config
-from fgvc.engine.checkpoint import LAST
+from fgvc.config import CONFIG_FILE, LAST, STAGE1, load_config, stage2_dirname
 from fgvc.engine.loaders import load_split
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.lock import stage_lock
 from fgvc.engine.resume import config_conflicts
-from fgvc.engine.run_folder import STAGE1, is_finished, orphaned_stage2s, stage2_dirname
+from fgvc.engine.run_folder import is_finished, orphaned_stage2s
 from fgvc.engine.stage import check_model_settings, run_stage1, run_stage2
 from fgvc.ensemble import align, combine, combine_members, resolve_weights
 from fgvc.errors import ConfigError, DataError, RunExistsError, WeightsError

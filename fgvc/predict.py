@@ -21,7 +21,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from fgvc.config import BEST, CONFIG_FILE, LAST, STAGE2_PREFIX, TTA, load_config, with_overrides
+from fgvc.config import (
+    BEST,
+    CONFIG_FILE,
+    FINISHED,
+    LAST,
+    STAGE1,
+    STAGE2_PREFIX,
+    TTA,
+    load_config,
+    stage2_dirname,
+    with_overrides,
+)
 from fgvc.data import close_loader
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import check_classes, check_holdout, file_identity, find_stage_checkpoint, load_stage_model
@@ -30,14 +41,7 @@ from fgvc.engine.launch import already_distributed
 from fgvc.engine.loaders import load_split, make_loader
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.loop import predict_probs
-from fgvc.engine.run_folder import (
-    FINISHED,
-    STAGE1,
-    is_finished,
-    require_run_folder,
-    require_saved_root,
-    stage2_dirname,
-)
+from fgvc.engine.run_folder import is_finished, require_run_folder, require_saved_root
 from fgvc.engine.runtime import (
     Runtime,
     broadcast_from_main,

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from fgvc.config import ModelConfig, RunConfig, StageConfig
-from fgvc.engine.checkpoint import LAST, load_checkpoint, set_rng_state
+from fgvc.config import LAST, STAGE1, ModelConfig, RunConfig, StageConfig
+from fgvc.engine.checkpoint import load_checkpoint, set_rng_state
 from fgvc.engine.loop import EpochStats
-from fgvc.engine.run_folder import STAGE1, refuse_finished
+from fgvc.engine.run_folder import refuse_finished
 from fgvc.engine.runtime import Runtime
 from fgvc.errors import ConfigError
 

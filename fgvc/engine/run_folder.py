@@ -18,7 +18,17 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from fgvc.config import BEST, CONFIG_FILE, FINISHED, LAST, STAGE1, STAGE2_PREFIX, RunConfig, save_config
+from fgvc.config import (
+    BEST,
+    CONFIG_FILE,
+    FINISHED,
+    LAST,
+    STAGE1,
+    STAGE2_PREFIX,
+    RunConfig,
+    save_config,
+    stage2_dirname,
+)
 from fgvc.engine.checkpoint import save_checkpoint
 from fgvc.engine.lock import holder as lock_holder
 from fgvc.engine.lock import stage_lock
@@ -27,10 +37,6 @@ from fgvc.errors import ConfigError, DataError, RunBusyError, RunExistsError
 from fgvc.fileio import remove_if_abandoned
 
 log = logging.getLogger("fgvc")
-
-
-def stage2_dirname(res: int) -> str:
-    return f"{STAGE2_PREFIX}{res}"
 
 
 def claim_folder(rt: Runtime, stage_dir: Path, stage: str, opened: ExitStack) -> None:

@@ -29,14 +29,24 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fgvc.config import CONFIG_FILE, RunConfig, RuntimeConfig, StageConfig, load_config, with_overrides
+from fgvc.config import (
+    BEST,
+    CONFIG_FILE,
+    FINISHED,
+    LAST,
+    STAGE1,
+    RunConfig,
+    RuntimeConfig,
+    StageConfig,
+    load_config,
+    stage2_dirname,
+    with_overrides,
+)
 from fgvc.data import (
     close_loader,
 )
 from fgvc.datasets.base import DatasetIndex
 from fgvc.engine.checkpoint import (
-    BEST,
-    LAST,
     check_classes,
     check_holdout,
     class_info,
@@ -69,15 +79,12 @@ from fgvc.engine.optim import build_optimizer, build_scheduler
 from fgvc.engine.report import epoch_line, format_metrics, history_row, input_bound_hint, write_history
 from fgvc.engine.resume import StartPoint, resumable_state, resume_training
 from fgvc.engine.run_folder import (
-    FINISHED,
-    STAGE1,
     StageWriter,
     claim_folder,
     is_finished,
     refuse_finished,
     require_run_folder,
     require_saved_root,
-    stage2_dirname,
     stage_folder,
 )
 from fgvc.engine.runtime import (
